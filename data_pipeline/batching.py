@@ -1,0 +1,67 @@
+"""Deterministic, rank-sharded micro-batches and padding collation.
+
+Every rank gets the same number of micro-batches per epoch (a must under ZeRO-3, where all
+ranks take part in every forward), and the order depends only on (seed, epoch), so a resumed run
+can skip exactly the micro-batches already consumed.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from .chat import IGNORE
+
+
+def epoch_micro_batches(n: int, micro_batch_size: int, world: int, rank: int, seed: int, epoch: int) -> List[List[int]]:
+    """This rank's micro-batches (lists of example indices) for one epoch; the tail that does not
+    fill a global micro-batch (micro_batch_size x world) is left for the next epoch's shuffle."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    per_step = micro_batch_size * world
+    usable = (n // per_step) * per_step
+    out = []
+    for start in range(0, usable, per_step):
+        chunk = order[start + rank * micro_batch_size: start + (rank + 1) * micro_batch_size]
+        out.append(chunk.tolist())
+    return out
+
+
+def eval_micro_batches(n: int, micro_batch_size: int, world: int, rank: int) -> List[List[int]]:
+    """Every example exactly once across ranks; -1 marks padding slots so all ranks run the
+    same number of forwards."""
+    per_step = micro_batch_size * world
+    steps = -(-n // per_step)
+    idx = list(range(n)) + [-1] * (steps * per_step - n)
+    return [idx[s * per_step + rank * micro_batch_size: s * per_step + (rank + 1) * micro_batch_size] for s in range(steps)]
+
+
+def collate(examples: Sequence[Dict], pad_id: int, pad_to_multiple_of: int = 8) -> Dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is never attended to and never a target."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.as_tensor(e["input_ids"])
+        mask[i, :n] = 1
+        if not e.get("is_padding"):
+            labels[i, :n] = torch.as_tensor(e["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def fetch(ds, indices: Sequence[int]) -> List[Dict]:
+    """Rows for indices; -1 (eval padding) repeats row 0 with no targets."""
+    real = [i if i >= 0 else 0 for i in indices]
+    rows = ds[real]
+    out = []
+    for k, i in enumerate(indices):
+        out.append({"input_ids": rows["input_ids"][k], "labels": rows["labels"][k], "is_padding": i < 0})
+    return out
+
+
+def target_tokens(batch: Dict[str, torch.Tensor]) -> int:
+    """Tokens that are predicted (labels shifted by one), i.e. what the loss is summed over."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

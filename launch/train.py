@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Training entry point for every launcher.
+
+    python launch/train.py [overrides]                         # one process, CPU or one GPU
+    deepspeed --num_gpus N launch/train.py recipe=lora_int8 model=<hub id or dir> [overrides]
+    torchrun --nproc_per_node N launch/train.py [overrides]
+
+Overrides are Hydra's (`key=value`, `+key=value`, `-m` for sweeps). `model=<hub id or dir>` that
+is not a config in conf/model/ means "this model": it becomes `model=hf model.name_or_path=...`.
+The `--local_rank=N` the deepspeed launcher appends is dropped (LOCAL_RANK is in the env).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this file's folder heads sys.path and `train` would import this very file:
+# put the project root first instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "launch"]
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from train.config import CONF_DIR, register  # noqa: E402
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--local_rank":
+            skip = True
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        if arg.startswith("model=") and not (CONF_DIR / "model" / f"{arg[6:]}.yaml").is_file():
+            value = arg[6:].replace("\\", "\\\\").replace("'", "\\'")
+            out += ["model=hf", f"model.name_or_path='{value}'"]
+            continue
+        out.append(arg)
+    # Hydra's parser wants its flags before the overrides; users (and wrappers) put them anywhere.
+    flags = [a for a in out if a in ("-m", "--multirun")]
+    return flags + [a for a in out if a not in flags]
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def setup_logging() -> None:
+    level = logging.INFO if rank() == 0 else logging.WARNING
+    logging.getLogger().setLevel(level)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars() if rank() != 0 else None
+    datasets.logging.set_verbosity_error()
+
+
+def fail(message: str) -> None:
+    """A user-fixable error: one sentence on stderr (rank 0), exit code 2, no traceback."""
+    if rank() == 0:
+        print(f"dialtune: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def print_summary(summary: dict) -> None:
+    lines = ["", "dialtune: training finished"]
+    for key, label in (("run_dir", "run directory"), ("metrics", "metrics (JSONL)"), ("adapter", "adapter"),
+                       ("merged", "merged checkpoint"), ("wandb_dir", "W&B run (sync with `wandb sync`)")):
+        if summary.get(key):
+            lines.append(f"  {label:<34} {summary[key]}")
+    if "eval/loss" in summary:
+        lines.append(f"  {'held-out loss / perplexity':<34} {summary['eval/loss']:.4f} / {summary['eval/ppl']:.2f}")
+    if summary.get("merged"):
+        lines.append(f"  load it: AutoModelForCausalLM.from_pretrained({summary['merged']!r})")
+    print("\n".join(lines), flush=True)
+
+
+def task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from data_pipeline.chat import DataError
+    from model.export import ExportError
+    from train.config import ConfigError, validate
+
+    setup_logging()
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        validate(cfg)
+        from train import recipe
+
+        summary = recipe.run(cfg, run_dir)
+        if rank() == 0:
+            if cfg.export.merge_at_end and cfg.peft.method != "none":
+                from model.export import merge
+
+                merged_dir = os.path.join(run_dir, "merged")
+                merge(summary["adapter"], merged_dir, base_path=summary["base"], dtype=cfg.export.dtype,
+                      max_shard_size=cfg.export.max_shard_size, tolerance=cfg.export.verify_tolerance,
+                      end_of_turn_token=cfg.model.end_of_turn_token)
+                summary["merged"] = merged_dir
+            print_summary(summary)
+    except (ConfigError, DataError, ExportError) as e:
+        fail(str(e))
+    except OSError as e:
+        if "does not appear to have" in str(e) or "not a valid model identifier" in str(e) or "offline mode" in str(e):
+            fail(f"model {cfg.model.name_or_path!r} cannot be loaded ({str(e).splitlines()[0]}); check model.name_or_path or your hub access.")
+        raise
+
+
+def main() -> None:
+    import hydra
+
+    register()
+    sys.argv = [sys.argv[0]] + normalize_argv(sys.argv[1:])
+    hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Load the base model (dtype, attention, bitsandbytes quantization) and attach the adapter."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+TINY_TOKENIZER = Path(__file__).resolve().parent / "tiny" / "tokenizer"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def tokenizer_source(model_cfg, base_path: Optional[str] = None) -> str:
+    if model_cfg.tokenizer:
+        return model_cfg.tokenizer
+    if model_cfg.name_or_path == "tiny" and base_path is None:
+        return str(TINY_TOKENIZER)
+    return base_path or model_cfg.name_or_path
+
+
+def load_tokenizer(model_cfg, base_path: Optional[str] = None):
+    from transformers import AutoTokenizer
+
+    src = tokenizer_source(model_cfg, base_path)
+    tok = AutoTokenizer.from_pretrained(src, revision=model_cfg.revision if src == model_cfg.name_or_path else None,
+                                        trust_remote_code=model_cfg.trust_remote_code)
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # A pad that equals eos would hide eos from the labels' padding logic; add a real one.
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+    if not tok.chat_template:
+        raise ValueError(f"the tokenizer of {src!r} has no chat template; pass model.tokenizer=<a tokenizer with one>.")
+    return tok
+
+
+def build_tiny(model_cfg, tokenizer, out_dir: str) -> str:
+    """Write the embedded tiny random Llama (and its tokenizer) to out_dir; deterministic by seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = model_cfg.tiny
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(t.seed)
+        model = LlamaForCausalLM(config).to(torch.float32)
+    tmp = f"{out_dir}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def quantization_config(quant_cfg):
+    from transformers import BitsAndBytesConfig
+
+    if quant_cfg.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=quant_cfg.int8_threshold)
+    if quant_cfg.mode == "nf4":
+        compute = DTYPES[quant_cfg.compute_dtype]
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=quant_cfg.double_quant,
+            bnb_4bit_compute_dtype=compute,
+            # Storage in the compute dtype lets ZeRO-3 partition the packed 4-bit weights.
+            bnb_4bit_quant_storage=compute,
+        )
+    return None
+
+
+def load_base(cfg, path: str, device: torch.device, dtype: Optional[torch.dtype] = None, quantize: bool = True):
+    """AutoModelForCausalLM from a hub id or directory, optionally bitsandbytes-quantized."""
+    from transformers import AutoModelForCausalLM
+
+    qconfig = quantization_config(cfg.quant) if quantize else None
+    dtype = dtype or DTYPES[cfg.model.dtype]
+    kwargs = dict(dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+                  trust_remote_code=cfg.model.trust_remote_code)
+    if path == cfg.model.name_or_path and cfg.model.revision:
+        kwargs["revision"] = cfg.model.revision
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if qconfig is None:
+        model.to(device)
+    return model
+
+
+def _target_modules(peft_cfg):
+    targets = list(peft_cfg.target_modules)
+    return "all-linear" if targets == ["all-linear"] else targets
+
+
+def attach_adapter(model, cfg):
+    """Freeze the base, set up gradient checkpointing, wrap with PEFT (unless peft=none)."""
+    from peft import LoraConfig, get_peft_model
+
+    p = cfg.peft
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if p.method == "none":
+        return model
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if cfg.model.gradient_checkpointing:
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=_target_modules(p),
+        bias=p.bias,
+        use_dora=p.method == "dora",
+        use_rslora=p.method == "rslora",
+        modules_to_save=list(p.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)

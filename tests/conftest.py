@@ -1,0 +1,59 @@
+"""Shared fixtures. Tests never touch the network: the tiny tokenizer is committed
+(model/tiny/tokenizer, built from local text by model/tiny/build_tokenizer.py) and models are
+random, built from a transformers config."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                  WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
+os.environ.pop("WANDB_API_KEY", None)
+TRAIN_PY = ROOT / "launch" / "train.py"
+TOKENIZER_DIR = ROOT / "model" / "tiny" / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+def run_env(threads: int = 2) -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def train(overrides, root, nproc=1, timeout=600, check=True):
+    """Run launch/train.py (python for 1 rank, the deepspeed launcher for more); returns the
+    CompletedProcess. Quiet defaults: no progress bar, no W&B unless the caller asks."""
+    args = [f"run.root={root}", "train.progress_bar=false", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, str(TRAIN_PY), *args]
+        env = run_env(2)
+    else:
+        from launch.cli import launch_command
+
+        cmd = launch_command(args, nproc)
+        env = run_env(1)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir):
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(run_dir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}

@@ -1,0 +1,67 @@
+"""The command line as a user meets it: clear one-sentence errors, Hydra overrides that work
+under every launcher, quantized recipes on CPU."""
+import json
+
+import pytest
+
+from tests.conftest import read_metrics, train
+
+QUICK = ["train.max_steps=2", "train.micro_batch_size=2", "logger=none"]
+
+
+def _one_sentence_error(proc, fragment):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("dialtune: error:")]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["quant=int8", "deepspeed=zero3"], "ZeRO-3"),
+    (["data.train_files=[/no/such/file.jsonl]"], "data.train_files[0]: file '/no/such/file.jsonl' does not exist"),
+])
+def test_impossible_config_exits_with_one_sentence(tmp_path, overrides, fragment):
+    _one_sentence_error(train(overrides + QUICK, tmp_path, check=False), fragment)
+
+
+def test_bad_data_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    bad.write_text(good + "\n" + good + "\n" + '{"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}\n')
+    proc = train([f"data.train_files=[{bad}]", "data.eval_files=[]"] + QUICK, tmp_path, check=False)
+    _one_sentence_error(proc, f"{bad}:3: messages[1] has role 'bot'")
+
+
+def test_multirun_local_rank_and_plus_override(tmp_path):
+    """`-m` sweeps, the launcher's --local_rank=N, and `+key=value` all go through Hydra."""
+    proc = train(["-m", "--local_rank=0", "optim.lr=1e-3,2e-3", "+deepspeed.extra.steps_per_print=1000",
+                  "export.merge_at_end=false", "data.eval_files=[]", "run.name=sweep"] + QUICK, tmp_path)
+    lrs = []
+    for job in ("0", "1"):
+        run_dir = tmp_path / "sweep-sweep" / job
+        rows = read_metrics(run_dir)
+        assert [r["step"] for r in rows] == [1, 2]
+        lrs.append((run_dir / "config.yaml").read_text())
+    assert "lr: 0.001" in lrs[0] and "lr: 0.002" in lrs[1]
+    assert "steps_per_print: 1000" in lrs[0]
+
+
+def test_model_override_with_a_local_path(tmp_path):
+    """model=<dir> (not a conf/model option) means that model: here the tiny base of a run."""
+    train(["run.name=first"] + QUICK + ["export.merge_at_end=false"], tmp_path)
+    base = tmp_path / "first" / "base"
+    train([f"model={base}", "model.dtype=fp32", "model.gradient_checkpointing=true", "run.name=second",
+           "export.merge_at_end=false"] + QUICK, tmp_path)
+    cfg = (tmp_path / "second" / "config.yaml").read_text()
+    assert f"name_or_path: {base}" in cfg and "gradient_checkpointing: true" in cfg
+    assert len(read_metrics(tmp_path / "second")) == 2
+
+
+@pytest.mark.parametrize("recipe,kind", [("lora_int8", "int8"), ("qlora_nf4", "nf4")])
+def test_quantized_recipes_train_on_cpu(tmp_path, recipe, kind):
+    train([f"recipe={recipe}", "train.grad_accum=1"] + QUICK, tmp_path)
+    run_dir = tmp_path / f"tiny-lora-{kind}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["quantized_linear_layers"] == 4 * 7  # every linear of the 4 decoder layers
+    assert all(r["train/loss"] == r["train/loss"] for r in read_metrics(run_dir))  # finite
+    assert (run_dir / "merged" / "config.json").is_file()

@@ -1,0 +1,82 @@
+"""Every recipe and config group composes; validation rejects impossible combinations."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from train.config import CONF_DIR, ConfigError, iter_docs, register, validate
+
+register()
+GROUPS = ["model", "peft", "quant", "data", "deepspeed", "optim", "logger", "recipe"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "model" and option == "hf":
+        overrides.append("model.name_or_path=some/model")
+    cfg = _compose(overrides)
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg.run.name
+
+
+def test_recipes_set_what_they_promise():
+    assert _compose(["recipe=lora_int8"]).quant.mode == "int8"
+    assert _compose(["recipe=qlora_nf4"]).quant.mode == "nf4"
+    cfg = _compose(["recipe=lora_bf16"])
+    assert (cfg.quant.mode, cfg.model.dtype, cfg.peft.method) == ("none", "bf16", "lora")
+    # a command-line group choice beats the recipe's default
+    assert _compose(["recipe=lora_int8", "deepspeed=zero1"]).deepspeed.stage == 1
+
+
+def test_run_dir_is_deterministic():
+    a, b = _compose(), _compose()
+    assert a.run.name == b.run.name == "tiny-lora-none"
+    assert "now" not in (CONF_DIR / "train.yaml").read_text().split("hydra:")[1]
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(Exception, match="nope"):
+        _compose(["train.nope=1"])
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["quant=int8", "deepspeed=zero3"], "ZeRO-3"),
+    (["quant=nf4", "peft=none"], "needs an adapter"),
+    (["deepspeed=zero2", "deepspeed.offload_param=cpu"], "ZeRO-3"),
+    (["data.train_files=[/nonexistent/x.jsonl]"], "does not exist"),
+    (["train.max_steps=0"], "nothing to train"),
+    (["peft.method=lorax"], "peft.method"),
+    (["train.micro_batch_size=0"], "at least 1"),
+])
+def test_validation_rejects(overrides, fragment):
+    cfg = _compose(overrides)
+    with pytest.raises(ConfigError, match=fragment) as e:
+        validate(cfg, cuda_available=False)
+    assert "\n" not in str(e.value)
+
+
+def test_default_config_is_valid():
+    validate(_compose(), cuda_available=False)
+    validate(_compose(["recipe=demo"]), cuda_available=False)
+
+
+def test_every_field_is_documented():
+    missing = [key for key, _, _, help_ in iter_docs() if not help_.strip()]
+    assert not missing, f"fields without help: {missing}"
+
+
+def test_readme_config_reference_is_current():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for key, _, _, help_ in iter_docs():
+        assert f"`{key}`" in readme, f"README's configuration reference lacks {key} (regenerate with `dialtune config-doc`)"

@@ -1,0 +1,74 @@
+"""Render the DeepSpeed config (a dict) from the Hydra config."""
+from __future__ import annotations
+
+import math
+
+from omegaconf import OmegaConf
+
+
+def mixed_precision(cfg) -> str:
+    """Dtype DeepSpeed trains in: the base's, or the compute dtype of a quantized base."""
+    if cfg.quant.mode != "none":
+        return "bf16" if cfg.quant.compute_dtype == "fp32" else cfg.quant.compute_dtype
+    return cfg.model.dtype
+
+
+def render(cfg, world_size: int) -> dict:
+    ds, t = cfg.deepspeed, cfg.train
+    zero = {
+        "stage": ds.stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+        "allgather_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.stage == 3:
+        zero.update(stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+                    stage3_gather_16bit_weights_on_model_save=True)
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": True}
+    if ds.offload_param != "none":
+        zero["offload_param"] = {"device": ds.offload_param, "pin_memory": True}
+    precision = mixed_precision(cfg)
+    config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "zero_optimization": zero,
+        # We pass our own torch optimizer (or DeepSpeedCPUAdam for offload).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    extra = OmegaConf.to_container(ds.extra, resolve=True) if ds.extra else {}
+    _deep_update(config, extra)
+    return config
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def lr_lambda(optim_cfg, total_steps: int):
+    """Multiplier of the peak LR after `s` optimizer steps: linear warmup, then the schedule."""
+    warmup = optim_cfg.warmup_steps or math.ceil(optim_cfg.warmup_ratio * total_steps)
+    floor = optim_cfg.min_lr_ratio
+
+    def fn(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if optim_cfg.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total_steps - warmup))
+        if optim_cfg.scheduler == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn

@@ -1,0 +1,75 @@
+"""Rank-0 metrics: an always-written metrics.jsonl plus optional Weights & Biases."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Optional
+
+import torch
+
+
+def memory_gb() -> Dict[str, float]:
+    if torch.cuda.is_available():
+        return {"mem/gpu_alloc_gb": torch.cuda.memory_allocated() / 2**30,
+                "mem/gpu_peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    import psutil
+
+    return {"mem/rss_gb": psutil.Process().memory_info().rss / 2**30}
+
+
+class Metrics:
+    """Writes one JSON object per line to <run_dir>/metrics.jsonl and mirrors it to W&B.
+
+    Only rank 0 constructs one with enabled=True; other ranks get a no-op.
+    """
+
+    def __init__(self, run_dir: str, logger_cfg, config: Dict[str, Any], enabled: bool, resume: bool = False):
+        self.enabled = enabled
+        self.wandb_run = None
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if not enabled:
+            return
+        self.file = open(self.path, "a" if resume else "w", buffering=1)
+        if logger_cfg.backend == "wandb":
+            self.wandb_run = _init_wandb(run_dir, logger_cfg, config)
+
+    def log(self, record: Dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": time.time(), **record}
+        self.file.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=step)
+
+    def summary(self, values: Dict[str, Any]) -> None:
+        if self.enabled and self.wandb_run is not None:
+            self.wandb_run.summary.update(values)
+
+    def close(self) -> Optional[str]:
+        if not self.enabled:
+            return None
+        self.file.close()
+        if self.wandb_run is None:
+            return None
+        run_dir = os.path.dirname(self.wandb_run.settings.sync_file) if hasattr(self.wandb_run.settings, "sync_file") else None
+        self.wandb_run.finish()
+        return run_dir
+
+
+def _init_wandb(run_dir: str, cfg, config: Dict[str, Any]):
+    import wandb
+
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=os.path.basename(os.path.normpath(run_dir)),
+        dir=run_dir,
+        mode=mode,
+        tags=list(cfg.tags) or None,
+        config=config,
+        settings=wandb.Settings(silent=True, console="off"),
+    )

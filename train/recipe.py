@@ -1,0 +1,220 @@
+"""The fine-tuning recipe, top to bottom: setup, data, model, engine, loop, checkpoint, export.
+
+Loss normalisation: each optimizer step minimises  sum(token CE over all target tokens of all
+micro-batches on all ranks) / (number of those target tokens).  The target-token count N of the
+whole step is all-reduced *before* the forward passes, every micro-batch's summed CE is scaled by
+world_size / N, and DeepSpeed's own 1/gas scaling is turned off (scale_wrt_gas=False); DeepSpeed
+averages gradients over ranks (1/world_size), which the world_size factor cancels.  Long and
+short conversations thus weigh by their tokens, whatever the padding, accumulation or ranks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Dict
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from data_pipeline import batching
+from data_pipeline.chat import IGNORE, end_of_turn_id
+from data_pipeline.dataset import prepare_once
+from model import loader
+
+from . import checkpoint, distributed
+from .config import ConfigError
+from .ds_config import lr_lambda, mixed_precision, render
+from .metrics import Metrics, memory_gb
+
+log = logging.getLogger("dialtune")
+
+
+def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over target positions (labels != IGNORE)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+class MicroBatchStream:
+    """Endless, resumable stream of this rank's micro-batches: (epoch, position) is the state."""
+
+    def __init__(self, n, mb, world, rank, seed, epoch=0, pos=0):
+        self.args = (n, mb, world, rank, seed)
+        self.epoch, self.pos = epoch, pos
+        self._plan = batching.epoch_micro_batches(*self.args, epoch)
+
+    def next(self):
+        if self.pos >= len(self._plan):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._plan = batching.epoch_micro_batches(*self.args, self.epoch)
+        self.pos += 1
+        return self._plan[self.pos - 1]
+
+
+def evaluate(engine, ds, pad_id, mb, world, rank, dev, max_batches=0) -> Dict[str, float]:
+    """Token-weighted held-out loss over the whole eval set (all ranks run the same forwards)."""
+    plan = batching.eval_micro_batches(len(ds), mb, world, rank)
+    if max_batches:
+        plan = plan[:max_batches]
+    total, count = 0.0, 0
+    engine.eval()
+    with torch.no_grad():
+        for idx in plan:
+            b = batching.collate(batching.fetch(ds, idx), pad_id)
+            out = engine(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
+            total += token_ce_sum(out.logits, b["labels"].to(dev)).item()
+            count += batching.target_tokens(b)
+    engine.train()
+    total, count = distributed.all_sum([total, count], dev)
+    loss = total / max(count, 1)
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50)), "eval/target_tokens": int(count)}
+
+
+def run(cfg, run_dir: str) -> Dict[str, Any]:
+    import deepspeed
+
+    # ---- setup --------------------------------------------------------------------------------
+    rank, local_rank, world = distributed.init(cfg.deepspeed.timeout_minutes)
+    dev = distributed.device(local_rank)
+    is_main = rank == 0
+    t = cfg.train
+    os.makedirs(run_dir, exist_ok=True)
+    deepspeed.runtime.utils.set_random_seed(t.seed)
+    if is_main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+
+    base_path = cfg.model.name_or_path
+    if base_path == "tiny":
+        base_path = os.path.join(run_dir, "base")
+        if is_main and not os.path.isfile(os.path.join(base_path, "config.json")):
+            loader.build_tiny(cfg.model, loader.load_tokenizer(cfg.model), base_path)
+        distributed.barrier()
+    tokenizer = loader.load_tokenizer(cfg.model, base_path if cfg.model.name_or_path == "tiny" else None)
+    eot = end_of_turn_id(tokenizer, cfg.model.end_of_turn_token)
+
+    # ---- data ---------------------------------------------------------------------------------
+    train_ds, eval_ds, data_stats = prepare_once(cfg.data, tokenizer, eot, os.path.join(run_dir, "data"),
+                                                 rank, distributed.barrier)
+    mb, gas = t.micro_batch_size, t.grad_accum
+    steps_per_epoch = len(batching.epoch_micro_batches(len(train_ds), mb, world, rank, 0, 0)) // gas
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the training set has {len(train_ds)} conversations, fewer than one optimizer step needs "
+                          f"(micro_batch_size {mb} x grad_accum {gas} x {world} ranks); lower train.micro_batch_size or train.grad_accum.")
+    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+
+    # ---- model --------------------------------------------------------------------------------
+    model = loader.load_base(cfg, base_path, dev)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    n_quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
+    model = loader.attach_adapter(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+
+    if cfg.deepspeed.offload_optimizer != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam as Opt
+        opt_kwargs = {"adamw_mode": True}
+    else:
+        Opt, opt_kwargs = torch.optim.AdamW, ({"fused": True} if dev.type == "cuda" else {})
+    optimizer = Opt(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                    weight_decay=cfg.optim.weight_decay, **opt_kwargs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=render(cfg, world))
+
+    # ---- resume -------------------------------------------------------------------------------
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    state = {"step": 0, "epoch": 0, "pos": 0, "target_tokens_seen": 0}
+    found = checkpoint.find_resume(t.resume, ckpt_root)
+    if found:
+        state = checkpoint.load(engine, *found)
+        log.info("resumed from %s/%s at step %d", found[0], found[1], state["step"])
+    stream = MicroBatchStream(len(train_ds), mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
+
+    metrics = Metrics(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), enabled=is_main,
+                      resume=bool(found))
+    if is_main:
+        with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
+            json.dump(data_stats, f, indent=2)
+        metrics.summary({"params/trainable": n_trainable, "params/total": n_total})
+        log.info("run dir %s | %d train / %d eval conversations | %d steps | %d ranks | trainable %.2f M of %.2f M params",
+                 run_dir, len(train_ds), len(eval_ds) if eval_ds is not None else 0, total_steps, world,
+                 n_trainable / 1e6, n_total / 1e6)
+
+    bar = None
+    if is_main and t.progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+
+    # ---- loop ---------------------------------------------------------------------------------
+    pad_id = tokenizer.pad_token_id
+    eval_result: Dict[str, float] = {}
+    last_saved = state["step"] if found else -1
+    engine.train()
+    for step in range(state["step"] + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        batches = [batching.collate(batching.fetch(train_ds, stream.next()), pad_id) for _ in range(gas)]
+        local = [sum(batching.target_tokens(b) for b in batches),
+                 sum(int(b["attention_mask"].sum()) for b in batches),
+                 sum(b["input_ids"].numel() for b in batches)]
+        n_targets, n_real, n_padded = distributed.all_sum(local, dev)
+        lr = optimizer.param_groups[0]["lr"]
+        scale = world / max(n_targets, 1.0)
+        loss_sum = 0.0
+        for b in batches:
+            out = engine(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
+            ce = token_ce_sum(out.logits, b["labels"].to(dev))
+            engine.backward(ce * scale, scale_wrt_gas=False)
+            engine.step()
+            loss_sum += ce.item()
+        (loss_sum,) = distributed.all_sum([loss_sum], dev)
+        loss = loss_sum / max(n_targets, 1.0)
+        grad_norm = engine.get_global_grad_norm()
+        elapsed = time.perf_counter() - t0
+        state.update(step=step, epoch=stream.epoch, pos=stream.pos,
+                     target_tokens_seen=state["target_tokens_seen"] + int(n_targets))
+
+        record = {"train/loss": loss, "train/lr": lr, "train/epoch": stream.epoch + stream.pos / max(1, len(stream._plan)),
+                  "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "perf/target_tokens": int(n_targets), "perf/tokens": int(n_real), "perf/padded_tokens": int(n_padded),
+                  "perf/target_tok_s": n_targets / elapsed, "perf/tok_s": n_real / elapsed,
+                  "perf/step_time_s": elapsed, **memory_gb()}
+        if (t.eval_every and step % t.eval_every == 0 or step == total_steps) and eval_ds is not None:
+            eval_result = evaluate(engine, eval_ds, pad_id, mb, world, rank, dev, t.eval_max_batches)
+            record.update(eval_result)
+        if step % t.log_every == 0 or "eval/loss" in record:
+            metrics.log(record, step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
+                            **({"eval": f"{record['eval/loss']:.3f}"} if "eval/loss" in record else {}))
+        if t.save_every and step % t.save_every == 0 or step == total_steps:
+            checkpoint.save(engine, ckpt_root, step, dict(state), is_main, cfg.deepspeed.stage, tokenizer)
+            last_saved = step
+    if bar is not None:
+        bar.close()
+
+    # ---- finish -------------------------------------------------------------------------------
+    if last_saved != total_steps:  # resumed at the end: nothing left to train
+        checkpoint.save(engine, ckpt_root, total_steps, dict(state), is_main, cfg.deepspeed.stage, tokenizer)
+    final_ckpt = os.path.join(ckpt_root, checkpoint.tag_for(total_steps))
+    summary = {"run_dir": run_dir, "base": base_path, "steps": total_steps, "world_size": world,
+               "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter"),
+               "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
+               "params_trainable": n_trainable, "params_total": n_total, **eval_result}
+    metrics.summary(eval_result)
+    wandb_dir = metrics.close()
+    if is_main:
+        summary["wandb_dir"] = wandb_dir
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    engine.destroy()
+    distributed.barrier()
+    return summary
