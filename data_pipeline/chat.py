@@ -6,73 +6,13 @@ target; everything else (system, user, role headers, padding) is IGNORE.
 """
 from __future__ import annotations
 
-import gzip
-import io
-import json
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 IGNORE = -100
-ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
     """Bad data a user can fix; the message names file:line and what to do."""
-
-
-@dataclass
-class Conversation:
-    messages: List[Dict[str, str]]
-    where: str  # "file:line"
-
-
-def open_text(path: str) -> io.TextIOBase:
-    if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
-
-
-def check_messages(messages, where: str) -> List[Dict[str, str]]:
-    """Return the messages if they form a trainable conversation, else raise DataError."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects.")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'.")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise DataError(f"{where}: messages[{i}] has role {role!r}; use one of {', '.join(ROLES)}.")
-        if not isinstance(content, str) or not content.strip():
-            raise DataError(f"{where}: messages[{i}] ({role}) has empty or non-text content; fix or remove the turn.")
-        if role == "system" and i != 0:
-            raise DataError(f"{where}: messages[{i}] is a system message; a system message may only come first.")
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise DataError(f"{where}: the conversation has no assistant turn, so there is nothing to learn; add one or remove the record.")
-    return out
-
-
-def read_conversations(path: str) -> Iterator[Conversation]:
-    """Yield the conversations of a chat-JSONL file (optionally .gz), checked, with file:line."""
-    try:
-        f = open_text(path)
-        with f:
-            for lineno, line in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object.") from None
-                if not isinstance(rec, dict) or "messages" not in rec:
-                    raise DataError(f"{where}: expected an object with a 'messages' list (chat schema).")
-                yield Conversation(check_messages(rec["messages"], where), where)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode the file as UTF-8.") from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot be read ({e}); check that it is a readable (gzip-)JSONL file.") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,5 +79,105 @@ def _tokenize_by_prefix(tokenizer, messages, eot_id):
     return list(ids), labels
 
 
-def truncate(ids: List[int], labels: List[int], max_len: int) -> Tuple[List[int], List[int]]:
-    return ids[:max_len], labels[:max_len]
+def _only_last_turn(labels: List[int]) -> List[int]:
+    """Keep the labels of the final labelled span only."""
+    out = [IGNORE] * len(labels)
+    i = len(labels) - 1
+    while i >= 0 and labels[i] == IGNORE:
+        i -= 1
+    while i >= 0 and labels[i] != IGNORE:
+        out[i] = labels[i]
+        i -= 1
+    return out
+
+
+def _has_target(labels: List[int]) -> bool:
+    return any(t != IGNORE for t in labels[1:])
+
+
+def encode(tokenizer, messages: List[Dict[str, str]], eot_id: int, max_len: int, truncation: str = "keep_recent",
+           last_turn_only: bool = False) -> Tuple[Optional[List[int]], Optional[List[int]], str]:
+    """(ids, labels, outcome) with outcome in {"ok", "truncated", "dropped"}.
+
+    keep_recent drops the oldest turns (a system message stays) until the rest fits; the cut
+    point is found by binary search over user-turn starts, so a long conversation costs
+    O(log turns) renders, not O(turns^2). What still does not fit is cut on the right; a
+    conversation left without an assistant target is dropped.
+    """
+    def enc(msgs):
+        ids, labels = tokenize_conversation(tokenizer, msgs, eot_id)
+        return ids, (_only_last_turn(labels) if last_turn_only else labels)
+
+    ids, labels = enc(messages)
+    if len(ids) <= max_len:
+        return ids, labels, "ok"
+    if truncation == "drop":
+        return None, None, "dropped"
+    if truncation == "keep_recent":
+        head = messages[:1] if messages[0]["role"] == "system" else []
+        body = messages[len(head):]
+        starts = [i for i, m in enumerate(body) if m["role"] == "user" and i > 0 and
+                  any(x["role"] == "assistant" for x in body[i:])]
+        lo, hi, best = 0, len(starts) - 1, None
+        while lo <= hi:  # smallest cut (most context kept) that fits
+            mid = (lo + hi) // 2
+            cand = enc(head + body[starts[mid]:])
+            if len(cand[0]) <= max_len:
+                best, hi = cand, mid - 1
+            else:
+                lo = mid + 1
+        if best is not None:
+            return best[0], best[1], "truncated"
+        if starts:
+            ids, labels = enc(head + body[starts[-1]:])
+    ids, labels = ids[:max_len], labels[:max_len]
+    if not _has_target(labels):
+        return None, None, "dropped"
+    return ids, labels, "truncated"
+
+
+# ---------------------------------------------------------------------------------------------
+# Named chat templates for tokenizers without one (data.chat_template=NAME). Assistant turns are
+# wrapped in {% generation %} so transformers returns the assistant-token mask.
+
+_CHATML_BODY = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TEMPLATES = {
+    "chatml": _CHATML_BODY,
+    "qwen2": "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}" + _CHATML_BODY,
+    "llama-3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+        "{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+        "{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + ((system + '\n\n') if system and loop.index0 <= 1 else '') + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+        "{% endif %}{% endfor %}"
+    ),
+}
+TEMPLATE_TOKENS = {"chatml": ["<|im_start|>", "<|im_end|>"], "qwen2": ["<|im_start|>", "<|im_end|>"],
+                   "llama-3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "mistral": []}
+
+
+def apply_named_template(tokenizer, name: Optional[str]) -> None:
+    """Install a named template (when asked, or when the tokenizer has none)."""
+    if name is None:
+        if tokenizer.chat_template:
+            return
+        raise DataError("the tokenizer has no chat template; set data.chat_template to one of " + ", ".join(TEMPLATES) + ".")
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in TEMPLATE_TOKENS[name] if t not in vocab]
+    if missing:
+        raise DataError(f"data.chat_template={name} needs the tokens {', '.join(missing)}, which this tokenizer lacks; pick a template it supports or add them (with peft.modules_to_save=[embed_tokens,lm_head]).")
+    tokenizer.chat_template = TEMPLATES[name]

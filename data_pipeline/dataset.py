@@ -1,133 +1,285 @@
-"""Build the tokenized train/eval datasets (Arrow, via `datasets`), once per run.
+"""Sources -> validated conversations -> tokenized, weighted, packed Arrow datasets, cached.
 
-Rank 0 reads, validates and tokenizes, then saves to <run_dir>/data; the other ranks wait at a
-barrier and load the saved Arrow files (memory-mapped), so every rank sees identical data.
+The cache key hashes everything that shaped the result: the bytes of every source file, the
+tokenizer (its full JSON and chat template), the data config and DATA_VERSION. One process per
+cache directory builds (the local rank 0 that wins an O_EXCL lock file: one per node for a
+node-local cache, one per job for a shared one); the others poll the filesystem for the result,
+so no collective times out while a large corpus is prepared. Everything is streamed: records go
+from the readers through a generator into Arrow files on disk, which are memory-mapped.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import random
-from typing import Callable, Dict, List, Optional, Tuple
+import shutil
+import socket
+import tempfile
+import time
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .chat import DataError, end_of_turn_id, read_conversations, tokenize_conversation, truncate
+from .chat import DataError, encode
+from .packing import fill_ratio, pack
+from .records import Problem, read_records, to_messages
+from .validate import Report, clean
 
+DATA_VERSION = 2
 COLUMNS = ["input_ids", "labels"]
 
 
-def _read_all(paths: List[str]) -> List[dict]:
-    rows = []
-    for path in paths:
-        for conv in read_conversations(path):
-            rows.append({"messages": conv.messages, "where": conv.where})
-    return rows
+def sources_of(d) -> List[Dict]:
+    out = [dict(path=p, weight=1.0, format=d.format, system_prompt=None, split="train") for p in d.train_files]
+    out += [dict(path=p, weight=1.0, format=d.format, system_prompt=None, split="eval") for p in d.eval_files]
+    for s in d.sources:
+        fmt = s.format if s.format != "auto" else d.format
+        out.append(dict(path=s.path, weight=float(s.weight), format=fmt, system_prompt=s.system_prompt, split=s.split))
+    return out
 
 
-def _tokenize_fn(tokenizer, eot_id: int, max_len: int):
+def _digest_path(h, path: str) -> None:
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    for p in paths:
+        h.update(p.encode() if p != path else b"")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+
+
+def cache_key(d, tokenizer, eot_id: int) -> str:
+    from omegaconf import OmegaConf
+
+    h = hashlib.sha256(f"dialtune-data-v{DATA_VERSION}".encode())
+    for s in sources_of(d):
+        h.update(json.dumps(s, sort_keys=True).encode())
+        _digest_path(h, s["path"])
+    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer).encode())
+    h.update((tokenizer.chat_template or "").encode())
+    h.update(json.dumps([tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, eot_id]).encode())
+    cfg = OmegaConf.to_container(d, resolve=True)
+    for k in ("cache_dir", "num_proc", "on_error", "max_errors_shown"):  # don't change the result
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def _in_eval(where: str, seed: int, fraction: float) -> bool:
+    x = int.from_bytes(hashlib.blake2b(f"{seed}:{where}".encode(), digest_size=8).digest(), "big")
+    return x / 2**64 < fraction
+
+
+def _conversations(d, report: Report):
+    """Generator of validated conversations from every source (one streaming pass)."""
+    seen_ids = set()
+    carve = d.eval_fraction > 0 and not any(s["split"] == "eval" for s in sources_of(d))
+    for k, s in enumerate(sources_of(d)):
+        for where, rec in read_records(s["path"], d.utf16):
+            report.read += 1
+            if isinstance(rec, Problem):
+                report.problem(where, rec)
+                continue
+            conv = to_messages(rec, s["format"], d.intent)
+            if isinstance(conv, Problem):
+                report.problem(where, conv)
+                continue
+            messages, rid = conv
+            if rid is not None and d.duplicate_ids == "reject":
+                key = (s["split"], str(rid))
+                if key in seen_ids:
+                    report.problem(where, Problem("duplicate_id", f"id {rid!r} already appeared earlier (or set data.duplicate_ids=keep)"))
+                    continue
+                seen_ids.add(key)
+            if s["system_prompt"] and isinstance(messages, list) and not (
+                    messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+                messages = [{"role": "system", "content": s["system_prompt"]}] + messages
+            cleaned = clean(messages, d, report.fixes)
+            if isinstance(cleaned, Problem):
+                report.problem(where, cleaned)
+                continue
+            report.kept += 1
+            split = s["split"]
+            if carve and split == "train" and _in_eval(where, d.seed, d.eval_fraction):
+                split = "eval"
+            yield {"messages": cleaned, "source": k, "where": where, "split": split}
+    report.raise_errors()
+
+
+def _tokenize_fn(tokenizer, eot_id: int, d):
     def fn(batch):
-        out = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "truncated": []}
+        out = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "outcome": []}
         for messages in batch["messages"]:
-            ids, labels = tokenize_conversation(tokenizer, messages, eot_id)
-            out["truncated"].append(len(ids) > max_len)
-            ids, labels = truncate(ids, labels, max_len)
+            ids, labels, outcome = encode(tokenizer, messages, eot_id, d.max_seq_len, d.truncation,
+                                          d.labels == "last_turn")
+            ids, labels = ids or [], labels or []
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["length"].append(len(ids))
             out["n_targets"].append(sum(1 for t in labels[1:] if t != -100))
+            out["outcome"].append(outcome)
         return out
 
     return fn
 
 
-def _tokenize(rows, tokenizer, eot_id, cfg, name):
+def _weighted_indices(sources: np.ndarray, weights: Dict[int, float], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in np.unique(sources):
+        idx = np.flatnonzero(sources == k)
+        w = weights[int(k)]
+        reps = int(w)
+        part = [idx] * reps
+        frac = w - reps
+        if frac > 0:
+            part.append(np.sort(rng.choice(idx, size=int(round(frac * len(idx))), replace=False)))
+        out.extend(part)
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+
+
+def _percentiles(lengths) -> Dict[str, float]:
+    a = np.asarray(lengths) if len(lengths) else np.zeros(1)
+    return {f"p{p}": float(np.percentile(a, p)) for p in (50, 90, 99)} | {"max": int(a.max()), "mean": float(a.mean())}
+
+
+def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
+    """Validate, tokenize, weight, pack and save into out_dir; returns the stats."""
     from datasets import Dataset
 
-    if not rows:
-        return None, {}
-    ds = Dataset.from_list(rows)
-    ds = ds.map(_tokenize_fn(tokenizer, eot_id, cfg.max_seq_len), batched=True, batch_size=64,
-                num_proc=cfg.num_proc if cfg.num_proc > 1 else None, remove_columns=["messages"],
-                desc=f"tokenizing {name}")
-    n_read = len(ds)
-    dropped = [w for w, n in zip(ds["where"], ds["n_targets"]) if n == 0]
-    if cfg.drop_without_targets and dropped:
-        ds = ds.filter(lambda n: n > 0, input_columns=["n_targets"])
-    lengths = np.asarray(ds["length"]) if len(ds) else np.zeros(1)
-    stats = {
-        "conversations_read": n_read,
-        "conversations_kept": len(ds),
-        "dropped_no_target_after_truncation": len(dropped),
-        "dropped_examples": dropped[:5],
-        "truncated": int(sum(ds["truncated"])) if len(ds) else 0,
-        "tokens": int(lengths.sum()),
-        "target_tokens": int(sum(ds["n_targets"])) if len(ds) else 0,
-        "length_p50": float(np.percentile(lengths, 50)),
-        "length_p90": float(np.percentile(lengths, 90)),
-        "length_max": int(lengths.max()),
-    }
-    if len(ds) == 0:
-        raise DataError(f"{name}: no conversation is left to train on (all {n_read} lost their assistant turns to truncation at data.max_seq_len={cfg.max_seq_len}); raise data.max_seq_len.")
-    return ds, stats
+    report = Report(d.on_error, d.max_errors_shown)
+    srcs = sources_of(d)
+    work = tempfile.mkdtemp(prefix="dialtune-data-", dir=os.path.dirname(out_dir))
+    try:
+        try:
+            raw = Dataset.from_generator(_conversations, gen_kwargs={"d": d, "report": report},
+                                         cache_dir=os.path.join(work, "gen"), keep_in_memory=False)
+        except DataError:
+            raise
+        except Exception as e:  # datasets wraps generator errors (and fails on zero rows)
+            cause = e.__cause__ or e.__context__
+            while cause is not None and not isinstance(cause, DataError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None
+            if report.kept:
+                raise
+            raw = None
+        if report.kept == 0:
+            raise DataError(f"no usable conversation in {', '.join(s['path'] for s in srcs)} "
+                            f"({report.read} records read; skipped: {dict(report.counts) or 'none'}); nothing to train on.")
+        if report.counts:
+            log(f"data: skipped {sum(report.counts.values())} of {report.read} records (data.on_error={d.on_error}):\n{report.table()}")
+        tok = raw.map(_tokenize_fn(tokenizer, eot_id, d), batched=True, batch_size=64,
+                      num_proc=d.num_proc if d.num_proc > 1 else None, remove_columns=["messages"],
+                      desc="tokenizing", cache_file_name=os.path.join(work, "tok.arrow"))
+        outcome = np.asarray(tok["outcome"])
+        tok = tok.select(np.flatnonzero(outcome != "dropped"))
+        split = np.asarray(tok["split"])
+        stats = {"version": DATA_VERSION, "validation": report.as_dict(), "max_seq_len": d.max_seq_len,
+                 "truncation": {"policy": d.truncation, "truncated": int((outcome == "truncated").sum()),
+                                "dropped": int((outcome == "dropped").sum()),
+                                "truncated_share": float((outcome == "truncated").mean())}}
+        os.makedirs(out_dir + ".part", exist_ok=True)
+        for name in ("train", "eval"):
+            part = tok.select(np.flatnonzero(split == name))
+            if name == "train":
+                if len(part) == 0:
+                    raise DataError(f"no training conversation is left after validation and truncation (data.max_seq_len={d.max_seq_len}); check the report above.")
+                weights = {k: s["weight"] for k, s in enumerate(srcs)}
+                if any(w != 1.0 for w in weights.values()):
+                    part = part.select(_weighted_indices(np.asarray(part["source"]), weights, d.seed))
+            if len(part) == 0:
+                continue
+            part = part.flatten_indices(cache_file_name=os.path.join(work, f"{name}.flat.arrow"))
+            part.save_to_disk(os.path.join(out_dir + ".part", name))
+            lengths = np.asarray(part["length"])
+            targets = np.asarray(part["n_targets"])
+            src = np.asarray(part["source"])
+            stats[name] = {
+                "conversations": len(part), "tokens": int(lengths.sum()), "target_tokens": int(targets.sum()),
+                "target_share": float(targets.sum() / max(1, lengths.sum())), "length": _percentiles(lengths),
+                "sources": {srcs[k]["path"]: {"conversations": int((src == k).sum()),
+                                              "tokens": int(lengths[src == k].sum()),
+                                              "weight": srcs[k]["weight"]} for k in np.unique(src)},
+            }
+            if name == "train" and d.packing:
+                bins = pack(lengths.tolist(), d.max_seq_len, d.seed)
+                Dataset.from_dict({"members": bins}).save_to_disk(os.path.join(out_dir + ".part", "train_packs"))
+                stats["packing"] = {"rows": len(bins), "fill_ratio": fill_ratio(bins, lengths, d.max_seq_len),
+                                    "docs_per_row": len(part) / max(1, len(bins))}
+        with open(os.path.join(out_dir + ".part", "stats.json"), "w") as f:
+            json.dump(stats, f, indent=2)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(out_dir + ".part", out_dir)
+        return stats
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(out_dir + ".part", ignore_errors=True)
 
 
-def prepare(cfg_data, tokenizer, eot_id: int, out_dir: str) -> Dict:
-    """Read, validate, split, tokenize and save to out_dir/{train,eval}; returns the stats."""
-    train_rows = _read_all(list(cfg_data.train_files))
-    if not train_rows:
-        raise DataError(f"{', '.join(cfg_data.train_files)}: no conversations found; the training files are empty.")
-    eval_rows = _read_all(list(cfg_data.eval_files))
-    if not eval_rows and cfg_data.eval_fraction > 0:
-        order = list(range(len(train_rows)))
-        random.Random(cfg_data.seed).shuffle(order)
-        n_eval = max(1, int(len(order) * cfg_data.eval_fraction))
-        held = set(order[:n_eval])
-        eval_rows = [r for i, r in enumerate(train_rows) if i in held]
-        train_rows = [r for i, r in enumerate(train_rows) if i not in held]
-    train_ds, train_stats = _tokenize(train_rows, tokenizer, eot_id, cfg_data, "train")
-    eval_ds, eval_stats = _tokenize(eval_rows, tokenizer, eot_id, cfg_data, "eval")
-    tmp = out_dir + ".tmp"
-    train_ds.save_to_disk(os.path.join(tmp, "train"))
-    if eval_ds is not None:
-        eval_ds.save_to_disk(os.path.join(tmp, "eval"))
-    stats = {"train": train_stats, "eval": eval_stats, "max_seq_len": cfg_data.max_seq_len}
-    with open(os.path.join(tmp, "stats.json"), "w") as f:
-        json.dump(stats, f, indent=2)
-    if os.path.exists(out_dir):
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return stats
-
-
-def load(out_dir: str) -> Tuple[object, Optional[object], Dict]:
+def load(path: str):
     from datasets import load_from_disk
 
-    train = load_from_disk(os.path.join(out_dir, "train"))
-    eval_path = os.path.join(out_dir, "eval")
-    evals = load_from_disk(eval_path) if os.path.isdir(eval_path) else None
-    with open(os.path.join(out_dir, "stats.json")) as f:
+    def opt(name):
+        p = os.path.join(path, name)
+        return load_from_disk(p) if os.path.isdir(p) else None
+
+    with open(os.path.join(path, "stats.json")) as f:
         stats = json.load(f)
-    return train, evals, stats
+    return opt("train"), opt("eval"), opt("train_packs"), stats
 
 
-def prepare_once(cfg_data, tokenizer, eot_id, out_dir, rank: int, barrier: Callable[[], None]):
-    """Rank 0 prepares, every rank then loads the same files."""
-    error = None
-    if rank == 0:
-        try:
-            prepare(cfg_data, tokenizer, eot_id, out_dir)
-        except DataError as e:
-            error = e
-            if os.path.exists(out_dir):  # never let other ranks read a stale copy
-                import shutil
+def _job_token() -> str:
+    return os.environ.get("TORCHELASTIC_RUN_ID") or f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:{os.getppid()}"
 
-                shutil.rmtree(out_dir)
-    barrier()
-    if error is not None:
-        raise error
-    if not os.path.isdir(out_dir):
-        raise DataError("the training data could not be prepared; see the message printed by rank 0.")
-    return load(out_dir)
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dialtune", "data")
+
+
+def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, poll_s: float = 1.0):
+    """(train, eval, train_packs, stats, path): a cache hit loads; otherwise one process per
+    cache directory builds while the others wait on the filesystem."""
+    root = d.cache_dir or default_cache_dir()
+    os.makedirs(root, exist_ok=True)
+    key = cache_key(d, tokenizer, eot_id)
+    path = os.path.join(root, key)
+    done, lock, failed = os.path.join(path, "stats.json"), path + ".lock", path + ".failed"
+    waited, last_note = time.time(), 0.0
+    while not os.path.isfile(done):
+        if local_rank == 0:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                fd = None
+            if fd is not None:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{socket.gethostname()} pid {os.getpid()} since {time.ctime()}\n")
+                try:
+                    if os.path.exists(failed):
+                        os.remove(failed)
+                    log(f"data: preparing {key} in {root}")
+                    stats = build(d, tokenizer, eot_id, path, log)
+                    stats["cache"] = {"key": key, "path": path, "hit": False}
+                    return (*load(path)[:3], stats, path)
+                except DataError as e:
+                    with open(failed, "w") as f:
+                        json.dump({"token": _job_token(), "message": str(e)}, f)
+                    raise
+                finally:
+                    os.remove(lock)
+        if os.path.isfile(failed):
+            with open(failed) as f:
+                info = json.load(f)
+            if info.get("token") == _job_token():
+                raise DataError(info["message"])
+        if time.time() - last_note > 60:
+            holder = open(lock).read().strip() if os.path.isfile(lock) else "another process"
+            log(f"data: waiting for {holder} to prepare {path} ({time.time() - waited:.0f} s so far; "
+                f"if that process died, delete {lock})")
+            last_note = time.time()
+        time.sleep(poll_s)
+    train, evals, packs, stats = load(path)
+    stats["cache"] = {"key": key, "path": path, "hit": True}
+    return train, evals, packs, stats, path

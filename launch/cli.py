@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from model.export import ExportError, merge
+    from model.export import ExportError, merge, merge_options
     from omegaconf import OmegaConf
 
     run_dir = Path(args.run_dir)
@@ -93,9 +93,13 @@ def cmd_merge(args) -> int:
     base = str(run_dir / "base") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
     out = args.out or str(run_dir / "merged")
     try:
-        summary = merge(str(adapter), out, base_path=base, dtype=args.dtype or cfg.export.dtype,
-                        max_shard_size=cfg.export.max_shard_size, tolerance=cfg.export.verify_tolerance,
-                        end_of_turn_token=cfg.model.end_of_turn_token)
+        opts = merge_options(cfg.export)
+        for key, value in (("dtype", args.dtype), ("base", args.base), ("eval_conversations", args.eval_conversations),
+                           ("tolerance", args.tolerance), ("dequantized_tolerance", args.tolerance)):
+            if value is not None:
+                opts[key] = value
+        summary = merge(str(adapter), out, base_path=base, run_dir=str(run_dir),
+                        end_of_turn_token=cfg.model.end_of_turn_token, **opts)
     except ExportError as e:
         print(f"dialtune: error: {e}", file=sys.stderr)
         return 2
@@ -109,7 +113,7 @@ def cmd_config_doc(args) -> int:
 
     print("| key | type | default | meaning |\n|---|---|---|---|")
     for key, tname, default, help_ in iter_docs():
-        print(f"| `{key}` | {tname} | `{default!r}` | {help_} |")
+        print(f"| `{key}` | {tname} | `{default!r}` | {help_.replace('|', chr(92) + '|')} |")
     return 0
 
 
@@ -135,10 +139,26 @@ def main(argv=None) -> int:
     m.add_argument("--out", default=None, help="output directory (default: <run_dir>/merged)")
     m.add_argument("--checkpoint", default=None, help="checkpoint tag, e.g. step_0000020 (default: latest)")
     m.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"], help="dtype of the merged weights")
+    m.add_argument("--base", default=None, choices=["original", "dequantized"],
+                   help="merge into the original full-precision base or the dequantized quantized base the run trained against (default: the run's export.base)")
+    m.add_argument("--tolerance", type=float, default=None, help="largest |logit difference| the verification allows (default: the run's, per --base)")
+    m.add_argument("--eval-conversations", type=int, default=None, help="eval conversations for the held-out losses in export_summary.json (0 skips; default: the run's, 64)")
     m.set_defaults(fn=cmd_merge)
+
+    pr = sub.add_parser("prepare", help="validate, tokenize, pack and cache the data of a config; print the report")
+    pr.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.train_files=[a.jsonl] data.on_error=lenient")
+    pr.set_defaults(fn=lambda a: __import__("launch.prepare", fromlist=["main"]).main(a.overrides))
 
     c = sub.add_parser("config-doc", help="print every config key with its type, default and meaning (Markdown)")
     c.set_defaults(fn=cmd_config_doc)
+
+    from launch.chat import add_parser as add_chat_parser
+
+    add_chat_parser(sub)
+
+    from launch.slurm import add_parser as add_slurm_parser
+
+    add_slurm_parser(sub)
 
     args = p.parse_args(argv)
     return args.fn(args)

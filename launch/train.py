@@ -48,6 +48,9 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return flags + [a for a in out if a not in flags]
 
 
+NONFINITE_EXIT_CODE = 3
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
@@ -79,7 +82,9 @@ def fail(message: str) -> None:
 
 
 def print_summary(summary: dict) -> None:
-    lines = ["", "dialtune: training finished"]
+    done = summary.get("finished", True)
+    lines = ["", "dialtune: training finished" if done else
+             f"dialtune: training stopped at step {summary['steps']} of {summary['total_steps']} (resume with train.resume=auto)"]
     for key, label in (("run_dir", "run directory"), ("metrics", "metrics (JSONL)"), ("adapter", "adapter"),
                        ("merged", "merged checkpoint"), ("wandb_dir", "W&B run (sync with `wandb sync`)")):
         if summary.get(key):
@@ -106,15 +111,26 @@ def task(cfg) -> None:
 
         summary = recipe.run(cfg, run_dir)
         if rank() == 0:
-            if cfg.export.merge_at_end and cfg.peft.method != "none":
-                from model.export import merge
+            if cfg.export.merge_at_end and cfg.peft.method != "none" and summary["finished"]:
+                from model.export import merge, merge_options
 
                 merged_dir = os.path.join(run_dir, "merged")
-                merge(summary["adapter"], merged_dir, base_path=summary["base"], dtype=cfg.export.dtype,
-                      max_shard_size=cfg.export.max_shard_size, tolerance=cfg.export.verify_tolerance,
-                      end_of_turn_token=cfg.model.end_of_turn_token)
+                merge(summary["adapter"], merged_dir, base_path=summary["base"], run_dir=run_dir,
+                      end_of_turn_token=cfg.model.end_of_turn_token, **merge_options(cfg.export))
                 summary["merged"] = merged_dir
             print_summary(summary)
+        if summary.get("nonfinite_stop_step"):
+            if rank() == 0:
+                print(f"dialtune: error: non-finite loss at step {summary['nonfinite_stop_step']} (train.nonfinite={cfg.train.nonfinite}); "
+                      f"the last good state is saved in {summary['checkpoint']}", file=sys.stderr, flush=True)
+            sys.exit(NONFINITE_EXIT_CODE)
+        if summary.get("preempted"):
+            from train.signals import REQUEUE_EXIT_CODE, ignore_further
+
+            ignore_further()
+            if rank() == 0:
+                print(f"dialtune: stopped by a signal after step {summary['steps']}; checkpoint saved, asking to be requeued (exit {REQUEUE_EXIT_CODE})", flush=True)
+            sys.exit(REQUEUE_EXIT_CODE)
     except (ConfigError, DataError, ExportError) as e:
         fail(str(e))
     except OSError as e:

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import read_metrics, train
 
-QUICK = ["train.max_steps=2", "train.micro_batch_size=2", "logger=none"]
+QUICK = ["train.max_steps=2", "train.micro_batch_size=2", "logger=none", "export.eval_conversations=8"]
 
 
 def _one_sentence_error(proc, fragment):
@@ -65,3 +65,14 @@ def test_quantized_recipes_train_on_cpu(tmp_path, recipe, kind):
     assert summary["quantized_linear_layers"] == 4 * 7  # every linear of the 4 decoder layers
     assert all(r["train/loss"] == r["train/loss"] for r in read_metrics(run_dir))  # finite
     assert (run_dir / "merged" / "config.json").is_file()
+
+
+def test_packed_training_runs_and_fills_rows(tmp_path):
+    train(["data.packing=true", "run.name=packed", "export.merge_at_end=false"] + QUICK, tmp_path)
+    run_dir = tmp_path / "packed"
+    stats = json.loads((run_dir / "data_stats.json").read_text())
+    assert stats["packing"]["fill_ratio"] > 0.9 and stats["packing"]["docs_per_row"] > 1.5
+    rows = read_metrics(run_dir)
+    assert len(rows) == 2 and all(r["train/loss"] == r["train/loss"] for r in rows)
+    # packed rows are nearly full: little padding
+    assert all(r["perf/tokens"] / r["perf/padded_tokens"] > 0.85 for r in rows)

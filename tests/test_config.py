@@ -53,6 +53,9 @@ def test_unknown_key_is_rejected():
 @pytest.mark.parametrize("overrides,fragment", [
     (["quant=int8", "deepspeed=zero3"], "ZeRO-3"),
     (["quant=nf4", "peft=none"], "needs an adapter"),
+    (["quant=int8", "peft=dora"], "int8 backward"),
+    (["train.nonfinite=ignore"], "train.nonfinite"),
+    (["data.truncation=middle"], "data.truncation"),
     (["deepspeed=zero2", "deepspeed.offload_param=cpu"], "ZeRO-3"),
     (["data.train_files=[/nonexistent/x.jsonl]"], "does not exist"),
     (["train.max_steps=0"], "nothing to train"),

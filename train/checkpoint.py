@@ -1,13 +1,14 @@
 """Checkpoints: DeepSpeed engine state (trainable parameters only) + the PEFT adapter + loop state.
 
-Layout: <run_dir>/checkpoints/step_0000040/{adapter/, trainer_state.json, <deepspeed files>}
-and <run_dir>/checkpoints/latest (written by DeepSpeed after every rank saved).
+Layout: <run_dir>/checkpoints/step_0000040/{adapter/, trainer_state.json, rng_rank<N>.pt, <deepspeed files>}
+and <run_dir>/checkpoints/latest (the newest complete one; replaced atomically after every rank saved).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -56,18 +57,78 @@ class _null:
         return False
 
 
-def save(engine, ckpt_root: str, step: int, state: Dict[str, Any], is_main: bool, zero_stage: int, tokenizer) -> str:
+def _fsync_tree(path: str) -> None:
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(engine, ckpt_root: str, step: int, state: Dict[str, Any], is_main: bool, zero_stage: int, tokenizer,
+         keep: int = 0) -> str:
+    """A checkpoint is a transaction: every rank writes into <tag>.tmp, rank 0 fsyncs it, renames
+    it to <tag> and only then replaces `latest` (atomically) — after all ranks finished. A crash
+    at any point leaves `latest` on the previous complete checkpoint; resume never reads *.tmp."""
     tag = tag_for(step)
-    client_state = {"trainer": state, "rng": rng_state()}
-    engine.save_checkpoint(ckpt_root, tag=tag, client_state=client_state, exclude_frozen_parameters=True)
-    path = os.path.join(ckpt_root, tag)
-    if hasattr(engine.module, "peft_config"):
-        save_adapter(engine.module, os.path.join(path, "adapter"), is_main, zero_stage, tokenizer)
+    tmp_tag = tag + ".tmp"
+    final, tmp = os.path.join(ckpt_root, tag), os.path.join(ckpt_root, tmp_tag)
+    rng = rng_state()  # per rank: ranks see different shapes, so dropout advances their RNGs differently
     if is_main:
-        with open(os.path.join(path, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=2)
+        shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
-    return path
+    engine.save_checkpoint(ckpt_root, tag=tmp_tag, client_state={"trainer": state}, save_latest=False,
+                           exclude_frozen_parameters=True)
+    torch.save(rng, os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+    if hasattr(engine.module, "peft_config"):
+        save_adapter(engine.module, os.path.join(tmp, "adapter"), is_main, zero_stage, tokenizer)
+    if is_main:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+    distributed.barrier()  # every rank's files are in place
+    _pause_for_tests(step)
+    if is_main:
+        _fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(ckpt_root, "latest.tmp"), "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(ckpt_root, "latest.tmp"), os.path.join(ckpt_root, "latest"))
+        _fsync_dir(ckpt_root)
+        if keep:
+            complete = sorted(p for p in os.listdir(ckpt_root) if p.startswith("step_") and not p.endswith(".tmp"))
+            for old in complete[:-keep]:
+                shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def _pause_for_tests(step: int) -> None:
+    """DIALTUNE_CKPT_PAUSE=step: hold a finished-but-uncommitted checkpoint (to kill -9 it in tests)."""
+    if os.environ.get("DIALTUNE_CKPT_PAUSE") == str(step):
+        open(os.path.join(os.environ.get("DIALTUNE_CKPT_PAUSE_MARKER", "/tmp"), "ckpt_paused"), "w").close()
+        import time
+
+        time.sleep(600)
+
+
+def clean_partial(ckpt_root: str) -> None:
+    """Remove checkpoints a crash left half-written (rank 0, before training)."""
+    if os.path.isdir(ckpt_root):
+        for p in os.listdir(ckpt_root):
+            if p.endswith(".tmp"):
+                path = os.path.join(ckpt_root, p)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def find_resume(resume: str, ckpt_root: str) -> Optional[Tuple[str, str]]:
@@ -89,5 +150,11 @@ def load(engine, root: str, tag: str) -> Dict[str, Any]:
                                        load_optimizer_states=True, load_lr_scheduler_states=True)
     if client is None:
         raise FileNotFoundError(f"{os.path.join(root, tag)} is not a complete checkpoint")
-    set_rng_state(client["rng"])
+    set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{_rank()}.pt"), weights_only=False))
     return client["trainer"]
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0

@@ -79,14 +79,44 @@ class QuantConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = doc("???", "File (JSONL/JSON/CSV/Parquet, optionally .gz) or saved `datasets` directory.")
+    weight: float = doc(1.0, "Sampling weight: 2 repeats every record twice, 0.5 keeps a seeded half.")
+    format: str = doc("auto", "Record format: auto (detected per record), messages, sharegpt, alpaca, prompt_completion or intent.")
+    system_prompt: Optional[str] = doc(None, "System message put first in every conversation of this source that has none.")
+    split: str = doc("train", "train or eval: which set the source feeds.")
+
+
+@dataclass
+class IntentConfig:
+    system_prompt: str = doc("Classify the customer's message into its intent. Answer with the intent label only.", "System message of intent-labelled records ({'text','label'}).")
+    user_template: str = doc("{text}", "User turn of intent records; {text} is replaced by the utterance.")
+
+
+@dataclass
 class DataConfig:
-    train_files: List[str] = doc([], "Chat-JSONL files ({'messages': [{'role','content'}...]}) to train on; .gz accepted.")
-    eval_files: List[str] = doc([], "Held-out chat-JSONL files; empty: carve eval_fraction off the training data.")
-    eval_fraction: float = doc(0.0, "Share of training conversations held out for eval when eval_files is empty (deterministic).")
-    max_seq_len: int = doc(2048, "Longest tokenized conversation; longer ones are truncated on the right.")
-    drop_without_targets: bool = doc(True, "Drop conversations that have no assistant token left after truncation (counted).")
+    train_files: List[str] = doc([], "Training files (same as sources with weight 1); chat JSONL or any format below.")
+    eval_files: List[str] = doc([], "Held-out files; empty: carve eval_fraction off the training data.")
+    sources: List[SourceConfig] = doc([], "Weighted sources: [{path, weight, format, system_prompt, split}], added to train_files/eval_files.")
+    format: str = doc("auto", "Format of every record unless a source sets its own: auto, messages, sharegpt, alpaca, prompt_completion, intent.")
+    eval_fraction: float = doc(0.0, "Share of training conversations held out for eval when no eval files are given (deterministic).")
+    max_seq_len: int = doc(2048, "Token budget of one conversation (and of one packed row).")
+    truncation: str = doc("keep_recent", "Over-long conversations: keep_recent (drop the oldest turns, keep >= 1 assistant target), right (cut the end) or drop.")
+    labels: str = doc("all_assistant", "Which turns are targets: all_assistant or last_turn (only the final assistant turn).")
+    chat_template: Optional[str] = doc(None, "Named template (chatml, llama-3, qwen2, mistral) for tokenizers without one, or to override theirs.")
+    packing: bool = doc(False, "Pack several conversations per row (best-fit-decreasing) with boundary-safe attention.")
+    on_error: str = doc("strict", "Bad records: strict (stop with file:line for the first errors) or lenient (skip, count, report).")
+    max_errors_shown: int = doc(5, "strict: how many errors to collect before stopping.")
+    utf16: str = doc("reject", "UTF-16 files: reject (with a message) or convert.")
+    trailing_user: str = doc("trim", "Conversation ending with a user turn: trim it or reject the record.")
+    same_role: str = doc("merge", "Consecutive turns of one role: merge them (joined by a newline) or reject the record.")
+    long_message: str = doc("truncate", "Message longer than max_message_chars: truncate it or drop the record.")
+    max_message_chars: int = doc(100_000, "Longest message in characters (before tokenization).")
+    duplicate_ids: str = doc("reject", "Records repeating an earlier 'id': reject (an error/skip) or keep.")
+    intent: IntentConfig = field(default_factory=IntentConfig, metadata={"help": "How intent records become conversations."})
+    cache_dir: Optional[str] = doc(None, "Tokenized-data cache (shared or node-local); default ~/.cache/dialtune/data.")
     num_proc: int = doc(1, "Processes used for tokenization.")
-    seed: int = doc(1234, "Seed of the shuffling and of the eval split.")
+    seed: int = doc(1234, "Seed of shuffling, packing, source sampling and the eval split.")
 
 
 @dataclass
@@ -119,6 +149,7 @@ class OptimConfig:
 class TrainConfig:
     micro_batch_size: int = doc(4, "Conversations per rank per forward pass.")
     grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
+    global_batch_size: int = doc(0, "Conversations (or packed rows) per optimizer step over all ranks; when set, it wins: grad_accum = global / (micro x ranks), which must divide.")
     max_steps: int = doc(-1, "Optimizer steps to run; -1 runs `epochs` full passes.")
     epochs: int = doc(1, "Passes over the training data when max_steps is -1.")
     eval_every: int = doc(0, "Run held-out eval every N optimizer steps (and at the end); 0: only at the end.")
@@ -127,7 +158,11 @@ class TrainConfig:
     log_every: int = doc(1, "Write metrics every N optimizer steps.")
     seed: int = doc(42, "Seed of model init (adapters), dropout and data order.")
     resume: str = doc("none", "none, auto (latest checkpoint of this run directory) or a checkpoint directory.")
+    stop_after_steps: int = doc(0, "Stop this job (with a checkpoint) after N optimizer steps; resume later with train.resume=auto. 0: run to the end.")
     progress_bar: bool = doc(True, "Show a progress bar on rank 0.")
+    nonfinite: str = doc("skip", "Non-finite loss (agreed over all ranks): skip the update (counted, logged) or stop (save the last good state, exit 3).")
+    max_nonfinite_in_row: int = doc(3, "skip: stop like `stop` after more than this many non-finite steps in a row.")
+    keep_checkpoints: int = doc(3, "Keep the newest N complete checkpoints (0: keep all).")
 
 
 @dataclass
@@ -145,6 +180,9 @@ class ExportConfig:
     dtype: str = doc("auto", "Dtype of the merged weights: auto (the base's training dtype, fp32 for quantized bases: bf16), fp32, bf16 or fp16.")
     max_shard_size: str = doc("2GB", "Largest safetensors shard of the merged checkpoint.")
     verify_tolerance: float = doc(1e-4, "Largest |logit difference| (fp32) allowed between merged and base+adapter; above fails the export.")
+    base: str = doc("original", "Base the adapter is merged into: original (full-precision base) or dequantized (quantize->dequantize round trip of the quantized base the run trained against).")
+    verify_tolerance_dequantized: float = doc(0.05, "base=dequantized: largest |logit difference| allowed between the merged model (fp32) and the adapter on the quantized base as trained.")
+    eval_conversations: int = doc(64, "Eval-set conversations whose held-out loss export_summary.json reports for the adapter and each merge; 0 skips.")
 
 
 @dataclass
@@ -190,6 +228,8 @@ def iter_docs(cls=DialtuneConfig, prefix=""):
         default = f.default if sub is None else sub
         tname = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         yield key, tname, default, f.metadata.get("help", "")
+        if key == "data.sources":
+            yield from iter_docs(SourceConfig, key + "[].")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,9 +246,21 @@ _CHOICES = {
     "deepspeed.offload_param": ("none", "cpu"),
     "optim.name": ("adamw",),
     "optim.scheduler": ("cosine", "linear", "constant"),
+    "train.nonfinite": ("skip", "stop"),
     "logger.backend": ("wandb", "none"),
     "logger.mode": ("auto", "online", "offline"),
     "export.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "export.base": ("original", "dequantized"),
+    "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "intent"),
+    "data.truncation": ("keep_recent", "right", "drop"),
+    "data.labels": ("all_assistant", "last_turn"),
+    "data.chat_template": (None, "chatml", "llama-3", "qwen2", "mistral"),
+    "data.on_error": ("strict", "lenient"),
+    "data.utf16": ("reject", "convert"),
+    "data.trailing_user": ("trim", "reject"),
+    "data.same_role": ("merge", "reject"),
+    "data.long_message": ("truncate", "drop"),
+    "data.duplicate_ids": ("reject", "keep"),
 }
 
 
@@ -226,6 +278,8 @@ def validate(cfg, cuda_available: Optional[bool] = None) -> None:
     q, p, ds, t = cfg.quant.mode, cfg.peft.method, cfg.deepspeed, cfg.train
     if q != "none" and p == "none":
         raise ConfigError(f"quant={q} freezes a quantized base, so it needs an adapter: set peft=lora (or dora/rslora), or quant=none for full fine-tuning.")
+    if q == "int8" and p == "dora":
+        raise ConfigError("peft=dora on quant=int8 fails in bitsandbytes' int8 backward; use peft=lora with int8, or quant=nf4 with DoRA.")
     if q == "int8" and ds.stage == 3:
         raise ConfigError("quant=int8 cannot be sharded by ZeRO-3 (bitsandbytes int8 weights are not partitionable): use deepspeed=zero2, or quant=nf4 with ZeRO-3.")
     if q == "nf4" and cfg.quant.compute_dtype == "fp32" and cuda_available:
@@ -248,11 +302,32 @@ def validate(cfg, cuda_available: Optional[bool] = None) -> None:
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is too short to hold a conversation; use at least 16.")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
-    if not cfg.data.train_files:
-        raise ConfigError("data.train_files is empty: pass data.train_files=[path/to/train.jsonl].")
-    for key in ("train_files", "eval_files"):
-        for i, path in enumerate(cfg.data[key]):
-            if not os.path.isfile(path):
-                raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist; check the path (relative paths are taken from {os.getcwd()}).")
+    validate_data(cfg.data)
     if t.resume not in ("none", "auto") and not os.path.isdir(t.resume):
         raise ConfigError(f"train.resume={t.resume!r} is neither none, auto nor an existing checkpoint directory.")
+
+
+def validate_data(d) -> None:
+    """The data section alone (also what `dialtune prepare` checks)."""
+    for key, allowed in _CHOICES.items():
+        if key.startswith("data."):
+            value = OmegaConf.select(d, key[5:])
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+    if not d.train_files and not any(s.split == "train" for s in d.sources):
+        raise ConfigError("no training data: pass data.train_files=[path/to/train.jsonl] or data.sources=[{path: ..., weight: 1}].")
+    for key in ("train_files", "eval_files"):
+        for i, path in enumerate(d[key]):
+            if not os.path.exists(path):
+                raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist; check the path (relative paths are taken from {os.getcwd()}).")
+    for i, s in enumerate(d.sources):
+        if not os.path.exists(s.path):
+            raise ConfigError(f"data.sources[{i}].path: {s.path!r} does not exist; check the path.")
+        if s.weight <= 0:
+            raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive (remove the source to leave it out).")
+        if s.format not in _CHOICES["data.format"]:
+            raise ConfigError(f"data.sources[{i}].format={s.format!r} is not one of {', '.join(_CHOICES['data.format'])}.")
+        if s.split not in ("train", "eval"):
+            raise ConfigError(f"data.sources[{i}].split={s.split!r} must be train or eval.")
+    if d.max_message_chars < 1 or d.max_errors_shown < 1 or d.num_proc < 1:
+        raise ConfigError("data.max_message_chars, data.max_errors_shown and data.num_proc must be at least 1.")

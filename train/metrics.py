@@ -24,13 +24,20 @@ class Metrics:
     Only rank 0 constructs one with enabled=True; other ranks get a no-op.
     """
 
-    def __init__(self, run_dir: str, logger_cfg, config: Dict[str, Any], enabled: bool, resume: bool = False):
+    def __init__(self, run_dir: str, logger_cfg, config: Dict[str, Any], enabled: bool,
+                 resume_step: Optional[int] = None):
         self.enabled = enabled
         self.wandb_run = None
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if not enabled:
             return
-        self.file = open(self.path, "a" if resume else "w", buffering=1)
+        kept = []
+        if resume_step is not None and os.path.isfile(self.path):
+            # rows a crashed job logged after its last checkpoint are about to be redone
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.file = open(self.path, "w", buffering=1)
+        self.file.writelines(kept)
         if logger_cfg.backend == "wandb":
             self.wandb_run = _init_wandb(run_dir, logger_cfg, config)
 

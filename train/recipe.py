@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from data_pipeline import batching
-from data_pipeline.chat import IGNORE, end_of_turn_id
-from data_pipeline.dataset import prepare_once
+from data_pipeline.chat import IGNORE, apply_named_template, end_of_turn_id
+from data_pipeline.dataset import prepare_cached
+from data_pipeline.packing import collate_packed
 from model import loader
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, signals
 from .config import ConfigError
 from .ds_config import lr_lambda, mixed_precision, render
 from .metrics import Metrics, memory_gb
@@ -74,6 +75,16 @@ def evaluate(engine, ds, pad_id, mb, world, rank, dev, max_batches=0) -> Dict[st
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50)), "eval/target_tokens": int(count)}
 
 
+def _flat(d: Dict, prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, str)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def run(cfg, run_dir: str) -> Dict[str, Any]:
     import deepspeed
 
@@ -95,17 +106,36 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             loader.build_tiny(cfg.model, loader.load_tokenizer(cfg.model), base_path)
         distributed.barrier()
     tokenizer = loader.load_tokenizer(cfg.model, base_path if cfg.model.name_or_path == "tiny" else None)
+    apply_named_template(tokenizer, cfg.data.chat_template)
     eot = end_of_turn_id(tokenizer, cfg.model.end_of_turn_token)
 
     # ---- data ---------------------------------------------------------------------------------
-    train_ds, eval_ds, data_stats = prepare_once(cfg.data, tokenizer, eot, os.path.join(run_dir, "data"),
-                                                 rank, distributed.barrier)
+    train_ds, eval_ds, packs, data_stats, _ = prepare_cached(cfg.data, tokenizer, eot, local_rank,
+                                                             log=log.info if is_main else (lambda *_: None))
     mb, gas = t.micro_batch_size, t.grad_accum
-    steps_per_epoch = len(batching.epoch_micro_batches(len(train_ds), mb, world, rank, 0, 0)) // gas
+    if t.global_batch_size:
+        if t.global_batch_size % (mb * world):
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size {mb} x {world} ranks; "
+                              f"use a multiple of {mb * world}.")
+        gas = cfg.train.grad_accum = t.global_batch_size // (mb * world)  # the global size wins
+        if is_main:
+            log.info("global batch %d = micro %d x accumulation %d x %d ranks", t.global_batch_size, mb, gas, world)
+    n_items = len(packs) if packs is not None else len(train_ds)  # packed rows, or conversations
+    steps_per_epoch = len(batching.epoch_micro_batches(n_items, mb, world, rank, 0, 0)) // gas
     if steps_per_epoch == 0:
-        raise ConfigError(f"the training set has {len(train_ds)} conversations, fewer than one optimizer step needs "
+        what = "packed rows" if packs is not None else "conversations"
+        raise ConfigError(f"the training set has {n_items} {what}, fewer than one optimizer step needs "
                           f"(micro_batch_size {mb} x grad_accum {gas} x {world} ranks); lower train.micro_batch_size or train.grad_accum.")
+    attn = cfg.model.attn_implementation
+
+    def make_batch(indices):
+        if packs is None:
+            return batching.collate(batching.fetch(train_ds, indices), pad_id)
+        rows = [batching.fetch(train_ds, m) for m in packs[list(indices)]["members"]]
+        return collate_packed(rows, pad_id, attn, dtype=loader.DTYPES[mixed_precision(cfg)])
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+
+    pad_id = tokenizer.pad_token_id
 
     # ---- model --------------------------------------------------------------------------------
     model = loader.load_base(cfg, base_path, dev)
@@ -131,18 +161,22 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     # ---- resume -------------------------------------------------------------------------------
     ckpt_root = os.path.join(run_dir, "checkpoints")
     state = {"step": 0, "epoch": 0, "pos": 0, "target_tokens_seen": 0}
+    if is_main:
+        checkpoint.clean_partial(ckpt_root)
+    distributed.barrier()
     found = checkpoint.find_resume(t.resume, ckpt_root)
     if found:
         state = checkpoint.load(engine, *found)
         log.info("resumed from %s/%s at step %d", found[0], found[1], state["step"])
-    stream = MicroBatchStream(len(train_ds), mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
+    stream = MicroBatchStream(n_items, mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
 
     metrics = Metrics(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), enabled=is_main,
-                      resume=bool(found))
+                      resume_step=state["step"] if found else None)
     if is_main:
         with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
             json.dump(data_stats, f, indent=2)
-        metrics.summary({"params/trainable": n_trainable, "params/total": n_total})
+        metrics.summary({"params/trainable": n_trainable, "params/total": n_total,
+                         **{f"data/{k}": v for k, v in _flat(data_stats).items()}})
         log.info("run dir %s | %d train / %d eval conversations | %d steps | %d ranks | trainable %.2f M of %.2f M params",
                  run_dir, len(train_ds), len(eval_ds) if eval_ds is not None else 0, total_steps, world,
                  n_trainable / 1e6, n_total / 1e6)
@@ -154,34 +188,63 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
 
     # ---- loop ---------------------------------------------------------------------------------
-    pad_id = tokenizer.pad_token_id
     eval_result: Dict[str, float] = {}
     last_saved = state["step"] if found else -1
+    first_step = state["step"] + 1
+    stop_flag = signals.install()
+    preempted = False
+    skipped, bad_in_row, nonfinite_stop, own_norm = 0, 0, 0, None
+    inject = os.environ.get("DIALTUNE_INJECT_NAN", "")
+    inject_nan = (int(inject.split(",")[0]), int(inject.split(",")[1]) if "," in inject else 0) if inject else None
     engine.train()
-    for step in range(state["step"] + 1, total_steps + 1):
+    for step in range(first_step, total_steps + 1):
         t0 = time.perf_counter()
-        batches = [batching.collate(batching.fetch(train_ds, stream.next()), pad_id) for _ in range(gas)]
+        batches = [make_batch(stream.next()) for _ in range(gas)]
         local = [sum(batching.target_tokens(b) for b in batches),
-                 sum(int(b["attention_mask"].sum()) for b in batches),
+                 sum(int((b["input_ids"] != pad_id).sum()) for b in batches),
                  sum(b["input_ids"].numel() for b in batches)]
         n_targets, n_real, n_padded = distributed.all_sum(local, dev)
         lr = optimizer.param_groups[0]["lr"]
         scale = world / max(n_targets, 1.0)
-        loss_sum = 0.0
-        for b in batches:
-            out = engine(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
+        loss_sum, bad_step = 0.0, False
+        for i, b in enumerate(batches):
+            out = engine(**{k: v.to(dev) for k, v in b.items() if k != "labels"})
             ce = token_ce_sum(out.logits, b["labels"].to(dev))
+            if inject_nan and inject_nan == (step, rank):
+                ce = ce * float("nan")  # fault injection for tests (DIALTUNE_INJECT_NAN=step[,rank])
+            # every rank learns whether any rank's loss is non-finite: all take the same path
+            (nonfinite,) = distributed.all_sum([0.0 if torch.isfinite(ce).item() else 1.0], dev)
+            if nonfinite:
+                bad_step = True
+                if t.nonfinite == "stop":
+                    break
+                ce = out.logits.float().nan_to_num(0.0, 0.0, 0.0).sum() * 0.0  # contributes nothing
             engine.backward(ce * scale, scale_wrt_gas=False)
+            if i == gas - 1:
+                if bad_step:
+                    for g in optimizer.param_groups:  # skip: no parameter change (the schedule resets lr)
+                        g["lr"] = 0.0
+                if cfg.deepspeed.stage == 0:  # DeepSpeed reports no norm without ZeRO: grads are whole here
+                    own_norm = torch.norm(torch.stack([p.grad.float().norm() for p in trainable if p.grad is not None])).item()
             engine.step()
             loss_sum += ce.item()
-        (loss_sum,) = distributed.all_sum([loss_sum], dev)
+        if bad_step:
+            bad_in_row += 1
+            skipped += 1
+            log.warning("non-finite loss at step %d (%d in a row)", step, bad_in_row)
+            if t.nonfinite == "stop" or bad_in_row > t.max_nonfinite_in_row:
+                nonfinite_stop = step
+                break
+        else:
+            bad_in_row = 0
+        loss_sum, signalled = distributed.all_sum([loss_sum, float(stop_flag.is_set)], dev)
         loss = loss_sum / max(n_targets, 1.0)
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm() if cfg.deepspeed.stage else own_norm
         elapsed = time.perf_counter() - t0
         state.update(step=step, epoch=stream.epoch, pos=stream.pos,
                      target_tokens_seen=state["target_tokens_seen"] + int(n_targets))
 
-        record = {"train/loss": loss, "train/lr": lr, "train/epoch": stream.epoch + stream.pos / max(1, len(stream._plan)),
+        record = {"train/loss": None if bad_step else loss, "train/skipped_steps": skipped, "train/lr": lr, "train/epoch": stream.epoch + stream.pos / max(1, len(stream._plan)),
                   "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "perf/target_tokens": int(n_targets), "perf/tokens": int(n_real), "perf/padded_tokens": int(n_padded),
                   "perf/target_tok_s": n_targets / elapsed, "perf/tok_s": n_real / elapsed,
@@ -189,23 +252,30 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         if (t.eval_every and step % t.eval_every == 0 or step == total_steps) and eval_ds is not None:
             eval_result = evaluate(engine, eval_ds, pad_id, mb, world, rank, dev, t.eval_max_batches)
             record.update(eval_result)
-        if step % t.log_every == 0 or "eval/loss" in record:
-            metrics.log(record, step)
+        if step % t.log_every == 0 or "eval/loss" in record or bad_step:
+            metrics.log({k: v for k, v in record.items() if v is not None}, step)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
                             **({"eval": f"{record['eval/loss']:.3f}"} if "eval/loss" in record else {}))
-        if t.save_every and step % t.save_every == 0 or step == total_steps:
-            checkpoint.save(engine, ckpt_root, step, dict(state), is_main, cfg.deepspeed.stage, tokenizer)
+        preempted = signalled > 0  # every rank sees the same sum, so all stop at this boundary
+        stop_here = preempted or bool(t.stop_after_steps) and step - first_step + 1 >= t.stop_after_steps
+        if t.save_every and step % t.save_every == 0 or step == total_steps or stop_here:
+            checkpoint.save(engine, ckpt_root, step, dict(state), is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints)
             last_saved = step
+        if stop_here:
+            break
     if bar is not None:
         bar.close()
 
     # ---- finish -------------------------------------------------------------------------------
-    if last_saved != total_steps:  # resumed at the end: nothing left to train
-        checkpoint.save(engine, ckpt_root, total_steps, dict(state), is_main, cfg.deepspeed.stage, tokenizer)
-    final_ckpt = os.path.join(ckpt_root, checkpoint.tag_for(total_steps))
-    summary = {"run_dir": run_dir, "base": base_path, "steps": total_steps, "world_size": world,
+    if last_saved != state["step"]:  # resumed at the end: nothing left to train
+        checkpoint.save(engine, ckpt_root, state["step"], dict(state), is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints)
+    final_ckpt = os.path.join(ckpt_root, checkpoint.tag_for(state["step"]))
+    summary = {"run_dir": run_dir, "base": base_path, "steps": state["step"], "total_steps": total_steps,
+               "finished": state["step"] == total_steps, "preempted": preempted, "world_size": world,
+               "nonfinite_stop_step": nonfinite_stop, "skipped_steps": skipped, "grad_accum": gas,
+               "global_batch_size": mb * gas * world,
                "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter"),
                "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
                "params_trainable": n_trainable, "params_total": n_total, **eval_result}

@@ -1,0 +1,96 @@
+"""Boundary-safe packing: several conversations per row, none attending to another.
+
+`pack()` places documents into rows of at most `max_len` tokens with best-fit-decreasing
+(deterministic for a seed: ties are broken by a seeded shuffle before the stable sort).
+`collate_packed()` builds, per row, position ids that restart at 0 for every document and an
+attention layout in which a token only sees earlier tokens of its own document:
+
+- `flash_attention_2` (varlen): position ids alone; transformers turns their restarts into
+  cu_seqlens, so no mask is materialised.
+- `sdpa` / `eager` / others: an explicit 4D block-diagonal causal mask (bool for sdpa, additive
+  float for eager), which transformers passes through unchanged. Position ids alone are NOT
+  enough there: sdpa and eager then attend across documents (measured: see STACK-NOTES).
+
+The first token of every document is never a target, so nothing is learnt across a boundary.
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from .chat import IGNORE
+
+
+def pack(lengths: Sequence[int], max_len: int, seed: int = 0) -> List[List[int]]:
+    """Best-fit-decreasing bins of document indices; every bin's total length <= max_len."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    order = sorted(order.tolist(), key=lambda i: -lengths[i])  # stable: ties keep the seeded order
+    bins: List[List[int]] = []
+    # free space of each open bin, kept sorted, with the bin index alongside
+    free: List[int] = []
+    owner: List[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > max_len:
+            raise ValueError(f"document {i} has {n} tokens > max_len {max_len}; truncate before packing")
+        k = bisect.bisect_left(free, n)  # tightest bin that still fits
+        if k < len(free):
+            b = owner.pop(k)
+            space = free.pop(k) - n
+            bins[b].append(i)
+        else:
+            b = len(bins)
+            bins.append([i])
+            space = max_len - n
+        if space > 0:
+            k = bisect.bisect_left(free, space)
+            free.insert(k, space)
+            owner.insert(k, b)
+    return bins
+
+
+def fill_ratio(bins: List[List[int]], lengths: Sequence[int], max_len: int) -> float:
+    return sum(lengths[i] for b in bins for i in b) / max(1, len(bins) * max_len)
+
+
+def collate_packed(rows: Sequence[Sequence[Dict]], pad_id: int, attn_implementation: str,
+                   dtype: torch.dtype = torch.float32, pad_to_multiple_of: int = 8) -> Dict[str, torch.Tensor]:
+    """rows: each a list of documents ({'input_ids', 'labels'}) to concatenate into one row."""
+    longest = max(sum(len(d["input_ids"]) for d in row) for row in rows)
+    L = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    B = len(rows)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE, dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    seq = torch.full((B, L), -1, dtype=torch.long)  # document number within the row, -1 = padding
+    for b, row in enumerate(rows):
+        at = 0
+        for d, doc in enumerate(row):
+            n = len(doc["input_ids"])
+            ids[b, at:at + n] = torch.as_tensor(doc["input_ids"])
+            lab = torch.as_tensor(doc["labels"]).clone()
+            lab[0] = IGNORE  # would be predicted from the previous document's last token
+            if doc.get("is_padding"):
+                lab[:] = IGNORE
+            labels[b, at:at + n] = lab
+            pos[b, at:at + n] = torch.arange(n)
+            seq[b, at:at + n] = d
+            at += n
+        pos[b, at:] = torch.arange(L - at)  # padding: harmless positions, never attended to
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    if attn_implementation == "flash_attention_2":
+        return batch  # varlen kernels split on position-id restarts; padding is its own tail
+    causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
+    same_doc = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
+    allowed = same_doc & causal
+    allowed |= torch.eye(L, dtype=torch.bool)  # padding rows see themselves: no all-masked row (NaN)
+    allowed = allowed[:, None]
+    if attn_implementation == "sdpa":
+        batch["attention_mask"] = allowed
+    else:
+        mask = torch.zeros(allowed.shape, dtype=dtype)
+        batch["attention_mask"] = mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return batch

@@ -1,0 +1,197 @@
+"""Read records from files (streaming) and convert each format to chat messages, explicitly.
+
+Readers yield `(where, record)` with `where` = "file:line" (JSONL, CSV), "file:item N" (JSON
+array), "file:row N" (Parquet, saved datasets). A record that cannot even be read (bad JSON,
+bad bytes) is yielded as a `Problem` so a lenient run can count and skip it.
+
+Formats, detected per record by their keys (or pinned with `data.format=`):
+
+| format | keys | becomes |
+|---|---|---|
+| `messages` (OpenAI) | `messages: [{role, content}]` | as is |
+| `sharegpt` | `conversations: [{from, value}]` | roles mapped by `ROLE_ALIASES` |
+| `alpaca` | `instruction`, optional `input`, `output` | user = instruction (+ blank line + input), assistant = output |
+| `prompt_completion` | `prompt`, `completion` | user = prompt, assistant = completion |
+| `intent` | `text`, `label` | system = intent prompt, user = template(text), assistant = label |
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "intent")
+
+# ShareGPT-style speaker names -> chat roles (case-insensitive).
+ROLE_ALIASES = {
+    "system": "system",
+    "human": "user", "user": "user", "customer": "user", "client": "user", "usr": "user",
+    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "agent": "assistant",
+    "model": "assistant", "chatgpt": "assistant", "sys": "assistant",
+}
+
+
+@dataclass
+class Problem:
+    reason: str
+    message: str
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def file_kind(path: str) -> str:
+    if os.path.isdir(path):
+        return "datasets"
+    name = path[:-3] if path.endswith(".gz") else path
+    ext = os.path.splitext(name)[1].lower()
+    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(ext, "jsonl")
+
+
+def _text_lines(path: str, utf16: str) -> Iterator[Tuple[int, Any]]:
+    """(line number, str | Problem) for each line; UTF-8 with optional BOM, UTF-16 by policy."""
+    from .chat import DataError
+
+    with _open_binary(path) as raw:
+        head = raw.peek(4)[:4]  # look without consuming
+        is_utf16 = head[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(head) >= 2 and (head[0] == 0 or head[1] == 0))
+        if is_utf16:
+            if utf16 != "convert":
+                raise DataError(f"{path}: the file is UTF-16 encoded; re-encode it as UTF-8 or set data.utf16=convert.")
+            data = raw.read()
+            enc = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-16-be" if head[0] == 0 else "utf-16-le")
+            for n, line in enumerate(io.StringIO(data.decode(enc)), 1):
+                yield n, line
+            return
+        for n, line in enumerate(raw, 1):
+            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            try:
+                yield n, line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, Problem("invalid_utf8", f"invalid UTF-8 byte 0x{line[e.start]:02x} at byte {e.start} of the line; re-encode the file as UTF-8")
+
+
+def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:
+    """Stream (where, dict | Problem) from one file or saved datasets directory."""
+    from .chat import DataError
+
+    kind = file_kind(path)
+    try:
+        if kind == "jsonl":
+            for n, line in _text_lines(path, utf16):
+                where = f"{path}:{n}"
+                if isinstance(line, Problem):
+                    yield where, line
+                elif line.strip():
+                    yield where, _parse_json(line)
+        elif kind == "json":
+            text = "".join(l for _, l in _text_lines(path, utf16) if isinstance(l, str))
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file must hold one JSON array of records.") from None
+            if not isinstance(items, list):
+                raise DataError(f"{path}: a .json file must hold a JSON array of records (use .jsonl for one record per line).")
+            for i, item in enumerate(items):
+                yield f"{path}:item {i}", item
+        elif kind == "csv":
+            lines = (l for _, l in _text_lines(path, utf16) if isinstance(l, str))
+            reader = csv.DictReader(lines)
+            for row in reader:
+                yield f"{path}:{reader.line_num}", dict(row)
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+
+            n = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                for row in batch.to_pylist():
+                    n += 1
+                    yield f"{path}:row {n}", row
+        else:
+            from datasets import load_from_disk
+
+            ds = load_from_disk(path)
+            if hasattr(ds, "keys"):  # DatasetDict: take the train split
+                ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
+            for i, row in enumerate(ds):
+                yield f"{path}:row {i + 1}", row
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot be read ({e}); check that it exists and is a readable {kind} file.") from None
+
+
+def _parse_json(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return Problem("invalid_json", f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object")
+
+
+def detect(rec: Dict) -> Optional[str]:
+    if "messages" in rec:
+        return "messages"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if "prompt" in rec and "completion" in rec:
+        return "prompt_completion"
+    if "text" in rec and "label" in rec:
+        return "intent"
+    return None
+
+
+def to_messages(rec: Any, fmt: str, intent_cfg=None):
+    """(messages, id) for a record, or a Problem naming what is wrong."""
+    if not isinstance(rec, dict):
+        return Problem("not_an_object", f"expected a JSON object, got {type(rec).__name__}")
+    kind = detect(rec) if fmt == "auto" else fmt
+    if kind is None:
+        keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
+        return Problem("unknown_format", f"no known conversation format (keys: {keys}); expected messages, conversations, instruction/output, prompt/completion or text/label")
+    rid = rec.get("id")
+    if kind == "messages":
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list):
+            return Problem("bad_type", "'messages' must be a list of {'role', 'content'} objects")
+        return msgs, rid
+    if kind == "sharegpt":
+        conv = rec.get("conversations")
+        if not isinstance(conv, list):
+            return Problem("bad_type", "'conversations' must be a list of {'from', 'value'} objects")
+        out = []
+        for i, turn in enumerate(conv):
+            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+                return Problem("missing_key", f"conversations[{i}] must be an object with 'from' and 'value'")
+            who = turn["from"]
+            role = ROLE_ALIASES.get(who.lower()) if isinstance(who, str) else None
+            if role is None:
+                return Problem("unknown_role", f"conversations[{i}] is from {who!r}, which maps to no role; known: {', '.join(sorted(ROLE_ALIASES))}")
+            out.append({"role": role, "content": turn["value"]})
+        return out, rid
+    if kind == "alpaca":
+        ins, inp, outp = rec.get("instruction"), rec.get("input"), rec.get("output")
+        if not isinstance(ins, str) or not isinstance(outp, str) or (inp is not None and not isinstance(inp, str)):
+            return Problem("bad_type", "alpaca records need text 'instruction' and 'output' (and optional text 'input')")
+        user = ins if not (inp or "").strip() else f"{ins}\n\n{inp}"
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": outp}], rid
+    if kind == "prompt_completion":
+        p, c = rec.get("prompt"), rec.get("completion")
+        if not isinstance(p, str) or not isinstance(c, str):
+            return Problem("bad_type", "'prompt' and 'completion' must both be text")
+        return [{"role": "user", "content": p}, {"role": "assistant", "content": c}], rid
+    text, label = rec.get("text"), rec.get("label")
+    if not isinstance(text, str) or not isinstance(label, (str, int)) or isinstance(label, bool):
+        return Problem("bad_type", "intent records need text 'text' and a text or integer 'label'")
+    msgs = []
+    if intent_cfg is not None and intent_cfg.system_prompt:
+        msgs.append({"role": "system", "content": intent_cfg.system_prompt})
+    template = intent_cfg.user_template if intent_cfg is not None else "{text}"
+    msgs += [{"role": "user", "content": template.replace("{text}", text)},
+             {"role": "assistant", "content": str(label)}]
+    return msgs, rid

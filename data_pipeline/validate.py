@@ -1,0 +1,106 @@
+"""One validation pass over every record, before anything trains on it.
+
+`clean()` checks one conversation and applies the configured repair policies; `Report` counts
+problems per reason with example locations. `data.on_error=strict` stops at the first
+`data.max_errors_shown` problems with `file:line: what is wrong`; `lenient` skips bad records
+and prints a table of counts per reason.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Dict, List, Union
+
+from .records import Problem
+
+ROLES = ("system", "user", "assistant")
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
+
+
+def is_blank(text: str) -> bool:
+    return not text.translate(_ZERO_WIDTH).strip()
+
+
+def clean(messages: List, policy, fixes: Counter) -> Union[List[Dict[str, str]], Problem]:
+    """Checked and repaired messages, or the Problem that makes the record unusable."""
+    if not messages:
+        return Problem("empty_conversation", "the conversation has no messages")
+    out: List[Dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return Problem("bad_type", f"messages[{i}] must be an object with 'role' and 'content'")
+        if "role" not in m or "content" not in m:
+            missing = "role" if "role" not in m else "content"
+            return Problem("missing_key", f"messages[{i}] has no '{missing}'")
+        role, content = m["role"], m["content"]
+        if role is None or content is None:
+            return Problem("null_value", f"messages[{i}] has a null {'role' if role is None else 'content'}")
+        if not isinstance(content, str) or not isinstance(role, str):
+            return Problem("bad_type", f"messages[{i}] 'role' and 'content' must be text, got {type(role).__name__}/{type(content).__name__}")
+        if role not in ROLES:
+            return Problem("unknown_role", f"messages[{i}] has role {role!r}; use one of {', '.join(ROLES)}")
+        if is_blank(content):
+            return Problem("empty_content", f"messages[{i}] ({role}) is empty or whitespace/zero-width only")
+        if role == "system" and i != 0:
+            return Problem("system_not_first", f"messages[{i}] is a system message; a system message may only come first")
+        if len(content) > policy.max_message_chars:
+            if policy.long_message == "drop":
+                return Problem("message_too_long", f"messages[{i}] has {len(content)} characters > data.max_message_chars={policy.max_message_chars}")
+            content = content[: policy.max_message_chars]
+            fixes["truncated_long_message"] += 1
+        if out and out[-1]["role"] == role:
+            if policy.same_role == "reject":
+                return Problem("consecutive_same_role", f"messages[{i - 1}] and [{i}] are both {role}; roles must alternate (or set data.same_role=merge)")
+            out[-1] = {"role": role, "content": out[-1]["content"] + "\n" + content}
+            fixes["merged_same_role"] += 1
+            continue
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] == "user":
+        if policy.trailing_user == "reject":
+            return Problem("trailing_user", "the conversation ends with a user turn, which nothing answers (or set data.trailing_user=trim)")
+        while out and out[-1]["role"] != "assistant":
+            out.pop()
+        fixes["trimmed_trailing_user"] += 1
+    if not any(m["role"] == "assistant" for m in out):
+        return Problem("no_assistant", "the conversation has no assistant turn, so there is nothing to learn")
+    return out
+
+
+class Report:
+    """Problems per reason, with example locations; raises in strict mode."""
+
+    def __init__(self, on_error: str = "strict", max_shown: int = 5):
+        self.on_error, self.max_shown = on_error, max_shown
+        self.counts: Counter = Counter()
+        self.examples: Dict[str, List[str]] = defaultdict(list)
+        self.fixes: Counter = Counter()
+        self.errors: List[str] = []
+        self.read = 0
+        self.kept = 0
+
+    def problem(self, where: str, p: Problem) -> None:
+        self.counts[p.reason] += 1
+        if len(self.examples[p.reason]) < 3:
+            self.examples[p.reason].append(where)
+        if self.on_error == "strict":
+            self.errors.append(f"{where}: {p.message}.")
+            if len(self.errors) >= self.max_shown:
+                self.raise_errors()
+
+    def raise_errors(self) -> None:
+        from .chat import DataError
+
+        if self.errors:
+            more = "" if len(self.errors) < self.max_shown else f"\n(stopped after {self.max_shown} errors; fix them, or set data.on_error=lenient to skip bad records)"
+            raise DataError("\n".join(self.errors) + more)
+
+    def table(self) -> str:
+        if not self.counts:
+            return "no problems found"
+        rows = ["| reason | records | examples |", "|---|---:|---|"]
+        for reason, n in self.counts.most_common():
+            rows.append(f"| {reason} | {n} | {', '.join(self.examples[reason])} |")
+        return "\n".join(rows)
+
+    def as_dict(self) -> Dict:
+        return {"records_read": self.read, "records_kept": self.kept, "skipped": dict(self.counts),
+                "skipped_examples": dict(self.examples), "repaired": dict(self.fixes)}

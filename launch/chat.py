@@ -1,0 +1,228 @@
+"""`dialtune chat`: talk to a merged checkpoint with its own chat template.
+
+    dialtune chat outputs/demo                       # a run directory: its merged/ checkpoint
+    dialtune chat outputs/demo/merged --system "You are the support agent of Acme."
+    dialtune chat outputs/demo --prompt "Where is my order?" --max-new-tokens 64   # one answer, for scripts
+
+Interactive mode streams the answer token by token and keeps the conversation (`/reset` starts
+over, `/exit` or Ctrl-D leaves, Ctrl-C stops the answer being written). Generation stops at the
+checkpoint's generation_config eos tokens, which include the end-of-turn token (`<|im_end|>`
+for the tiny tokenizer). `--temperature 0` (the default) is greedy decoding.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+class ChatError(Exception):
+    """A user-fixable problem: one sentence, exit code 2."""
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("chat", help="chat with a merged checkpoint (or a run directory's merged/)")
+    c.add_argument("checkpoint", help="merged checkpoint directory, or a run directory (uses its merged/)")
+    c.add_argument("--prompt", default=None, help="answer this one user message on stdout and exit (non-interactive)")
+    c.add_argument("--system", default=None, help="system message put first in the conversation")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    c.set_defaults(fn=cmd_chat)
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """The merged checkpoint directory for a checkpoint or a run directory."""
+    p = Path(path)
+    if not p.exists():
+        raise ChatError(f"{path} does not exist; pass a merged checkpoint directory or a run directory.")
+    if (p / "config.json").is_file():
+        return p
+    if (p / "merged" / "config.json").is_file():
+        return p / "merged"
+    if (p / "config.yaml").is_file():
+        raise ChatError(f"run directory {path} has no merged checkpoint yet; write one with `dialtune merge {path}`.")
+    raise ChatError(f"{path} is neither a merged checkpoint (no config.json) nor a dialtune run directory with merged/.")
+
+
+def load(path: str, device: Optional[str] = None):
+    """(model, tokenizer, device) of a merged checkpoint; ChatError when it cannot be used."""
+    import torch
+
+    ckpt = resolve_checkpoint(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    except Exception as e:  # noqa: BLE001 - any failure here means "not a usable checkpoint"
+        raise ChatError(f"{ckpt} has no usable tokenizer ({_first_line(e)}).") from None
+    if not tokenizer.chat_template:
+        raise ChatError(f"the tokenizer in {ckpt} has no chat template, so conversations cannot be rendered.")
+    try:
+        # CPU: fp32 (bf16 matmuls are slow or missing there); GPU: the checkpoint's own dtype.
+        dtype = torch.float32 if dev.type == "cpu" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype).to(dev).eval()
+    except Exception as e:  # noqa: BLE001
+        raise ChatError(f"{ckpt} could not be loaded as a model ({_first_line(e)}).") from None
+    return model, tokenizer, dev
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__).rstrip(".")
+
+
+def generation_kwargs(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0) -> Dict:
+    """generate() arguments: the checkpoint's generation_config (eos = its eos + end-of-turn
+    tokens), greedy for temperature 0."""
+    import copy
+
+    gen = copy.deepcopy(model.generation_config)
+    gen.max_new_tokens = max_new_tokens
+    gen.max_length = None
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if temperature > 0:
+        gen.do_sample, gen.temperature, gen.top_p = True, temperature, top_p
+    else:
+        gen.do_sample, gen.temperature, gen.top_p, gen.top_k = False, None, None, None
+    return {"generation_config": gen}
+
+
+def encode(tokenizer, messages: List[Dict[str, str]], device):
+    """Render with the chat template plus the assistant header, as generate() inputs."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def _fit_history(model, tokenizer, messages, max_new_tokens, device):
+    """Drop the oldest exchanges (never the system message or the last user turn) until the
+    prompt leaves room for the answer in the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    inputs = encode(tokenizer, messages, device)
+    while limit and inputs["input_ids"].shape[1] + max_new_tokens > limit:
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            break
+        del messages[first:first + 2]
+        inputs = encode(tokenizer, messages, device)
+    return inputs
+
+
+def answer(model, tokenizer, messages, device, max_new_tokens=256, temperature=0.0, top_p=1.0) -> str:
+    """One assistant turn for messages (non-streaming)."""
+    import torch
+
+    inputs = _fit_history(model, tokenizer, messages, max_new_tokens, device)
+    with torch.no_grad():
+        out = model.generate(**inputs, **generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p))
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _stream_answer(model, tokenizer, messages, device, args) -> str:
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class Interrupt(StoppingCriteria):
+        stop = False
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), self.stop, dtype=torch.bool, device=input_ids.device)
+
+    inputs = _fit_history(model, tokenizer, messages, args.max_new_tokens, device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    interrupt = Interrupt()
+    result: Dict = {}
+
+    def run():
+        try:
+            with torch.no_grad():
+                result["ids"] = model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([interrupt]),
+                                               **generation_kwargs(model, tokenizer, args.max_new_tokens, args.temperature, args.top_p))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            result["error"] = e
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        for piece in streamer:
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        interrupt.stop = True
+        for _ in streamer:  # drain until generate() returns
+            pass
+        print(" [stopped]", end="")
+    thread.join()
+    print(flush=True)
+    if "error" in result:
+        raise result["error"]
+    return tokenizer.decode(result["ids"][0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def interactive(model, tokenizer, device, args) -> int:
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    tty = sys.stdin.isatty()
+    if tty:
+        print("dialtune chat: type a message; /reset starts over, /exit (or Ctrl-D) leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if tty else "")
+        except (EOFError, KeyboardInterrupt):
+            if tty:
+                print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            messages = list(system)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": text})
+        if tty:
+            print("assistant> ", end="", flush=True)
+        reply = _stream_answer(model, tokenizer, messages, device, args)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_chat(args) -> int:
+    try:
+        if args.max_new_tokens < 1:
+            raise ChatError(f"--max-new-tokens={args.max_new_tokens} must be at least 1.")
+        if args.temperature < 0:
+            raise ChatError(f"--temperature={args.temperature} must be 0 (greedy) or positive.")
+        model, tokenizer, device = load(args.checkpoint, args.device)
+    except ChatError as e:
+        print(f"dialtune: error: {e}", file=sys.stderr)
+        return 2
+    if args.prompt is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": args.prompt}]
+        print(answer(model, tokenizer, messages, device, args.max_new_tokens, args.temperature, args.top_p))
+        return 0
+    return interactive(model, tokenizer, device, args)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="dialtune")
+    add_parser(p.add_subparsers(dest="cmd", required=True))
+    args = p.parse_args(["chat", *(sys.argv[1:] if argv is None else argv)])
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""`dialtune slurm`: render an sbatch script for launch/train.py and submit it.
+
+    dialtune slurm recipe=lora_bf16 model=meta-llama/Meta-Llama-3-8B --nodes 2 --gpus-per-node 8 \\
+        --time 24:00:00 --partition gpu [--dry-run] [--wait]
+
+The job runs one srun task per node; each task starts torchrun (`torch.distributed.run`) with
+`--nnodes $SLURM_NNODES --node_rank $SLURM_NODEID --nproc_per_node <G or P>` and a rendezvous
+taken from SLURM (MASTER_ADDR = first host of the allocation, MASTER_PORT derived from the job
+id), and torchrun starts the ranks of launch/train.py with the user's Hydra overrides.
+
+torchrun is called through `python launch/slurm.py torchrun ...` (`torchrun_main` below): the
+same `torch.distributed.run` code, plus two things plain torchrun does not do:
+- it passes the ranks' exit code 85 (REQUEUE_EXIT_CODE) through (torchrun turns every failed
+  rank into exit code 1);
+- on SIGUSR1 and SIGTERM it keeps waiting for the ranks, instead of dying on SIGUSR1 or
+  killing them 30 s after SIGTERM, so that they can finish a checkpoint. Inside a SLURM step
+  the ranks get the signal from SLURM itself (proctrack/cgroup and proctrack/linuxproc signal
+  every process of the step), so it is passed on only where SLURM would miss them
+  (proctrack/pgid: torchrun starts ranks in their own session) or outside SLURM; a second copy
+  could reach a rank while it is already exiting, when Python has restored the default
+  (fatal) action.
+
+Requeue contract (REQUEUE_EXIT_CODE = 85): SLURM sends SIGUSR1 to the job's processes
+`--signal-seconds` before the time limit (and SIGTERM on preemption, `scancel`, `scontrol
+requeue`). Training that catches the signal, saves a checkpoint and exits with code 85 says
+"checkpoint saved, please requeue me": the batch script then runs `scontrol requeue
+$SLURM_JOB_ID` and exits 0, and the requeued job (same job id, same run directory, since
+`train.resume=auto` is added unless you set train.resume) resumes from the latest checkpoint.
+Every other exit code passes through unchanged.
+
+Every user override and every path reaches train.py verbatim: the script shell-quotes them
+(`shlex.quote`) and hands them to each node's shell as positional parameters, never as code.
+Values that go into `#SBATCH` lines (job name, partition, account, qos, time, mem, log dir),
+which sbatch reads without shell quoting, must be plain (no spaces, quotes or control
+characters); anything else is refused with a one-sentence error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+REQUEUE_EXIT_CODE = 85
+"""Exit code of a training process that saved a checkpoint after SIGUSR1/SIGTERM and wants
+its SLURM job requeued (the batch script runs `scontrol requeue` and exits 0)."""
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TRAIN_PY = HERE / "train.py"
+THIS = Path(__file__).resolve()
+
+# What may go into an #SBATCH line as is: sbatch splits those lines itself, without a shell.
+_DIRECTIVE_OK = re.compile(r"^[A-Za-z0-9_.,:/@+=-]+$")
+
+
+class SlurmError(ValueError):
+    """A user-fixable problem with the requested job (one sentence)."""
+
+
+def _directive(flag: str, value) -> str:
+    text = str(value)
+    if not _DIRECTIVE_OK.match(text):
+        raise SlurmError(f"{flag} {text!r} cannot go into an #SBATCH line: use only letters, digits and _ . , : / @ + = -")
+    return text
+
+
+def override_key(override: str) -> str:
+    """`train.resume` for `train.resume=x`, `+train.resume=x`, `++train.resume=x` and `~train.resume`."""
+    return override.lstrip("+~").split("=", 1)[0].strip()
+
+
+def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
+    """The last value the overrides give `key`, or None."""
+    value = None
+    for o in overrides:
+        if "=" in o and override_key(o) == key:
+            value = o.split("=", 1)[1]
+    return value
+
+
+def job_overrides(overrides: Sequence[str]) -> list:
+    """The user's overrides plus `train.resume=auto` (unless they set train.resume), so that a
+    requeued job resumes from its run directory's latest checkpoint."""
+    out = list(overrides)
+    if not any(override_key(o) == "train.resume" for o in out):
+        out.append("train.resume=auto")
+    return out
+
+
+def default_log_dir(overrides: Sequence[str], cwd: Optional[str] = None) -> str:
+    root = override_value(overrides, "run.root") or "outputs"
+    return os.path.abspath(os.path.join(cwd or os.getcwd(), root.strip("'\""), "slurm-logs"))
+
+
+def default_job_name(overrides: Sequence[str]) -> str:
+    name = override_value(overrides, "run.name")
+    if not name:
+        return "dialtune"
+    return "dialtune-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run")
+
+
+def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int = 0, nproc_per_node: int = 1,
+           cpus_per_task: Optional[int] = None, mem: Optional[str] = None, time: Optional[str] = None,
+           partition: Optional[str] = None, account: Optional[str] = None, qos: Optional[str] = None,
+           job_name: str = "dialtune", signal_seconds: int = 120, log_dir: str = "outputs/slurm-logs",
+           workdir: Optional[str] = None, python: Optional[str] = None,
+           train_script: Optional[str] = None) -> str:
+    """The sbatch script (a pure function of its arguments; `workdir` defaults to the current
+    directory, `python` to this interpreter, `train_script` to launch/train.py).
+
+    On CPU (gpus_per_node=0) each node runs nproc_per_node ranks and gets nproc_per_node CPUs
+    unless cpus_per_task says otherwise; OMP_NUM_THREADS is set to the CPUs per rank."""
+    for flag, v, low in (("--nodes", nodes, 1), ("--gpus-per-node", gpus_per_node, 0),
+                         ("--nproc-per-node", nproc_per_node, 1), ("--signal-seconds", signal_seconds, 0)):
+        if not isinstance(v, int) or v < low:
+            raise SlurmError(f"{flag} must be an integer >= {low}, not {v!r}")
+    if cpus_per_task is not None and (not isinstance(cpus_per_task, int) or cpus_per_task < 1):
+        raise SlurmError(f"--cpus-per-task must be an integer >= 1, not {cpus_per_task!r}")
+    gpu = gpus_per_node > 0
+    nproc = gpus_per_node if gpu else nproc_per_node
+    if cpus_per_task is None and not gpu:
+        cpus_per_task = nproc_per_node
+    log_dir = os.path.abspath(log_dir)
+    workdir = os.path.abspath(workdir or os.getcwd())
+    python = python or sys.executable
+    train_script = os.path.abspath(train_script or TRAIN_PY)
+    q = shlex.quote
+
+    sb = [f"--job-name={_directive('--job-name', job_name)}", f"--nodes={nodes}", "--ntasks-per-node=1"]
+    if cpus_per_task is not None:
+        sb.append(f"--cpus-per-task={cpus_per_task}")
+    if gpu:
+        sb.append(f"--gres=gpu:{gpus_per_node}")
+    for flag, v in (("--mem", mem), ("--time", time), ("--partition", partition), ("--account", account), ("--qos", qos)):
+        if v is not None and str(v) != "":
+            sb.append(f"{flag}={_directive(flag, v)}")
+    sb += ["--requeue", "--open-mode=append"]
+    if signal_seconds > 0:
+        sb.append(f"--signal=USR1@{signal_seconds}")
+    sb.append(f"--output={_directive('--log-dir', log_dir)}/%x-%j.out")
+
+    lines = ["#!/bin/bash"] + [f"#SBATCH {s}" for s in sb]
+    lines += [
+        "#",
+        "# Rendered by `dialtune slurm` (launch/slurm.py). One srun task per node runs torchrun, which",
+        f"# starts {nproc} rank(s) of launch/train.py on that node. Exit code {REQUEUE_EXIT_CODE} from training means",
+        "# \"checkpoint saved after SIGUSR1/SIGTERM, requeue me\": this script then runs `scontrol requeue`",
+        "# and exits 0; the requeued job resumes in the same run directory (train.resume=auto).",
+        "set -uo pipefail",
+        f"cd {q(workdir)} || exit 1",
+        "",
+        "# Rendezvous from SLURM: the first host of the allocation, a port derived from the job id.",
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
+    ]
+    if not gpu:
+        lines += [
+            "# CPU ranks: one OpenMP thread pool per rank, sized to the CPUs SLURM gave this task.",
+            f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{cpus_per_task}}} / {nproc} ))",
+            "export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))",
+        ]
+    lines += [
+        "export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1",
+        f"export DIALTUNE_REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}",
+        'echo "dialtune: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
+        ' rendezvous $MASTER_ADDR:$MASTER_PORT, $(date -Is)"',
+        "",
+        "# SIGUSR1/SIGTERM sent to this batch shell go on to the training step. bash runs a trap only",
+        "# once the foreground command returns, hence srun in the background and `wait`.",
+        "step=",
+        'forward() { echo "dialtune: batch shell got SIG$1, forwarding it to the training step"; '
+        '[ -n "$step" ] && kill -s "$1" "$step" 2>/dev/null; }',
+        "trap 'forward USR1' USR1",
+        "trap 'forward TERM' TERM",
+        "",
+        "# Each node's shell reads its own SLURM_NODEID; the command line arrives as positional",
+        "# parameters ($0 python, $1 launcher, then train.py and the overrides), never as code.",
+        'srun --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}'
+        + (f" --gres=gpu:{gpus_per_node}" if gpu else "") + " \\",
+        "    bash -c 'exec \"$0\" -u \"$1\" torchrun --nnodes \"$SLURM_NNODES\" --node_rank \"$SLURM_NODEID\""
+        f" --nproc_per_node {nproc} --master_addr \"$MASTER_ADDR\" --master_port \"$MASTER_PORT\" \"${{@:2}}\"' \\",
+        f"    {q(python)} {q(str(THIS))} \\",
+        "    " + " ".join(q(a) for a in [train_script, *job_overrides(overrides)]) + " &",
+        "step=$!",
+        'while kill -0 "$step" 2>/dev/null; do wait "$step"; done',
+        'wait "$step"; rc=$?',
+        "",
+        f"if [ \"$rc\" -eq {REQUEUE_EXIT_CODE} ]; then",
+        f'    echo "dialtune: training saved a checkpoint and asked to be requeued (exit {REQUEUE_EXIT_CODE}); requeueing job $SLURM_JOB_ID"',
+        '    scontrol requeue "$SLURM_JOB_ID" || exit 1',
+        "    exit 0",
+        "fi",
+        'echo "dialtune: training step exited with code $rc, $(date -Is)"',
+        'exit "$rc"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---- the per-node launcher (torchrun with exit code 85 and signal forwarding) ----------------------
+
+def _ranks_need_forwarded_signals() -> bool:
+    """Whether the launcher must pass SIGUSR1/SIGTERM on to its ranks: outside a SLURM step, or
+    in one whose proctrack plugin signals only the task's process group (DIALTUNE_FORWARD_SIGNALS
+    =1/0 decides when set)."""
+    forced = os.environ.get("DIALTUNE_FORWARD_SIGNALS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if "SLURM_STEP_ID" not in os.environ:
+        return True
+    try:
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return re.search(r"^ProctrackType\s*=\s*proctrack/pgid\s*$", config, re.M) is not None
+
+
+def torchrun_main(argv: Sequence[str]) -> int:
+    """`python launch/slurm.py torchrun <torchrun arguments>`: torch.distributed.run, except that
+    SIGUSR1/SIGTERM are forwarded to the ranks (torchrun keeps monitoring them) and a rank's exit
+    code REQUEUE_EXIT_CODE becomes this process's exit code."""
+    import signal
+
+    import psutil
+
+    # torchrun would die on SIGUSR1 and kill the ranks 30 s after SIGTERM: keep those two for us.
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    node = os.environ.get("SLURM_NODEID", "0")
+    forwarding = _ranks_need_forwarded_signals()
+
+    def forward(signum, frame):
+        name = signal.Signals(signum).name
+        if not forwarding:
+            print(f"dialtune: node {node} got {name} (SLURM delivers it to the ranks too); waiting for them",
+                  file=sys.stderr, flush=True)
+            return
+        ranks = psutil.Process().children()
+        for child in ranks:
+            try:
+                child.send_signal(signum)
+            except psutil.Error:
+                pass
+        print(f"dialtune: node {node} got {name}, forwarded it to {len(ranks)} rank(s)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGUSR1, forward)
+    signal.signal(signal.SIGTERM, forward)
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(list(argv)))
+        return 0
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
+        if REQUEUE_EXIT_CODE in codes.values():
+            print(f"dialtune: node {node}: training exited with {REQUEUE_EXIT_CODE} (checkpoint saved, requeue)",
+                  file=sys.stderr, flush=True)
+            return REQUEUE_EXIT_CODE
+        rank, code = next(iter(codes.items()))
+        print(f"dialtune: node {node}: rank {rank} exited with code {code}", file=sys.stderr, flush=True)
+        return 128 - code if code < 0 else (code or 1)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+
+
+# ---- the `dialtune slurm` subcommand ------------------------------------------------------------
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=1, help="nodes (one srun task, i.e. one torchrun, per node)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (gres gpu:G); ranks per node = G; 0: CPU")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="CPU ranks per node when --gpus-per-node is 0")
+    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node task (default on CPU: --nproc-per-node)")
+    p.add_argument("--mem", default=None, help="memory per node, e.g. 64G")
+    p.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--job-name", default=None, help="default: dialtune-<run.name>, or dialtune")
+    p.add_argument("--signal-seconds", type=int, default=120,
+                   help="send SIGUSR1 to training this many seconds before the time limit (0: never)")
+    p.add_argument("--log-dir", default=None, help="where <job-name>-<job id>.out goes (default: <run.root>/slurm-logs)")
+    p.add_argument("-m", "--multirun", action="store_true", help="Hydra multirun: the sweep's runs one after another in the job")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the job (sbatch --wait) and return its exit code")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register `dialtune slurm` on the subparsers of launch/cli.py."""
+    s = sub.add_parser("slurm", help="submit launch/train.py as a SLURM batch job (torchrun on every node)",
+                       description="Render an sbatch script for launch/train.py and submit it. Options may come "
+                                   "before, between or after the Hydra overrides.", allow_abbrev=False)
+    _add_options(s)
+    s.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides, e.g. recipe=lora_bf16 model=<hub id>")
+    s.set_defaults(fn=cmd_slurm)
+    return s
+
+
+def _split_options(args: argparse.Namespace) -> list:
+    """Options that came after the first override (REMAINDER swallowed them): parse them out,
+    keep the rest, in order, as overrides."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_options(p)
+    _, overrides = p.parse_known_args(list(args.overrides or []), namespace=args)
+    return (["-m"] if args.multirun else []) + [o for o in overrides if o != "--"]
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    overrides = _split_options(args)
+    log_dir = args.log_dir or default_log_dir(overrides)
+    try:
+        script = render(overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                        nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
+                        time=args.time, partition=args.partition, account=args.account, qos=args.qos,
+                        job_name=args.job_name or default_job_name(overrides),
+                        signal_seconds=args.signal_seconds, log_dir=log_dir)
+    except SlurmError as e:
+        print(f"dialtune: error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        sys.stdout.write(script)
+        return 0
+    if shutil.which("sbatch") is None:
+        print("dialtune: error: sbatch is not on PATH; run this on a SLURM login node (or `bash .ci/setup_slurm.sh` "
+              "for a local one-node cluster), or use --dry-run to see the script.", file=sys.stderr)
+        return 2
+    job_name = args.job_name or default_job_name(overrides)
+    os.makedirs(log_dir, exist_ok=True)  # SLURM does not create the --output directory
+    path = os.path.join(log_dir, f"{job_name}.sbatch")
+    with open(path, "w") as f:
+        f.write(script)
+    log = os.path.join(log_dir, f"{job_name}-<job id>.out")
+    if args.wait:
+        print(f"dialtune: submitting {path} and waiting for the job; log: {log}", file=sys.stderr, flush=True)
+        proc = subprocess.run(["sbatch", "--parsable", "--wait", path])
+        print(f"dialtune: job finished with exit code {proc.returncode}", file=sys.stderr, flush=True)
+        return proc.returncode
+    proc = subprocess.run(["sbatch", "--parsable", path], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        print(f"dialtune: error: sbatch failed with exit code {proc.returncode} (its message is above).", file=sys.stderr)
+        return proc.returncode
+    job_id = proc.stdout.strip().split(";")[0]
+    print(job_id)
+    print(f"dialtune: submitted job {job_id} ({path}); log: {log.replace('<job id>', job_id)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as a script (by the batch job), this file's folder heads sys.path and launch/train.py
+    # would shadow the `train` package: drop it, like launch/train.py does.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    if len(sys.argv) > 1 and sys.argv[1] == "torchrun":
+        sys.exit(torchrun_main(sys.argv[2:]))
+    print("usage: python launch/slurm.py torchrun <torch.distributed.run arguments> "
+          "(the batch script's per-node launcher; submit jobs with `dialtune slurm`)", file=sys.stderr)
+    sys.exit(2)

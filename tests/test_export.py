@@ -1,0 +1,298 @@
+"""Merge, export and chat on CPU with the embedded tiny model.
+
+Two-step runs with a large learning rate (optim.lr=5e-2, peft.dropout=0) so that the adapter
+moves the logits by ~1 (the comparisons below would prove nothing if it left them alone):
+- lora / dora / rslora: the merged checkpoint equals fp32 base + adapter (<= 1e-4);
+- int8 / nf4 with export.base=dequantized: the merged checkpoint equals the adapter on the
+  quantized base as trained within model.export.DEQUANTIZED_TOLERANCE, and is closer to it than
+  the merge into the original base (`dialtune merge --base original`);
+- export_summary.json holds the held-out losses, the model card names base and license;
+- `dialtune chat` answers in --prompt mode and generation stops at the end-of-turn token.
+"""
+import hashlib
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_env, train
+
+pytestmark = pytest.mark.slow
+
+FAST = ["train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum=1", "logger=none", "optim.lr=5e-2",
+        "peft.dropout=0", "export.eval_conversations=8"]
+PEFTS = ["lora", "dora", "rslora"]
+QUANTS = ["int8", "nf4"]
+
+
+def _sweep(root, name, values_key):
+    """{value: run_dir} of a Hydra multirun, read back from each job's config.yaml."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for job in sorted((root / f"{name}-sweep").iterdir()):
+        if (job / "config.yaml").is_file():
+            out[OmegaConf.select(OmegaConf.load(job / "config.yaml"), values_key)] = job
+    return out
+
+
+@pytest.fixture(scope="module")
+def peft_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export_peft")
+    train(["-m", "peft=" + ",".join(PEFTS), "run.name=peft", "model.dtype=fp32"] + FAST, root)
+    runs = _sweep(root, "peft", "peft.method")
+    assert sorted(runs) == sorted(PEFTS)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def quant_runs(tmp_path_factory):
+    # export.dtype=fp32: the checkpoint on disk is the fp32 merge itself, not its bf16 rounding.
+    root = tmp_path_factory.mktemp("export_quant")
+    train(["-m", "recipe=lora_int8,qlora_nf4", "run.name=quant", "export.base=dequantized", "export.dtype=fp32"] + FAST, root)
+    runs = _sweep(root, "quant", "quant.mode")
+    assert sorted(runs) == sorted(QUANTS)
+    return runs
+
+
+def _batch(tok, n=4):
+    lines = (ROOT / "data_pipeline" / "sample_data" / "eval.jsonl").read_text().splitlines()[:n]
+    texts = [tok.apply_chat_template(json.loads(line)["messages"], tokenize=False) for line in lines]
+    return tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=160, add_special_tokens=False)
+
+
+def _adapter(run_dir):
+    (adapter,) = (run_dir / "checkpoints").glob("step_*/adapter")
+    return adapter
+
+
+def _merged_logits(merged_dir, batch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert not hasattr(model.config, "quantization_config")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _summary(merged_dir):
+    return json.loads((merged_dir / "export_summary.json").read_text())
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "launch.cli", *map(str, args)], env=run_env(), capture_output=True,
+                          text=True, cwd=str(ROOT), timeout=timeout)
+
+
+# ---- original merge: fp32 base + adapter ------------------------------------------------------
+
+@pytest.mark.parametrize("method", PEFTS)
+def test_merged_equals_base_plus_adapter(peft_runs, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = peft_runs[method]
+    merged_dir = run_dir / "merged"
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    batch = _batch(tok)
+    mask = batch["attention_mask"].bool()
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, _adapter(run_dir)).eval()
+    assert model.peft_config["default"].use_dora == (method == "dora")
+    assert model.peft_config["default"].use_rslora == (method == "rslora")
+    with torch.no_grad():
+        want = model(**batch).logits
+        with model.disable_adapter():
+            plain = model(**batch).logits
+    got = _merged_logits(merged_dir, batch)
+    assert (want - got).abs()[mask].max().item() <= 1e-4
+    # the adapter moved the logits measurably: the equality above is not base == base
+    assert (want - plain).abs()[mask].max().item() > 0.1
+    summary = _summary(merged_dir)
+    assert summary["merge_base"] == "original" and summary["verify_max_abs_logit_diff"] <= 1e-4
+    assert set(summary["eval_loss"]) == {"adapter", "merged_original"}
+
+
+def test_merge_refuses_a_logit_mismatch_and_writes_nothing(peft_runs, tmp_path):
+    from model.export import ExportError, merge
+
+    run_dir = peft_runs["lora"]
+    out = tmp_path / "never"
+    with pytest.raises(ExportError, match="tolerance"):
+        merge(str(_adapter(run_dir)), str(out), base_path=str(run_dir / "base"), tolerance=1e-12, eval_conversations=0)
+    assert not out.exists() and not (tmp_path / "never.tmp").exists()
+
+
+def test_dequantized_on_a_full_precision_run_is_the_original_merge(peft_runs, tmp_path):
+    from model.export import merge
+
+    run_dir = peft_runs["lora"]
+    summary = merge(str(_adapter(run_dir)), str(tmp_path / "m"), base_path=str(run_dir / "base"), base="dequantized",
+                    dtype="fp32", eval_conversations=0)
+    assert summary["merge_base"] == "original" and "full-precision" in summary["note"]
+    assert summary["verify_max_abs_logit_diff"] <= 1e-4
+
+
+# ---- dequantized merge: the quantized base the run trained against -----------------------------
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_dequantized_merge_matches_the_quantized_base(quant_runs, quant, tmp_path):
+    from omegaconf import OmegaConf
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from model.export import DEQUANTIZED_TOLERANCE
+
+    run_dir = quant_runs[quant]
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    q = cfg.quant
+    if quant == "int8":
+        bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=q.int8_threshold)
+    else:
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[q.compute_dtype]
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=q.double_quant,
+                                 bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
+    tok = AutoTokenizer.from_pretrained(run_dir / "merged")
+    batch = _batch(tok)
+    mask = batch["attention_mask"].bool()
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base", dtype=torch.bfloat16, quantization_config=bnb,
+                                                device_map={"": "cpu"})
+    model = PeftModel.from_pretrained(base, _adapter(run_dir)).eval()
+    with torch.no_grad():
+        want = model(**batch).logits.float()
+        with model.disable_adapter():
+            plain = model(**batch).logits.float()
+    assert (want - plain).abs()[mask].max().item() > 0.1  # the adapter matters
+    del model, base
+
+    deq = _merged_logits(run_dir / "merged", batch)
+    summary = _summary(run_dir / "merged")
+    assert summary["merge_base"] == "dequantized" and summary["quant"] == quant
+    assert summary["verify_tolerance"] == DEQUANTIZED_TOLERANCE  # the run left the default
+    proc = _cli("merge", run_dir, "--base", "original", "--dtype", "fp32", "--eval-conversations", "0",
+                "--out", tmp_path / "original")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _summary(tmp_path / "original")["verify_max_abs_logit_diff"] <= 1e-4
+    orig = _merged_logits(tmp_path / "original", batch)
+
+    d_deq, d_orig = (want - deq).abs()[mask], (want - orig).abs()[mask]
+    assert d_deq.max().item() <= DEQUANTIZED_TOLERANCE
+    assert d_deq.mean().item() < d_orig.mean().item(), (d_deq.mean().item(), d_orig.mean().item())
+    vs = summary["max_abs_logit_diff_vs_quantized"]
+    assert vs["dequantized"] == summary["verify_max_abs_logit_diff"] <= DEQUANTIZED_TOLERANCE
+    mean = summary["mean_abs_logit_diff_vs_quantized"]  # the mean: int8's gap is small, the max is noisier
+    assert mean["dequantized"] < mean["original"]
+
+
+# ---- export summary and model card -------------------------------------------------------------
+
+def test_export_summary_has_the_three_losses(quant_runs):
+    for quant, run_dir in quant_runs.items():
+        summary = _summary(run_dir / "merged")
+        losses = summary["eval_loss"]
+        assert set(losses) == {"adapter", "merged_original", "merged_dequantized"}, quant
+        assert all(math.isfinite(v) and 0 < v < 20 for v in losses.values())
+        assert summary["eval"]["conversations"] == 8 and summary["eval"]["target_tokens"] > 0
+        # the dequantized merge is the adapter model up to kernel precision; losses agree closely
+        assert abs(losses["merged_dequantized"] - losses["adapter"]) < 0.02, losses
+
+
+def test_model_card(quant_runs, peft_runs):
+    run_dir = quant_runs["nf4"]
+    card = (run_dir / "merged" / "README.md").read_text()
+    assert "embedded tiny random Llama" in card and str(run_dir / "base") in card
+    assert "lora, rank 16" in card and "`q_proj`" in card and "nf4" in card
+    assert "train.jsonl" in card and "CDLA-Sharing-1.0" in card and "Keep this file and `LICENSES/`" in card
+    assert hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest() in card
+    assert "merged into the dequantized base" in card and "AutoModelForCausalLM.from_pretrained" in card
+    assert "dora, rank 16" in (peft_runs["dora"] / "merged" / "README.md").read_text()
+
+
+# ---- chat --------------------------------------------------------------------------------------
+
+def test_chat_prompt_mode(peft_runs):
+    proc = _cli("chat", peft_runs["lora"] / "merged", "--prompt", "Where is my order?", "--max-new-tokens", "20",
+                "--system", "You are the support agent of Acme.")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip()
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("what", ["missing", "no_merged", "not_a_checkpoint"])
+def test_chat_bad_checkpoint_is_one_sentence(peft_runs, tmp_path, what):
+    path = {"missing": tmp_path / "nope", "no_merged": tmp_path, "not_a_checkpoint": tmp_path}[what]
+    if what == "no_merged":
+        (tmp_path / "config.yaml").write_text("model: {}\n")
+    proc = _cli("chat", path, "--prompt", "hi", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dialtune: error:")]
+    assert len(errors) == 1, proc.stderr
+
+
+def test_generation_stops_at_end_of_turn(peft_runs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    from launch.chat import answer, encode, generation_kwargs
+
+    merged_dir = peft_runs["lora"] / "merged"
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    gen = GenerationConfig.from_pretrained(merged_dir)
+    assert eot in gen.eos_token_id and tok.eos_token_id in gen.eos_token_id
+    messages = [{"role": "user", "content": "Where is my order?"}]
+    inputs = encode(tok, messages, torch.device("cpu"))
+    n = inputs["input_ids"].shape[1]
+    assert tok.decode(inputs["input_ids"][0]).endswith("<|im_start|>assistant\n")  # add_generation_prompt
+
+    # as the chat command generates: ends with the end-of-turn id, or ran to max_new_tokens
+    with torch.no_grad():
+        out = model.generate(**inputs, **generation_kwargs(model, tok, 20, 0.0))[0, n:].tolist()
+    assert (out[-1] in gen.eos_token_id) or len(out) == 20
+    assert not any(t in gen.eos_token_id for t in out[:-1])
+
+    class ForceEot(LogitsProcessor):
+        """Make the 6th new token <|im_end|>: generation must stop right there."""
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == n + 5:
+                scores[:] = -float("inf")
+                scores[:, eot] = 0.0
+            return scores
+
+    forced = LogitsProcessorList([ForceEot()])
+    with torch.no_grad():
+        out = model.generate(**inputs, logits_processor=forced, **generation_kwargs(model, tok, 20, 0.0))[0, n:].tolist()
+    assert len(out) == 6 and out[-1] == eot
+    # the control: without the end-of-turn token among the eos ids, the same run goes on to 20
+    kwargs = generation_kwargs(model, tok, 20, 0.0)
+    kwargs["generation_config"].eos_token_id = tok.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**inputs, logits_processor=forced, **kwargs)[0, n:].tolist()
+    assert len(out) == 20 and out[5] == eot
+    assert isinstance(answer(model, tok, messages, torch.device("cpu"), max_new_tokens=5), str)
+
+
+def test_chat_interactive_streams_and_keeps_history(peft_runs, monkeypatch, capsys):
+    import io
+    from argparse import Namespace
+
+    from launch import chat
+
+    model, tok, dev = chat.load(str(peft_runs["lora"]))  # a run directory: its merged/
+    seen = []
+    real_encode = chat.encode
+    monkeypatch.setattr(chat, "encode", lambda t, messages, d: seen.append([m["content"] for m in messages]) or real_encode(t, messages, d))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Where is my order?\nIt is 42.\n/reset\nThanks\n"))
+    args = Namespace(system="Be brief.", max_new_tokens=4, temperature=0.0, top_p=1.0)
+    assert chat.interactive(model, tok, dev, args) == 0
+    out = capsys.readouterr()
+    assert len([line for line in out.out.splitlines() if line.strip()]) == 3  # three streamed answers
+    assert "conversation cleared" in out.err
+    first, second, third = seen
+    assert first == ["Be brief.", "Where is my order?"]
+    assert second[:2] == first and len(second) == 4 and second[3] == "It is 42."  # the history, with the answer
+    assert third == ["Be brief.", "Thanks"]  # after /reset

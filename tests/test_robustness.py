@@ -1,0 +1,86 @@
+"""Non-finite losses, crashes during a checkpoint write, and batch-size bookkeeping."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import ROOT, read_metrics, run_env, train
+
+pytestmark = pytest.mark.slow
+BASE = ["recipe=demo", "logger=none", "train.eval_every=0", "data.eval_files=[]", "export.merge_at_end=false"]
+
+
+def _env(**kw):
+    env = run_env(1)
+    env.update(kw)
+    return env
+
+
+def _train_env(overrides, root, nproc, env, check=True):
+    from launch.cli import launch_command
+
+    cmd = launch_command([f"run.root={root}", "train.progress_bar=false", *overrides], nproc)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_nonfinite_loss_on_one_rank_is_skipped_by_all(tmp_path):
+    """A NaN on rank 1 only: both ranks agree, skip the update, count it, and carry on."""
+    _train_env(BASE + ["train.max_steps=5", "run.name=skip"], tmp_path, 2, _env(DIALTUNE_INJECT_NAN="3,1"))
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "skip")}
+    assert sorted(rows) == [1, 2, 3, 4, 5]
+    assert "train/loss" not in rows[3] and rows[3]["train/skipped_steps"] == 1
+    assert all(rows[s]["train/loss"] == rows[s]["train/loss"] for s in (1, 2, 4, 5))  # finite
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1 and summary["finished"]
+
+
+def test_nonfinite_loss_stop_policy_saves_last_good_state(tmp_path):
+    p = _train_env(BASE + ["train.max_steps=6", "train.nonfinite=stop", "run.name=stop"], tmp_path, 2,
+                   _env(DIALTUNE_INJECT_NAN="3,1"), check=False)
+    assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "non-finite loss at step 3" in p.stderr and "Traceback" not in p.stderr
+    assert (tmp_path / "stop" / "checkpoints" / "latest").read_text() == "step_0000002"
+    assert [r["step"] for r in read_metrics(tmp_path / "stop")] == [1, 2]
+
+
+def test_kill_9_during_checkpoint_write_resumes_from_previous_complete_one(tmp_path):
+    from launch.cli import launch_command
+
+    args = [f"run.root={tmp_path}", "train.progress_bar=false"] + BASE + ["train.max_steps=6", "train.save_every=2", "run.name=crash"]
+    env = _env(DIALTUNE_CKPT_PAUSE="4", DIALTUNE_CKPT_PAUSE_MARKER=str(tmp_path))
+    proc = subprocess.Popen(launch_command(args, 2), env=env, cwd=str(ROOT), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "ckpt_paused").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-checkpoint
+    proc.wait(timeout=60)
+    ckpts = tmp_path / "crash" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_0000002"
+    assert (ckpts / "step_0000004.tmp").is_dir() and not (ckpts / "step_0000004").exists()
+    train(BASE + ["train.max_steps=6", "train.save_every=2", "run.name=crash", "train.resume=auto"], tmp_path, nproc=2)
+    assert [r["step"] for r in read_metrics(tmp_path / "crash")] == [1, 2, 3, 4, 5, 6]
+    assert not (ckpts / "step_0000004.tmp").exists()
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004", "step_0000006"]
+
+
+def test_keep_last_k_checkpoints(tmp_path):
+    train(BASE + ["train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=2", "run.name=k",
+                  "train.micro_batch_size=2", "train.grad_accum=1"], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").glob("step_*")) == ["step_0000003", "step_0000004"]
+
+
+def test_global_batch_size_derives_accumulation(tmp_path):
+    train(BASE + ["train.max_steps=1", "train.micro_batch_size=2", "train.global_batch_size=8", "run.name=g"], tmp_path)
+    s = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert (s["grad_accum"], s["global_batch_size"]) == (4, 8)
+    p = train(BASE + ["train.max_steps=1", "train.micro_batch_size=3", "train.global_batch_size=8", "run.name=h"],
+              tmp_path, check=False)
+    assert p.returncode == 2 and "not a multiple of micro_batch_size 3" in p.stderr and "Traceback" not in p.stderr

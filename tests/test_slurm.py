@@ -1,0 +1,445 @@
+"""`dialtune slurm`: the rendered sbatch script (pure tests, and the script actually run by bash
+with stand-ins for srun/scontrol/python), the per-node torchrun launcher, and jobs on a real
+one-node SLURM cluster brought up by .ci/setup_slurm.sh."""
+import json
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from launch.slurm import REQUEUE_EXIT_CODE, SlurmError, render
+from tests.conftest import ROOT, read_metrics
+
+SLURM_PY = ROOT / "launch" / "slurm.py"
+TRAIN_PY = ROOT / "launch" / "train.py"
+
+NASTY = [
+    "run.name=$(touch {m}/dollar-paren)",
+    "run.name=`touch {m}/backtick`",
+    "a;b",
+    "x=1; touch {m}/semicolon",
+    "'; touch {m}/quote; '",
+    '"; touch {m}/dquote; "',
+    "data.train_files=[a b.jsonl,c\tt.jsonl]",
+    "${{HOME}}|&><*?~!#",
+    "line\nbreak",
+    "-m",
+]
+
+
+def nasty(markers: Path) -> list:
+    return [n.format(m=markers) for n in NASTY]
+
+
+def cli(*args, timeout=60, env=None):
+    return subprocess.run([sys.executable, "-m", "launch.cli", "slurm", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(ROOT), env=env)
+
+
+def sbatch_directives(script: str) -> list:
+    return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+# ---- pure rendering -------------------------------------------------------------------------------
+
+def test_gpu_job_one_srun_task_per_node_with_gres():
+    script = render(["recipe=lora_bf16"], nodes=4, gpus_per_node=8, nproc_per_node=3, time="24:00:00",
+                    partition="gpu", account="proj-1", qos="high", mem="256G", job_name="big", log_dir="/logs")
+    d = sbatch_directives(script)
+    for want in ("--nodes=4", "--ntasks-per-node=1", "--gres=gpu:8", "--time=24:00:00", "--partition=gpu",
+                 "--account=proj-1", "--qos=high", "--mem=256G", "--job-name=big", "--requeue",
+                 "--open-mode=append", "--signal=USR1@120", "--output=/logs/%x-%j.out"):
+        assert want in d, (want, d)
+    assert not any(x.startswith("--cpus-per-task") for x in d)  # GPU: the cluster's default
+    srun = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert len(srun) == 1 and "--ntasks-per-node=1" in srun[0] and "--gres=gpu:8" in srun[0]
+    assert "--nproc_per_node 8 " in script  # one rank per GPU, --nproc-per-node ignored
+    assert '--nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID"' in script
+    assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
+    assert "SLURM_JOB_ID" in script.split("MASTER_PORT=", 1)[1].splitlines()[0]
+    assert "OMP_NUM_THREADS" not in script
+    assert f'"$rc" -eq {REQUEUE_EXIT_CODE}' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert "trap 'forward USR1' USR1" in script and "trap 'forward TERM' TERM" in script
+    assert "&\nstep=$!" in script and 'wait "$step"' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_cpu_job_no_gres_threads_and_optional_directives():
+    script = render([], nodes=1, nproc_per_node=2, log_dir="/l", signal_seconds=0)
+    d = sbatch_directives(script)
+    assert not any("gres" in x for x in d) and "gres" not in script
+    assert "--cpus-per-task=2" in d  # one CPU per rank by default
+    assert not any(x.split("=")[0] in ("--partition", "--account", "--qos", "--mem", "--time", "--signal") for x in d)
+    assert "--nproc_per_node 2 " in script and "OMP_NUM_THREADS" in script
+    assert "--cpus-per-task=6" in sbatch_directives(render([], nproc_per_node=2, cpus_per_task=6, log_dir="/l"))
+
+
+def _command_line(script: str) -> list:
+    """The arguments of train.py as the batch shell will see them."""
+    line = next(line for line in script.splitlines() if line.endswith(" &"))
+    return shlex.split(line[:-2])
+
+
+def test_resume_auto_unless_the_user_set_it():
+    assert _command_line(render(["a=1"], log_dir="/l")) == [str(TRAIN_PY), "a=1", "train.resume=auto"]
+    for own in ("train.resume=none", "+train.resume=/ck/step_1", "++train.resume=auto", "~train.resume"):
+        assert _command_line(render([own], log_dir="/l")) == [str(TRAIN_PY), own]
+
+
+@pytest.mark.parametrize("kw", [dict(job_name="a\nrm -rf /"), dict(partition="gpu a"), dict(time="1:00'"),
+                                dict(log_dir="/tmp/with space"), dict(account="$(id)"), dict(nodes=0),
+                                dict(cpus_per_task=0)])
+def test_unsafe_directive_values_are_refused(kw):
+    kw.setdefault("log_dir", "/l")
+    with pytest.raises(SlurmError):
+        render([], **kw)
+
+
+def test_dry_run_cli_prints_the_script(tmp_path):
+    markers = tmp_path / "m"
+    markers.mkdir()
+    ov = nasty(markers)[:3]
+    # options before, between and after the overrides
+    proc = cli("--dry-run", "--nodes", "2", f"run.root={tmp_path}", ov[0], "--gpus-per-node", "4", ov[1], ov[2],
+               "--partition", "p1", "--time", "01:00:00")
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    assert script.startswith("#!/bin/bash\n")
+    d = sbatch_directives(script)
+    assert {"--nodes=2", "--gres=gpu:4", "--partition=p1", "--time=01:00:00",
+            f"--output={tmp_path}/slurm-logs/%x-%j.out"} <= set(d)
+    expected = [str(TRAIN_PY), f"run.root={tmp_path}", *ov, "train.resume=auto"]
+    assert " ".join(shlex.quote(a) for a in expected) + " &" in script
+    assert not (tmp_path / "slurm-logs").exists()  # a dry run creates nothing
+    assert list(markers.iterdir()) == []
+    bad = cli("--dry-run", "--job-name", "a b", "x=1")
+    assert bad.returncode == 2 and bad.stderr.startswith("dialtune: error: --job-name") and "Traceback" not in bad.stderr
+
+
+# ---- the rendered script, run by bash with stand-ins for srun, scontrol and python ------------------
+
+def _exe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+@pytest.fixture
+def fake_cluster(tmp_path):
+    """A bin/ with fake srun (runs its command like one task on one node, forwarding USR1/TERM)
+    and scontrol (logs its arguments), and a fake python in a directory whose name is itself an
+    injection attempt; it records its argv and exits $FAKE_RC (or 85 on USR1 when FAKE_WAIT=1)."""
+    rec = tmp_path / "rec"
+    markers = tmp_path / "markers"
+    bin_ = tmp_path / "bin"
+    for d in (rec, markers, bin_):
+        d.mkdir()
+    pydir = tmp_path / "py $(touch pydir-marker);x"  # a relative marker: no "/" in a name
+    pydir.mkdir()
+    _exe(bin_ / "scontrol", '#!/bin/bash\necho "$*" >> "$FAKE_REC/scontrol"\n'
+         '[ "$1 $2" = "show hostnames" ] && printf "node-a\\nnode-b\\n"\nexit 0\n')
+    _exe(bin_ / "srun", """#!/bin/bash
+printf '%s\\0' "$@" > "$FAKE_REC/srun_argv"
+while [[ $1 == --* ]]; do shift; done
+export SLURM_NODEID=0 SLURM_NNODES=1
+"$@" &
+child=$!
+trap 'echo USR1 >> "$FAKE_REC/srun_signals"; kill -USR1 $child' USR1
+trap 'echo TERM >> "$FAKE_REC/srun_signals"; kill -TERM $child' TERM
+while kill -0 $child 2>/dev/null; do wait $child; done
+wait $child
+""")
+    python = _exe(pydir / "python", """#!/bin/bash
+printf '%s\\0' "$@" > "$FAKE_REC/python_argv"
+echo "$OMP_NUM_THREADS" > "$FAKE_REC/omp"
+if [ "${FAKE_WAIT:-}" = 1 ]; then
+    trap 'echo USR1 >> "$FAKE_REC/python_signals"; exit 85' USR1
+    touch "$FAKE_REC/ready"
+    for _ in $(seq 300); do sleep 0.1; done
+    exit 1
+fi
+exit "${FAKE_RC:-0}"
+""")
+    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", FAKE_REC=str(rec), SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="node-[a-b]", SLURM_CPUS_PER_TASK="4", SLURM_NODEID="0", SLURM_NNODES="1")
+    return dict(rec=rec, markers=markers, python=str(python), env=env, tmp=tmp_path)
+
+
+def _script(fc, overrides, **kw):
+    workdir = fc["tmp"] / "work $(touch workdir-marker)"
+    workdir.mkdir(exist_ok=True)
+    fc["workdir"] = workdir
+    path = fc["tmp"] / "job.sbatch"
+    path.write_text(render(overrides, nproc_per_node=2, log_dir="/l", python=fc["python"], workdir=str(workdir), **kw))
+    return path
+
+
+def _argv(path: Path) -> list:
+    return path.read_bytes().decode().split("\0")[:-1]
+
+
+@pytest.mark.parametrize("rc", [0, 3, REQUEUE_EXIT_CODE])
+def test_script_quoting_and_exit_codes(fake_cluster, rc):
+    """Every override reaches the training command verbatim and nothing in it runs; exit code 85
+    requeues the job and exits 0, other exit codes pass through."""
+    fc = fake_cluster
+    ov = nasty(fc["markers"])
+    proc = subprocess.run(["bash", str(_script(fc, ov))], env=dict(fc["env"], FAKE_RC=str(rc)),
+                          capture_output=True, text=True, timeout=30, cwd=str(fc["markers"]))
+    assert list(fc["markers"].iterdir()) + list(fc["workdir"].iterdir()) == [], "the shell executed an override or path"
+    assert _argv(fc["rec"] / "python_argv") == [
+        "-u", str(SLURM_PY), "torchrun", "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "2",
+        "--master_addr", "node-a", "--master_port", str(20000 + 4242 % 20000), str(TRAIN_PY), *ov, "train.resume=auto"]
+    srun = _argv(fc["rec"] / "srun_argv")
+    assert srun[:2] == ["--ntasks-per-node=1", "--cpus-per-task=4"] and srun[2] == "bash"
+    assert (fc["rec"] / "omp").read_text().strip() == "2"  # 4 CPUs for 2 ranks
+    scontrol = (fc["rec"] / "scontrol").read_text().splitlines()
+    if rc == REQUEUE_EXIT_CODE:
+        assert proc.returncode == 0 and scontrol[-1] == "requeue 4242", (proc.stdout, proc.stderr)
+        assert "asked to be requeued" in proc.stdout
+    else:
+        assert proc.returncode == rc and not any("requeue" in s for s in scontrol), (proc.stdout, proc.stderr)
+
+
+def test_batch_shell_forwards_usr1_to_the_step(fake_cluster):
+    fc = fake_cluster
+    p = subprocess.Popen(["bash", str(_script(fc, ["x=1"]))], env=dict(fc["env"], FAKE_WAIT="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 20
+        while not (fc["rec"] / "ready").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert (fc["rec"] / "ready").exists()
+        p.send_signal(signal.SIGUSR1)
+        out, _ = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert "batch shell got SIGUSR1" in out, out
+    assert (fc["rec"] / "srun_signals").read_text().split() == ["USR1"]
+    assert (fc["rec"] / "python_signals").read_text().split() == ["USR1"]
+    assert p.returncode == 0 and (fc["rec"] / "scontrol").read_text().splitlines()[-1] == "requeue 4242", out
+
+
+# ---- the per-node launcher: torchrun that keeps exit code 85 and forwards signals ------------------
+
+WORKER = r'''
+import json, os, signal, sys, time
+from pathlib import Path
+out = Path(next(a[4:] for a in sys.argv[1:] if a.startswith("out=")))
+restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+(out / f"argv-{restart}.json").write_text(json.dumps({"argv": sys.argv[1:], "rank": os.environ.get("RANK")}))
+if os.environ.get("WORKER_RC"):
+    sys.exit(int(os.environ["WORKER_RC"]))
+if restart != "0":
+    sys.exit(0)
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+(out / "ready").touch()
+deadline = time.time() + 60
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+(out / "signalled").write_text(str(len(got)))
+sys.exit(85 if got else 1)
+'''
+
+
+def _torchrun(worker, out, env):
+    return subprocess.Popen([sys.executable, str(SLURM_PY), "torchrun", "--nnodes", "1", "--node_rank", "0",
+                             "--nproc_per_node", "1", str(worker), f"out={out}", "a;b"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_node_launcher_forwards_usr1_and_keeps_exit_code_85(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SLURM_RESTART_COUNT", None)
+    p = _torchrun(worker, tmp_path, env)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "ready").exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert (tmp_path / "ready").exists(), p.communicate(timeout=5)[0] if p.poll() is not None else "no worker"
+        p.send_signal(signal.SIGUSR1)  # to the launcher only: it must pass it on and keep waiting
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == REQUEUE_EXIT_CODE, out
+    assert (tmp_path / "signalled").read_text() == "1"
+    rec = json.loads((tmp_path / "argv-0.json").read_text())
+    assert rec == {"argv": [f"out={tmp_path}", "a;b"], "rank": "0"}
+    # any other failure keeps its code
+    p = _torchrun(worker, tmp_path, dict(env, WORKER_RC="3"))
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 3, out
+
+
+# ---- a real one-node SLURM cluster ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slurm():
+    """Bring up the cluster with .ci/setup_slurm.sh; skip (saying why) when that fails."""
+    try:
+        proc = subprocess.run(["bash", str(ROOT / ".ci" / "setup_slurm.sh")], capture_output=True, text=True,
+                              timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.skip("no SLURM cluster: .ci/setup_slurm.sh did not finish within 300 s")
+    if proc.returncode != 0:
+        reason = [l for l in proc.stderr.splitlines() if "error:" in l] or proc.stderr.strip().splitlines()[-1:]
+        pytest.skip(f"no SLURM cluster: {reason[-1] if reason else 'setup_slurm.sh failed'}")
+    conf = next(l.split("=", 1)[1] for l in proc.stdout.splitlines() if l.startswith("export SLURM_CONF="))
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def _job_state(job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _job_ids(name: str) -> list:
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True).stdout
+    return out.split()
+
+
+class Guard:
+    """Cancel jobs that outlive the test, and fail fast on a job that can never start."""
+
+    def __init__(self, timeout):
+        self.deadline = time.time() + timeout
+        self.jobs = set()
+
+    def check(self, job_id):
+        self.jobs.add(job_id)
+        st = _job_state(job_id)
+        if st.get("JobState") == "PENDING" and st.get("Reason") in ("PartitionConfig", "BadConstraints",
+                                                                     "ReqNodeNotAvail", "PartitionNodeLimit"):
+            raise AssertionError(f"job {job_id} can never start on this cluster: Reason={st['Reason']}")
+        if time.time() > self.deadline:
+            raise AssertionError(f"job {job_id} still {st.get('JobState')} (Reason={st.get('Reason')}) at the timeout")
+        return st
+
+    def cancel(self):
+        for j in self.jobs:
+            subprocess.run(["scancel", j], capture_output=True)
+
+
+@pytest.mark.slow
+def test_real_cluster_tiny_training_job(slurm, tmp_path):
+    name = f"dt-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    p = subprocess.Popen([sys.executable, "-m", "launch.cli", "slurm", "--wait", "--nodes", "1",
+                          "--nproc-per-node", "1", "--job-name", name, f"run.root={tmp_path}", "train.max_steps=3",
+                          "train.micro_batch_size=2", "logger=none", "export.merge_at_end=false",
+                          "train.progress_bar=false"], cwd=str(ROOT), env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    guard = Guard(timeout=150)
+    try:
+        while p.poll() is None:
+            for j in _job_ids(name):
+                guard.check(j)
+            if time.time() > guard.deadline:
+                raise AssertionError("dialtune slurm --wait did not return in time")
+            time.sleep(1)
+        out = p.stdout.read()
+    finally:
+        if p.poll() is None:
+            guard.cancel()
+            p.kill()
+    logs = list((tmp_path / "slurm-logs").glob(f"{name}-*.out"))
+    log = logs[0].read_text() if logs else "(no log)"
+    assert p.returncode == 0, f"{out}\n--- job log ---\n{log[-6000:]}"
+    assert len(logs) == 1 and (tmp_path / "slurm-logs" / f"{name}.sbatch").is_file()
+    assert "dialtune: training finished" in log and "(restart 0)" in log
+    run_dir = tmp_path / "tiny-lora-none"
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3]
+    assert "resume: auto" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_real_cluster_usr1_checkpoint_exit_85_requeues(slurm, tmp_path):
+    """The whole contract on the real scheduler: SIGUSR1 to the job step reaches the rank through
+    the per-node launcher, the rank exits 85, the batch script requeues the job, and the job
+    runs again (same id, SLURM_RESTART_COUNT=1) and completes."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render([f"out={tmp_path}", "run.name=$(touch /tmp/dialtune-pwned-slurm)"],
+                             nproc_per_node=1, job_name=f"dt-{uuid.uuid4().hex[:8]}", log_dir=str(tmp_path),
+                             train_script=str(worker), workdir=str(tmp_path)))
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=30)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    guard = Guard(timeout=90)
+    guard.jobs.add(job)
+    try:
+        while not (tmp_path / "ready").exists():
+            assert guard.check(job).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), _job_state(job)
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)  # what --signal=USR1@N does
+        while True:
+            st = guard.check(job)
+            if st.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                break
+            time.sleep(0.5)
+    finally:
+        guard.cancel()
+    log = next(tmp_path.glob("*.out")).read_text()
+    assert st["JobState"] == "COMPLETED" and st["Restarts"] == "1" and st["ExitCode"] == "0:0", (st, log)
+    assert "(restart 0)" in log and "(restart 1)" in log and "asked to be requeued" in log, log
+    assert (tmp_path / "signalled").read_text() in ("1", "2")
+    for restart in ("0", "1"):
+        rec = json.loads((tmp_path / f"argv-{restart}.json").read_text())
+        assert rec["argv"] == [f"out={tmp_path}", "run.name=$(touch /tmp/dialtune-pwned-slurm)", "train.resume=auto"]
+    assert not Path("/tmp/dialtune-pwned-slurm").exists()
+
+
+@pytest.mark.slow
+def test_real_cluster_preempted_training_resumes_from_saved_step(slurm, tmp_path):
+    """Real training under the real scheduler: SIGUSR1 to the job step -> the ranks save and exit
+    85 -> the script requeues -> the job comes back (same id) with train.resume=auto and continues
+    from the saved step to the end."""
+    name = f"dt-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "slurm", "--nodes", "1", "--nproc-per-node", "1",
+                          "--job-name", name, "--log-dir", str(tmp_path / "logs"), f"run.root={tmp_path}", "run.name=pre",
+                          "recipe=demo", "train.max_steps=30", "logger=none", "export.merge_at_end=false",
+                          "train.eval_every=0", "data.eval_files=[]", "train.progress_bar=false", "train.micro_batch_size=2",
+                          "train.grad_accum=1"],
+                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=60)
+    assert out.returncode == 0, out.stderr
+    job = _job_ids(name)[0]
+    guard = Guard(timeout=300)
+    metrics = tmp_path / "pre" / "metrics.jsonl"
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            guard.check(job)
+            time.sleep(0.3)
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+        while True:
+            st = guard.check(job)
+            if st.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                break
+            time.sleep(0.5)
+    finally:
+        guard.cancel()
+    log = next((tmp_path / "logs").glob("*.out")).read_text()
+    assert st["JobState"] == "COMPLETED" and st["Restarts"] == "1", (st, log[-4000:])
+    assert "asking to be requeued" in log and "training finished" in log, log[-4000:]
+    summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 30
+    assert [r["step"] for r in read_metrics(tmp_path / "pre")] == list(range(1, 31))
