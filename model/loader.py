@@ -29,8 +29,9 @@ def load_tokenizer(model_cfg, base_path: Optional[str] = None):
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         # A pad that equals eos would hide eos from the labels' padding logic; add a real one.
         tok.add_special_tokens({"pad_token": "<|pad|>"})
-    if not tok.chat_template:
-        raise ValueError(f"the tokenizer of {src!r} has no chat template; pass model.tokenizer=<a tokenizer with one>.")
+    new = [t for t in model_cfg.add_tokens if t not in tok.get_vocab()]
+    if new:
+        tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
     return tok
 
 
@@ -107,6 +108,18 @@ def _target_modules(peft_cfg):
     return "all-linear" if targets == ["all-linear"] else targets
 
 
+def _modules_to_save(model, cfg):
+    """The user's list, plus the embeddings and output head when tokens were added (their new
+    rows must be learnt, and they are saved with the adapter)."""
+    names = list(cfg.peft.modules_to_save)
+    if cfg.model.add_tokens:
+        by_module = {id(m): n.split(".")[-1] for n, m in model.named_modules()}
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if emb is not None and by_module.get(id(emb)) not in names:
+                names.append(by_module[id(emb)])
+    return names
+
+
 def attach_adapter(model, cfg):
     """Freeze the base, set up gradient checkpointing, wrap with PEFT (unless peft=none)."""
     from peft import LoraConfig, get_peft_model
@@ -129,7 +142,7 @@ def attach_adapter(model, cfg):
         bias=p.bias,
         use_dora=p.method == "dora",
         use_rslora=p.method == "rslora",
-        modules_to_save=list(p.modules_to_save) or None,
+        modules_to_save=_modules_to_save(model, cfg) or None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)

@@ -32,13 +32,26 @@ def run_env(threads: int = 2) -> dict:
     return env
 
 
-def train(overrides, root, nproc=1, timeout=600, check=True):
-    """Run launch/train.py (python for 1 rank, the deepspeed launcher for more); returns the
-    CompletedProcess. Quiet defaults: no progress bar, no W&B unless the caller asks."""
+def torchrun_command(args, nproc):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+            "--master_port", str(port), str(TRAIN_PY), *args]
+
+
+def train(overrides, root, nproc=1, timeout=600, check=True, via="deepspeed"):
+    """Run launch/train.py (python for 1 rank; for more, the deepspeed launcher, or torchrun,
+    which starts ~7 s faster and runs the same DeepSpeed engine); returns the CompletedProcess.
+    Quiet defaults: no progress bar, no W&B unless the caller asks."""
     args = [f"run.root={root}", "train.progress_bar=false", *overrides]
     if nproc == 1:
         cmd = [sys.executable, str(TRAIN_PY), *args]
         env = run_env(2)
+    elif via == "torchrun":
+        cmd, env = torchrun_command(args, nproc), run_env(1)
     else:
         from launch.cli import launch_command
 

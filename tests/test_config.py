@@ -54,6 +54,7 @@ def test_unknown_key_is_rejected():
     (["quant=int8", "deepspeed=zero3"], "ZeRO-3"),
     (["quant=nf4", "peft=none"], "needs an adapter"),
     (["quant=int8", "peft=dora"], "int8 backward"),
+    (["deepspeed=zero2_offload"], "optim=cpu_adam"),
     (["train.nonfinite=ignore"], "train.nonfinite"),
     (["data.truncation=middle"], "data.truncation"),
     (["deepspeed=zero2", "deepspeed.offload_param=cpu"], "ZeRO-3"),

@@ -130,7 +130,7 @@ def test_zero_stages_give_the_same_loss_curve(demo_run, tmp_path):
     ref = read_metrics(run_dir)
     for stage in (0, 1, 3):
         train(["recipe=demo", f"train.max_steps={STEPS}", "logger=none", "export.merge_at_end=false",
-               "train.eval_every=0", "data.eval_files=[]", f"deepspeed=zero{stage}", f"run.name=z{stage}"], tmp_path, nproc=2)
+               "train.eval_every=0", "data.eval_files=[]", f"deepspeed=zero{stage}", f"run.name=z{stage}"], tmp_path, nproc=2, via="torchrun")
         for r, o in zip(ref, read_metrics(tmp_path / f"z{stage}")):
             assert o["step"] == r["step"]
             assert o["train/loss"] == pytest.approx(r["train/loss"], rel=1e-5), stage

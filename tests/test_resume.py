@@ -15,12 +15,12 @@ COMMON = ["recipe=demo", "train.max_steps=6", "logger=none", "export.merge_at_en
 @pytest.mark.parametrize("stage", [2, 3])
 def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, stage):
     ds = [f"deepspeed=zero{stage}"]
-    train(COMMON + ds + ["run.name=full"], tmp_path, nproc=2)
-    train(COMMON + ds + ["run.name=part", "train.stop_after_steps=3"], tmp_path, nproc=2)
+    train(COMMON + ds + ["run.name=full"], tmp_path, nproc=2, via="torchrun")
+    train(COMMON + ds + ["run.name=part", "train.stop_after_steps=3"], tmp_path, nproc=2, via="torchrun")
     first = json.loads((tmp_path / "part" / "summary.json").read_text())
     assert first["steps"] == 3 and not first["finished"]
     assert (tmp_path / "part" / "checkpoints" / "latest").read_text().strip() == "step_0000003"
-    train(COMMON + ds + ["run.name=part", "train.resume=auto"], tmp_path, nproc=2)
+    train(COMMON + ds + ["run.name=part", "train.resume=auto"], tmp_path, nproc=2, via="torchrun")
     full, part = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
     assert [r["step"] for r in part] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in full]
     for a, b in zip(full, part):
@@ -28,3 +28,16 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, stage):
         assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], abs=1e-6)
         assert b["train/lr"] == a["train/lr"]
     assert json.loads((tmp_path / "part" / "summary.json").read_text())["finished"]
+
+
+def test_zero3_adapter_is_gathered_before_saving(tmp_path):
+    """Under ZeRO-3 the LoRA tensors are partitioned; with a persistence threshold of 0 every one
+    of them is, so an ungathered save would write shape-(0,) tensors."""
+    from safetensors.torch import load_file
+
+    train(COMMON + ["deepspeed=zero3", "deepspeed.stage3_param_persistence_threshold=0", "train.max_steps=2",
+                    "run.name=z3"], tmp_path, nproc=2, via="torchrun")
+    tensors = load_file(str(tmp_path / "z3" / "checkpoints" / "step_0000002" / "adapter" / "adapter_model.safetensors"))
+    assert len(tensors) == 4 * 7 * 2  # A and B for the 7 linears of 4 layers
+    assert all(t.numel() > 0 for t in tensors.values())
+    assert all(16 in t.shape for t in tensors.values())  # rank 16

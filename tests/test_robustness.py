@@ -19,10 +19,12 @@ def _env(**kw):
     return env
 
 
-def _train_env(overrides, root, nproc, env, check=True):
+def _train_env(overrides, root, nproc, env, check=True, via="deepspeed"):
     from launch.cli import launch_command
+    from tests.conftest import torchrun_command
 
-    cmd = launch_command([f"run.root={root}", "train.progress_bar=false", *overrides], nproc)
+    args = [f"run.root={root}", "train.progress_bar=false", *overrides]
+    cmd = torchrun_command(args, nproc) if via == "torchrun" else launch_command(args, nproc)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -31,7 +33,7 @@ def _train_env(overrides, root, nproc, env, check=True):
 
 def test_nonfinite_loss_on_one_rank_is_skipped_by_all(tmp_path):
     """A NaN on rank 1 only: both ranks agree, skip the update, count it, and carry on."""
-    _train_env(BASE + ["train.max_steps=5", "run.name=skip"], tmp_path, 2, _env(DIALTUNE_INJECT_NAN="3,1"))
+    _train_env(BASE + ["train.max_steps=5", "run.name=skip"], tmp_path, 2, _env(DIALTUNE_INJECT_NAN="3,1"), via="torchrun")
     rows = {r["step"]: r for r in read_metrics(tmp_path / "skip")}
     assert sorted(rows) == [1, 2, 3, 4, 5]
     assert "train/loss" not in rows[3] and rows[3]["train/skipped_steps"] == 1
@@ -50,11 +52,11 @@ def test_nonfinite_loss_stop_policy_saves_last_good_state(tmp_path):
 
 
 def test_kill_9_during_checkpoint_write_resumes_from_previous_complete_one(tmp_path):
-    from launch.cli import launch_command
+    from tests.conftest import torchrun_command
 
     args = [f"run.root={tmp_path}", "train.progress_bar=false"] + BASE + ["train.max_steps=6", "train.save_every=2", "run.name=crash"]
     env = _env(DIALTUNE_CKPT_PAUSE="4", DIALTUNE_CKPT_PAUSE_MARKER=str(tmp_path))
-    proc = subprocess.Popen(launch_command(args, 2), env=env, cwd=str(ROOT), start_new_session=True,
+    proc = subprocess.Popen(torchrun_command(args, 2), env=env, cwd=str(ROOT), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (tmp_path / "ckpt_paused").exists():
@@ -65,7 +67,7 @@ def test_kill_9_during_checkpoint_write_resumes_from_previous_complete_one(tmp_p
     ckpts = tmp_path / "crash" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_0000002"
     assert (ckpts / "step_0000004.tmp").is_dir() and not (ckpts / "step_0000004").exists()
-    train(BASE + ["train.max_steps=6", "train.save_every=2", "run.name=crash", "train.resume=auto"], tmp_path, nproc=2)
+    train(BASE + ["train.max_steps=6", "train.save_every=2", "run.name=crash", "train.resume=auto"], tmp_path, nproc=2, via="torchrun")
     assert [r["step"] for r in read_metrics(tmp_path / "crash")] == [1, 2, 3, 4, 5, 6]
     assert not (ckpts / "step_0000004.tmp").exists()
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004", "step_0000006"]

@@ -55,6 +55,7 @@ class ModelConfig:
     gradient_checkpointing: bool = doc(False, "Recompute activations in the backward pass to save memory.")
     trust_remote_code: bool = doc(False, "Allow model code from the hub repository (only for models you trust).")
     revision: Optional[str] = doc(None, "Hub revision (branch, tag or commit) of the base model.")
+    add_tokens: List[str] = doc([], "Special tokens to add to the tokenizer; embeddings are resized and embed_tokens/lm_head then train in full (saved with the adapter).")
     end_of_turn_token: Optional[str] = doc(None, "Token that ends an assistant turn; default: detected from the chat template.")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "Shape of the embedded tiny model (used when name_or_path=tiny)."})
 
@@ -133,7 +134,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = doc("adamw", "Optimizer: adamw (torch, fused where available).")
+    name: str = doc("adamw", "Optimizer: adamw (torch, fused on GPU), adamw_8bit / paged_adamw_8bit (bitsandbytes), cpu_adam (DeepSpeed, for optimizer offload).")
     lr: float = doc(2e-4, "Peak learning rate.")
     weight_decay: float = doc(0.0, "Decoupled weight decay.")
     betas: List[float] = doc([0.9, 0.999], "Adam betas.")
@@ -244,7 +245,7 @@ _CHOICES = {
     "deepspeed.stage": (0, 1, 2, 3),
     "deepspeed.offload_optimizer": ("none", "cpu"),
     "deepspeed.offload_param": ("none", "cpu"),
-    "optim.name": ("adamw",),
+    "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit", "cpu_adam"),
     "optim.scheduler": ("cosine", "linear", "constant"),
     "train.nonfinite": ("skip", "stop"),
     "logger.backend": ("wandb", "none"),
@@ -290,6 +291,10 @@ def validate(cfg, cuda_available: Optional[bool] = None) -> None:
         raise ConfigError(f"deepspeed.offload_param={ds.offload_param} only exists in ZeRO-3: set deepspeed.stage=3 (or deepspeed=zero3_offload).")
     if ds.offload_optimizer != "none" and ds.stage == 0:
         raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage 1-3: set deepspeed.stage=2.")
+    if ds.offload_optimizer != "none" and cfg.optim.name != "cpu_adam":
+        raise ConfigError(f"deepspeed.offload_optimizer={ds.offload_optimizer} steps the optimizer on the CPU, which optim={cfg.optim.name} cannot do: add optim=cpu_adam.")
+    if cfg.optim.name == "cpu_adam" and ds.offload_optimizer == "none" and cuda_available:
+        raise ConfigError("optim=cpu_adam keeps optimizer states on the CPU: use it with deepspeed.offload_optimizer=cpu (deepspeed=zero2_offload or zero3_offload).")
     if p != "none" and cfg.peft.r < 1:
         raise ConfigError(f"peft.r={cfg.peft.r} must be at least 1.")
     if t.micro_batch_size < 1 or t.grad_accum < 1:

@@ -26,7 +26,7 @@ from data_pipeline.dataset import prepare_cached
 from data_pipeline.packing import collate_packed
 from model import loader
 
-from . import checkpoint, distributed, signals
+from . import checkpoint, distributed, optim, signals
 from .config import ConfigError
 from .ds_config import lr_lambda, mixed_precision, render
 from .metrics import Metrics, memory_gb
@@ -147,13 +147,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
 
-    if cfg.deepspeed.offload_optimizer != "none":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam as Opt
-        opt_kwargs = {"adamw_mode": True}
-    else:
-        Opt, opt_kwargs = torch.optim.AdamW, ({"fused": True} if dev.type == "cuda" else {})
-    optimizer = Opt(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                    weight_decay=cfg.optim.weight_decay, **opt_kwargs)
+    optimizer = optim.build(cfg.optim, trainable, dev)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=render(cfg, world))
