@@ -51,6 +51,17 @@ def test_nonfinite_loss_stop_policy_saves_last_good_state(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "stop")] == [1, 2]
 
 
+def test_skip_policy_stops_after_k_in_a_row(tmp_path):
+    p = _train_env(BASE + ["train.max_steps=8", "train.max_nonfinite_in_row=1", "run.name=k", "train.micro_batch_size=2",
+                           "train.grad_accum=1"], tmp_path, 1, _env(DIALTUNE_INJECT_NAN="3-8"), check=False)
+    assert p.returncode == 3 and "non-finite loss at step 4" in p.stderr, p.stderr[-2000:]
+    assert (tmp_path / "k" / "checkpoints" / "latest").read_text() == "step_0000003"  # step 3 skipped: params unchanged
+    ckpt = tmp_path / "k" / "checkpoints" / "step_0000003"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["code_version"]["git_commit"]
+    assert "name: k" in (ckpt / "config.yaml").read_text()
+
+
 def test_kill_9_during_checkpoint_write_resumes_from_previous_complete_one(tmp_path):
     from tests.conftest import torchrun_command
 

@@ -1,6 +1,6 @@
 """Checkpoints: DeepSpeed engine state (trainable parameters only) + the PEFT adapter + loop state.
 
-Layout: <run_dir>/checkpoints/step_0000040/{adapter/, trainer_state.json, rng_rank<N>.pt, <deepspeed files>}
+Layout: <run_dir>/checkpoints/step_0000040/{adapter/, trainer_state.json (+ code version), config.yaml,\nrng_rank<N>.pt, <deepspeed files>}
 and <run_dir>/checkpoints/latest (the newest complete one; replaced atomically after every rank saved).
 """
 from __future__ import annotations
@@ -73,8 +73,29 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def code_version() -> Dict[str, Any]:
+    """dialtune's version and, in a git checkout, the commit (and whether it had local changes)."""
+    import subprocess
+    from importlib import metadata
+
+    out: Dict[str, Any] = {}
+    try:
+        out["dialtune"] = metadata.version("dialtune")
+    except metadata.PackageNotFoundError:
+        out["dialtune"] = "not installed"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out["git_commit"] = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           timeout=10).stdout.strip() or None
+        out["git_dirty"] = bool(subprocess.run(["git", "-C", repo, "status", "--porcelain"], capture_output=True,
+                                               text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
 def save(engine, ckpt_root: str, step: int, state: Dict[str, Any], is_main: bool, zero_stage: int, tokenizer,
-         keep: int = 0) -> str:
+         keep: int = 0, config_yaml: str = "") -> str:
     """A checkpoint is a transaction: every rank writes into <tag>.tmp, rank 0 fsyncs it, renames
     it to <tag> and only then replaces `latest` (atomically) — after all ranks finished. A crash
     at any point leaves `latest` on the previous complete checkpoint; resume never reads *.tmp."""
@@ -92,7 +113,9 @@ def save(engine, ckpt_root: str, step: int, state: Dict[str, Any], is_main: bool
         save_adapter(engine.module, os.path.join(tmp, "adapter"), is_main, zero_stage, tokenizer)
     if is_main:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=2)
+            json.dump({**state, "code_version": code_version()}, f, indent=2)
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(config_yaml)
     distributed.barrier()  # every rank's files are in place
     _pause_for_tests(step)
     if is_main:

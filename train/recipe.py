@@ -95,9 +95,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     t = cfg.train
     os.makedirs(run_dir, exist_ok=True)
     deepspeed.runtime.utils.set_random_seed(t.seed)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+            f.write(config_yaml)
 
     base_path = cfg.model.name_or_path
     if base_path == "tiny":
@@ -189,7 +190,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     preempted = False
     skipped, bad_in_row, nonfinite_stop, own_norm = 0, 0, 0, None
     inject = os.environ.get("DIALTUNE_INJECT_NAN", "")
-    inject_nan = (int(inject.split(",")[0]), int(inject.split(",")[1]) if "," in inject else 0) if inject else None
+    inject_steps, _, inject_rank = inject.partition(",")
+    first_bad, _, last_bad = inject_steps.partition("-")
+    inject_nan = (int(first_bad), int(last_bad or first_bad), int(inject_rank or 0)) if inject else None
+    corrupt = False
     engine.train()
     for step in range(first_step, total_steps + 1):
         t0 = time.perf_counter()
@@ -204,8 +208,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         for i, b in enumerate(batches):
             out = engine(**{k: v.to(dev) for k, v in b.items() if k != "labels"})
             ce = token_ce_sum(out.logits, b["labels"].to(dev))
-            if inject_nan and inject_nan == (step, rank):
-                ce = ce * float("nan")  # fault injection for tests (DIALTUNE_INJECT_NAN=step[,rank])
+            if inject_nan and inject_nan[0] <= step <= inject_nan[1] and rank == inject_nan[2]:
+                ce = ce * float("nan")  # fault injection for tests (DIALTUNE_INJECT_NAN=first[-last][,rank])
             # every rank learns whether any rank's loss is non-finite: all take the same path
             (nonfinite,) = distributed.all_sum([0.0 if torch.isfinite(ce).item() else 1.0], dev)
             if nonfinite:
@@ -234,6 +238,15 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         loss_sum, signalled = distributed.all_sum([loss_sum, float(stop_flag.is_set)], dev)
         loss = loss_sum / max(n_targets, 1.0)
         grad_norm = engine.get_global_grad_norm() if cfg.deepspeed.stage else own_norm
+        if not bad_step and grad_norm is not None and not math.isfinite(float(grad_norm)):
+            # a finite loss with a non-finite gradient: the update may already be applied (DeepSpeed's
+            # bf16 overflow check skips it in ZeRO-1/2), so under `stop` no new checkpoint is written
+            skipped += 1
+            bad_in_row += 1
+            log.warning("non-finite gradient norm at step %d (%d in a row)", step, bad_in_row)
+            if t.nonfinite == "stop" or bad_in_row > t.max_nonfinite_in_row:
+                nonfinite_stop, corrupt = step, True
+                break
         elapsed = time.perf_counter() - t0
         state.update(step=step, epoch=stream.epoch, pos=stream.pos,
                      target_tokens_seen=state["target_tokens_seen"] + int(n_targets))
@@ -255,7 +268,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         preempted = signalled > 0  # every rank sees the same sum, so all stop at this boundary
         stop_here = preempted or bool(t.stop_after_steps) and step - first_step + 1 >= t.stop_after_steps
         if t.save_every and step % t.save_every == 0 or step == total_steps or stop_here:
-            checkpoint.save(engine, ckpt_root, step, dict(state), is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints)
+            checkpoint.save(engine, ckpt_root, step, dict(state), is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml)
             last_saved = step
         if stop_here:
             break
@@ -263,9 +276,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         bar.close()
 
     # ---- finish -------------------------------------------------------------------------------
-    if last_saved != state["step"]:  # resumed at the end: nothing left to train
-        checkpoint.save(engine, ckpt_root, state["step"], dict(state), is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints)
-    final_ckpt = os.path.join(ckpt_root, checkpoint.tag_for(state["step"]))
+    if last_saved != state["step"] and not corrupt:  # resumed at the end, or stopped between saves
+        checkpoint.save(engine, ckpt_root, state["step"], dict(state), is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml)
+    final_ckpt = os.path.join(ckpt_root, checkpoint.tag_for(state["step"] if not corrupt else max(last_saved, 0)))
     summary = {"run_dir": run_dir, "base": base_path, "steps": state["step"], "total_steps": total_steps,
                "finished": state["step"] == total_steps, "preempted": preempted, "world_size": world,
                "nonfinite_stop_step": nonfinite_stop, "skipped_steps": skipped, "grad_accum": gas,
