@@ -338,6 +338,16 @@ class Guard:
             subprocess.run(["scancel", j], capture_output=True)
 
 
+def _signal_and_wait(guard, job):
+    """SIGUSR1 to the job step (what --signal=USR1@N does), then wait for the job to end."""
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    while True:
+        st = guard.check(job)
+        if st.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return st
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_real_cluster_tiny_training_job(slurm, tmp_path):
     name = f"dt-{uuid.uuid4().hex[:8]}"
@@ -390,12 +400,7 @@ def test_real_cluster_usr1_checkpoint_exit_85_requeues(slurm, tmp_path):
         while not (tmp_path / "ready").exists():
             assert guard.check(job).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), _job_state(job)
             time.sleep(0.2)
-        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)  # what --signal=USR1@N does
-        while True:
-            st = guard.check(job)
-            if st.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-                break
-            time.sleep(0.5)
+        st = _signal_and_wait(guard, job)
     finally:
         guard.cancel()
     log = next(tmp_path.glob("*.out")).read_text()
@@ -429,12 +434,7 @@ def test_real_cluster_preempted_training_resumes_from_saved_step(slurm, tmp_path
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
             guard.check(job)
             time.sleep(0.3)
-        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-        while True:
-            st = guard.check(job)
-            if st.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-                break
-            time.sleep(0.5)
+        st = _signal_and_wait(guard, job)
     finally:
         guard.cancel()
     log = next((tmp_path / "logs").glob("*.out")).read_text()
