@@ -16,7 +16,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import numpy as np
 
@@ -26,7 +26,6 @@ from .records import Problem, read_records, to_messages
 from .validate import Report, clean
 
 DATA_VERSION = 2
-COLUMNS = ["input_ids", "labels"]
 
 
 def sources_of(d) -> List[Dict]:

@@ -22,7 +22,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "intent")
 

@@ -5,19 +5,12 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TRAIN_PY = HERE / "train.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cuda_count() -> int:
@@ -35,7 +28,9 @@ def launch_command(overrides: list[str], nproc: int) -> list[str]:
         return [sys.executable, str(TRAIN_PY), *overrides]
     runner = shutil.which("deepspeed")
     prefix = [runner] if runner else [sys.executable, "-c", "from deepspeed.launcher.runner import main; main()"]
-    return [*prefix, "--num_gpus", str(nproc), "--master_port", str(_free_port()), str(TRAIN_PY), *overrides]
+    from train.distributed import free_port
+
+    return [*prefix, "--num_gpus", str(nproc), "--master_port", str(free_port()), str(TRAIN_PY), *overrides]
 
 
 def launch_env(nproc: int) -> dict:

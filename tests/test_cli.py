@@ -34,7 +34,7 @@ def test_bad_data_names_file_and_line(tmp_path):
 
 def test_multirun_local_rank_and_plus_override(tmp_path):
     """`-m` sweeps, the launcher's --local_rank=N, and `+key=value` all go through Hydra."""
-    proc = train(["-m", "--local_rank=0", "optim.lr=1e-3,2e-3", "+deepspeed.extra.steps_per_print=1000",
+    train(["-m", "--local_rank=0", "optim.lr=1e-3,2e-3", "+deepspeed.extra.steps_per_print=1000",
                   "export.merge_at_end=false", "data.eval_files=[]", "run.name=sweep"] + QUICK, tmp_path)
     lrs = []
     for job in ("0", "1"):

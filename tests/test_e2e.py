@@ -74,7 +74,6 @@ def _assert_merged_matches(run_dir, merged_dir):
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         want, got = adapter_model(**batch).logits, merged(**batch).logits
-        plain = base.get_base_model()(**batch).logits if hasattr(base, "get_base_model") else None
     mask = batch["attention_mask"].bool()
     assert (want - got).abs()[mask].max().item() <= 1e-4
     # the adapter did something (otherwise the comparison above proves nothing)
@@ -111,8 +110,8 @@ def test_token_weighted_loss_is_invariant_to_ranks_and_accumulation(demo_run, tm
     run_dir, _ = demo_run
     common = ["recipe=demo", f"train.max_steps={STEPS}", "logger=none", "export.merge_at_end=false",
               "train.eval_every=0", "data.eval_files=[]"]
-    a = train(common + ["run.name=a", "train.micro_batch_size=4", "train.grad_accum=4"], tmp_path)
-    b = train(common + ["run.name=b", "train.micro_batch_size=2", "train.grad_accum=8"], tmp_path)
+    train(common + ["run.name=a", "train.micro_batch_size=4", "train.grad_accum=4"], tmp_path)
+    train(common + ["run.name=b", "train.micro_batch_size=2", "train.grad_accum=8"], tmp_path)
     ref = read_metrics(run_dir)
     for other in (read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")):
         for r, o in zip(ref, other):

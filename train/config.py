@@ -268,6 +268,8 @@ _CHOICES = {
 def validate(cfg, cuda_available: Optional[bool] = None) -> None:
     """Raise ConfigError (one sentence) for a config that cannot run."""
     for key, allowed in _CHOICES.items():
+        if key.startswith("data."):
+            continue  # validate_data() below checks these
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
