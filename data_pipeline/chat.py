@@ -96,16 +96,18 @@ def _has_target(labels: List[int]) -> bool:
 
 
 def encode(tokenizer, messages: List[Dict[str, str]], eot_id: int, max_len: int, truncation: str = "keep_recent",
-           last_turn_only: bool = False) -> Tuple[Optional[List[int]], Optional[List[int]], str]:
+           last_turn_only: bool = False, fast=None) -> Tuple[Optional[List[int]], Optional[List[int]], str]:
     """(ids, labels, outcome) with outcome in {"ok", "truncated", "dropped"}.
 
     keep_recent drops the oldest turns (a system message stays) until the rest fits; the cut
     point is found by binary search over user-turn starts, so a long conversation costs
     O(log turns) renders, not O(turns^2). What still does not fit is cut on the right; a
-    conversation left without an assistant target is dropped.
+    conversation left without an assistant target is dropped. `fast` (a fastchat.FastEncoder)
+    gives the same tokens without rendering the template; where it declines, the template is used.
     """
     def enc(msgs):
-        ids, labels = tokenize_conversation(tokenizer, msgs, eot_id)
+        got = fast.encode(msgs) if fast is not None else None
+        ids, labels = got if got is not None else tokenize_conversation(tokenizer, msgs, eot_id)
         return ids, (_only_last_turn(labels) if last_turn_only else labels)
 
     ids, labels = enc(messages)

@@ -58,7 +58,7 @@ def cache_key(d, tokenizer, eot_id: int) -> str:
     h.update((tokenizer.chat_template or "").encode())
     h.update(json.dumps([tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, eot_id]).encode())
     cfg = OmegaConf.to_container(d, resolve=True)
-    for k in ("cache_dir", "num_proc", "on_error", "max_errors_shown"):  # don't change the result
+    for k in ("cache_dir", "num_proc", "on_error", "max_errors_shown", "fast_tokenization"):  # don't change the result
         cfg.pop(k, None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
@@ -71,15 +71,20 @@ def _in_eval(where: str, seed: int, fraction: float) -> bool:
 
 def _conversations(d, report: Report):
     """Generator of validated conversations from every source (one streaming pass)."""
+    from types import SimpleNamespace
+
     seen_ids = set()
     carve = d.eval_fraction > 0 and not any(s["split"] == "eval" for s in sources_of(d))
+    # plain attributes: an OmegaConf lookup per message costs more than the checks themselves
+    policy = SimpleNamespace(**{k: d[k] for k in ("max_message_chars", "long_message", "same_role", "trailing_user")})
+    intent = SimpleNamespace(**d.intent)
     for k, s in enumerate(sources_of(d)):
         for where, rec in read_records(s["path"], d.utf16):
             report.read += 1
             if isinstance(rec, Problem):
                 report.problem(where, rec)
                 continue
-            conv = to_messages(rec, s["format"], d.intent)
+            conv = to_messages(rec, s["format"], intent)
             if isinstance(conv, Problem):
                 report.problem(where, conv)
                 continue
@@ -93,7 +98,7 @@ def _conversations(d, report: Report):
             if s["system_prompt"] and isinstance(messages, list) and not (
                     messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
                 messages = [{"role": "system", "content": s["system_prompt"]}] + messages
-            cleaned = clean(messages, d, report.fixes)
+            cleaned = clean(messages, policy, report.fixes)
             if isinstance(cleaned, Problem):
                 report.problem(where, cleaned)
                 continue
@@ -105,12 +110,23 @@ def _conversations(d, report: Report):
     report.raise_errors()
 
 
-def _tokenize_fn(tokenizer, eot_id: int, d):
+def fast_encoder(tokenizer, eot_id: int, sample):
+    """The verified fast encoder (fastchat.FastEncoder) or None, and a line saying which path runs."""
+    from .fastchat import FastEncoder
+
+    enc, why = FastEncoder.build(tokenizer, eot_id, sample)
+    if enc is None:
+        return None, f"exact path (chat template per conversation): the fast path does not apply: {why}"
+    return enc, f"fast path ({enc.backend}), identical to the chat template's on the first {len(sample)} conversations"
+
+
+def _tokenize_fn(tokenizer, eot_id: int, d, fast):
+    max_len, truncation, last_turn = d.max_seq_len, d.truncation, d.labels == "last_turn"  # no OmegaConf per row
+
     def fn(batch):
         out = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "outcome": []}
         for messages in batch["messages"]:
-            ids, labels, outcome = encode(tokenizer, messages, eot_id, d.max_seq_len, d.truncation,
-                                          d.labels == "last_turn")
+            ids, labels, outcome = encode(tokenizer, messages, eot_id, max_len, truncation, last_turn, fast)
             ids, labels = ids or [], labels or []
             out["input_ids"].append(ids)
             out["labels"].append(labels)
@@ -120,6 +136,11 @@ def _tokenize_fn(tokenizer, eot_id: int, d):
         return out
 
     return fn
+
+
+def _column(ds, name: str) -> np.ndarray:
+    """One column as a numpy array, read from Arrow in one go (indexing by name iterates rows)."""
+    return ds.with_format("arrow")[:][name].to_numpy(zero_copy_only=False)
 
 
 def _weighted_indices(sources: np.ndarray, weights: Dict[int, float], seed: int) -> np.ndarray:
@@ -169,12 +190,16 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                             f"({report.read} records read; skipped: {dict(report.counts) or 'none'}); nothing to train on.")
         if report.counts:
             log(f"data: skipped {sum(report.counts.values())} of {report.read} records (data.on_error={d.on_error}):\n{report.table()}")
-        tok = raw.map(_tokenize_fn(tokenizer, eot_id, d), batched=True, batch_size=64,
+        fast = None
+        if d.fast_tokenization:
+            fast, how = fast_encoder(tokenizer, eot_id, raw.select(range(min(64, len(raw))))["messages"])
+            log("data: tokenizing with the " + how)
+        tok = raw.map(_tokenize_fn(tokenizer, eot_id, d, fast), batched=True, batch_size=256,
                       num_proc=d.num_proc if d.num_proc > 1 else None, remove_columns=["messages"],
                       desc="tokenizing", cache_file_name=os.path.join(work, "tok.arrow"))
-        outcome = np.asarray(tok["outcome"])
+        outcome = _column(tok, "outcome")
         tok = tok.select(np.flatnonzero(outcome != "dropped"))
-        split = np.asarray(tok["split"])
+        split = _column(tok, "split")
         stats = {"version": DATA_VERSION, "validation": report.as_dict(), "max_seq_len": d.max_seq_len,
                  "truncation": {"policy": d.truncation, "truncated": int((outcome == "truncated").sum()),
                                 "dropped": int((outcome == "dropped").sum()),
@@ -187,14 +212,14 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                     raise DataError(f"no training conversation is left after validation and truncation (data.max_seq_len={d.max_seq_len}); check the report above.")
                 weights = {k: s["weight"] for k, s in enumerate(srcs)}
                 if any(w != 1.0 for w in weights.values()):
-                    part = part.select(_weighted_indices(np.asarray(part["source"]), weights, d.seed))
+                    part = part.select(_weighted_indices(_column(part, "source"), weights, d.seed))
             if len(part) == 0:
                 continue
             part = part.flatten_indices(cache_file_name=os.path.join(work, f"{name}.flat.arrow"))
             part.save_to_disk(os.path.join(out_dir + ".part", name))
-            lengths = np.asarray(part["length"])
-            targets = np.asarray(part["n_targets"])
-            src = np.asarray(part["source"])
+            lengths = _column(part, "length")
+            targets = _column(part, "n_targets")
+            src = _column(part, "source")
             stats[name] = {
                 "conversations": len(part), "tokens": int(lengths.sum()), "target_tokens": int(targets.sum()),
                 "target_share": float(targets.sum() / max(1, lengths.sum())), "length": _percentiles(lengths),
