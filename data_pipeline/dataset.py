@@ -25,7 +25,8 @@ from .packing import fill_ratio, pack
 from .records import Problem, read_records, to_messages
 from .validate import Report, clean
 
-DATA_VERSION = 2
+EVAL_MESSAGES = "eval_messages.jsonl"
+DATA_VERSION = 3  # 3: eval_messages.jsonl (the eval conversations as text, for generation evals)
 
 
 def sources_of(d) -> List[Dict]:
@@ -198,7 +199,8 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                       num_proc=d.num_proc if d.num_proc > 1 else None, remove_columns=["messages"],
                       desc="tokenizing", cache_file_name=os.path.join(work, "tok.arrow"))
         outcome = _column(tok, "outcome")
-        tok = tok.select(np.flatnonzero(outcome != "dropped"))
+        kept = np.flatnonzero(outcome != "dropped")
+        tok = tok.select(kept)
         split = _column(tok, "split")
         stats = {"version": DATA_VERSION, "validation": report.as_dict(), "max_seq_len": d.max_seq_len,
                  "truncation": {"policy": d.truncation, "truncated": int((outcome == "truncated").sum()),
@@ -215,6 +217,10 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                     part = part.select(_weighted_indices(_column(part, "source"), weights, d.seed))
             if len(part) == 0:
                 continue
+            if name == "eval":  # the text of the eval conversations, row for row, for generation evals
+                with open(os.path.join(out_dir + ".part", EVAL_MESSAGES), "w", encoding="utf-8") as f:
+                    for row in raw.select(kept[split == "eval"]).select_columns(["messages", "source"]):
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
             part = part.flatten_indices(cache_file_name=os.path.join(work, f"{name}.flat.arrow"))
             part.save_to_disk(os.path.join(out_dir + ".part", name))
             lengths = _column(part, "length")
@@ -252,6 +258,15 @@ def load(path: str):
     with open(os.path.join(path, "stats.json")) as f:
         stats = json.load(f)
     return opt("train"), opt("eval"), opt("train_packs"), stats
+
+
+def eval_conversations(cache_path: str) -> List[Dict]:
+    """[{"messages", "source"}] of the eval split, in the order of its tokenized rows ([] if none)."""
+    path = os.path.join(cache_path, EVAL_MESSAGES)
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def _job_token() -> str:

@@ -1,4 +1,4 @@
-"""`dialtune` command line: demo, train, merge, config-doc."""
+"""`dialtune` command line: demo, train, merge, prepare, eval, report, chat, slurm, config-doc."""
 from __future__ import annotations
 
 import argparse
@@ -155,7 +155,19 @@ def main(argv=None) -> int:
 
     add_slurm_parser(sub)
 
-    args = p.parse_args(argv)
+    from launch.evaluate import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+
+    from launch.report import add_parser as add_report_parser
+
+    add_report_parser(sub)
+
+    args, extra = p.parse_known_args(argv)
+    if extra and args.cmd == "eval" and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra  # overrides given after the options
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.fn(args)
 
 

@@ -18,8 +18,8 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    proc = train(["recipe=demo", f"train.max_steps={STEPS}", "train.eval_every=6", "train.save_every=6",
-                  "export.eval_conversations=8"],
+    proc = train(["recipe=demo", f"train.max_steps={STEPS}", "eval.every_n_steps=6", "train.save_every=6",
+                  "export.eval_conversations=8", "kernels.peak_tflops=0.002"],
                  root, nproc=2)
     return root / "demo", proc
 
@@ -45,6 +45,9 @@ def test_metrics_have_what_the_readme_promises(demo_run):
             assert key in row, key
         # real target tokens never exceed the non-pad tokens, which never exceed the padded ones
         assert 0 < row["perf/target_tokens"] < row["perf/tokens"] <= row["perf/padded_tokens"]
+        # MFU = model FLOPs per second per rank / the peak given (no GPU: no table entry)
+        assert row["perf/model_tflops_per_device"] > 0
+        assert row["perf/mfu"] == pytest.approx(row["perf/model_tflops_per_device"] / 0.002)
 
 
 def test_wandb_offline_history_matches_jsonl(demo_run):
@@ -109,7 +112,7 @@ def test_token_weighted_loss_is_invariant_to_ranks_and_accumulation(demo_run, tm
     differences are summation order and padding shape, ~1e-6 relative)."""
     run_dir, _ = demo_run
     common = ["recipe=demo", f"train.max_steps={STEPS}", "logger=none", "export.merge_at_end=false",
-              "train.eval_every=0", "data.eval_files=[]"]
+              "eval.every_n_steps=0", "eval.at_end=[lm]", "data.eval_files=[]"]
     train(common + ["run.name=a", "train.micro_batch_size=4", "train.grad_accum=4"], tmp_path)
     train(common + ["run.name=b", "train.micro_batch_size=2", "train.grad_accum=8"], tmp_path)
     ref = read_metrics(run_dir)
@@ -129,7 +132,7 @@ def test_zero_stages_give_the_same_loss_curve(demo_run, tmp_path):
     ref = read_metrics(run_dir)
     for stage in (0, 1, 3):
         train(["recipe=demo", f"train.max_steps={STEPS}", "logger=none", "export.merge_at_end=false",
-               "train.eval_every=0", "data.eval_files=[]", f"deepspeed=zero{stage}", f"run.name=z{stage}"], tmp_path, nproc=2, via="torchrun")
+               "eval.every_n_steps=0", "eval.at_end=[lm]", "data.eval_files=[]", f"deepspeed=zero{stage}", f"run.name=z{stage}"], tmp_path, nproc=2, via="torchrun")
         for r, o in zip(ref, read_metrics(tmp_path / f"z{stage}")):
             assert o["step"] == r["step"]
             assert o["train/loss"] == pytest.approx(r["train/loss"], rel=1e-5), stage

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import ROOT, TRAIN_PY, read_metrics, run_env
 
 pytestmark = pytest.mark.slow
-ARGS = ["recipe=demo", "train.max_steps=2", "logger=none", "export.merge_at_end=false", "train.eval_every=0",
+ARGS = ["recipe=demo", "train.max_steps=2", "logger=none", "export.merge_at_end=false", "eval.every_n_steps=0", "eval.at_end=[lm]",
         "data.eval_files=[]", "train.progress_bar=false"]
 
 

@@ -24,7 +24,7 @@ def test_sigusr1_saves_and_exits_85_then_resume_continues(tmp_path):
     from launch.cli import launch_command
 
     args = [f"run.root={tmp_path}", "train.progress_bar=false", "recipe=demo", "train.max_steps=200", "logger=none",
-            "train.eval_every=0", "data.eval_files=[]", "export.merge_at_end=false", "run.name=pre"]
+            "eval.every_n_steps=0", "eval.at_end=[lm]", "data.eval_files=[]", "export.merge_at_end=false", "run.name=pre"]
     proc = subprocess.Popen(launch_command(args, 2), env=run_env(1), cwd=str(ROOT),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "pre" / "metrics.jsonl"

@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import read_metrics, train
 
 pytestmark = pytest.mark.slow
-COMMON = ["recipe=demo", "train.max_steps=6", "logger=none", "export.merge_at_end=false", "train.eval_every=0",
+COMMON = ["recipe=demo", "train.max_steps=6", "logger=none", "export.merge_at_end=false", "eval.every_n_steps=0", "eval.at_end=[lm]",
           "data.eval_files=[]", "peft.dropout=0.1", "train.save_every=0"]
 
 

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT, read_metrics, run_env, train
 
 pytestmark = pytest.mark.slow
-BASE = ["recipe=demo", "logger=none", "train.eval_every=0", "data.eval_files=[]", "export.merge_at_end=false"]
+BASE = ["recipe=demo", "logger=none", "eval.every_n_steps=0", "eval.at_end=[lm]", "data.eval_files=[]", "export.merge_at_end=false"]
 
 
 def _env(**kw):

@@ -423,7 +423,7 @@ def test_real_cluster_preempted_training_resumes_from_saved_step(slurm, tmp_path
     out = subprocess.run([sys.executable, "-m", "launch.cli", "slurm", "--nodes", "1", "--nproc-per-node", "1",
                           "--job-name", name, "--log-dir", str(tmp_path / "logs"), f"run.root={tmp_path}", "run.name=pre",
                           "recipe=demo", "train.max_steps=30", "logger=none", "export.merge_at_end=false",
-                          "train.eval_every=0", "data.eval_files=[]", "train.progress_bar=false", "train.micro_batch_size=2",
+                          "eval.every_n_steps=0", "eval.at_end=[lm]", "data.eval_files=[]", "train.progress_bar=false", "train.micro_batch_size=2",
                           "train.grad_accum=1"],
                          capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=60)
     assert out.returncode == 0, out.stderr

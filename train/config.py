@@ -154,8 +154,6 @@ class TrainConfig:
     global_batch_size: int = doc(0, "Conversations (or packed rows) per optimizer step over all ranks; when set, it wins: grad_accum = global / (micro x ranks), which must divide.")
     max_steps: int = doc(-1, "Optimizer steps to run; -1 runs `epochs` full passes.")
     epochs: int = doc(1, "Passes over the training data when max_steps is -1.")
-    eval_every: int = doc(0, "Run held-out eval every N optimizer steps (and at the end); 0: only at the end.")
-    eval_max_batches: int = doc(0, "Cap on eval micro-batches per rank; 0: the whole eval set.")
     save_every: int = doc(0, "Save a checkpoint every N optimizer steps (and at the end); 0: only at the end.")
     log_every: int = doc(1, "Write metrics every N optimizer steps.")
     seed: int = doc(42, "Seed of model init (adapters), dropout and data order.")
@@ -165,6 +163,38 @@ class TrainConfig:
     nonfinite: str = doc("skip", "Non-finite loss (agreed over all ranks): skip the update (counted, logged) or stop (save the last good state, exit 3).")
     max_nonfinite_in_row: int = doc(3, "skip: stop like `stop` after more than this many non-finite steps in a row.")
     keep_checkpoints: int = doc(3, "Keep the newest N complete checkpoints (0: keep all).")
+
+
+@dataclass
+class KernelsConfig:
+    fused_ce: bool = doc(True, "Chunked linear + cross-entropy over target positions only: the [tokens, vocab] logits never materialise (same loss); falls back to full logits under ZeRO-3 or for models that transform their logits.")
+    ce_chunk_size: int = doc(1024, "Target rows per chunk of the fused cross-entropy (~1.3 GB of fp32 temporaries per 1024 rows at a 128k vocabulary).")
+    fast_int8: bool = doc(True, "quant=int8: dequantise the int8 weights per layer into 16-bit GEMMs instead of LLM.int8's int8 matmul with outlier decomposition (same int8 weight memory; the trained base is then exactly the dequantized one).")
+    liger: bool = doc(True, "Liger RMSNorm/SwiGLU/RoPE kernels on Llama/Qwen2/Mistral when liger_kernel is importable and training on CUDA; otherwise a logged no-op.")
+    checkpoint_every: int = doc(1, "With model.gradient_checkpointing: checkpoint every k-th decoder layer only (1: all; larger: less recompute, more memory).")
+    compile: bool = doc(False, "torch.compile each decoder layer (regional compilation).")
+    peak_tflops: float = doc(0.0, "Peak dense bf16 TFLOP/s per GPU for MFU; 0: looked up from the GPU name (train/flops.py), none on CPU.")
+
+
+@dataclass
+class EvalConfig:
+    every_n_steps: int = doc(0, "Run the in-training parts (eval.during_training) every N optimizer steps; the end-of-training parts always run at the end. 0: only at the end.")
+    during_training: List[str] = doc(["lm"], "Parts run every every_n_steps: lm (held-out loss per source; cheap), intent, response.")
+    at_end: List[str] = doc(["lm", "intent", "response"], "Parts run when training ends (parts without data are skipped); `dialtune eval` runs them too unless --parts says otherwise.")
+    lm_max_batches: int = doc(0, "Cap on held-out LM micro-batches per rank; 0: the whole eval set.")
+    base_comparison: bool = doc(True, "At the end, also measure the held-out loss with the adapter disabled (the base model), for the base vs fine-tuned table.")
+    intent_files: List[str] = doc([], "Labelled utterances ({'text','label'}; JSONL/JSON/CSV/Parquet) for intent accuracy, rendered like data.intent records; empty: no intent eval.")
+    intent_labels: List[str] = doc([], "The label set the classifier chooses from; empty: every label found in intent_files.")
+    intent_modes: List[str] = doc(["loglik", "generate"], "loglik: pick the label with the highest log-likelihood (constrained choice); generate: greedy generation matched to a label (else counted unknown).")
+    intent_max_examples: int = doc(200, "Utterances scored (the first N of intent_files); 0: all.")
+    response_conversations: int = doc(32, "Held-out conversations whose last assistant turn is generated and scored (chrF, BLEU, ROUGE-L, stop and loop shares); 0: skip.")
+    decoding: List[str] = doc(["greedy"], "Decodings for response quality: greedy and/or sampled.")
+    temperature: float = doc(0.7, "Sampling temperature of the sampled decoding.")
+    top_p: float = doc(0.9, "Nucleus sampling threshold of the sampled decoding.")
+    max_new_tokens: int = doc(128, "Longest generated response in tokens.")
+    batch_size: int = doc(8, "Sequences per forward (label scoring) or generate() batch.")
+    samples: int = doc(8, "Conversations per decoding in the samples table (W&B table eval/samples, eval/samples.jsonl and .md).")
+    seed: int = doc(0, "Seed of the sampled decoding.")
 
 
 @dataclass
@@ -197,6 +227,8 @@ class DialtuneConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, metadata={"help": "DeepSpeed ZeRO."})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and LR schedule."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training loop."})
+    kernels: KernelsConfig = field(default_factory=KernelsConfig, metadata={"help": "Speed levers (each measured in bench/RESULTS.md)."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation suite (in training and `dialtune eval`)."})
     logger: LoggerConfig = field(default_factory=LoggerConfig, metadata={"help": "Metrics logging."})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Merged checkpoint."})
 
@@ -311,8 +343,29 @@ def validate(cfg, cuda_available: Optional[bool] = None) -> None:
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
     validate_data(cfg.data)
+    validate_eval(cfg.eval)
+    if cfg.kernels.ce_chunk_size < 1 or cfg.kernels.checkpoint_every < 1:
+        raise ConfigError("kernels.ce_chunk_size and kernels.checkpoint_every must be at least 1.")
     if t.resume not in ("none", "auto") and not os.path.isdir(t.resume):
         raise ConfigError(f"train.resume={t.resume!r} is neither none, auto nor an existing checkpoint directory.")
+
+
+def validate_eval(e) -> None:
+    for key in ("during_training", "at_end"):
+        bad = [p for p in e[key] if p not in ("lm", "intent", "response")]
+        if bad:
+            raise ConfigError(f"eval.{key} has {bad[0]!r}; parts are lm, intent and response.")
+    bad = [m for m in e.intent_modes if m not in ("loglik", "generate")]
+    if bad:
+        raise ConfigError(f"eval.intent_modes has {bad[0]!r}; modes are loglik and generate.")
+    bad = [d for d in e.decoding if d not in ("greedy", "sampled")]
+    if bad:
+        raise ConfigError(f"eval.decoding has {bad[0]!r}; decodings are greedy and sampled.")
+    for i, path in enumerate(e.intent_files):
+        if not os.path.exists(path):
+            raise ConfigError(f"eval.intent_files[{i}]: file {path!r} does not exist; check the path.")
+    if e.batch_size < 1 or e.max_new_tokens < 1 or e.every_n_steps < 0:
+        raise ConfigError("eval.batch_size and eval.max_new_tokens must be at least 1, eval.every_n_steps at least 0.")
 
 
 def validate_data(d) -> None:

@@ -49,6 +49,14 @@ class Metrics:
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=step)
 
+    def table(self, key: str, rows, step: int) -> None:
+        """A list of same-keyed dicts as a W&B table (the run directory has the JSONL)."""
+        if self.enabled and self.wandb_run is not None and rows:
+            import wandb
+
+            cols = list(rows[0])
+            self.wandb_run.log({key: wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])}, step=step)
+
     def summary(self, values: Dict[str, Any]) -> None:
         if self.enabled and self.wandb_run is not None:
             self.wandb_run.summary.update(values)

@@ -22,11 +22,12 @@ from omegaconf import OmegaConf
 
 from data_pipeline import batching
 from data_pipeline.chat import IGNORE, apply_named_template, end_of_turn_id
-from data_pipeline.dataset import prepare_cached
+from data_pipeline.dataset import eval_conversations, prepare_cached, sources_of
 from data_pipeline.packing import collate_packed
-from model import loader
+from model import kernels, loader
 
-from . import checkpoint, distributed, optim, signals
+from . import checkpoint, distributed, flops, optim, signals
+from . import evaluate as suite
 from .config import ConfigError
 from .ds_config import lr_lambda, mixed_precision, render
 from .metrics import Metrics, memory_gb
@@ -54,25 +55,6 @@ class MicroBatchStream:
             self._plan = batching.epoch_micro_batches(*self.args, self.epoch)
         self.pos += 1
         return self._plan[self.pos - 1]
-
-
-def evaluate(engine, ds, pad_id, mb, world, rank, dev, max_batches=0) -> Dict[str, float]:
-    """Token-weighted held-out loss over the whole eval set (all ranks run the same forwards)."""
-    plan = batching.eval_micro_batches(len(ds), mb, world, rank)
-    if max_batches:
-        plan = plan[:max_batches]
-    total, count = 0.0, 0
-    engine.eval()
-    with torch.no_grad():
-        for idx in plan:
-            b = batching.collate(batching.fetch(ds, idx), pad_id)
-            out = engine(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
-            total += token_ce_sum(out.logits, b["labels"].to(dev)).item()
-            count += batching.target_tokens(b)
-    engine.train()
-    total, count = distributed.all_sum([total, count], dev)
-    loss = total / max(count, 1)
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50)), "eval/target_tokens": int(count)}
 
 
 def _flat(d: Dict, prefix: str = "") -> Dict[str, Any]:
@@ -111,8 +93,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     eot = end_of_turn_id(tokenizer, cfg.model.end_of_turn_token)
 
     # ---- data ---------------------------------------------------------------------------------
-    train_ds, eval_ds, packs, data_stats, _ = prepare_cached(cfg.data, tokenizer, eot, local_rank,
-                                                             log=log.info if is_main else (lambda *_: None))
+    train_ds, eval_ds, packs, data_stats, data_path = prepare_cached(cfg.data, tokenizer, eot, local_rank,
+                                                                     log=log.info if is_main else (lambda *_: None))
     mb, gas = t.micro_batch_size, t.grad_accum
     if t.global_batch_size:
         if t.global_batch_size % (mb * world):
@@ -130,10 +112,13 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     attn = cfg.model.attn_implementation
 
     def make_batch(indices):
+        """(batch, token lengths of its conversations) - the lengths feed the FLOPs count."""
         if packs is None:
-            return batching.collate(batching.fetch(train_ds, indices), pad_id)
+            b = batching.collate(batching.fetch(train_ds, indices), pad_id)
+            return b, b["attention_mask"].sum(1).tolist()
         rows = [batching.fetch(train_ds, m) for m in packs[list(indices)]["members"]]
-        return collate_packed(rows, pad_id, attn, dtype=loader.DTYPES[mixed_precision(cfg)])
+        return (collate_packed(rows, pad_id, attn, dtype=loader.DTYPES[mixed_precision(cfg)]),
+                [len(d["input_ids"]) for row in rows for d in row])
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
 
     pad_id = tokenizer.pad_token_id
@@ -143,7 +128,16 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     n_quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
+    kc = cfg.kernels
+    if kc.liger:
+        kernels.apply_liger(model)
     model = loader.attach_adapter(model, cfg)
+    fast_int8 = kernels.dequantize_int8_linears(model) if cfg.quant.mode == "int8" and kc.fast_int8 else 0
+    if cfg.model.gradient_checkpointing and kc.checkpoint_every > 1:
+        kernels.selective_checkpointing(model, kc.checkpoint_every)
+    if kc.compile:
+        kernels.compile_decoder_layers(model)
+    model_config = model.config
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
@@ -152,6 +146,21 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=render(cfg, world))
+    no_fused = kernels.fused_ce_unsupported(engine) if kc.fused_ce else "kernels.fused_ce=false"
+    if is_main and kc.fused_ce and no_fused:
+        log.info("fused cross-entropy off: %s; computing full logits", no_fused)
+    peak = flops.peak_flops(dev, loader.DTYPES[mixed_precision(cfg)], kc.peak_tflops * 1e12 or None)
+
+    def forward_ce(b):
+        """(summed CE over the batch's targets, the model output)."""
+        inputs = {key: v.to(dev) for key, v in b.items() if key != "labels"}
+        labels = b["labels"].to(dev)
+        if no_fused:
+            out = engine(**inputs)
+            return token_ce_sum(out.logits, labels), out
+        with kernels.hidden_states_as_logits(engine) as head:
+            out = engine(**inputs)  # out.logits holds the final hidden states here
+        return kernels.chunked_linear_ce_sum(out.logits, head, labels, chunk_size=kc.ce_chunk_size), out
 
     # ---- resume -------------------------------------------------------------------------------
     ckpt_root = os.path.join(run_dir, "checkpoints")
@@ -176,6 +185,23 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                  run_dir, len(train_ds), len(eval_ds) if eval_ds is not None else 0, total_steps, world,
                  n_trainable / 1e6, n_total / 1e6)
 
+    ev = cfg.eval
+    eval_texts = eval_conversations(data_path) if eval_ds is not None else []
+    eval_sources = suite.source_names([s["path"] for s in sources_of(cfg.data)])
+
+    def run_eval(parts, step, final):
+        base = final and ev.base_comparison and cfg.peft.method != "none"
+        res = suite.run_suite(parts, model=engine.module, forward=engine, tokenizer=tokenizer, eot=eot, cfg=ev,
+                              eval_ds=eval_ds, sources=eval_sources, conversations=eval_texts, pad_id=pad_id,
+                              micro_batch_size=mb, max_len=cfg.data.max_seq_len, world=world, rank=rank, dev=dev,
+                              synced=cfg.deepspeed.stage == 3 and world > 1, intent_cfg=cfg.data.intent,
+                              base_ctx=engine.module.disable_adapter if base else None, progress=is_main and t.progress_bar)
+        if is_main and res:
+            suite.write(res, os.path.join(run_dir, "eval"), step, os.path.join(ckpt_root, checkpoint.tag_for(step)))
+            metrics.table("eval/samples", res.get("samples", []), step)
+            log.info("eval at step %d:\n%s", step, suite.tables_text(res))
+        return suite.scalars(res)
+
     bar = None
     if is_main and t.progress_bar:
         from tqdm.auto import tqdm
@@ -197,17 +223,18 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     engine.train()
     for step in range(first_step, total_steps + 1):
         t0 = time.perf_counter()
-        batches = [make_batch(stream.next()) for _ in range(gas)]
+        made = [make_batch(stream.next()) for _ in range(gas)]
+        batches = [b for b, _ in made]
         local = [sum(batching.target_tokens(b) for b in batches),
                  sum(int((b["input_ids"] != pad_id).sum()) for b in batches),
-                 sum(b["input_ids"].numel() for b in batches)]
-        n_targets, n_real, n_padded = distributed.all_sum(local, dev)
+                 sum(b["input_ids"].numel() for b in batches),
+                 sum(flops.flops_for_documents(model_config, lengths) for _, lengths in made)]
+        n_targets, n_real, n_padded, step_flops = distributed.all_sum(local, dev)
         lr = optimizer.param_groups[0]["lr"]
         scale = world / max(n_targets, 1.0)
         loss_sum, bad_step = 0.0, False
         for i, b in enumerate(batches):
-            out = engine(**{k: v.to(dev) for k, v in b.items() if k != "labels"})
-            ce = token_ce_sum(out.logits, b["labels"].to(dev))
+            ce, out = forward_ce(b)
             if inject_nan and inject_nan[0] <= step <= inject_nan[1] and rank == inject_nan[2]:
                 ce = ce * float("nan")  # fault injection for tests (DIALTUNE_INJECT_NAN=first[-last][,rank])
             # every rank learns whether any rank's loss is non-finite: all take the same path
@@ -255,9 +282,11 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                   "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "perf/target_tokens": int(n_targets), "perf/tokens": int(n_real), "perf/padded_tokens": int(n_padded),
                   "perf/target_tok_s": n_targets / elapsed, "perf/tok_s": n_real / elapsed,
-                  "perf/step_time_s": elapsed, **memory_gb()}
-        if (t.eval_every and step % t.eval_every == 0 or step == total_steps) and eval_ds is not None:
-            eval_result = evaluate(engine, eval_ds, pad_id, mb, world, rank, dev, t.eval_max_batches)
+                  "perf/step_time_s": elapsed, "perf/model_tflops_per_device": step_flops / elapsed / world / 1e12,
+                  **({"perf/mfu": step_flops / elapsed / world / peak} if peak else {}), **memory_gb()}
+        parts = ev.at_end if step == total_steps else ev.during_training if ev.every_n_steps and step % ev.every_n_steps == 0 else []
+        if parts:
+            eval_result = run_eval(parts, step, final=step == total_steps)
             record.update(eval_result)
         if step % t.log_every == 0 or "eval/loss" in record or bad_step:
             metrics.log({k: v for k, v in record.items() if v is not None}, step)
@@ -285,6 +314,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "global_batch_size": mb * gas * world,
                "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter"),
                "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
+               "fast_int8_layers": fast_int8, "fused_ce": not no_fused, "peak_tflops": peak / 1e12 if peak else None,
                "params_trainable": n_trainable, "params_total": n_total, **eval_result}
     metrics.summary(eval_result)
     wandb_dir = metrics.close()

@@ -1,0 +1,124 @@
+"""dialtune's training step, with its levers: the base loaded and adapted by model/loader.py (the
+same BitsAndBytesConfig the recipe builds, LoRA r16/alpha 32/dropout 0.05 on the same 7
+projections, no k-bit upcast), packed rows with block-diagonal attention (data_pipeline.packing),
+and the kernels of model/kernels.py. One process and a plain torch AdamW: the recipe's DeepSpeed
+engine adds only its ZeRO bookkeeping around the same forward/backward.
+
+Levers (spec["levers"]), each 1/0 unless noted:
+  packing   rows of pack_len tokens, conversations kept apart by the mask (0: padded batches of
+            batch_size conversations, as the hf path)
+  fused_ce  chunked linear + cross-entropy on target positions only (0: full logits)
+  fast_int8 int8 weights dequantised per layer into bf16 GEMMs (0: LLM.int8 matmul); int8 only
+  liger     Liger RMSNorm/SwiGLU/RoPE when importable on CUDA
+  ckpt      activation checkpointing on every k-th layer: 1 all, 0 none, k > 1 selective
+  compile   torch.compile each decoder layer
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.common import DTYPES, IGNORE, LORA_TARGETS, Meter, batch_counts, conversations, reset_peak, say
+
+LEVERS = {"packing": 1, "fused_ce": 1, "fast_int8": 1, "liger": 1, "ckpt": 1, "compile": 0}
+
+
+def _config(spec: Dict, levers: Dict) -> SimpleNamespace:
+    """The fields of dialtune's config that model/loader.py reads."""
+    quant = spec["quant"]
+    return SimpleNamespace(
+        quant=SimpleNamespace(mode=quant if quant in ("int8", "nf4") else "none", compute_dtype="bf16",
+                              double_quant=True, int8_threshold=6.0),
+        model=SimpleNamespace(name_or_path=spec["model_dir"], dtype="fp32" if quant == "fp32" else "bf16",
+                              attn_implementation="sdpa", trust_remote_code=False, revision=None,
+                              gradient_checkpointing=levers["ckpt"] > 0, add_tokens=[]),
+        peft=SimpleNamespace(method="lora", r=16, alpha=32, dropout=0.05, target_modules=LORA_TARGETS, bias="none",
+                             modules_to_save=[]))
+
+
+def _batches(spec: Dict, levers: Dict, vocab: int, dtype) -> List[Dict]:
+    """Every step's micro-batch, collated up front (the recipe's loader overlaps this with compute)."""
+    from data_pipeline.batching import collate
+    from data_pipeline.packing import collate_packed, pack
+
+    total = spec["warmup"] + spec["steps"]
+    if not levers["packing"]:
+        data = conversations(spec["lengths"], spec["max_len"], vocab, spec["batch_size"] * total, spec["seed"])
+        return [collate(data[i * spec["batch_size"]:(i + 1) * spec["batch_size"]], pad_id=0) for i in range(total)]
+    L = spec["pack_len"]
+    rows_per_step = max(1, spec["tokens_per_batch"] // L)
+    need = rows_per_step * total
+    # the shortest prefix of the conversation stream (the one the hf path draws from) that packs
+    # into enough rows; when it gives more, the emptiest extra rows are left out
+    data = conversations(spec["lengths"], L, vocab, need * L // 64 + 16, spec["seed"])
+    lengths = [len(d["input_ids"]) for d in data]
+    k = int(np.searchsorted(np.cumsum(lengths), need * L * 0.9)) + 1
+    while len(bins := pack(lengths[:k], L, spec["seed"])) < need:
+        if k >= len(lengths):
+            raise ValueError(f"{len(lengths)} conversations pack into only {len(bins)} rows of {L}; {need} needed")
+        k += 1 + k // 50
+    bins = sorted(bins, key=lambda b: -sum(lengths[i] for i in b))[:need]
+    order = np.random.default_rng(spec["seed"]).permutation(need)
+    rows = [[data[j] for j in bins[i]] for i in order]
+    out = []
+    for s in range(total):
+        chunk = rows[s * rows_per_step:(s + 1) * rows_per_step]
+        b = collate_packed(chunk, pad_id=0, attn_implementation="sdpa", dtype=dtype)
+        b["lengths"] = [len(d["input_ids"]) for row in chunk for d in row]
+        out.append(b)
+    return out
+
+
+def run(spec: Dict, peak) -> Dict:
+    from model import kernels, loader
+
+    device, quant, dtype = torch.device(spec["device"]), spec["quant"], DTYPES[spec["quant"]]
+    levers = {**LEVERS, **spec["levers"]}
+    notes = []
+    cfg = _config(spec, levers)
+    model = loader.load_base(cfg, spec["model_dir"], device)
+    if levers["liger"]:
+        notes.append("liger" if kernels.apply_liger(model) else "liger skipped")
+    model = loader.attach_adapter(model, cfg)
+    if levers["ckpt"] > 1:
+        notes.append(f"ckpt {kernels.selective_checkpointing(model, levers['ckpt'])}/{len(kernels.decoder_layers(model))} layers")
+    if quant == "int8" and levers["fast_int8"]:
+        notes.append(f"fast int8 x{kernels.dequantize_int8_linears(model)}")
+    fused = bool(levers["fused_ce"])
+    why_not = kernels.fused_ce_unsupported(model) if fused else None
+    if why_not:
+        notes.append(f"fused CE off: {why_not}")
+        fused = False
+    if levers["compile"]:
+        notes.append(f"compiled {kernels.compile_decoder_layers(model)} layers")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # the recipe's DeepSpeed bf16 engine trains the adapter in bf16 too
+        p.data = p.data.to(dtype)
+    opt = torch.optim.AdamW(trainable, lr=2e-4, fused=device.type == "cuda")
+    batches = _batches(spec, levers, model.config.vocab_size, dtype)
+    meter = Meter(device, spec["warmup"], spec["steps"])
+    losses = []
+    model.train()
+    reset_peak(device)
+    say(f"dialtune {quant} {levers}: {len(batches)} steps")
+    for step, b in enumerate(batches, 1):
+        labels = b["labels"].to(device, non_blocking=True)
+        inputs = {k: v.to(device, non_blocking=True) for k, v in b.items() if k not in ("labels", "lengths")}
+        if fused:
+            ce = kernels.fused_ce_sum(model, labels, **inputs)
+        else:
+            logits = model(**inputs).logits  # train.recipe.token_ce_sum (not imported: it needs omegaconf)
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                 ignore_index=IGNORE, reduction="sum")
+        counts = batch_counts(b["input_ids"], b["labels"], b.get("attention_mask"), b.get("lengths"))
+        (ce / max(counts["target"], 1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step in (1, len(batches)):
+            losses.append(ce.item() / max(counts["target"], 1))
+        meter.step(step, counts)
+    return {**meter.result(model.config, peak), "notes": ", ".join(notes), "loss_first": losses[0], "loss_last": losses[-1]}

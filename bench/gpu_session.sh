@@ -1,0 +1,47 @@
+#!/bin/bash
+# The GPU checks and benchmark of one lent-GPU session, in ONE device call of <= 600 s.
+#
+# Before the call, on the CPU machine, from the repo root (fills the git-ignored .whl/ with the
+# wheels the GPU machine lacks: bitsandbytes, deepspeed, hydra/omegaconf, datasets, liger-kernel):
+#     bash /work/shared/tools/gpu-wheels.sh
+# The call:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# Cheaper fallback (~3-4 min): run(command="SHAPE=llama3-1b STEPS=10 bash bench/gpu_session.sh", ...)
+#
+# What it does, writing everything under $OUT (it comes back with the call):
+#   1. installs the carried wheels into /tmp/site;
+#   2. runs the gpu-marked tests (python -m pytest -m gpu): pytest_gpu.log;
+#   3. benchmarks SHAPE (default llama3-8b) for int8, nf4 and bf16, the hand-written HF recipe and
+#      dialtune, STEPS measured steps after WARMUP: bench.log, bench.jsonl, and RESULTS.md = this
+#      tree's bench/RESULTS.md with the new entry appended (copy it over bench/RESULTS.md).
+# Expected time for llama3-8b (an estimate: no session has run it yet): ~1 min setup and tests,
+# ~1-2 min to build and write the random 16 GB base once, then ~1 min per row (process start,
+# load + quantize from the page cache, 8 steps; the hf int8 row is the slowest at ~4 s a step).
+# Rows that would not finish before DEADLINE (seconds after the start, default 570) are
+# reported as skipped or killed in the table instead of losing the whole call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+t0=$SECONDS
+OUT=${OUT:-/tmp/dialtune-gpu-out}
+SHAPE=${SHAPE:-llama3-8b}
+STEPS=${STEPS:-6}
+WARMUP=${WARMUP:-2}
+DEADLINE=${DEADLINE:-570}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+       WANDB_MODE=disabled
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+echo "setup done at $((SECONDS - t0)) s"
+
+# exit code 5 = no gpu-marked test collected
+timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log"
+echo "gpu tests done at $((SECONDS - t0)) s"
+
+cp bench/RESULTS.md "$OUT/RESULTS.md"
+budget=$((DEADLINE - (SECONDS - t0) - 20))
+python3 bench/run.py --shape "$SHAPE" --quant int8,nf4,bf16 --which hf,dialtune --steps "$STEPS" --warmup "$WARMUP" \
+    --time-budget "$budget" --append-results --results-file "$OUT/RESULTS.md" --jsonl "$OUT/bench.jsonl" \
+    2>&1 | tee "$OUT/bench.log"
+echo "total $((SECONDS - t0)) s"

@@ -1,0 +1,154 @@
+"""`dialtune eval <run_dir | checkpoint | merged checkpoint> [overrides]`: the eval suite
+(train/evaluate.py) outside training, in one process, on the GPU when there is one.
+
+- a run directory: the adapter of its latest checkpoint on the run's base (base vs fine-tuned
+  held-out loss with the adapter disabled), with the run's data and eval settings;
+- a checkpoint directory (<run_dir>/checkpoints/step_N): that checkpoint's adapter;
+- a merged checkpoint (config.json): the merged model alone; its run's settings when it lies in
+  a run directory (<run_dir>/merged), else the default config (the bundled sample data).
+Overrides are `key=value` pairs on that config, e.g. `eval.intent_files=[intents.jsonl]
+eval.decoding=[greedy,sampled] data.eval_files=[held_out.jsonl]`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+class EvalError(Exception):
+    """A user-fixable problem: one sentence, exit code 2."""
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("eval", help="held-out loss per source, intent accuracy and response quality of a run or checkpoint")
+    e.add_argument("path", help="run directory, checkpoint directory (checkpoints/step_N) or merged checkpoint")
+    e.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.intent_files=[intents.jsonl] eval.decoding=[greedy,sampled]")
+    e.add_argument("--parts", default=None, help="comma-separated parts: lm,intent,response (default: eval.at_end)")
+    e.add_argument("--out", default=None, help="output directory (default: <run_dir>/eval, or <checkpoint>/eval)")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    e.set_defaults(fn=cmd_eval)
+
+
+def _run_config(run_dir: Path, overrides: List[str]):
+    from omegaconf import OmegaConf
+
+    from train.config import DialtuneConfig
+
+    cfg = OmegaConf.merge(OmegaConf.structured(DialtuneConfig), OmegaConf.load(run_dir / "config.yaml"))
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+    return cfg
+
+
+def resolve(path: str, overrides: List[str]):
+    """(cfg, kind, model_dir, adapter_dir, base_path, out_dir) for what the user pointed at."""
+    p = Path(path)
+    if not p.exists():
+        raise EvalError(f"{path} does not exist; pass a run directory, a checkpoint directory or a merged checkpoint.")
+    if (p / "config.json").is_file():  # merged checkpoint
+        run_dir = p.parent if (p.parent / "config.yaml").is_file() else None
+        if run_dir is not None:
+            cfg = _run_config(run_dir, overrides)
+        else:
+            from launch.prepare import compose
+
+            cfg = compose(overrides)
+        return cfg, "merged", p, None, None, (run_dir / "eval" if run_dir else p / "eval")
+    if (p / "adapter").is_dir() and (p.parent.parent / "config.yaml").is_file():
+        run_dir, adapter = p.parent.parent, p / "adapter"
+    elif (p / "config.yaml").is_file():
+        run_dir = p
+        latest = p / "checkpoints" / "latest"
+        if not latest.is_file():
+            raise EvalError(f"run directory {p} has no finished checkpoint yet; train longer or pass a checkpoint directory.")
+        adapter = p / "checkpoints" / latest.read_text().strip() / "adapter"
+    else:
+        raise EvalError(f"{path} is neither a dialtune run directory (config.yaml), a checkpoint (adapter/) nor a merged checkpoint (config.json).")
+    cfg = _run_config(run_dir, overrides)
+    if cfg.peft.method == "none" or not adapter.is_dir():
+        raise EvalError(f"{adapter} holds no adapter (peft=none runs save no adapter); merge or pass the merged checkpoint.")
+    base = str(run_dir / "base") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
+    return cfg, "adapter", adapter, adapter, base, run_dir / "eval"
+
+
+def load_model(cfg, kind: str, model_dir: Path, base: Optional[str], dev):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model import loader
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if kind == "merged":
+        dtype = torch.float32 if dev.type == "cpu" else "auto"  # CPU: bf16 matmuls are slow or missing
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(dev).eval(), tokenizer
+    from peft import PeftModel
+
+    if dev.type == "cpu" and cfg.quant.mode == "none":
+        cfg.model.dtype = "fp32"
+    model = loader.load_base(cfg, base, dev)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return PeftModel.from_pretrained(model, str(model_dir)).to(dev).eval(), tokenizer
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
+    from data_pipeline.dataset import eval_conversations, prepare_cached, sources_of
+    from train import evaluate as suite
+    from train.config import ConfigError, validate_data, validate_eval
+
+    try:
+        cfg, kind, model_dir, adapter, base, out = resolve(args.path, args.overrides)
+        parts = args.parts.split(",") if args.parts else list(cfg.eval.at_end)
+        bad = [x for x in parts if x not in suite.PARTS]
+        if bad:
+            raise EvalError(f"--parts has {bad[0]!r}; parts are {', '.join(suite.PARTS)}.")
+        validate_eval(cfg.eval)
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        model, tokenizer = load_model(cfg, kind, model_dir, base, dev)
+        apply_named_template(tokenizer, None)
+        eot = end_of_turn_id(tokenizer, cfg.model.end_of_turn_token)
+        eval_ds, texts, names = None, [], []
+        if {"lm", "response"} & set(parts):
+            validate_data(cfg.data)
+            _, eval_ds, _, _, data_path = prepare_cached(cfg.data, tokenizer, eot, log=lambda m: print(m, file=sys.stderr))
+            texts = eval_conversations(data_path) if eval_ds is not None else []
+            names = suite.source_names([s["path"] for s in sources_of(cfg.data)])
+        res = suite.run_suite(parts, model=model, forward=model, tokenizer=tokenizer, eot=eot, cfg=cfg.eval,
+                              eval_ds=eval_ds, sources=names, conversations=texts, pad_id=tokenizer.pad_token_id,
+                              micro_batch_size=cfg.train.micro_batch_size, max_len=cfg.data.max_seq_len, world=1, rank=0,
+                              dev=dev, base_ctx=model.disable_adapter if adapter is not None and cfg.eval.base_comparison else None,
+                              intent_cfg=cfg.data.intent, progress=sys.stderr.isatty())
+    except (EvalError, ConfigError, DataError) as e:
+        print(f"dialtune: error: {e}", file=sys.stderr)
+        return 2
+    if not res:
+        print("dialtune: error: nothing to evaluate: no eval set (data.eval_files / data.eval_fraction) and no "
+              "eval.intent_files; pass one of them as an override.", file=sys.stderr)
+        return 2
+    paths = suite.write(res, str(args.out or out), None, str(model_dir))
+    print(suite.tables_text(res))
+    print(f"dialtune: eval results written to {paths['results']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="dialtune")
+    add_parser(p.add_subparsers(dest="cmd", required=True))
+    args = p.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

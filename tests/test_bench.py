@@ -1,0 +1,93 @@
+"""bench/: the harness runs end to end on CPU (tiny shape) and prints/appends one table with both
+paths; its data and table helpers behave."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_env
+
+
+def test_bench_tiny_cpu_end_to_end(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    rows = tmp_path / "rows.jsonl"
+    args = ["--shape", "tiny", "--device", "cpu", "--quant", "fp32", "--which", "hf,dialtune", "--steps", "1",
+            "--warmup", "1", "--tokens-per-batch", "512", "--batch-size", "4", "--model-cache", str(tmp_path / "models"),
+            "--append-results", "--results-file", str(results), "--jsonl", str(rows)]
+    # one thread: two OpenMP threads on a shared 2-core machine run tiny matmuls 50x slower
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), *args], env=run_env(1), cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()  # DeepSpeed, when installed, logs a line to stdout on import
+    top = lines.index("| path | quant | real tok/s | target tok/s | padded tok/s | peak GiB | MFU | vs hf |")
+    hf_row, dt_row = lines[top + 2], lines[top + 3]
+    assert hf_row.startswith("| hf | fp32 |") and hf_row.endswith("| 1.00 |")
+    assert dt_row.startswith("| dialtune | fp32 |") and "Single process, no DeepSpeed" in proc.stdout
+    recorded = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [r["label"] for r in recorded] == ["hf", "dialtune"]
+    assert all(r["real_tok_s"] > 0 and 0 < r["target_tok_s"] < r["real_tok_s"] <= r["padded_tok_s"] for r in recorded)
+    text = results.read_text()
+    assert "· CPU · tiny" in text and "transformers " in text and "peft " in text
+    assert "python bench/run.py --shape tiny --device cpu" in text and hf_row in text and dt_row in text
+
+
+def test_which_parsing():
+    from bench.run import parse_which
+
+    assert parse_which("hf,dialtune,dialtune:fused_ce=0:ckpt=2") == [
+        ("hf", "hf", {}), ("dialtune", "dialtune", {}), ("dialtune:fused_ce=0:ckpt=2", "dialtune", {"fused_ce": 0, "ckpt": 2})]
+    for bad in ("hf:liger=0", "dialtune:warp=1", "dialtune:liger=yes", "trl"):
+        with pytest.raises(ValueError):
+            parse_which(bad)
+
+
+def test_table_ratios_and_failed_rows():
+    from bench.run import table
+
+    row = dict(real_tok_s=1000.0, target_tok_s=500.0, padded_tok_s=2000.0, peak_gib=40.0, mfu=0.05)
+    text = table([{"label": "hf", "path": "hf", "quant": "int8", **row},
+                  {"label": "dialtune", "path": "dialtune", "quant": "int8", **row, "real_tok_s": 3000.0, "peak_gib": None},
+                  {"label": "dialtune", "path": "dialtune", "quant": "nf4", "error": "failed: OutOfMemoryError: a|b"}])
+    lines = text.splitlines()
+    assert lines[2] == "| hf | int8 | 1,000 | 500 | 2,000 | 40.0 | 5.0% | 1.00 |"
+    assert lines[3] == "| dialtune | int8 | 3,000 | 500 | 2,000 | - | 5.0% | 3.00 |"
+    assert lines[4].startswith("| dialtune | nf4 | failed: OutOfMemoryError: a/b |")
+
+
+def test_conversation_stream_is_prefix_stable_with_a_realistic_target_share():
+    from bench.common import conversations
+
+    a = conversations("bundled", 512, 1000, 40, seed=3)
+    b = conversations("bundled", 512, 1000, 400, seed=3)
+    assert a == b[:40]
+    lengths = [len(c["input_ids"]) for c in b]
+    targets = sum(sum(1 for t in c["labels"] if t != -100) for c in b)
+    assert max(lengths) <= 512 and 150 < sum(lengths) / len(b) < 400 and 0.4 < targets / sum(lengths) < 0.75
+    assert all(0 <= t < 1000 for c in b for t in c["input_ids"])
+    fallback = conversations("lognormal", 2048, 1000, 200, seed=3)
+    assert 250 < sum(len(c["input_ids"]) for c in fallback) / 200 < 500
+
+
+def test_dialtune_rows_pack_a_prefix_of_the_stream():
+    from bench.common import conversations
+    from bench.dialtune_path import LEVERS, _batches
+
+    spec = dict(warmup=1, steps=2, batch_size=4, tokens_per_batch=1024, pack_len=512, max_len=512, lengths="bundled", seed=0)
+    batches = _batches(spec, dict(LEVERS), 1000, torch.float32)
+    assert len(batches) == 3 and all(b["input_ids"].shape[0] == 2 and b["input_ids"].shape[1] <= 512 for b in batches)
+    heads = []
+    for b in batches:
+        assert sum(b["lengths"]) == int((b["input_ids"] != 0).sum())  # token ids are >= 3, padding is 0
+        assert b["attention_mask"].dtype == torch.bool
+        for row, pos in zip(b["input_ids"].tolist(), b["position_ids"].tolist()):
+            heads += [tuple(row[i:i + 4]) for i, p in enumerate(pos) if p == 0 and row[i] != 0]
+    n = len(heads)
+    assert n == sum(len(b["lengths"]) for b in batches)
+    # the packed conversations are the head of the stream the hf path reads, less a few left over
+    stream = {tuple(c["input_ids"][:4]) for c in conversations("bundled", 512, 1000, n + 4, 0)}
+    assert set(heads) <= stream
+    fill = sum(sum(b["lengths"]) for b in batches) / (len(batches) * 2 * 512)
+    assert fill > 0.8

@@ -1,0 +1,213 @@
+"""The eval suite: metrics on hand-made inputs with known answers, intent classification by
+log-likelihood and by generation, stop tokens, response scoring, the files it writes, and the
+suite inside a 2-process ZeRO-3 run plus `dialtune eval` / `dialtune report` on its output."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data_pipeline.chat import end_of_turn_id, tokenize_conversation
+from tests.conftest import ROOT, read_metrics, run_env, train
+from tests.wandb_history import history
+from train import evaluate as suite
+
+CPU = torch.device("cpu")
+INTENTS = {
+    "refund_request": ["I want my money back for order {}", "please refund order {}", "refund the {} charge",
+                       "money back for the {} purchase", "I need a refund on {}", "refund {} now"],
+    "lost_card": ["I lost my card at {}", "my card was stolen near {}", "card missing since {}",
+                  "cannot find my card after {}", "lost card {} help", "someone took my card at {}"],
+    "human_agent": ["let me talk to a person about {}", "human agent please {}", "transfer me to a human {}",
+                    "I want a real person {}", "connect me to staff {}", "speak with an agent {}"],
+}
+SYSTEM = "Classify the customer's message into its intent. Answer with the intent label only."
+
+
+def _conv(text, label=None):
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+    return msgs + ([{"role": "assistant", "content": label}] if label else [])
+
+
+def _examples(words):
+    return [(_conv(t.format(w)), label) for label, ts in INTENTS.items() for t in ts for w in words]
+
+
+@pytest.fixture(scope="module")
+def intent_model(tokenizer):
+    """A tiny Llama fully trained to answer each utterance with its intent label and stop."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data_pipeline import batching
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False))
+    eot = end_of_turn_id(tokenizer)
+    rows = []
+    for prompt, label in _examples(["A1", "B2", "C3"]):
+        ids, labels = tokenize_conversation(tokenizer, prompt + [{"role": "assistant", "content": label}], eot)
+        rows.append({"input_ids": ids, "labels": labels})
+    batch = batching.collate(rows, tokenizer.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only add synchronisation (and fight other jobs)
+    for _ in range(60):
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100  # project only the target positions: the vocabulary matmul is most of the cost
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][keep]), targets[keep])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    assert loss.item() < 0.05, loss.item()
+    return model.eval(), eot
+
+
+def test_classification_report_known_answers():
+    r = suite.classification_report(["a", "a", "b", "b", "c"], ["a", "b", "b", "b", None], ["a", "b", "c"])
+    assert r["accuracy"] == pytest.approx(3 / 5)
+    assert r["unknown"] == 1 and r["n"] == 5
+    pa, pb, pc = r["per_class"]["a"], r["per_class"]["b"], r["per_class"]["c"]
+    assert (pa["precision"], pa["recall"], pa["f1"], pa["support"]) == pytest.approx((1.0, 0.5, 2 / 3, 2))
+    assert (pb["precision"], pb["recall"], pb["f1"], pb["support"]) == pytest.approx((2 / 3, 1.0, 0.8, 2))
+    assert (pc["precision"], pc["recall"], pc["f1"]) == (0.0, 0.0, 0.0)
+    assert r["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0.0) / 3)
+
+
+def test_text_metrics_and_loop_detection():
+    same = suite.text_metrics(["your refund is on its way", "the card is blocked"],
+                              ["your refund is on its way", "the card is blocked"])
+    assert same == pytest.approx({"chrf": 100.0, "bleu": 100.0, "rougeL": 100.0})
+    other = suite.text_metrics(["zzz qqq"], ["your refund is on its way"])
+    assert other["bleu"] == 0.0 and other["rougeL"] == 0.0 and other["chrf"] < 10
+    assert suite.repeats([1, 2, 3, 4] * 3) and not suite.repeats(list(range(20)))
+
+
+def test_shards_cover_every_item_once_with_equal_counts():
+    for n, world in [(5, 2), (4, 2), (1, 3), (0, 2)]:
+        parts = [suite.shard(n, world, r) for r in range(world)]
+        assert len({len(p) for p in parts}) == 1
+        assert sorted(i for p in parts for i in p if i >= 0) == list(range(n))
+
+
+def test_intent_by_loglik_and_generation_on_a_trained_model(tokenizer, intent_model):
+    model, eot = intent_model
+    held_out = _examples(["Z9", "Y8"])  # unseen order numbers / places
+    labels = sorted(INTENTS)
+    r = suite.intent_eval(model, model, tokenizer, eot, held_out, labels, ["loglik", "generate"], 8, 1, 0, CPU, False)
+    for mode in ("loglik", "generate"):
+        assert r[mode]["accuracy"] == 1.0 and r[mode]["macro_f1"] == 1.0 and r[mode]["unknown"] == 0, (mode, r[mode])
+        assert r[mode]["per_class"]["human_agent"]["support"] == 12
+
+
+def test_loglik_picks_the_label_made_most_likely(tokenizer):
+    """With the final norm zeroed every next-token distribution is uniform, so a label's
+    log-likelihood is -(its tokens + end-of-turn) x log V: the label with fewest tokens must win,
+    whatever the utterance."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)).eval()
+    torch.nn.init.zeros_(model.model.norm.weight)
+    labels = ["transfer_to_human_agent_now", "refund", "card_was_lost_or_stolen"]
+    lengths = {lab: len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels}
+    shortest = min(labels, key=lengths.get)
+    eot = end_of_turn_id(tokenizer)
+    ex = [(_conv(f"message {i}"), shortest) for i in range(5)]
+    r = suite.intent_eval(model, model, tokenizer, eot, ex, labels, ["loglik"], 4, 1, 0, CPU, False)
+    assert r["loglik"]["accuracy"] == 1.0
+
+
+def test_generation_stops_at_the_end_of_turn_token(tokenizer, intent_model):
+    model, eot = intent_model
+    prompt = suite.prompt_ids(tokenizer, _conv("please refund order Q7"), 0)
+    (toks, stopped), = suite.generate(model, tokenizer, [prompt], CPU, 20, [eot, tokenizer.eos_token_id])
+    assert stopped and eot not in toks
+    assert tokenizer.decode(toks, skip_special_tokens=True).strip() == "refund_request"
+    (toks, stopped), = suite.generate(model, tokenizer, [prompt], CPU, 1, [eot])
+    assert not stopped and len(toks) == 1
+
+
+def test_response_scores_samples_and_files(tokenizer, intent_model, tmp_path):
+    from omegaconf import OmegaConf
+
+    from train.config import EvalConfig
+
+    model, eot = intent_model
+    convs = [{"messages": p + [{"role": "assistant", "content": lab}]} for p, lab in _examples(["X1"])[:5]]
+    cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), {"response_conversations": 4, "samples": 2,
+                                                             "decoding": ["greedy", "sampled"], "temperature": 0.5})
+    res = suite.run_suite(["response"], model=model, forward=model, tokenizer=tokenizer, eot=eot, cfg=cfg, eval_ds=None,
+                          sources=[], conversations=convs, pad_id=tokenizer.pad_token_id, micro_batch_size=2, max_len=256,
+                          world=1, rank=0, dev=CPU)
+    greedy = res["response"]["greedy"]
+    assert greedy["n"] == 4 and greedy["chrf"] == pytest.approx(100.0) and greedy["stopped_share"] == 1.0
+    assert greedy["repetition_share"] == 0.0
+    assert {s["decoding"] for s in res["samples"]} == {"greedy", "sampled"} and len(res["samples"]) == 4
+    paths = suite.write(res, str(tmp_path), 7, "ckpt")
+    body = json.loads(open(paths["results"]).read())
+    assert body["step"] == 7 and "greedy" in body["response"] and "samples" not in body
+    rows = [json.loads(line) for line in open(paths["samples"])]
+    assert rows[0]["reference"] == "refund_request" and rows[0]["generation"] == "refund_request"
+    assert "**Generation**" in open(paths["samples_md"]).read()
+    assert suite.scalars(res)["eval/response/greedy/chrf"] == pytest.approx(100.0)
+
+
+@pytest.mark.slow
+def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path):
+    """All three parts every step under ZeRO-3 with every parameter partitioned (generation with
+    synced ranks, an odd number of examples so one rank pads), W&B samples table, then
+    `dialtune eval` on the run and on its merged checkpoint, and `dialtune report`."""
+    intents = ROOT / "data_pipeline" / "sample_data" / "intents.jsonl"
+    train(["recipe=demo", "train.max_steps=2", "deepspeed=zero3", "deepspeed.stage3_param_persistence_threshold=0",
+           "eval.every_n_steps=1", "eval.during_training=[lm,intent,response]", f"eval.intent_files=[{intents}]",
+           "eval.intent_max_examples=5", "eval.intent_labels=[card_arrival,cash_withdrawal_charge,lost_or_stolen_card]",
+           "eval.response_conversations=3", "eval.decoding=[greedy,sampled]", "eval.max_new_tokens=6",
+           "eval.samples=2", "export.eval_conversations=4", "logger=wandb"],
+          tmp_path, nproc=2, via="torchrun")
+    run_dir = tmp_path / "demo"
+    rows = {r["step"]: r for r in read_metrics(run_dir)}
+    for step in (1, 2):
+        assert "eval/intent/loglik/accuracy" in rows[step] and "eval/response/sampled/chrf" in rows[step]
+    res = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert res["step"] == 2 and res["intent"]["loglik"]["n"] == 5 and res["intent"]["generate"]["n"] == 5
+    assert {r["model"] for r in res["lm"]["rows"]} == {"fine-tuned", "base"}
+    assert res["response"]["greedy"]["n"] == 3
+    assert rows[2]["eval/loss"] == pytest.approx(next(r["loss"] for r in res["lm"]["rows"]
+                                                      if r["model"] == "fine-tuned" and r["source"] == "all"))
+    assert len((run_dir / "eval" / "samples.jsonl").read_text().splitlines()) == 4
+    tables = [r for r in history(run_dir / "wandb") if r.get("eval/samples/_type") == "table-file"]
+    assert [r["_step"] for r in tables] == [1, 2] and tables[-1]["eval/samples/nrows"] == 4
+    table = json.loads(next((run_dir / "wandb").glob(f"offline-run-*/files/{tables[-1]['eval/samples/path']}")).read_text())
+    assert "generation" in table["columns"] and len(table["data"]) == 4
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=str(ROOT), env=run_env(2),
+                              capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "cli_eval"
+    proc = cli("eval", str(run_dir), "--parts", "lm,intent", "--out", str(out), "eval.intent_modes=[loglik]",
+               "eval.intent_max_examples=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    # the same adapter, data and loss as the end of training (fp32 here as there)
+    assert [r["loss"] for r in again["lm"]["rows"]] == pytest.approx([r["loss"] for r in res["lm"]["rows"]], rel=1e-4)
+    proc = cli("eval", str(run_dir / "merged"), "--parts", "lm", "--out", str(tmp_path / "merged_eval"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "merged_eval" / "results.json").read_text())["lm"]["rows"]
+    assert merged[0]["loss"] == pytest.approx(res["lm"]["rows"][0]["loss"], rel=1e-4)
+    proc = cli("eval", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+    proc = cli("report", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("loss.png", "lr.png", "throughput.png", "memory.png"):
+        data = (run_dir / "report" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "lost_or_stolen_card" in md and "chrf" in md.lower()

@@ -1,0 +1,443 @@
+"""The customer-service eval suite, inside training (every `eval.every_n_steps`) and in `dialtune eval`.
+
+Parts (`eval.during_training`, `eval.at_end`):
+- lm: token-weighted held-out loss and perplexity on target tokens, overall and per source; at
+  the end also with the adapter disabled (the base), for a base vs fine-tuned table.
+- intent: labelled utterances ({"text","label"}) rendered like intent training records; scored
+  by constrained choice (the log-likelihood of each label's tokens plus the end-of-turn token,
+  highest wins) and by free greedy generation matched to the label set (anything else counts as
+  unknown); accuracy, macro-F1 and per-class precision/recall/F1.
+- response: the last assistant turn of held-out conversations generated from its context
+  (greedy and/or sampled) and scored against the reference with sacrebleu (chrF, BLEU) and
+  rouge-score (ROUGE-L F), plus whether generation stopped at a stop token and whether it looped.
+
+Rank-aware: every part shards its examples over the ranks with padding, so each rank runs the
+same number of forwards and generate() calls (ZeRO-3 gathers parameters collectively, and
+generate runs with synced_gpus there), and results are gathered on every rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from data_pipeline import batching
+from data_pipeline.chat import IGNORE, DataError, tokenize_conversation
+
+from . import distributed
+
+PARTS = ("lm", "intent", "response")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding and gathering
+
+
+def shard(n: int, world: int, rank: int) -> List[int]:
+    """This rank's indices of n items; -1 pads every rank to the same count (result discarded)."""
+    per = -(-n // world) if n else 0
+    idx = list(range(n)) + [-1] * (per * world - n)
+    return idx[rank * per:(rank + 1) * per]
+
+
+def gather(obj: Any, world: int) -> List[Any]:
+    if world == 1:
+        return [obj]
+    out: List[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics on hand-checkable inputs
+
+
+def classification_report(y_true: Sequence[str], y_pred: Sequence[Optional[str]], labels: Sequence[str]) -> Dict:
+    """Accuracy, macro-F1 over `labels` and per-class precision/recall/F1/support. A prediction
+    outside the label set (None, empty, unknown text) counts as wrong and as `unknown`."""
+    per = {}
+    for c in labels:
+        tp = sum(1 for t, p in zip(y_true, y_pred) if t == c and p == c)
+        fp = sum(1 for t, p in zip(y_true, y_pred) if t != c and p == c)
+        fn = sum(1 for t, p in zip(y_true, y_pred) if t == c and p != c)
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per[c] = {"precision": prec, "recall": rec, "f1": f1, "support": tp + fn}
+    present = [c for c in labels if per[c]["support"] > 0] or list(labels)
+    label_set = set(labels)
+    n = len(y_true)
+    return {"accuracy": sum(1 for t, p in zip(y_true, y_pred) if t == p) / max(n, 1),
+            "macro_f1": sum(per[c]["f1"] for c in present) / max(len(present), 1),
+            "n": n, "unknown": sum(1 for p in y_pred if p not in label_set), "per_class": per}
+
+
+def text_metrics(hyps: Sequence[str], refs: Sequence[str]) -> Dict[str, float]:
+    """Corpus chrF and BLEU (sacrebleu, 0-100) and mean ROUGE-L F (rouge-score, 0-100).
+    rouge-score tokenizes on ASCII letters and digits only, so it is ~0 for Chinese text; chrF
+    works on characters in any script."""
+    import logging
+
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs each tokenizer choice
+
+    if not hyps:
+        return {"chrf": 0.0, "bleu": 0.0, "rougeL": 0.0}
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = sum(scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)) / len(hyps)
+    return {"chrf": sacrebleu.corpus_chrf(list(hyps), [list(refs)]).score,
+            "bleu": sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score,
+            "rougeL": 100.0 * rouge}
+
+
+def repeats(tokens: Sequence[int], n: int = 4, times: int = 3) -> bool:
+    """True when some n-gram of tokens occurs `times` or more: the generation loops."""
+    seen: Dict[Tuple[int, ...], int] = {}
+    for i in range(len(tokens) - n + 1):
+        g = tuple(tokens[i:i + n])
+        seen[g] = seen.get(g, 0) + 1
+        if seen[g] >= times:
+            return True
+    return False
+
+
+def normalise_label(text: str) -> str:
+    return " ".join(text.strip().strip(".").split()).lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and generation primitives
+
+
+@torch.no_grad()
+def sequence_logprobs(forward: Callable, batch: Dict[str, torch.Tensor], dev) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of the target tokens, their count) per row."""
+    out = forward(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
+    labels = batch["labels"][:, 1:].to(dev)
+    ce = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    return -ce.sum(1).double().cpu(), (labels != IGNORE).sum(1).cpu()
+
+
+@torch.no_grad()
+def tail_logprobs(forward: Callable, seqs: List[Dict[str, List[int]]], pad_id: int, dev) -> List[float]:
+    """Summed log-probability of each sequence's targets, which all sit at its end (a label and
+    its end-of-turn token): rows are left-padded with explicit position ids, so the output
+    projection runs only over the last positions (logits_to_keep) - the vocabulary-sized
+    logits of the prompt are never computed."""
+    width = max(len(q["input_ids"]) for q in seqs)
+    first = [next((i for i, t in enumerate(q["labels"]) if t != IGNORE), len(q["labels"])) for q in seqs]
+    keep = max(len(q["input_ids"]) - f for q, f in zip(seqs, first)) + 1
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, q in enumerate(seqs):
+        n = len(q["input_ids"])
+        ids[i, width - n:] = torch.as_tensor(q["input_ids"])
+        labels[i, width - n:] = torch.as_tensor(q["labels"])
+        mask[i, width - n:] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = forward(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), logits_to_keep=keep)
+    logits = out.logits[:, -keep:-1].float()  # predicts the last keep-1 tokens
+    tgt = labels[:, width - keep + 1:].to(dev)
+    ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE, reduction="none")
+    return (-ce.sum(1)).tolist()
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: List[List[int]], dev, max_new_tokens: int, stop_ids: Sequence[int],
+             sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, synced: bool = False):
+    """Left-padded batched generation -> [(new tokens up to the first stop token, stopped?)]."""
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(p)
+        mask[i, width - len(p):] = 1
+    kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
+    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                         eos_token_id=list(stop_ids), pad_token_id=pad, synced_gpus=synced, **kw)
+    res = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        res.append((row[:cut] if cut is not None else row, cut is not None))
+    return res
+
+
+def prompt_ids(tokenizer, messages: List[Dict[str, str]], max_len: int) -> List[int]:
+    """Chat-template prompt with the assistant header; the oldest tokens go when it is too long."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[-max_len:] if max_len > 0 else ids
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts
+
+
+@torch.no_grad()
+def lm_eval(forward: Callable, ds, source_names: List[str], pad_id: int, mb: int, world: int, rank: int, dev,
+            max_batches: int = 0, progress: bool = False) -> Dict:
+    """Held-out loss per source: {"all": {...}, "<source>": {...}} of loss, ppl, target_tokens."""
+    plan = batching.eval_micro_batches(len(ds), mb, world, rank)
+    if max_batches:
+        plan = plan[:max_batches]
+    sums = [0.0] * (2 * len(source_names))
+    bar = _progress(len(plan), "eval lm", progress)
+    for idx in plan:
+        rows = batching.fetch(ds, idx)
+        sources = ds[[i if i >= 0 else 0 for i in idx]]["source"]
+        lp, n = sequence_logprobs(forward, batching.collate(rows, pad_id), dev)
+        for k, i in enumerate(idx):
+            if i >= 0:
+                sums[2 * sources[k]] += -float(lp[k])
+                sums[2 * sources[k] + 1] += int(n[k])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    sums = distributed.all_sum(sums, dev)
+    out = {}
+    total, count = sum(sums[0::2]), sum(sums[1::2])
+    for name, (s, c) in [("all", (total, count))] + [(n, (sums[2 * k], sums[2 * k + 1])) for k, n in enumerate(source_names)]:
+        if c > 0:
+            loss = s / c
+            out[name] = {"loss": loss, "ppl": math.exp(min(loss, 50)), "target_tokens": int(c)}
+    return out
+
+
+def load_intents(files: Sequence[str], intent_cfg, max_examples: int) -> Tuple[List[Tuple[List[Dict], str]], List[str]]:
+    """[(prompt messages, gold label)] and the sorted label set, from {"text","label"} files."""
+    from data_pipeline.records import Problem, read_records, to_messages
+
+    examples = []
+    for path in files:
+        if not os.path.exists(path):
+            raise DataError(f"eval.intent_files: {path!r} does not exist; check the path.")
+        for where, rec in read_records(path):
+            conv = rec if isinstance(rec, Problem) else to_messages(rec, "intent", intent_cfg)
+            if isinstance(conv, Problem):
+                raise DataError(f"{where}: {conv.message} (eval.intent_files takes {{\"text\", \"label\"}} records).")
+            messages = conv[0]
+            examples.append((messages[:-1], messages[-1]["content"]))
+    if not examples:
+        raise DataError(f"eval.intent_files {list(files)} hold no labelled utterance.")
+    labels = sorted({label for _, label in examples})
+    return (examples[:max_examples] if max_examples else examples), labels
+
+
+def intent_eval(model, forward: Callable, tokenizer, eot: int, examples, labels: List[str], modes: Sequence[str],
+                batch_size: int, world: int, rank: int, dev, synced: bool, fast=None, progress: bool = False) -> Dict:
+    mine = shard(len(examples), world, rank)
+    todo = [examples[i if i >= 0 else 0] for i in mine]
+    preds: Dict[str, List[Optional[str]]] = {}
+    if "loglik" in modes:
+        seqs = []
+        for prompt, _ in todo:
+            for label in labels:
+                conv = list(prompt) + [{"role": "assistant", "content": label}]
+                got = fast.encode(conv) if fast is not None else None
+                ids, lab = got if got is not None else tokenize_conversation(tokenizer, conv, eot)
+                seqs.append({"input_ids": ids, "labels": lab})
+        scores = []
+        bar = _progress(-(-len(seqs) // batch_size), "eval intent (log-likelihood)", progress)
+        for s in range(0, len(seqs), batch_size):
+            scores.extend(tail_logprobs(forward, seqs[s:s + batch_size], tokenizer.pad_token_id, dev))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        L = len(labels)
+        preds["loglik"] = [labels[max(range(L), key=lambda j: scores[k * L + j])] for k in range(len(todo))]
+    if "generate" in modes:
+        by_norm = {normalise_label(label): label for label in labels}
+        longest = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
+        out = []
+        for s in range(0, len(todo), batch_size):
+            prompts = [prompt_ids(tokenizer, p, 0) for p, _ in todo[s:s + batch_size]]
+            for toks, _ in generate(model, tokenizer, prompts, dev, longest + 4, _stop_ids(tokenizer, eot), synced=synced):
+                out.append(by_norm.get(normalise_label(tokenizer.decode(toks, skip_special_tokens=True))))
+        preds["generate"] = out
+    result = {}
+    for mode, p in preds.items():
+        pairs = [(examples[i][1], p[k]) for k, i in enumerate(mine) if i >= 0]
+        pairs = [x for part in gather(pairs, world) for x in part]
+        result[mode] = classification_report([t for t, _ in pairs], [q for _, q in pairs], labels)
+    return result
+
+
+def _stop_ids(tokenizer, eot: int) -> List[int]:
+    return sorted({eot, tokenizer.eos_token_id} - {None})
+
+
+def response_eval(model, tokenizer, eot: int, conversations: List[Dict], cfg, max_len: int, world: int, rank: int,
+                  dev, synced: bool, progress: bool = False) -> Tuple[Dict, List[Dict]]:
+    """Generate each conversation's last assistant turn from its context; metrics and samples."""
+    items = []
+    for c in conversations:
+        msgs = c["messages"]
+        j = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
+        if j > 0 and any(m["role"] == "user" for m in msgs[:j]):
+            items.append((msgs[:j], msgs[j]["content"]))
+        if len(items) == cfg.response_conversations:
+            break
+    mine = shard(len(items), world, rank)
+    todo = [items[i if i >= 0 else 0] for i in mine]
+    budget = max(16, max_len - cfg.max_new_tokens)
+    metrics, samples = {}, []
+    torch.manual_seed(cfg.seed + rank)  # sampled decoding is reproducible per rank
+    for decoding in cfg.decoding:
+        gens = []
+        bar = _progress(-(-len(todo) // cfg.batch_size), f"eval response ({decoding})", progress)
+        for s in range(0, len(todo), cfg.batch_size):
+            prompts = [prompt_ids(tokenizer, ctx, budget) for ctx, _ in todo[s:s + cfg.batch_size]]
+            gens.extend(generate(model, tokenizer, prompts, dev, cfg.max_new_tokens, _stop_ids(tokenizer, eot),
+                                 sample=decoding == "sampled", temperature=cfg.temperature, top_p=cfg.top_p, synced=synced))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        rows = [(i, tokenizer.decode(t, skip_special_tokens=True).strip(), stopped, repeats(t))
+                for (t, stopped), i in zip(gens, mine) if i >= 0]
+        rows = sorted((x for part in gather(rows, world) for x in part), key=lambda r: r[0])
+        hyps, refs = [r[1] for r in rows], [items[r[0]][1] for r in rows]
+        metrics[decoding] = {**text_metrics(hyps, refs), "n": len(rows),
+                             "stopped_share": sum(r[2] for r in rows) / max(len(rows), 1),
+                             "repetition_share": sum(r[3] for r in rows) / max(len(rows), 1),
+                             "mean_words": sum(len(h.split()) for h in hyps) / max(len(rows), 1)}
+        for r in rows[:cfg.samples]:
+            ctx = items[r[0]][0]
+            samples.append({"context": "\n".join(f"{m['role']}: {m['content']}" for m in ctx[-4:]),
+                            "reference": items[r[0]][1], "generation": r[1], "decoding": decoding,
+                            "stopped": r[2], "repeats": r[3]})
+    return metrics, samples
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite
+
+
+def source_names(paths: Sequence[str]) -> List[str]:
+    """Short, unique names for per-source metrics (file name without extensions)."""
+    names = []
+    for p in paths:
+        base = os.path.basename(os.path.normpath(p))
+        for ext in (".gz", ".jsonl", ".json", ".csv", ".parquet"):
+            base = base[:-len(ext)] if base.endswith(ext) else base
+        names.append(base if base not in names else f"{base}_{len(names)}")
+    return names
+
+
+def run_suite(parts: Sequence[str], *, model, forward: Callable, tokenizer, eot: int, cfg, eval_ds, sources: List[str],
+              conversations: List[Dict], pad_id: int, micro_batch_size: int, max_len: int, world: int, rank: int, dev,
+              synced: bool = False, base_ctx: Optional[Callable] = None, fast=None, progress: bool = False,
+              intent_cfg=None) -> Dict:
+    """Run the asked parts; the results dict that results.json holds (identical on every rank)."""
+    was_training = model.training
+    model.eval()
+    res: Dict[str, Any] = {}
+    try:
+        if "lm" in parts and eval_ds is not None and len(eval_ds):
+            rows = []
+            runs = [("fine-tuned", nullcontext)] + ([("base", base_ctx)] if base_ctx is not None else [])
+            for name, ctx in runs:
+                with ctx():
+                    per = lm_eval(forward, eval_ds, sources, pad_id, micro_batch_size, world, rank, dev,
+                                  cfg.lm_max_batches, progress)
+                rows += [{"model": name, "source": src, **v} for src, v in per.items()]
+            res["lm"] = {"rows": rows}
+        if "intent" in parts and cfg.intent_files:
+            examples, labels = load_intents(cfg.intent_files, intent_cfg, cfg.intent_max_examples)
+            labels = list(cfg.intent_labels) or labels
+            if fast is None:  # label scoring tokenizes examples x labels conversations
+                from data_pipeline.fastchat import FastEncoder
+
+                probe = [list(p) + [{"role": "assistant", "content": lab}] for p, _ in examples[:8] for lab in labels[:4]]
+                fast = FastEncoder.build(tokenizer, eot, probe)[0]
+            res["intent"] = intent_eval(model, forward, tokenizer, eot, examples, labels, cfg.intent_modes,
+                                        cfg.batch_size, world, rank, dev, synced, fast, progress)
+        if "response" in parts and conversations and cfg.response_conversations > 0:
+            res["response"], res["samples"] = response_eval(model, tokenizer, eot, conversations, cfg, max_len,
+                                                            world, rank, dev, synced, progress)
+    finally:
+        model.train(was_training)
+    return res
+
+
+def scalars(res: Dict) -> Dict[str, float]:
+    """The metrics.jsonl / W&B scalars of a suite result (eval/loss keeps its historic name)."""
+    out = {}
+    for row in res.get("lm", {}).get("rows", []):
+        prefix = "eval" if row["model"] == "fine-tuned" else "eval_base"
+        suffix = "" if row["source"] == "all" else f"/{row['source']}"
+        out[f"{prefix}/loss{suffix}"] = row["loss"]
+        if row["source"] == "all":
+            out[f"{prefix}/ppl"] = row["ppl"]
+            out[f"{prefix}/target_tokens"] = row["target_tokens"]
+    for mode, r in res.get("intent", {}).items():
+        out.update({f"eval/intent/{mode}/accuracy": r["accuracy"], f"eval/intent/{mode}/macro_f1": r["macro_f1"],
+                    f"eval/intent/{mode}/unknown": r["unknown"]})
+    for dec, r in res.get("response", {}).items():
+        out.update({f"eval/response/{dec}/{k}": v for k, v in r.items() if k != "n"})
+    return out
+
+
+def write(res: Dict, out_dir: str, step: Optional[int], checkpoint: str) -> Dict[str, str]:
+    """results.json, samples.jsonl and samples.md under out_dir (rank 0 calls this)."""
+    os.makedirs(out_dir, exist_ok=True)
+    samples = res.get("samples", [])
+    body = {"step": step, "checkpoint": checkpoint, **{k: v for k, v in res.items() if k != "samples"}}
+    paths = {"results": os.path.join(out_dir, "results.json")}
+    tmp = paths["results"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(body, f, indent=2)
+    os.replace(tmp, paths["results"])
+    if samples:
+        paths["samples"] = os.path.join(out_dir, "samples.jsonl")
+        with open(paths["samples"], "w", encoding="utf-8") as f:
+            for s in samples:
+                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+        paths["samples_md"] = os.path.join(out_dir, "samples.md")
+        with open(paths["samples_md"], "w", encoding="utf-8") as f:
+            f.write(f"# Eval samples (step {step})\n\n")
+            for k, s in enumerate(samples, 1):
+                f.write(f"## {k}. {s['decoding']}{'' if s['stopped'] else ' (did not stop)'}\n\n"
+                        f"**Context**\n\n```\n{s['context']}\n```\n\n**Reference**\n\n```\n{s['reference']}\n```\n\n"
+                        f"**Generation**\n\n```\n{s['generation']}\n```\n\n")
+    return paths
+
+
+def tables_text(res: Dict) -> str:
+    """Plain-text tables of a suite result, for the terminal."""
+    lines = []
+    if "lm" in res:
+        lines.append("held-out LM (target tokens):")
+        lines.append(f"  {'model':<11} {'source':<32} {'loss':>8} {'ppl':>10} {'tokens':>9}")
+        rows = res["lm"]["rows"]
+        if sum(1 for r in rows if r["model"] == "fine-tuned") == 2:  # one source: it repeats "all"
+            rows = [r for r in rows if r["source"] == "all"]
+        for r in rows:
+            lines.append(f"  {r['model']:<11} {r['source'][:32]:<32} {r['loss']:>8.4f} {r['ppl']:>10.2f} {r['target_tokens']:>9}")
+    for mode, r in res.get("intent", {}).items():
+        lines.append(f"intent ({mode}): accuracy {r['accuracy']:.3f}, macro-F1 {r['macro_f1']:.3f}, n {r['n']}, unknown {r['unknown']}")
+        worst = sorted(((c, v) for c, v in r["per_class"].items() if v["support"]), key=lambda kv: kv[1]["f1"])[:5]
+        lines += ["  lowest F1:"] * bool(worst) + [f"    {c[:40]:<40} P {v['precision']:.2f} R {v['recall']:.2f} F1 {v['f1']:.2f} (n {v['support']})" for c, v in worst]
+    for dec, r in res.get("response", {}).items():
+        lines.append(f"response ({dec}): chrF {r['chrf']:.1f}, BLEU {r['bleu']:.1f}, ROUGE-L {r['rougeL']:.1f}, "
+                     f"stopped {r['stopped_share']:.0%}, looping {r['repetition_share']:.0%}, {r['mean_words']:.1f} words, n {r['n']}")
+    return "\n".join(lines)
