@@ -251,7 +251,8 @@ def _logits(model, batch):
 def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype: str = "auto",
           max_shard_size: str = "2GB", tolerance: Optional[float] = None, probe=None,
           end_of_turn_token: Optional[str] = None, base: str = ORIGINAL, run_dir: Optional[str] = None,
-          eval_conversations: int = 64, dequantized_tolerance: Optional[float] = None) -> Dict:
+          eval_conversations: int = 64, dequantized_tolerance: Optional[float] = None,
+          stream_above_gb: float = 12.0) -> Dict:
     """Merge adapter_dir into its base (`base`: original | dequantized), verify, write out_dir.
 
     tolerance / dequantized_tolerance: largest max |logit difference| allowed for the original /
@@ -259,6 +260,9 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
     run_dir: the run the adapter comes from (default: found from adapter_dir); its config.yaml
     says how the base was trained (dtype, quantization) and its data/eval gives the held-out
     losses (first `eval_conversations`; 0 skips them) in export_summary.json and the model card.
+    stream_above_gb: a base larger than this in fp32 is merged tensor by tensor
+    (model/stream_merge.py, memory ~ one shard) into the original base, without the in-memory
+    logits check (which would hold the fp32 model) and without held-out losses.
     """
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
@@ -280,10 +284,20 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
 
     peft_cfg = PeftConfig.from_pretrained(adapter_dir)
     base_path = base_path or peft_cfg.base_model_name_or_path
+    from .stream_merge import MergeError, fp32_bytes, merge_to_dir
+
+    try:
+        size_gb = fp32_bytes(base_path, cfg.model.revision if cfg is not None and base_path == cfg.model.name_or_path else None) / 1e9
+    except Exception:  # noqa: BLE001 - no safetensors or no local copy: the in-memory merge loads it as usual
+        size_gb = 0.0
+    stream = size_gb > stream_above_gb
+    if stream and base == DEQUANTIZED:
+        raise ExportError(f"export.base=dequantized rebuilds the {size_gb:.0f} GB fp32 base in memory, above export.stream_above_gb="
+                          f"{stream_above_gb}; use export.base=original (merged tensor by tensor) or raise export.stream_above_gb on a machine with the memory.")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")) else base_path)
     batch = _held_out_batch(tokenizer, probe or default_probe())
     mask = batch["attention_mask"].bool()
-    eval_set = load_eval_batches(run_dir, tokenizer.pad_token_id, eval_conversations) if cfg is not None else None
+    eval_set = load_eval_batches(run_dir, tokenizer.pad_token_id, eval_conversations) if cfg is not None and not stream else None
     if dtype == "auto":
         dtype = _training_dtype(adapter_dir, cfg)
     out_dtype = DTYPES[dtype]
@@ -310,9 +324,18 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
             merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
 
     try:
+        if stream:  # too large to hold: tensor by tensor, no logits check
+            from .stream_merge import merge_to_dir
+
+            try:
+                streamed = merge_to_dir(adapter_dir, base_path, tmp, out_dtype, max_shard_size)
+            except MergeError as e:
+                raise ExportError(str(e)) from None
+            verified = {"reference": f"none: the {size_gb:.0f} GB fp32 base is above export.stream_above_gb={stream_above_gb}, "
+                                     f"merged tensor by tensor ({streamed['merged_layers']} layers)", "max_abs_logit_diff": None}
         # 1. the adapter on the base as trained (quantized if the run was): reference + loss
         q_ref = None
-        if cfg is not None and (quant != "none" or eval_set is not None):
+        if not stream and cfg is not None and (quant != "none" or eval_set is not None):
             model = PeftModel.from_pretrained(load_trained_base(cfg, base_path, tokenizer), adapter_dir).eval()
             if quant != "none":
                 q_ref = _logits(model, batch)
@@ -333,7 +356,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
             gc.collect()
 
         # 3. merge into the original full-precision base
-        if base == ORIGINAL or eval_set is not None:
+        if not stream and (base == ORIGINAL or eval_set is not None):
             model = PeftModel.from_pretrained(load_fp32_base(base_path, tokenizer, cfg), adapter_dir).eval()
             ref = _logits(model, batch)
             merged = model.merge_and_unload()
@@ -381,7 +404,7 @@ def merge_options(export_cfg) -> Dict:
     return dict(dtype=get("dtype", "auto"), max_shard_size=get("max_shard_size", "2GB"), base=get("base", ORIGINAL),
                 tolerance=get("verify_tolerance", ORIGINAL_TOLERANCE),
                 dequantized_tolerance=get("verify_tolerance_dequantized", DEQUANTIZED_TOLERANCE),
-                eval_conversations=get("eval_conversations", 64))
+                eval_conversations=get("eval_conversations", 64), stream_above_gb=get("stream_above_gb", 12.0))
 
 
 def _write_generation_config(out: str, tokenizer, end_of_turn_token: Optional[str]) -> List[int]:
@@ -458,7 +481,8 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str) -> str:
               f"| base quantization during training | {qdesc} |",
               f"| merged into | {merged_into} (`{summary['merge_base']}`) |",
               f"| weights dtype | {summary['dtype']} |",
-              f"| verification | max \\|logit difference\\| {summary['verify_max_abs_logit_diff']:.3g} vs {summary['verify_reference']} (tolerance {summary['verify_tolerance']}) |",
+              (f"| verification | max \\|logit difference\\| {summary['verify_max_abs_logit_diff']:.3g} vs {summary['verify_reference']} (tolerance {summary['verify_tolerance']}) |"
+               if summary["verify_max_abs_logit_diff"] is not None else f"| verification | {summary['verify_reference']} |"),
               f"| resolved config sha256 | `{summary.get('config_sha256') or 'unknown'}` |", ""]
     if cfg is not None:
         lines += ["## Training data", ""]

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import read_metrics, train
 
-QUICK = ["train.max_steps=2", "train.micro_batch_size=2", "logger=none", "export.eval_conversations=8"]
+QUICK = ["train.max_steps=2", "eval.at_end=[lm]", "train.micro_batch_size=2", "logger=none", "export.eval_conversations=8"]
 
 
 def _one_sentence_error(proc, fragment):

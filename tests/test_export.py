@@ -22,7 +22,7 @@ from tests.conftest import ROOT, run_env, train
 
 pytestmark = pytest.mark.slow
 
-FAST = ["train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum=1", "logger=none", "optim.lr=5e-2",
+FAST = ["train.max_steps=2", "eval.at_end=[lm]", "train.micro_batch_size=2", "train.grad_accum=1", "logger=none", "optim.lr=5e-2",
         "peft.dropout=0", "export.eval_conversations=8"]
 PEFTS = ["lora", "dora", "rslora"]
 QUANTS = ["int8", "nf4"]

@@ -215,6 +215,7 @@ class ExportConfig:
     base: str = doc("original", "Base the adapter is merged into: original (full-precision base) or dequantized (quantize->dequantize round trip of the quantized base the run trained against).")
     verify_tolerance_dequantized: float = doc(0.05, "base=dequantized: largest |logit difference| allowed between the merged model (fp32) and the adapter on the quantized base as trained.")
     eval_conversations: int = doc(64, "Eval-set conversations whose held-out loss export_summary.json reports for the adapter and each merge; 0 skips.")
+    stream_above_gb: float = doc(12.0, "A base larger than this in fp32 is merged tensor by tensor (memory ~ one shard; Llama-3-8B ~5 GB) without the in-memory logits check; smaller bases merge in memory and are verified.")
 
 
 @dataclass

@@ -1,0 +1,118 @@
+"""Tensor-by-tensor merge (model/stream_merge.py): the same weights as PEFT's merge_and_unload for
+LoRA, rsLoRA, DoRA, trained embeddings (added tokens) and GPT-2's transposed Conv1D layers; the
+same logits as base + adapter; bounded memory on a model much larger than one shard."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.stream_merge import MergeError, merge_to_dir
+from tests.conftest import ROOT, run_env
+
+
+def _tiny(kind):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=48, n_layer=2, n_head=4, n_positions=64))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+
+
+def _adapter(model, method, modules_to_save=None, grow=0):
+    from peft import LoraConfig, get_peft_model
+
+    if grow:
+        model.resize_token_embeddings(model.get_input_embeddings().num_embeddings + grow)
+    targets = ["c_attn", "c_proj", "c_fc"] if model.config.model_type == "gpt2" else "all-linear"
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                            use_dora=method == "dora", use_rslora=method == "rslora",
+                                            modules_to_save=modules_to_save, fan_in_fan_out=model.config.model_type == "gpt2"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(0.05 * torch.randn_like(p))  # B is non-zero, magnitudes and embeddings move
+    return peft.eval()
+
+
+@pytest.mark.parametrize("kind,method,save", [("llama", "lora", None), ("llama", "rslora", None), ("llama", "dora", None),
+                                              ("llama", "lora", ["embed_tokens", "lm_head"]), ("gpt2", "lora", None),
+                                              ("gpt2", "dora", None)])
+def test_stream_merge_equals_peft_merge(tmp_path, kind, method, save):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = _tiny(kind)
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")  # many shards
+    peft = _adapter(_tiny(kind), method, save, grow=7 if save else 0)
+    peft.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        ref = peft(input_ids=ids).logits
+    info = merge_to_dir(str(tmp_path / "adapter"), str(tmp_path / "base"), str(tmp_path / "out"), torch.float32, "30KB")
+    assert info["shards"] > 1 and info["merged_layers"] > 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    assert (got - ref).abs().max() <= 1e-4
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    if save:
+        reloaded.resize_token_embeddings(307)
+    by_peft = PeftModel.from_pretrained(reloaded, tmp_path / "adapter").merge_and_unload().state_dict()
+    for key, value in merged.state_dict().items():
+        assert torch.allclose(value, by_peft[key], atol=1e-6), key
+
+
+def test_wrong_base_is_refused(tmp_path):
+    _tiny("llama").save_pretrained(tmp_path / "base")
+    _adapter(_tiny("gpt2"), "lora").save_pretrained(tmp_path / "adapter")
+    with pytest.raises(MergeError, match="weights the base lacks"):
+        merge_to_dir(str(tmp_path / "adapter"), str(tmp_path / "base"), str(tmp_path / "out"), torch.float32)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_streams_a_large_base_in_bounded_memory(tmp_path):
+    """A 440 MB (fp32) base merged with 50 MB shards: the merging process grows by far less than
+    the model (the in-memory merge would hold all of it), and `merge()` says what it did."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    big = LlamaForCausalLM(cfg)
+    n_bytes = 4 * sum(p.numel() for p in big.parameters())
+    big.save_pretrained(tmp_path / "base", max_shard_size="50MB")
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(big, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    del big
+    from tests.conftest import TOKENIZER_DIR
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)).save_pretrained(tmp_path / "adapter")
+    code = f"""
+import json, sys, psutil
+sys.path.insert(0, {str(ROOT)!r})
+from model.export import merge
+import peft, transformers, datasets  # imported before the baseline: only the merge itself counts
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+before = psutil.Process().memory_info().rss
+summary = merge({str(tmp_path / 'adapter')!r}, {str(tmp_path / 'out')!r}, base_path={str(tmp_path / 'base')!r},
+                dtype="bf16", max_shard_size="50MB", stream_above_gb=0.1)
+# VmHWM is this process image's peak RSS (ru_maxrss would include the forking parent's)
+peak = 1024 * int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
+print(json.dumps({{"growth": peak - before, "summary": summary}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=run_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert n_bytes > 400e6 and out["growth"] < 0.45 * n_bytes, (out["growth"], n_bytes)
+    assert out["summary"]["verify_max_abs_logit_diff"] is None and "tensor by tensor" in out["summary"]["verify_reference"]
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 4
+    assert "tensor by tensor" in (tmp_path / "out" / "README.md").read_text()
