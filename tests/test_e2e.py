@@ -113,10 +113,10 @@ def test_token_weighted_loss_is_invariant_to_ranks_and_accumulation(demo_run, tm
     run_dir, _ = demo_run
     common = ["recipe=demo", f"train.max_steps={STEPS}", "logger=none", "export.merge_at_end=false",
               "eval.every_n_steps=0", "eval.at_end=[lm]", "data.eval_files=[]"]
-    train(common + ["run.name=a", "train.micro_batch_size=4", "train.grad_accum=4"], tmp_path)
-    train(common + ["run.name=b", "train.micro_batch_size=2", "train.grad_accum=8"], tmp_path)
+    # one process, a Hydra multirun: micro 4 (accumulation 4) then micro 2 (accumulation 8)
+    train(["-m"] + common + ["run.name=ab", "train.global_batch_size=16", "train.micro_batch_size=4,2"], tmp_path)
     ref = read_metrics(run_dir)
-    for other in (read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")):
+    for other in (read_metrics(tmp_path / "ab-sweep" / "0"), read_metrics(tmp_path / "ab-sweep" / "1")):
         for r, o in zip(ref, other):
             assert o["step"] == r["step"] and o["perf/target_tokens"] == r["perf/target_tokens"]
             assert o["train/loss"] == pytest.approx(r["train/loss"], rel=1e-5, abs=1e-6)
@@ -130,10 +130,12 @@ def test_zero_stages_give_the_same_loss_curve(demo_run, tmp_path):
     1e-5 relative (observed ~1e-6)."""
     run_dir, _ = demo_run
     ref = read_metrics(run_dir)
-    for stage in (0, 1, 3):
-        train(["recipe=demo", f"train.max_steps={STEPS}", "logger=none", "export.merge_at_end=false",
-               "eval.every_n_steps=0", "eval.at_end=[lm]", "data.eval_files=[]", f"deepspeed=zero{stage}", f"run.name=z{stage}"], tmp_path, nproc=2, via="torchrun")
-        for r, o in zip(ref, read_metrics(tmp_path / f"z{stage}")):
+    # one 2-rank launch, a Hydra multirun over the stages (jobs 0, 1, 2 = ZeRO 0, 1, 3)
+    train(["-m", "recipe=demo", f"train.max_steps={STEPS}", "logger=none", "export.merge_at_end=false", "eval.every_n_steps=0",
+           "eval.at_end=[lm]", "data.eval_files=[]", "deepspeed=zero0,zero1,zero3", "run.name=z"], tmp_path, nproc=2, via="torchrun")
+    for job, stage in enumerate((0, 1, 3)):
+        assert f"stage: {stage}" in (tmp_path / "z-sweep" / str(job) / "config.yaml").read_text()
+        for r, o in zip(ref, read_metrics(tmp_path / "z-sweep" / str(job))):
             assert o["step"] == r["step"]
             assert o["train/loss"] == pytest.approx(r["train/loss"], rel=1e-5), stage
             assert o["train/grad_norm"] == pytest.approx(r["train/grad_norm"], rel=1e-4), stage

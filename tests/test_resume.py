@@ -12,22 +12,27 @@ COMMON = ["recipe=demo", "train.max_steps=6", "logger=none", "export.merge_at_en
           "data.eval_files=[]", "peft.dropout=0.1", "train.save_every=0"]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, stage):
-    ds = [f"deepspeed=zero{stage}"]
-    train(COMMON + ds + ["run.name=full"], tmp_path, nproc=2, via="torchrun")
-    train(COMMON + ds + ["run.name=part", "train.stop_after_steps=3"], tmp_path, nproc=2, via="torchrun")
-    first = json.loads((tmp_path / "part" / "summary.json").read_text())
-    assert first["steps"] == 3 and not first["finished"]
-    assert (tmp_path / "part" / "checkpoints" / "latest").read_text().strip() == "step_0000003"
-    train(COMMON + ds + ["run.name=part", "train.resume=auto"], tmp_path, nproc=2, via="torchrun")
-    full, part = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
-    assert [r["step"] for r in part] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in full]
-    for a, b in zip(full, part):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], abs=1e-6)
-        assert b["train/lr"] == a["train/lr"]
-    assert json.loads((tmp_path / "part" / "summary.json").read_text())["finished"]
+def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    # each launch is a Hydra multirun over the stages (job 0: ZeRO-2, job 1: ZeRO-3), 2 ranks
+    stages = ["-m", "deepspeed=zero2,zero3"]
+    train(stages + COMMON + ["run.name=full"], tmp_path, nproc=2, via="torchrun")
+    train(stages + COMMON + ["run.name=part", "train.stop_after_steps=3"], tmp_path, nproc=2, via="torchrun")
+    for job in ("0", "1"):
+        part_dir = tmp_path / "part-sweep" / job
+        first = json.loads((part_dir / "summary.json").read_text())
+        assert first["steps"] == 3 and not first["finished"]
+        assert (part_dir / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    train(stages + COMMON + ["run.name=part", "train.resume=auto"], tmp_path, nproc=2, via="torchrun")
+    for job, stage in (("0", 2), ("1", 3)):
+        full_dir, part_dir = tmp_path / "full-sweep" / job, tmp_path / "part-sweep" / job
+        assert f"stage: {stage}" in (part_dir / "config.yaml").read_text()
+        full, part = read_metrics(full_dir), read_metrics(part_dir)
+        assert [r["step"] for r in part] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in full], stage
+        for a, b in zip(full, part):
+            assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6), stage
+            assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], abs=1e-6), stage
+            assert b["train/lr"] == a["train/lr"]
+        assert json.loads((part_dir / "summary.json").read_text())["finished"]
 
 
 def test_zero3_adapter_is_gathered_before_saving(tmp_path):
