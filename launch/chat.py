@@ -98,9 +98,12 @@ def generation_kwargs(model, tokenizer, max_new_tokens: int, temperature: float,
 
 def encode(tokenizer, messages: List[Dict[str, str]], device):
     """Render with the chat template plus the assistant header, as generate() inputs."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    return {k: v.to(device) for k, v in enc.items()}
+    import torch
+
+    from train.evaluate import prompt_ids
+
+    ids = torch.tensor([prompt_ids(tokenizer, messages, 0)], device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _fit_history(model, tokenizer, messages, max_new_tokens, device):

@@ -203,3 +203,14 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     md = (run_dir / "report" / "report.md").read_text()
     assert "lost_or_stolen_card" in md and "chrf" in md.lower()
+
+
+def test_scalars_name_sources_only_when_there_are_several():
+    def row(model, source, loss):
+        return {"model": model, "source": source, "loss": loss, "ppl": 1.0, "target_tokens": 10}
+
+    one = suite.scalars({"lm": {"rows": [row("fine-tuned", "all", 1.0), row("fine-tuned", "a", 1.0)]}})
+    assert one == {"eval/loss": 1.0, "eval/ppl": 1.0, "eval/target_tokens": 10}
+    two = suite.scalars({"lm": {"rows": [row("fine-tuned", "all", 1.5), row("fine-tuned", "a", 1.0), row("fine-tuned", "b", 2.0),
+                                         row("base", "all", 3.0), row("base", "a", 2.5), row("base", "b", 3.5)]}})
+    assert two["eval/loss/a"] == 1.0 and two["eval/loss/b"] == 2.0 and two["eval_base/loss/b"] == 3.5

@@ -382,7 +382,10 @@ def run_suite(parts: Sequence[str], *, model, forward: Callable, tokenizer, eot:
 def scalars(res: Dict) -> Dict[str, float]:
     """The metrics.jsonl / W&B scalars of a suite result (eval/loss keeps its historic name)."""
     out = {}
-    for row in res.get("lm", {}).get("rows", []):
+    rows = res.get("lm", {}).get("rows", [])
+    if sum(1 for r in rows if r["model"] == "fine-tuned") == 2:  # a single source repeats "all"
+        rows = [r for r in rows if r["source"] == "all"]
+    for row in rows:
         prefix = "eval" if row["model"] == "fine-tuned" else "eval_base"
         suffix = "" if row["source"] == "all" else f"/{row['source']}"
         out[f"{prefix}/loss{suffix}"] = row["loss"]
