@@ -219,12 +219,10 @@ def cmd_chat(args) -> int:
 
 
 def main(argv=None) -> int:
-    import argparse
+    """`python -m launch.chat ...` = `dialtune chat ...`."""
+    from launch.cli import main as cli_main
 
-    p = argparse.ArgumentParser(prog="dialtune")
-    add_parser(p.add_subparsers(dest="cmd", required=True))
-    args = p.parse_args(["chat", *(sys.argv[1:] if argv is None else argv)])
-    return args.fn(args)
+    return cli_main(["chat", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

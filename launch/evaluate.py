@@ -11,7 +11,6 @@ eval.decoding=[greedy,sampled] data.eval_files=[held_out.jsonl]`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -142,10 +141,10 @@ def cmd_eval(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="dialtune")
-    add_parser(p.add_subparsers(dest="cmd", required=True))
-    args = p.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    return args.fn(args)
+    """`python -m launch.evaluate ...` = `dialtune eval ...`."""
+    from launch.cli import main as cli_main
+
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

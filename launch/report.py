@@ -324,10 +324,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="dialtune")
-    add_parser(p.add_subparsers(dest="cmd", required=True))
-    args = p.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
-    return args.fn(args)
+    """`python -m launch.report ...` = `dialtune report ...`."""
+    from launch.cli import main as cli_main
+
+    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -325,8 +325,6 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
 
     try:
         if stream:  # too large to hold: tensor by tensor, no logits check
-            from .stream_merge import merge_to_dir
-
             try:
                 streamed = merge_to_dir(adapter_dir, base_path, tmp, out_dtype, max_shard_size)
             except MergeError as e:

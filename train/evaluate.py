@@ -133,23 +133,28 @@ def sequence_logprobs(forward: Callable, batch: Dict[str, torch.Tensor], dev) ->
     return -ce.sum(1).double().cpu(), (labels != IGNORE).sum(1).cpu()
 
 
+def _left_pad(rows: Sequence[Sequence[int]], fill: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows left-padded with fill, the mask of real positions)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, width - len(r):] = torch.as_tensor(r)
+        mask[i, width - len(r):] = 1
+    return out, mask
+
+
 @torch.no_grad()
 def tail_logprobs(forward: Callable, seqs: List[Dict[str, List[int]]], pad_id: int, dev) -> List[float]:
     """Summed log-probability of each sequence's targets, which all sit at its end (a label and
     its end-of-turn token): rows are left-padded with explicit position ids, so the output
     projection runs only over the last positions (logits_to_keep) - the vocabulary-sized
     logits of the prompt are never computed."""
-    width = max(len(q["input_ids"]) for q in seqs)
     first = [next((i for i, t in enumerate(q["labels"]) if t != IGNORE), len(q["labels"])) for q in seqs]
     keep = max(len(q["input_ids"]) - f for q, f in zip(seqs, first)) + 1
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, q in enumerate(seqs):
-        n = len(q["input_ids"])
-        ids[i, width - n:] = torch.as_tensor(q["input_ids"])
-        labels[i, width - n:] = torch.as_tensor(q["labels"])
-        mask[i, width - n:] = 1
+    ids, mask = _left_pad([q["input_ids"] for q in seqs], pad_id)
+    labels, _ = _left_pad([q["labels"] for q in seqs], IGNORE)
+    width = ids.shape[1]
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     out = forward(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), logits_to_keep=keep)
     logits = out.logits[:, -keep:-1].float()  # predicts the last keep-1 tokens
@@ -162,13 +167,9 @@ def tail_logprobs(forward: Callable, seqs: List[Dict[str, List[int]]], pad_id: i
 def generate(model, tokenizer, prompts: List[List[int]], dev, max_new_tokens: int, stop_ids: Sequence[int],
              sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, synced: bool = False):
     """Left-padded batched generation -> [(new tokens up to the first stop token, stopped?)]."""
-    width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = _left_pad(prompts, pad)
+    width = ids.shape[1]
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                          eos_token_id=list(stop_ids), pad_token_id=pad, synced_gpus=synced, **kw)
