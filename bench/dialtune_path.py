@@ -5,8 +5,11 @@ and the kernels of model/kernels.py. One process and a plain torch AdamW: the re
 engine adds only its ZeRO bookkeeping around the same forward/backward.
 
 Levers (spec["levers"]), each 1/0 unless noted:
-  packing   rows of pack_len tokens, conversations kept apart by the mask (0: padded batches of
-            batch_size conversations, as the hf path)
+  packing   rows of pack_len tokens, conversations kept apart (0: padded batches of batch_size
+            conversations, as the hf path)
+  varlen    1: kernels.packed_attention=auto (packed rows attended per document through cu_seqlens
+            where the FlashAttention varlen kernel runs, else the mask); 0: the 4D block-diagonal
+            mask through SDPA; 2: varlen even without the kernel (per-document SDPA)
   fused_ce  chunked linear + cross-entropy on target positions only (0: full logits)
   fast_int8 int8 weights dequantised per layer into bf16 GEMMs (0: LLM.int8 matmul); int8 only
   liger     Liger RMSNorm/SwiGLU/RoPE when importable on CUDA
@@ -14,6 +17,8 @@ Levers (spec["levers"]), each 1/0 unless noted:
   compile   torch.compile each decoder layer
 """
 from __future__ import annotations
+
+import contextlib
 
 from types import SimpleNamespace
 from typing import Dict, List
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 
 from bench.common import DTYPES, IGNORE, LORA_TARGETS, Meter, batch_counts, conversations, reset_peak, say
 
-LEVERS = {"packing": 1, "fused_ce": 1, "fast_int8": 1, "liger": 1, "ckpt": 1, "compile": 0}
+LEVERS = {"packing": 1, "varlen": 1, "fused_ce": 1, "fast_int8": 1, "liger": 1, "ckpt": 1, "compile": 0}
 
 
 def _config(spec: Dict, levers: Dict) -> SimpleNamespace:
@@ -40,7 +45,7 @@ def _config(spec: Dict, levers: Dict) -> SimpleNamespace:
                              modules_to_save=[]))
 
 
-def _batches(spec: Dict, levers: Dict, vocab: int, dtype) -> List[Dict]:
+def _batches(spec: Dict, levers: Dict, vocab: int, dtype, layout: str = "sdpa") -> List[Dict]:
     """Every step's micro-batch, collated up front (the recipe's loader overlaps this with compute)."""
     from data_pipeline.batching import collate
     from data_pipeline.packing import collate_packed, pack
@@ -67,14 +72,14 @@ def _batches(spec: Dict, levers: Dict, vocab: int, dtype) -> List[Dict]:
     out = []
     for s in range(total):
         chunk = rows[s * rows_per_step:(s + 1) * rows_per_step]
-        b = collate_packed(chunk, pad_id=0, attn_implementation="sdpa", dtype=dtype)
+        b = collate_packed(chunk, pad_id=0, attn_implementation=layout, dtype=dtype)
         b["lengths"] = [len(d["input_ids"]) for row in chunk for d in row]
         out.append(b)
     return out
 
 
 def run(spec: Dict, peak) -> Dict:
-    from model import kernels, loader
+    from model import attention, kernels, loader
 
     device, quant, dtype = torch.device(spec["device"]), spec["quant"], DTYPES[spec["quant"]]
     levers = {**LEVERS, **spec["levers"]}
@@ -93,13 +98,18 @@ def run(spec: Dict, peak) -> Dict:
     if why_not:
         notes.append(f"fused CE off: {why_not}")
         fused = False
+    layout = "sdpa"
+    if levers["packing"]:
+        path, why = attention.choose(("mask", "auto", "varlen")[levers["varlen"]], model, device, dtype)
+        layout = "varlen" if path == "varlen" else "sdpa"
+        notes.append(f"{path} attention ({why})")
     if levers["compile"]:
         notes.append(f"compiled {kernels.compile_decoder_layers(model)} layers")
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # the recipe's DeepSpeed bf16 engine trains the adapter in bf16 too
         p.data = p.data.to(dtype)
     opt = torch.optim.AdamW(trainable, lr=2e-4, fused=device.type == "cuda")
-    batches = _batches(spec, levers, model.config.vocab_size, dtype)
+    batches = _batches(spec, levers, model.config.vocab_size, dtype, layout)
     meter = Meter(device, spec["warmup"], spec["steps"])
     losses = []
     model.train()
@@ -107,13 +117,15 @@ def run(spec: Dict, peak) -> Dict:
     say(f"dialtune {quant} {levers}: {len(batches)} steps")
     for step, b in enumerate(batches, 1):
         labels = b["labels"].to(device, non_blocking=True)
-        inputs = {k: v.to(device, non_blocking=True) for k, v in b.items() if k not in ("labels", "lengths")}
-        if fused:
-            ce = kernels.fused_ce_sum(model, labels, **inputs)
-        else:
-            logits = model(**inputs).logits  # train.recipe.token_ce_sum (not imported: it needs omegaconf)
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                 ignore_index=IGNORE, reduction="sum")
+        inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()
+                  if k not in ("labels", "lengths")}
+        with attention.packed_forward() if layout == "varlen" else contextlib.nullcontext():
+            if fused:
+                ce = kernels.fused_ce_sum(model, labels, **inputs)
+            else:
+                logits = model(**inputs).logits  # train.recipe.token_ce_sum (not imported: it needs omegaconf)
+                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                     ignore_index=IGNORE, reduction="sum")
         counts = batch_counts(b["input_ids"], b["labels"], b.get("attention_mask"), b.get("lengths"))
         (ce / max(counts["target"], 1)).backward()
         opt.step()

@@ -26,6 +26,8 @@ SHAPE=${SHAPE:-llama3-8b}
 STEPS=${STEPS:-6}
 WARMUP=${WARMUP:-2}
 DEADLINE=${DEADLINE:-570}
+# rows per quantization; add a row per lever changed, e.g. WHICH=hf,dialtune,dialtune:varlen=0,dialtune:liger=0
+WHICH=${WHICH:-hf,dialtune}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
        WANDB_MODE=disabled
@@ -41,7 +43,7 @@ echo "gpu tests done at $((SECONDS - t0)) s"
 
 cp bench/RESULTS.md "$OUT/RESULTS.md"
 budget=$((DEADLINE - (SECONDS - t0) - 20))
-python3 bench/run.py --shape "$SHAPE" --quant int8,nf4,bf16 --which hf,dialtune --steps "$STEPS" --warmup "$WARMUP" \
+python3 bench/run.py --shape "$SHAPE" --quant int8,nf4,bf16 --which "$WHICH" --steps "$STEPS" --warmup "$WARMUP" \
     --time-budget "$budget" --append-results --results-file "$OUT/RESULTS.md" --jsonl "$OUT/bench.jsonl" \
     2>&1 | tee "$OUT/bench.log"
 echo "total $((SECONDS - t0)) s"

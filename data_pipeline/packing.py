@@ -5,8 +5,10 @@
 `collate_packed()` builds, per row, position ids that restart at 0 for every document and an
 attention layout in which a token only sees earlier tokens of its own document:
 
-- `flash_attention_2` (varlen): position ids alone; transformers turns their restarts into
-  cu_seqlens, so no mask is materialised.
+- `varlen` (model/attention.py, `kernels.packed_attention`): `cu_seq_lens_q/k` and
+  `max_length_q/k` over the flattened batch (every document, and each row's padding tail, is one
+  segment), so no mask is materialised and attention work is per document.
+- `flash_attention_2`: position ids alone; transformers turns their restarts into cu_seqlens.
 - `sdpa` / `eager` / others: an explicit 4D block-diagonal causal mask (bool for sdpa, additive
   float for eager), which transformers passes through unchanged. Position ids alone are NOT
   enough there: sdpa and eager then attend across documents (measured: see STACK-NOTES).
@@ -16,12 +18,18 @@ The first token of every document is never a target, so nothing is learnt across
 from __future__ import annotations
 
 import bisect
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .chat import IGNORE
+
+
+def cu_seqlens(segments: Sequence[int]):
+    """Cumulative offsets (int32, leading 0) of the non-empty segments, and the longest one."""
+    lengths = torch.tensor([0] + [n for n in segments if n > 0], dtype=torch.int32)
+    return torch.cumsum(lengths, 0, dtype=torch.int32), int(lengths.max())
 
 
 def pack(lengths: Sequence[int], max_len: int, seed: int = 0) -> List[List[int]]:
@@ -57,8 +65,10 @@ def fill_ratio(bins: List[List[int]], lengths: Sequence[int], max_len: int) -> f
 
 
 def collate_packed(rows: Sequence[Sequence[Dict]], pad_id: int, attn_implementation: str,
-                   dtype: torch.dtype = torch.float32, pad_to_multiple_of: int = 8) -> Dict[str, torch.Tensor]:
-    """rows: each a list of documents ({'input_ids', 'labels'}) to concatenate into one row."""
+                   dtype: torch.dtype = torch.float32, pad_to_multiple_of: int = 8,
+                   sliding_window: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """rows: each a list of documents ({'input_ids', 'labels'}) to concatenate into one row.
+    sliding_window: the model's (uniform) attention window, applied by the 4D mask."""
     longest = max(sum(len(d["input_ids"]) for d in row) for row in rows)
     L = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     B = len(rows)
@@ -81,11 +91,22 @@ def collate_packed(rows: Sequence[Sequence[Dict]], pad_id: int, attn_implementat
             at += n
         pos[b, at:] = torch.arange(L - at)  # padding: harmless positions, never attended to
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    if attn_implementation == "varlen":
+        segments = []
+        for row in rows:
+            lengths = [len(d["input_ids"]) for d in row]
+            segments += lengths + [L - sum(lengths)]  # the padding tail attends only to itself
+        cu, longest = cu_seqlens(segments)
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return batch
     if attn_implementation == "flash_attention_2":
         return batch  # varlen kernels split on position-id restarts; padding is its own tail
     causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
     same_doc = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
     allowed = same_doc & causal
+    if sliding_window:
+        i = torch.arange(L)
+        allowed &= (i[:, None] - i[None, :]) < sliding_window
     allowed |= torch.eye(L, dtype=torch.bool)  # padding rows see themselves: no all-masked row (NaN)
     allowed = allowed[:, None]
     if attn_implementation == "sdpa":

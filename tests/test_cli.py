@@ -68,11 +68,19 @@ def test_quantized_recipes_train_on_cpu(tmp_path, recipe, kind):
 
 
 def test_packed_training_runs_and_fills_rows(tmp_path):
-    train(["data.packing=true", "run.name=packed", "export.merge_at_end=false"] + QUICK, tmp_path)
-    run_dir = tmp_path / "packed"
-    stats = json.loads((run_dir / "data_stats.json").read_text())
+    """Packed rows through the recipe, both boundary-safe attention paths in one Hydra multirun
+    (job 0: the 4D mask, job 1: varlen per document): same data, same losses."""
+    train(["-m", "data.packing=true", "run.name=packed", "export.merge_at_end=false",
+           "kernels.packed_attention=mask,varlen"] + QUICK, tmp_path)
+    runs = [tmp_path / "packed-sweep" / str(job) for job in (0, 1)]
+    stats = json.loads((runs[0] / "data_stats.json").read_text())
     assert stats["packing"]["fill_ratio"] > 0.9 and stats["packing"]["docs_per_row"] > 1.5
-    rows = read_metrics(run_dir)
-    assert len(rows) == 2 and all(r["train/loss"] == r["train/loss"] for r in rows)
+    assert [json.loads((r / "summary.json").read_text())["packed_attention"] for r in runs] == ["mask", "varlen"]
+    mask, varlen = (read_metrics(r) for r in runs)
+    assert len(mask) == 2 and all(r["train/loss"] == r["train/loss"] for r in mask)
     # packed rows are nearly full: little padding
-    assert all(r["perf/tokens"] / r["perf/padded_tokens"] > 0.85 for r in rows)
+    assert all(r["perf/tokens"] / r["perf/padded_tokens"] > 0.85 for r in mask)
+    for m, v in zip(mask, varlen):
+        assert v["perf/target_tokens"] == m["perf/target_tokens"]
+        assert v["train/loss"] == pytest.approx(m["train/loss"], rel=1e-5)
+        assert v["train/grad_norm"] == pytest.approx(m["train/grad_norm"], rel=1e-4)

@@ -143,29 +143,34 @@ def _conversations(n=5, vocab=96, seed=3):
     return docs
 
 
-def _packed_and_padded_losses(dtype, device="cpu"):
-    """Per-target-token loss of the same conversations: packed rows (block-diagonal mask) + fused
-    CE, and padded batches + full logits (packing never predicts a document's first token from
-    the previous one; neither does padding)."""
+def _packed_and_padded_losses(dtype, device="cpu", layout="sdpa"):
+    """Per-target-token loss of the same conversations: packed rows (block-diagonal mask, or
+    varlen per document) + fused CE, and padded batches + full logits (packing never predicts a
+    document's first token from the previous one; neither does padding)."""
+    from model import attention
+
     model = _lora(_tiny_llama()).to(device=device, dtype=dtype)
     docs = _conversations()
     with torch.no_grad():
         padded = {k: v.to(device) for k, v in collate(docs, pad_id=0).items()}
         ref = token_ce_sum(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
                            padded["labels"])
-        packed = {k: v.to(device) for k, v in collate_packed([docs[:3], docs[3:]], pad_id=0, attn_implementation="sdpa",
-                                                              dtype=dtype).items()}
-        got = kernels.fused_ce_sum(model, packed["labels"], input_ids=packed["input_ids"],
-                                   attention_mask=packed["attention_mask"], position_ids=packed["position_ids"])
+        packed = {k: v.to(device) if torch.is_tensor(v) else v
+                  for k, v in collate_packed([docs[:3], docs[3:]], pad_id=0, attn_implementation=layout, dtype=dtype).items()}
+        if layout == "varlen":
+            assert attention.choose("varlen", model, torch.device(device), dtype)[0] == "varlen"
+        with attention.packed_forward() if layout == "varlen" else torch.no_grad():
+            got = kernels.fused_ce_sum(model, packed["labels"], **{k: v for k, v in packed.items() if k != "labels"})
     n = target_tokens(padded)
     assert n == target_tokens(packed) > 0
     return got / n, ref / n
 
 
+@pytest.mark.parametrize("layout", ["sdpa", "varlen"])
 @pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-5, 0.0), (torch.bfloat16, 0.0, 4e-3)])
-def test_packed_fused_loss_equals_unpacked_unfused_loss(dtype, atol, rtol):
-    """The correctness bar of the speed path."""
-    got, ref = _packed_and_padded_losses(dtype)
+def test_packed_fused_loss_equals_unpacked_unfused_loss(dtype, atol, rtol, layout):
+    """The correctness bar of the speed path (both packed attention paths)."""
+    got, ref = _packed_and_padded_losses(dtype, layout=layout)
     torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
 
 
@@ -326,9 +331,11 @@ def test_gpu_chunked_ce_bf16_llama3_vocab():
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_packed_fused_loss_equals_unpacked_unfused_loss():
-    """On the GPU's SDPA kernels too, packed documents stay apart (bf16 tolerance)."""
-    got, ref = _packed_and_padded_losses(torch.bfloat16, "cuda")
+@pytest.mark.parametrize("layout", ["sdpa", "varlen"])
+def test_gpu_packed_fused_loss_equals_unpacked_unfused_loss(layout):
+    """On the GPU's kernels too (SDPA with the mask; torch's FlashAttention varlen kernel),
+    packed documents stay apart (bf16 tolerance)."""
+    got, ref = _packed_and_padded_losses(torch.bfloat16, "cuda", layout)
     torch.testing.assert_close(got, ref, rtol=4e-3, atol=0.0)
 
 

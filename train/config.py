@@ -173,6 +173,7 @@ class KernelsConfig:
     liger: bool = doc(True, "Liger RMSNorm/SwiGLU/RoPE kernels on Llama/Qwen2/Mistral when liger_kernel is importable and training on CUDA; otherwise a logged no-op.")
     checkpoint_every: int = doc(1, "With model.gradient_checkpointing: checkpoint every k-th decoder layer only (1: all; larger: less recompute, more memory).")
     compile: bool = doc(False, "torch.compile each decoder layer (regional compilation).")
+    packed_attention: str = doc("auto", "How packed rows (data.packing) keep documents apart: varlen (per-document attention via cu_seqlens: torch's FlashAttention varlen kernel on CUDA in bf16/fp16, causal SDPA per document elsewhere; no L x L mask), mask (4D block-diagonal mask through SDPA), auto (varlen where the kernel runs, else mask).")
     peak_tflops: float = doc(0.0, "Peak dense bf16 TFLOP/s per GPU for MFU; 0: looked up from the GPU name (train/flops.py), none on CPU.")
 
 
@@ -285,6 +286,7 @@ _CHOICES = {
     "logger.backend": ("wandb", "none"),
     "logger.mode": ("auto", "online", "offline"),
     "export.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "kernels.packed_attention": ("auto", "varlen", "mask"),
     "export.base": ("original", "dequantized"),
     "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "intent"),
     "data.truncation": ("keep_recent", "right", "drop"),

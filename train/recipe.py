@@ -9,6 +9,7 @@ short conversations thus weigh by their tokens, whatever the padding, accumulati
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from data_pipeline import batching
 from data_pipeline.chat import IGNORE, apply_named_template, end_of_turn_id
 from data_pipeline.dataset import eval_conversations, prepare_cached, sources_of
 from data_pipeline.packing import collate_packed
-from model import kernels, loader
+from model import attention, kernels, loader
 
 from . import checkpoint, distributed, flops, optim, signals
 from . import evaluate as suite
@@ -109,7 +110,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         what = "packed rows" if packs is not None else "conversations"
         raise ConfigError(f"the training set has {n_items} {what}, fewer than one optimizer step needs "
                           f"(micro_batch_size {mb} x grad_accum {gas} x {world} ranks); lower train.micro_batch_size or train.grad_accum.")
-    attn = cfg.model.attn_implementation
+    # the packed-row layout for collate_packed, and the attention path (set once the model is loaded)
+    layout = {"attn": cfg.model.attn_implementation, "window": None, "path": cfg.model.attn_implementation}
 
     def make_batch(indices):
         """(batch, token lengths of its conversations) - the lengths feed the FLOPs count."""
@@ -117,7 +119,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             b = batching.collate(batching.fetch(train_ds, indices), pad_id)
             return b, b["attention_mask"].sum(1).tolist()
         rows = [batching.fetch(train_ds, m) for m in packs[list(indices)]["members"]]
-        return (collate_packed(rows, pad_id, attn, dtype=loader.DTYPES[mixed_precision(cfg)]),
+        return (collate_packed(rows, pad_id, layout["attn"], dtype=loader.DTYPES[mixed_precision(cfg)],
+                               sliding_window=layout["window"]),
                 [len(d["input_ids"]) for row in rows for d in row])
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
 
@@ -133,6 +136,16 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         kernels.apply_liger(model)
     model = loader.attach_adapter(model, cfg)
     fast_int8 = kernels.dequantize_int8_linears(model) if cfg.quant.mode == "int8" and kc.fast_int8 else 0
+    if packs is not None and cfg.model.attn_implementation != "flash_attention_2":
+        try:
+            path, why = attention.choose(kc.packed_attention, model, dev, loader.DTYPES[mixed_precision(cfg)])
+            layout["path"] = path
+            layout["attn"] = "varlen" if path == "varlen" else cfg.model.attn_implementation
+            layout["window"] = None if path == "varlen" else attention.uniform_sliding_window(model.config, cfg.data.max_seq_len)
+        except attention.PackedAttentionError as e:
+            raise ConfigError(str(e)) from None
+        if is_main:
+            log.info("packed attention: %s (%s)", path, why)
     if cfg.model.gradient_checkpointing and kc.checkpoint_every > 1:
         kernels.selective_checkpointing(model, kc.checkpoint_every)
     if kc.compile:
@@ -153,13 +166,14 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     def forward_ce(b):
         """(summed CE over the batch's targets, the model output)."""
-        inputs = {key: v.to(dev) for key, v in b.items() if key != "labels"}
+        inputs = {key: v.to(dev) if torch.is_tensor(v) else v for key, v in b.items() if key != "labels"}
         labels = b["labels"].to(dev)
-        if no_fused:
-            out = engine(**inputs)
-            return token_ce_sum(out.logits, labels), out
-        with kernels.hidden_states_as_logits(engine) as head:
-            out = engine(**inputs)  # out.logits holds the final hidden states here
+        with attention.packed_forward() if "cu_seq_lens_q" in inputs else contextlib.nullcontext():
+            if no_fused:
+                out = engine(**inputs)
+                return token_ce_sum(out.logits, labels), out
+            with kernels.hidden_states_as_logits(engine) as head:
+                out = engine(**inputs)  # out.logits holds the final hidden states here
         return kernels.chunked_linear_ce_sum(out.logits, head, labels, chunk_size=kc.ce_chunk_size), out
 
     # ---- resume -------------------------------------------------------------------------------
@@ -191,11 +205,13 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     def run_eval(parts, step, final):
         base = final and ev.base_comparison and cfg.peft.method != "none"
-        res = suite.run_suite(parts, model=engine.module, forward=engine, tokenizer=tokenizer, eot=eot, cfg=ev,
-                              eval_ds=eval_ds, sources=eval_sources, conversations=eval_texts, pad_id=pad_id,
-                              micro_batch_size=mb, max_len=cfg.data.max_seq_len, world=world, rank=rank, dev=dev,
-                              synced=cfg.deepspeed.stage == 3 and world > 1, intent_cfg=cfg.data.intent,
-                              base_ctx=engine.module.disable_adapter if base else None, progress=is_main and t.progress_bar)
+        with attention.standard(engine.module, cfg.model.attn_implementation):
+            res = suite.run_suite(parts, model=engine.module, forward=engine, tokenizer=tokenizer, eot=eot, cfg=ev,
+                                  eval_ds=eval_ds, sources=eval_sources, conversations=eval_texts, pad_id=pad_id,
+                                  micro_batch_size=mb, max_len=cfg.data.max_seq_len, world=world, rank=rank, dev=dev,
+                                  synced=cfg.deepspeed.stage == 3 and world > 1, intent_cfg=cfg.data.intent,
+                                  base_ctx=engine.module.disable_adapter if base else None,
+                                  progress=is_main and t.progress_bar)
         if is_main and res:
             suite.write(res, os.path.join(run_dir, "eval"), step, os.path.join(ckpt_root, checkpoint.tag_for(step)))
             metrics.table("eval/samples", res.get("samples", []), step)
@@ -314,7 +330,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "global_batch_size": mb * gas * world,
                "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter"),
                "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
-               "fast_int8_layers": fast_int8, "fused_ce": not no_fused, "peak_tflops": peak / 1e12 if peak else None,
+               "fast_int8_layers": fast_int8, "fused_ce": not no_fused,
+               "packed_attention": layout["path"] if packs is not None else None, "peak_tflops": peak / 1e12 if peak else None,
                "params_trainable": n_trainable, "params_total": n_total, **eval_result}
     metrics.summary(eval_result)
     wandb_dir = metrics.close()

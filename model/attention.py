@@ -1,0 +1,218 @@
+"""Varlen attention for packed rows: each document attends only to itself, no mask materialised.
+
+`kernels.packed_attention` picks how packed rows keep their documents apart:
+
+- `mask`: a 4D block-diagonal causal mask (data_pipeline.packing) through transformers' SDPA.
+  Exact everywhere, but SDPA then computes every row's full L x L scores (and on CUDA the mask
+  forbids the flash backend), so a 4,096-token row of ~350-token documents does ~12x the
+  attention work it needs.
+- `varlen`: the model runs attention implementation `dialtune_varlen` (registered here with
+  transformers' AttentionInterface). Packed batches carry `cu_seq_lens_q/k` and `max_length_q/k`
+  (the names transformers' FlashAttention kwargs use; models pass them through to their attention
+  functions) and the rows are attended segment by segment: on CUDA in 16-bit with torch's
+  FlashAttention varlen kernel (`torch.nn.attention.varlen.varlen_attn`, causal window), elsewhere
+  with causal SDPA per document (exact, for tests and CPU runs). Calls without those kwargs
+  (evaluation, generation, padded batches) are plain SDPA with transformers' own masks.
+- `auto` (default): varlen where the kernel runs (CUDA, bf16/fp16), else mask.
+
+Safety: while a packed varlen forward runs (`packed_forward()`), an attention call that did not
+receive `cu_seq_lens_q` raises instead of silently attending across documents, so an architecture
+that drops the kwargs cannot train on a leaky layout.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+NAME = "dialtune_varlen"
+MODES = ("auto", "varlen", "mask")
+_packed_forward = False
+_registered = False
+
+
+class PackedAttentionError(ValueError):
+    """The requested packed attention cannot run for this model/config (one sentence)."""
+
+
+def _varlen_kernel():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, False
+    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_kernel()[0] is not None
+
+
+@contextlib.contextmanager
+def packed_forward():
+    """Marks a forward whose batch is packed for varlen: attention without cu_seq_lens raises,
+    and transformers builds no (unused) 4D mask from the restarting position ids."""
+    global _packed_forward
+    before, _packed_forward = _packed_forward, True
+    try:
+        yield
+    finally:
+        _packed_forward = before
+
+
+def _per_document(q, k, v, cu, scale, window):
+    """Reference path: causal SDPA on each segment. q/k/v: (tokens, heads, dim)."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    rep = q.shape[1] // k.shape[1]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
+        if rep > 1:
+            ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+        n = e - s
+        if window is not None and window < n:
+            i = torch.arange(n, device=q.device)
+            allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: Optional[float] = None, sliding_window: Optional[int] = None,
+                             softcap: Optional[float] = None, cu_seq_lens_q: Optional[torch.Tensor] = None,
+                             cu_seq_lens_k: Optional[torch.Tensor] = None, max_length_q: Optional[int] = None,
+                             max_length_k: Optional[int] = None, **kwargs):
+    """transformers attention function. query (B, Hq, L, D), key/value (B, Hkv, L, D);
+    returns (B, L, Hq, D), None."""
+    if cu_seq_lens_q is None:
+        if _packed_forward:
+            raise RuntimeError(f"{type(module).__name__} did not pass cu_seq_lens_q to its attention function, so packed "
+                               f"documents would attend to each other; use kernels.packed_attention=mask for this model.")
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      softcap=softcap, **kwargs)
+    if softcap:
+        raise RuntimeError("attention logit softcapping is not supported by kernels.packed_attention=varlen; use mask")
+    if dropout and module.training:
+        raise RuntimeError("attention dropout is not supported by kernels.packed_attention=varlen; use mask")
+    B, Hq, L, D = query.shape
+    if key.shape[2] != L or (cu_seq_lens_k is not None and cu_seq_lens_k.shape != cu_seq_lens_q.shape):
+        raise RuntimeError("varlen attention runs self-attention over the packed segments only (no cache)")
+    # (the segments are collate_packed's, covering B x L tokens; not re-checked here: on CUDA that
+    # would be a host sync in every layer)
+    q, k, v = (t.transpose(1, 2).reshape(B * L, t.shape[1], D) for t in (query, key, value))
+    window = sliding_window if sliding_window and sliding_window < (max_length_q or L) else None
+    kernel, gqa = _varlen_kernel()
+    if kernel is not None and kernel_available(q.device, q.dtype):
+        extra = {}
+        if k.shape[1] != Hq:
+            if gqa:
+                extra["enable_gqa"] = True
+            else:  # older torch: share the key/value heads by copying them
+                k, v = (t.repeat_interleave(Hq // t.shape[1], 1) for t in (k, v))
+        out = kernel(q, k.contiguous(), v.contiguous(), cu_seq_lens_q, cu_seq_lens_q, int(max_length_q), int(max_length_q),
+                     scale=scaling, window_size=(window - 1 if window else -1, 0), **extra)
+    else:
+        out = _per_document(q, k, v, cu_seq_lens_q, scaling, window)
+    return out.view(B, L, Hq, D), None
+
+
+def _mask(*args, **kwargs):
+    """transformers' SDPA mask, except inside a packed varlen forward (no mask is needed)."""
+    if _packed_forward:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(NAME, _mask)
+    _registered = True
+
+
+def uniform_sliding_window(config, max_len: int) -> Optional[int]:
+    """The sliding window a packed 4D mask must apply (every layer slides by the same window and
+    documents can be longer than it), else None. Raises PackedAttentionError when only some
+    layers slide (a single mask cannot express that)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or window >= max_len:
+        return None
+    types = set(getattr(config, "layer_types", None) or ["sliding_attention"])
+    if types != {"sliding_attention"}:
+        raise PackedAttentionError(f"the model mixes sliding-window ({window}) and full-attention layers, which one packed mask "
+                                   f"cannot express; use kernels.packed_attention=varlen or data.max_seq_len <= {window}")
+    return window
+
+
+def incompatibility(config) -> Optional[str]:
+    """Why this model config cannot use the varlen path, or None."""
+    if getattr(config, "attn_logit_softcapping", None):
+        return "its attention logits are softcapped"
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return f"attention_dropout is {config.attention_dropout}"
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", NAME):
+        return f"attn_implementation is {config._attn_implementation}"
+    return None
+
+
+def choose(mode: str, model, device: torch.device, dtype: torch.dtype) -> Tuple[str, str]:
+    """Resolve kernels.packed_attention for this model and set the model's attention to match.
+    Returns (path, why): path is 'varlen' or 'mask'. Raises PackedAttentionError when varlen is
+    asked for and cannot run."""
+    if mode not in MODES:
+        raise PackedAttentionError(f"kernels.packed_attention={mode!r}: use one of {', '.join(MODES)}")
+    model = _unwrapped(model)
+    config = model.config
+    if mode == "mask":
+        return "mask", "kernels.packed_attention=mask"
+    why_not = incompatibility(config)
+    if mode == "auto":
+        if why_not:
+            return "mask", f"varlen unsupported: {why_not}"
+        if not kernel_available(device, dtype):
+            return "mask", f"no varlen kernel for {device.type} {str(dtype).replace('torch.', '')}"
+    elif why_not:
+        raise PackedAttentionError(f"kernels.packed_attention=varlen cannot run: {why_not}; use kernels.packed_attention=mask")
+    register()
+    model.set_attn_implementation(NAME)
+    if config._attn_implementation != NAME:
+        if mode == "varlen":
+            raise PackedAttentionError(f"kernels.packed_attention=varlen: {type(model).__name__} cannot switch its attention "
+                                       f"implementation; use kernels.packed_attention=mask")
+        return "mask", f"{type(model).__name__} cannot switch its attention implementation"
+    how = "FlashAttention varlen kernel" if kernel_available(device, dtype) else "causal SDPA per document"
+    return "varlen", how
+
+
+def _unwrapped(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def standard(model, implementation: str = "sdpa"):
+    """Run a block (evaluation, generation, saving) on a standard attention implementation, then
+    switch back: code outside dialtune never meets the varlen name."""
+    base = _unwrapped(model)
+    before = getattr(base.config, "_attn_implementation", None)
+    if before != NAME:
+        yield
+        return
+    base.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(NAME)

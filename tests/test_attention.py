@@ -1,0 +1,213 @@
+"""Varlen attention for packed rows (model/attention.py): every document's logits and gradients
+are what it gets alone, on every supported architecture; sliding windows are honoured; a forward
+that loses the cu_seqlens raises instead of leaking; evaluation and saving see plain SDPA."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.chat import IGNORE
+from data_pipeline.packing import collate_packed, cu_seqlens
+from model import attention
+from tests.test_peft import ARCHS
+
+CPU = torch.device("cpu")
+
+
+def _tiny(arch, **extra):
+    import transformers
+
+    torch.manual_seed(0)
+    name, _ = ARCHS[arch]
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **extra)
+    else:
+        config = getattr(transformers, name)(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                             pad_token_id=0, **extra)
+    config._attn_implementation = "sdpa"
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def _docs(lengths=(7, 12, 5, 9, 20, 3), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for n in lengths:
+        ids = torch.randint(1, 96, (n,), generator=g).tolist()
+        docs.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3:]})
+    return docs
+
+
+def _inputs(batch):
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _alone_logits(model, docs):
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([d["input_ids"]])).logits[0] for d in docs]
+
+
+def _packed_logits(model, rows, layout, **kw):
+    batch = collate_packed(rows, 0, layout, **kw)
+    with attention.packed_forward() if layout == "varlen" else torch.no_grad():
+        logits = model(**_inputs(batch)).logits
+    return batch, logits
+
+
+def _split(logits, rows):
+    out = []
+    for r, row in enumerate(rows):
+        at = 0
+        for d in row:
+            n = len(d["input_ids"])
+            out.append(logits[r, at:at + n])
+            at += n
+    return out
+
+
+def _ce(logits, labels):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def test_collate_varlen_segments_cover_documents_and_padding_tails():
+    docs = _docs((7, 12, 5, 9, 20, 3))
+    b = collate_packed([docs[:3], docs[3:]], 0, "varlen")  # rows of 24 and 32 tokens, padded to 32
+    assert b["input_ids"].shape == (2, 32) and "attention_mask" not in b
+    assert b["cu_seq_lens_q"].tolist() == [0, 7, 19, 24, 32, 41, 61, 64] and b["cu_seq_lens_q"].dtype == torch.int32
+    assert b["cu_seq_lens_k"] is b["cu_seq_lens_q"] and b["max_length_q"] == b["max_length_k"] == 20
+    cu, longest = cu_seqlens([3, 0, 4])  # empty segments (a full row's tail) vanish
+    assert cu.tolist() == [0, 3, 7] and longest == 4
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_varlen_packed_rows_equal_each_document_alone(arch):
+    model = _tiny(arch)
+    docs = _docs()
+    rows = [docs[:3], docs[3:]]
+    alone = _alone_logits(model, docs)
+    assert attention.choose("varlen", model, CPU, torch.float32) == ("varlen", "causal SDPA per document")
+    assert model.config._attn_implementation == attention.NAME
+    _, logits = _packed_logits(model, rows, "varlen")
+    for got, ref in zip(_split(logits.detach(), rows), alone):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_varlen_gradients_equal_the_mask_path(arch):
+    model = _tiny(arch).train()
+    docs = _docs()
+    rows = [docs[:3], docs[3:]]
+    attention.choose("varlen", model, CPU, torch.float32)
+    grads = []
+    for layout in ("varlen", "sdpa"):  # the same model: without cu_seqlens it is SDPA with the 4D mask
+        model.zero_grad()
+        batch = collate_packed(rows, 0, layout)
+        with attention.packed_forward() if layout == "varlen" else torch.enable_grad():
+            loss = _ce(model(**_inputs(batch)).logits, batch["labels"])
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lv, gv), (lm, gm) = grads
+    assert lv == pytest.approx(lm, rel=1e-6)
+    for n in gm:
+        torch.testing.assert_close(gv[n], gm[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_sliding_window_is_honoured_by_both_packed_paths():
+    """A 4-token window (documents up to 20 tokens): each document as transformers computes it alone."""
+    model = _tiny("mistral", sliding_window=4)
+    docs = _docs()
+    rows = [docs[:3], docs[3:]]
+    alone = _alone_logits(model, docs)
+    window = attention.uniform_sliding_window(model.config, max_len=64)
+    assert window == 4 and attention.uniform_sliding_window(model.config, max_len=4) is None
+    _, masked = _packed_logits(model, rows, "sdpa", sliding_window=window)
+    attention.choose("varlen", model, CPU, torch.float32)
+    _, varlen = _packed_logits(model, rows, "varlen")
+    for got_m, got_v, ref in zip(_split(masked, rows), _split(varlen.detach(), rows), alone):
+        torch.testing.assert_close(got_m, ref, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got_v, ref, atol=2e-5, rtol=1e-5)
+    _, unwindowed = _packed_logits(model, rows, "sdpa")
+    assert (unwindowed[0, 7:19] - masked[0, 7:19]).abs().max() > 1e-3  # the window matters here
+
+
+def test_mixed_sliding_and_full_layers_cannot_use_one_mask():
+    model = _tiny("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    with pytest.raises(attention.PackedAttentionError, match="kernels.packed_attention=varlen"):
+        attention.uniform_sliding_window(model.config, max_len=64)
+
+
+def test_a_packed_forward_without_cu_seqlens_raises_instead_of_leaking():
+    model = _tiny("llama")
+    attention.choose("varlen", model, CPU, torch.float32)
+    batch = collate_packed([_docs()[:3]], 0, "varlen")
+    with attention.packed_forward(), pytest.raises(RuntimeError, match="attend to each other"):
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+
+
+def test_choose_auto_mask_and_refusals():
+    model = _tiny("llama")
+    assert attention.choose("auto", model, CPU, torch.float32) == ("mask", "no varlen kernel for cpu float32")
+    assert model.config._attn_implementation == "sdpa"
+    assert attention.choose("mask", model, CPU, torch.bfloat16)[0] == "mask"
+    with pytest.raises(attention.PackedAttentionError, match="one of auto, varlen, mask"):
+        attention.choose("flex", model, CPU, torch.float32)
+    dropout = _tiny("llama", attention_dropout=0.1)
+    with pytest.raises(attention.PackedAttentionError, match="attention_dropout is 0.1; use kernels.packed_attention=mask"):
+        attention.choose("varlen", dropout, CPU, torch.float32)
+    assert attention.choose("auto", dropout, torch.device("cuda"), torch.bfloat16)[0] == "mask"
+
+
+def test_standard_gives_evaluation_and_saving_plain_sdpa(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        attention.choose("varlen", model, CPU, torch.float32)  # through the PEFT wrapper
+        base = model.get_base_model()
+        assert base.config._attn_implementation == attention.NAME
+        # outside a packed forward, calls without cu_seqlens are SDPA with transformers' masks
+        torch.testing.assert_close(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), ref)
+        with attention.standard(model):
+            assert base.config._attn_implementation == "sdpa"
+            base.save_pretrained(tmp_path)
+        assert base.config._attn_implementation == attention.NAME
+    assert attention.NAME not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's FlashAttention varlen kernel)")
+@pytest.mark.parametrize("window", [None, 16])
+def test_gpu_varlen_kernel_matches_per_document_sdpa(window):
+    """The CUDA kernel (bf16, GQA 8:2, causal window) against causal SDPA per document in fp32:
+    outputs and input gradients within bf16 tolerance."""
+    dev = torch.device("cuda")
+    assert attention.kernel_available(dev, torch.bfloat16)
+    lengths = [37, 300, 5, 128, 1, 553]
+    cu, longest = cu_seqlens(lengths)
+    cu = cu.to(dev)
+    T = sum(lengths)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, 8, T, 64, device=dev, generator=g)
+    k, v = (torch.randn(1, 2, T, 64, device=dev, generator=g) for _ in range(2))
+    grad_out = torch.randn(1, T, 8, 64, device=dev, generator=g)
+
+    class Module(torch.nn.Module):
+        pass
+
+    def run(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out, _ = attention.varlen_attention_forward(Module(), *leaves, None, scaling=64 ** -0.5, sliding_window=window,
+                                                    cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                                                    max_length_k=longest)
+        out.backward(grad_out.to(dtype))
+        return [out.float()] + [t.grad.float() for t in leaves]
+
+    got = run(torch.bfloat16)  # the kernel
+    ref = run(torch.float32)  # per-document SDPA
+    for a, b, name in zip(got, ref, ("out", "dq", "dk", "dv")):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2, msg=name)
