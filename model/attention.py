@@ -188,12 +188,16 @@ def choose(mode: str, model, device: torch.device, dtype: torch.dtype) -> Tuple[
     elif why_not:
         raise PackedAttentionError(f"kernels.packed_attention=varlen cannot run: {why_not}; use kernels.packed_attention=mask")
     register()
-    model.set_attn_implementation(NAME)
-    if config._attn_implementation != NAME:
+    try:
+        model.set_attn_implementation(NAME)
+        failure = None if config._attn_implementation == NAME else "it kept its attention implementation"
+    except Exception as e:  # transformers versions differ in what they accept here
+        failure = f"{type(e).__name__}: {e}"
+    if failure:
         if mode == "varlen":
-            raise PackedAttentionError(f"kernels.packed_attention=varlen: {type(model).__name__} cannot switch its attention "
-                                       f"implementation; use kernels.packed_attention=mask")
-        return "mask", f"{type(model).__name__} cannot switch its attention implementation"
+            raise PackedAttentionError(f"kernels.packed_attention=varlen: {type(model).__name__} cannot switch to it ({failure}); "
+                                       f"use kernels.packed_attention=mask")
+        return "mask", f"{type(model).__name__} cannot switch its attention implementation ({failure})"
     how = "FlashAttention varlen kernel" if kernel_available(device, dtype) else "causal SDPA per document"
     return "varlen", how
 

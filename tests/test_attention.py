@@ -157,6 +157,10 @@ def test_choose_auto_mask_and_refusals():
     with pytest.raises(attention.PackedAttentionError, match="attention_dropout is 0.1; use kernels.packed_attention=mask"):
         attention.choose("varlen", dropout, CPU, torch.float32)
     assert attention.choose("auto", dropout, torch.device("cuda"), torch.bfloat16)[0] == "mask"
+    stuck = _tiny("llama")
+    stuck.set_attn_implementation = lambda name: None  # a model (or transformers version) that cannot switch
+    with pytest.raises(attention.PackedAttentionError, match="cannot switch to it .*packed_attention=mask"):
+        attention.choose("varlen", stuck, CPU, torch.float32)
 
 
 def test_standard_gives_evaluation_and_saving_plain_sdpa(tmp_path):

@@ -22,7 +22,7 @@ from tests.conftest import ROOT, run_env, train
 
 pytestmark = pytest.mark.slow
 
-FAST = ["train.max_steps=2", "eval.at_end=[lm]", "train.micro_batch_size=2", "train.grad_accum=1", "logger=none", "optim.lr=5e-2",
+FAST = ["train.max_steps=2", "data.max_seq_len=512", "eval.at_end=[lm]", "train.micro_batch_size=2", "train.grad_accum=1", "logger=none", "optim.lr=5e-2",
         "peft.dropout=0", "export.eval_conversations=8"]
 PEFTS = ["lora", "dora", "rslora"]
 QUANTS = ["int8", "nf4"]
@@ -52,7 +52,10 @@ def peft_runs(tmp_path_factory):
 def quant_runs(tmp_path_factory):
     # export.dtype=fp32: the checkpoint on disk is the fp32 merge itself, not its bf16 rounding.
     root = tmp_path_factory.mktemp("export_quant")
-    train(["-m", "recipe=lora_int8,qlora_nf4", "run.name=quant", "export.base=dequantized", "export.dtype=fp32"] + FAST, root)
+    # unpacked, as DEQUANTIZED_TOLERANCE was measured (packed rows move this tiny model's logits
+    # further in 2 steps at lr 5e-2; test_cli trains the recipes as shipped, packed)
+    train(["-m", "recipe=lora_int8,qlora_nf4", "run.name=quant", "export.base=dequantized", "export.dtype=fp32",
+           "data.packing=false"] + FAST, root)
     runs = _sweep(root, "quant", "quant.mode")
     assert sorted(runs) == sorted(QUANTS)
     return runs
