@@ -22,6 +22,7 @@ that drops the kwargs cannot train on a leaky layout.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from typing import Optional, Tuple
 
@@ -38,7 +39,9 @@ class PackedAttentionError(ValueError):
     """The requested packed attention cannot run for this model/config (one sentence)."""
 
 
+@functools.lru_cache(maxsize=None)
 def _varlen_kernel():
+    """(torch's varlen_attn or None, whether it takes enable_gqa)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -91,7 +94,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     returns (B, L, Hq, D), None."""
     if cu_seq_lens_q is None:
         if _packed_forward:
-            raise RuntimeError(f"{type(module).__name__} did not pass cu_seq_lens_q to its attention function, so packed "
+            model_type = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
+            raise RuntimeError(f"the {model_type} model did not pass cu_seq_lens_q down to {type(module).__name__}, so packed "
                                f"documents would attend to each other; use kernels.packed_attention=mask for this model.")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
