@@ -41,12 +41,33 @@ class PackedAttentionError(ValueError):
 
 @functools.lru_cache(maxsize=None)
 def _varlen_kernel():
-    """(torch's varlen_attn or None, whether it takes enable_gqa)."""
+    """(torch's varlen_attn or None, the names of its parameters). Its signature moved between
+    torch versions (is_causal -> window_size, enable_gqa added), so calls are built from it."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None, False
-    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _kernel_call(params, Hq: int, Hkv: int, D: int, scaling, window):
+    """Keyword arguments for varlen_attn expressing causal (windowed) attention with this scale
+    and GQA, plus whether k/v heads must be repeated; None when this torch's kernel cannot."""
+    kw = {}
+    if "window_size" in params:
+        kw["window_size"] = (window - 1 if window else -1, 0)
+    elif "is_causal" in params and not window:
+        kw["is_causal"] = True
+    else:
+        return None
+    if "scale" in params:
+        kw["scale"] = scaling
+    elif scaling is not None and abs(scaling - D ** -0.5) > 1e-12:
+        return None
+    repeat = Hq != Hkv and "enable_gqa" not in params
+    if Hq != Hkv and not repeat:
+        kw["enable_gqa"] = True
+    return kw, repeat
 
 
 def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -112,16 +133,14 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     # would be a host sync in every layer)
     q, k, v = (t.transpose(1, 2).reshape(B * L, t.shape[1], D) for t in (query, key, value))
     window = sliding_window if sliding_window and sliding_window < (max_length_q or L) else None
-    kernel, gqa = _varlen_kernel()
-    if kernel is not None and kernel_available(q.device, q.dtype):
-        extra = {}
-        if k.shape[1] != Hq:
-            if gqa:
-                extra["enable_gqa"] = True
-            else:  # older torch: share the key/value heads by copying them
-                k, v = (t.repeat_interleave(Hq // t.shape[1], 1) for t in (k, v))
+    kernel, params = _varlen_kernel()
+    call = _kernel_call(params, Hq, k.shape[1], D, scaling, window) if kernel_available(q.device, q.dtype) else None
+    if call is not None:
+        kw, repeat = call
+        if repeat:  # a torch without enable_gqa: share the key/value heads by copying them
+            k, v = (t.repeat_interleave(Hq // t.shape[1], 1) for t in (k, v))
         out = kernel(q, k.contiguous(), v.contiguous(), cu_seq_lens_q, cu_seq_lens_q, int(max_length_q), int(max_length_q),
-                     scale=scaling, window_size=(window - 1 if window else -1, 0), **extra)
+                     **kw)
     else:
         out = _per_document(q, k, v, cu_seq_lens_q, scaling, window)
     return out.view(B, L, Hq, D), None
@@ -189,6 +208,11 @@ def choose(mode: str, model, device: torch.device, dtype: torch.dtype) -> Tuple[
             return "mask", f"varlen unsupported: {why_not}"
         if not kernel_available(device, dtype):
             return "mask", f"no varlen kernel for {device.type} {str(dtype).replace('torch.', '')}"
+        params = _varlen_kernel()[1]
+        if getattr(config, "sliding_window", None) and "window_size" not in params:
+            return "mask", "this torch's varlen kernel has no sliding window"
+        if getattr(config, "query_pre_attn_scalar", None) and "scale" not in params:
+            return "mask", "this torch's varlen kernel takes no attention scale"
     elif why_not:
         raise PackedAttentionError(f"kernels.packed_attention=varlen cannot run: {why_not}; use kernels.packed_attention=mask")
     register()

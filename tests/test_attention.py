@@ -163,6 +163,21 @@ def test_choose_auto_mask_and_refusals():
         attention.choose("varlen", stuck, CPU, torch.float32)
 
 
+def test_kernel_call_follows_the_torch_signature():
+    """varlen_attn's keywords changed across torch versions: the call is built from the signature,
+    and what a version cannot express falls back to per-document SDPA (None)."""
+    new = frozenset({"scale", "window_size", "enable_gqa"})
+    assert attention._kernel_call(new, 8, 2, 64, 0.125, None) == ({"window_size": (-1, 0), "scale": 0.125, "enable_gqa": True}, False)
+    assert attention._kernel_call(new, 8, 8, 64, 0.125, 16) == ({"window_size": (15, 0), "scale": 0.125}, False)
+    older = frozenset({"scale", "window_size"})
+    assert attention._kernel_call(older, 8, 2, 64, 0.125, None) == ({"window_size": (-1, 0), "scale": 0.125}, True)
+    oldest = frozenset({"is_causal"})
+    assert attention._kernel_call(oldest, 4, 4, 64, 0.125, None) == ({"is_causal": True}, False)
+    assert attention._kernel_call(oldest, 4, 4, 64, 0.125, 16) is None  # no window
+    assert attention._kernel_call(oldest, 4, 4, 64, 0.1, None) is None  # no scale
+    assert attention._kernel_call(frozenset(), 4, 4, 64, 0.125, None) is None
+
+
 def test_standard_gives_evaluation_and_saving_plain_sdpa(tmp_path):
     from peft import LoraConfig, get_peft_model
 
