@@ -7,9 +7,9 @@ engine adds only its ZeRO bookkeeping around the same forward/backward.
 Levers (spec["levers"]), each 1/0 unless noted:
   packing   rows of pack_len tokens, conversations kept apart (0: padded batches of batch_size
             conversations, as the hf path)
-  varlen    1: kernels.packed_attention=auto (packed rows attended per document through cu_seqlens
-            where the FlashAttention varlen kernel runs, else the mask); 0: the 4D block-diagonal
-            mask through SDPA; 2: varlen even without the kernel (per-document SDPA)
+  varlen    1: kernels.packed_attention=auto (packed rows attended per document through cu_seqlens:
+            the FlashAttention varlen kernel on CUDA in 16-bit, SDPA per document on CPU; the
+            mask on CUDA fp32); 0: the 4D block-diagonal mask through SDPA; 2: varlen always
   fused_ce  chunked linear + cross-entropy on target positions only (0: full logits)
   fast_int8 int8 weights dequantised per layer into bf16 GEMMs (0: LLM.int8 matmul); int8 only
   liger     Liger RMSNorm/SwiGLU/RoPE when importable on CUDA
@@ -45,7 +45,7 @@ def _config(spec: Dict, levers: Dict) -> SimpleNamespace:
                              modules_to_save=[]))
 
 
-def _batches(spec: Dict, levers: Dict, vocab: int, dtype, layout: str = "sdpa") -> List[Dict]:
+def _batches(spec: Dict, levers: Dict, vocab: int, dtype, layout: str = "sdpa", window=None) -> List[Dict]:
     """Every step's micro-batch, collated up front (the recipe's loader overlaps this with compute)."""
     from data_pipeline.batching import collate
     from data_pipeline.packing import collate_packed, pack
@@ -72,7 +72,7 @@ def _batches(spec: Dict, levers: Dict, vocab: int, dtype, layout: str = "sdpa") 
     out = []
     for s in range(total):
         chunk = rows[s * rows_per_step:(s + 1) * rows_per_step]
-        b = collate_packed(chunk, pad_id=0, attn_implementation=layout, dtype=dtype)
+        b = collate_packed(chunk, pad_id=0, attn_implementation=layout, dtype=dtype, sliding_window=window)
         b["lengths"] = [len(d["input_ids"]) for row in chunk for d in row]
         out.append(b)
     return out
@@ -109,7 +109,8 @@ def run(spec: Dict, peak) -> Dict:
     for p in trainable:  # the recipe's DeepSpeed bf16 engine trains the adapter in bf16 too
         p.data = p.data.to(dtype)
     opt = torch.optim.AdamW(trainable, lr=2e-4, fused=device.type == "cuda")
-    batches = _batches(spec, levers, model.config.vocab_size, dtype, layout)
+    window = attention.uniform_sliding_window(model.config, spec["pack_len"]) if layout == "sdpa" else None
+    batches = _batches(spec, levers, model.config.vocab_size, dtype, layout, window)
     meter = Meter(device, spec["warmup"], spec["steps"])
     losses = []
     model.train()

@@ -1,7 +1,6 @@
 """Varlen attention for packed rows (model/attention.py): every document's logits and gradients
 are what it gets alone, on every supported architecture; sliding windows are honoured; a forward
-that loses the cu_seqlens raises instead of leaking; evaluation and saving see plain SDPA."""
-import json
+that loses the cu_seqlens raises instead of leaking; evaluation runs on the model's own attention."""
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ def _tiny(arch, **extra):
     name, _ = ARCHS[arch]
     if arch == "gpt2":
         config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **extra)
+                                         **{"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, **extra})
     else:
         config = getattr(transformers, name)(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -94,9 +93,13 @@ def test_varlen_packed_rows_equal_each_document_alone(arch):
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_varlen_gradients_equal_the_mask_path(arch):
+@pytest.mark.parametrize("arch,checkpointing", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_varlen_gradients_equal_the_mask_path(arch, checkpointing):
+    """Also with gradient checkpointing (the GPU recipes' setting): the recompute in backward,
+    outside packed_forward(), replays the cu_seqlens."""
     model = _tiny(arch).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     docs = _docs()
     rows = [docs[:3], docs[3:]]
     attention.choose("varlen", model, CPU, torch.float32)
@@ -106,7 +109,7 @@ def test_varlen_gradients_equal_the_mask_path(arch):
         batch = collate_packed(rows, 0, layout)
         with attention.packed_forward() if layout == "varlen" else torch.enable_grad():
             loss = _ce(model(**_inputs(batch)).logits, batch["labels"])
-        loss.backward()
+        loss.backward()  # outside packed_forward: a recompute without the cu_seqlens would leak
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (lv, gv), (lm, gm) = grads
     assert lv == pytest.approx(lm, rel=1e-6)
@@ -138,6 +141,15 @@ def test_mixed_sliding_and_full_layers_cannot_use_one_mask():
         attention.uniform_sliding_window(model.config, max_len=64)
 
 
+def test_kwargs_the_varlen_path_cannot_honour_raise():
+    q = torch.randn(1, 2, 6, 8)
+    cu, longest = cu_seqlens([2, 4])
+    module = torch.nn.Module()
+    for extra in ({"s_aux": torch.zeros(2)}, {"is_causal": False}, {"softcap": 30.0}):
+        with pytest.raises(RuntimeError, match="not supported by kernels.packed_attention=varlen"):
+            attention.varlen_attention_forward(module, q, q, q, None, cu_seq_lens_q=cu, max_length_q=longest, **extra)
+
+
 def test_a_packed_forward_without_cu_seqlens_raises_instead_of_leaking():
     model = _tiny("llama")
     attention.choose("varlen", model, CPU, torch.float32)
@@ -148,15 +160,30 @@ def test_a_packed_forward_without_cu_seqlens_raises_instead_of_leaking():
 
 def test_choose_auto_mask_and_refusals():
     model = _tiny("llama")
-    assert attention.choose("auto", model, CPU, torch.float32) == ("mask", "no varlen kernel for cpu float32")
-    assert model.config._attn_implementation == "sdpa"
     assert attention.choose("mask", model, CPU, torch.bfloat16)[0] == "mask"
+    assert model.config._attn_implementation == "sdpa"
+    assert attention.choose("auto", model, torch.device("cuda"), torch.float32) == ("mask", "no varlen kernel for cuda float32")
+    assert model.config._attn_implementation == "sdpa"
+    assert attention.choose("auto", model, CPU, torch.float32) == ("varlen", "causal SDPA per document")
+    assert model.config._attn_implementation == attention.NAME
     with pytest.raises(attention.PackedAttentionError, match="one of auto, varlen, mask"):
         attention.choose("flex", model, CPU, torch.float32)
     dropout = _tiny("llama", attention_dropout=0.1)
-    with pytest.raises(attention.PackedAttentionError, match="attention_dropout is 0.1; use kernels.packed_attention=mask"):
+    with pytest.raises(attention.PackedAttentionError, match=r"attention_dropout is 0.1 \(the varlen kernel has no attention dropout\); use kernels.packed_attention=mask"):
         attention.choose("varlen", dropout, CPU, torch.float32)
     assert attention.choose("auto", dropout, torch.device("cuda"), torch.bfloat16)[0] == "mask"
+    gpt2 = _tiny("gpt2", attn_pdrop=0.1)  # GPT-2's default
+    assert attention.choose("auto", gpt2, torch.device("cuda"), torch.bfloat16)[1] == \
+        "varlen unsupported: attn_pdrop is 0.1 (the varlen kernel has no attention dropout)"
+    with pytest.raises(attention.PackedAttentionError, match="attn_pdrop"):
+        attention.choose("varlen", gpt2, CPU, torch.float32)
+    hybrid = _tiny("llama")
+    hybrid.config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(attention.PackedAttentionError, match="linear_attention layers"):
+        attention.choose("varlen", hybrid, CPU, torch.float32)
+    sinks = _tiny("llama")
+    sinks.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
+    assert "attention sinks" in attention.choose("auto", sinks, CPU, torch.float32)[1]
     stuck = _tiny("llama")
     stuck.set_attn_implementation = lambda name: None  # a model (or transformers version) that cannot switch
     with pytest.raises(attention.PackedAttentionError, match="cannot switch to it .*packed_attention=mask"):
@@ -178,24 +205,27 @@ def test_kernel_call_follows_the_torch_signature():
     assert attention._kernel_call(frozenset(), 4, 4, 64, 0.125, None) is None
 
 
-def test_standard_gives_evaluation_and_saving_plain_sdpa(tmp_path):
+def test_standard_restores_the_implementation_the_model_had():
+    """Evaluation and generation run on the model's own implementation (here eager, which a
+    hard-coded sdpa would not give back), through the PEFT wrapper; unpacked calls outside
+    standard() are plain SDPA with transformers' masks."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_tiny("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    eager = _tiny("llama")
+    eager.set_attn_implementation("eager")
+    model = get_peft_model(eager, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-        attention.choose("varlen", model, CPU, torch.float32)  # through the PEFT wrapper
+        attention.choose("varlen", model, CPU, torch.float32)
         base = model.get_base_model()
         assert base.config._attn_implementation == attention.NAME
-        # outside a packed forward, calls without cu_seqlens are SDPA with transformers' masks
         torch.testing.assert_close(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), ref)
         with attention.standard(model):
-            assert base.config._attn_implementation == "sdpa"
-            base.save_pretrained(tmp_path)
+            assert base.config._attn_implementation == "eager"
+            torch.testing.assert_close(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), ref)
         assert base.config._attn_implementation == attention.NAME
-    assert attention.NAME not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
 
 
 @pytest.mark.gpu

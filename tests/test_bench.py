@@ -14,7 +14,7 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n")
     rows = tmp_path / "rows.jsonl"
-    args = ["--shape", "tiny", "--device", "cpu", "--quant", "fp32", "--which", "hf,dialtune,dialtune:varlen=2", "--steps", "1",
+    args = ["--shape", "tiny", "--device", "cpu", "--quant", "fp32", "--which", "hf,dialtune,dialtune:varlen=0", "--steps", "1",
             "--warmup", "1", "--tokens-per-batch", "512", "--batch-size", "4", "--model-cache", str(tmp_path / "models"),
             "--append-results", "--results-file", str(results), "--jsonl", str(rows)]
     # one thread: two OpenMP threads on a shared 2-core machine run tiny matmuls 50x slower
@@ -27,9 +27,9 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     assert hf_row.startswith("| hf | fp32 |") and hf_row.endswith("| 1.00 |")
     assert dt_row.startswith("| dialtune | fp32 |") and "Single process, no DeepSpeed" in proc.stdout
     recorded = [json.loads(line) for line in rows.read_text().splitlines()]
-    assert [r["label"] for r in recorded] == ["hf", "dialtune", "dialtune:varlen=2"]
-    # the same packed rows through the mask (auto on CPU) and per-document varlen: the same loss
-    assert "mask attention" in recorded[1]["notes"] and "varlen attention" in recorded[2]["notes"]
+    assert [r["label"] for r in recorded] == ["hf", "dialtune", "dialtune:varlen=0"]
+    # the same packed rows through per-document varlen (auto on CPU) and the mask: the same loss
+    assert "varlen attention" in recorded[1]["notes"] and "mask attention" in recorded[2]["notes"]
     assert recorded[2]["loss_first"] == pytest.approx(recorded[1]["loss_first"], rel=1e-5)
     assert all(r["real_tok_s"] > 0 and 0 < r["target_tok_s"] < r["real_tok_s"] <= r["padded_tok_s"] for r in recorded)
     text = results.read_text()

@@ -66,7 +66,7 @@ def test_quantized_recipes_train_packed_on_cpu(tmp_path):
         summary = json.loads((run_dir / "summary.json").read_text())
         assert f"mode: {kind}" in (run_dir / "config.yaml").read_text()
         assert summary["quantized_linear_layers"] == 4 * 7  # every linear of the 4 decoder layers
-        assert summary["packed_attention"] == "mask"  # auto on CPU
+        assert summary["packed_attention"] == "varlen"  # auto on CPU: SDPA per document
         rows = read_metrics(run_dir)
         assert len(rows) == 2 and all(r["train/loss"] == r["train/loss"] for r in rows)  # finite
 
@@ -88,3 +88,6 @@ def test_packed_training_runs_and_fills_rows(tmp_path):
         assert v["perf/target_tokens"] == m["perf/target_tokens"]
         assert v["train/loss"] == pytest.approx(m["train/loss"], rel=1e-5)
         assert v["train/grad_norm"] == pytest.approx(m["train/grad_norm"], rel=1e-4)
+    # the end-of-training eval (unpacked, on the model's own attention) sees the same model
+    ends = [json.loads((r / "summary.json").read_text())["eval/loss"] for r in runs]
+    assert ends[1] == pytest.approx(ends[0], rel=1e-5)

@@ -168,7 +168,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         """(summed CE over the batch's targets, the model output)."""
         inputs = {key: v.to(dev) if torch.is_tensor(v) else v for key, v in b.items() if key != "labels"}
         labels = b["labels"].to(dev)
-        with attention.packed_forward() if "cu_seq_lens_q" in inputs else contextlib.nullcontext():
+        with attention.packed_forward() if layout["path"] == "varlen" else contextlib.nullcontext():
             if no_fused:
                 out = engine(**inputs)
                 return token_ce_sum(out.logits, labels), out
@@ -205,7 +205,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     def run_eval(parts, step, final):
         base = final and ev.base_comparison and cfg.peft.method != "none"
-        with attention.standard(engine.module, cfg.model.attn_implementation):
+        with attention.standard(engine.module):
             res = suite.run_suite(parts, model=engine.module, forward=engine, tokenizer=tokenizer, eot=eot, cfg=ev,
                                   eval_ds=eval_ds, sources=eval_sources, conversations=eval_texts, pad_id=pad_id,
                                   micro_batch_size=mb, max_len=cfg.data.max_seq_len, world=world, rank=rank, dev=dev,
