@@ -190,6 +190,13 @@ _DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attn_dropout", "attention_p
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
 
 
+def non_attention_layers(config) -> Optional[str]:
+    """Layers other than (sliding) attention - linear attention, SSM - carry state along a row, so
+    no packed layout keeps documents apart in them; their names, or None."""
+    kinds = set(getattr(config, "layer_types", None) or []) | set(getattr(config, "layers_block_type", None) or [])
+    return ", ".join(sorted(kinds - _ATTENTION_LAYERS)) or None
+
+
 def incompatibility(model) -> Optional[str]:
     """Why this model cannot use the varlen path, or None."""
     config = model.config
@@ -198,10 +205,8 @@ def incompatibility(model) -> Optional[str]:
     for key in _DROPOUT_KEYS:
         if float(getattr(config, key, 0.0) or 0.0) > 0:
             return f"{key} is {getattr(config, key)} (the varlen kernel has no attention dropout)"
-    # layers that are not attention (linear attention, SSM) would carry state across documents
-    kinds = set(getattr(config, "layer_types", None) or []) | set(getattr(config, "layers_block_type", None) or [])
-    if kinds - _ATTENTION_LAYERS:
-        return f"it has {', '.join(sorted(kinds - _ATTENTION_LAYERS))} layers, which packing cannot keep per document"
+    if non_attention_layers(config):
+        return f"it has {non_attention_layers(config)} layers, which packing cannot keep per document"
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", NAME):
         return f"attn_implementation is {config._attn_implementation}"
     if not getattr(model, "_supports_sdpa", True):

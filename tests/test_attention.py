@@ -181,6 +181,8 @@ def test_choose_auto_mask_and_refusals():
     hybrid.config.layer_types = ["full_attention", "linear_attention"]
     with pytest.raises(attention.PackedAttentionError, match="linear_attention layers"):
         attention.choose("varlen", hybrid, CPU, torch.float32)
+    assert attention.non_attention_layers(hybrid.config) == "linear_attention"  # the recipe refuses packing then
+    assert attention.non_attention_layers(_tiny("qwen2").config) is None
     sinks = _tiny("llama")
     sinks.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
     assert "attention sinks" in attention.choose("auto", sinks, CPU, torch.float32)[1]

@@ -136,6 +136,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         kernels.apply_liger(model)
     model = loader.attach_adapter(model, cfg)
     fast_int8 = kernels.dequantize_int8_linears(model) if cfg.quant.mode == "int8" and kc.fast_int8 else 0
+    if packs is not None and attention.non_attention_layers(model.config):
+        raise ConfigError(f"data.packing=true cannot keep conversations apart in this model's "
+                          f"{attention.non_attention_layers(model.config)} layers (they carry state along a row); set data.packing=false.")
     if packs is not None and cfg.model.attn_implementation != "flash_attention_2":
         try:
             path, why = attention.choose(kc.packed_attention, model, dev, loader.DTYPES[mixed_precision(cfg)])
