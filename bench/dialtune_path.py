@@ -98,10 +98,10 @@ def run(spec: Dict, peak) -> Dict:
     if why_not:
         notes.append(f"fused CE off: {why_not}")
         fused = False
-    layout = "sdpa"
+    layout, window = "sdpa", None
     if levers["packing"]:
-        path, why = attention.choose(("mask", "auto", "varlen")[levers["varlen"]], model, device, dtype)
-        layout = "varlen" if path == "varlen" else "sdpa"
+        path, why, layout, window = attention.packed_layout(("mask", "auto", "varlen")[levers["varlen"]], model, device,
+                                                            dtype, spec["pack_len"])
         notes.append(f"{path} attention ({why})")
     if levers["compile"]:
         notes.append(f"compiled {kernels.compile_decoder_layers(model)} layers")
@@ -109,7 +109,6 @@ def run(spec: Dict, peak) -> Dict:
     for p in trainable:  # the recipe's DeepSpeed bf16 engine trains the adapter in bf16 too
         p.data = p.data.to(dtype)
     opt = torch.optim.AdamW(trainable, lr=2e-4, fused=device.type == "cuda")
-    window = attention.uniform_sliding_window(model.config, spec["pack_len"]) if layout == "sdpa" else None
     batches = _batches(spec, levers, model.config.vocab_size, dtype, layout, window)
     meter = Meter(device, spec["warmup"], spec["steps"])
     losses = []

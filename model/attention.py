@@ -267,6 +267,24 @@ def choose(mode: str, model, device: torch.device, dtype: torch.dtype) -> Tuple[
     return "varlen", how
 
 
+def packed_layout(mode: str, model, device: torch.device, dtype: torch.dtype, max_len: int) -> Tuple[str, str, str, Optional[int]]:
+    """Everything packed training needs from this module, for a model about to train on packed
+    rows of max_len tokens: (path, why, the collate_packed layout, the sliding window its mask must
+    apply). transformers' flash_attention_2 keeps its own varlen handling (position ids).
+    Raises PackedAttentionError (one sentence) where packing cannot keep documents apart."""
+    config = _unwrapped(model).config
+    if non_attention_layers(config):
+        raise PackedAttentionError(f"data.packing=true cannot keep conversations apart in this model's "
+                                   f"{non_attention_layers(config)} layers (they carry state along a row); set data.packing=false")
+    implementation = config._attn_implementation
+    if implementation == "flash_attention_2":
+        return implementation, "flash-attn's varlen kernels split on the restarting position ids", implementation, None
+    path, why = choose(mode, model, device, dtype)
+    if path == "varlen":
+        return path, why, "varlen", None
+    return path, why, implementation, uniform_sliding_window(config, max_len)
+
+
 def _unwrapped(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

@@ -135,6 +135,15 @@ def test_sliding_window_is_honoured_by_both_packed_paths():
     assert (unwindowed[0, 7:19] - masked[0, 7:19]).abs().max() > 1e-3  # the window matters here
 
 
+def test_packed_layout_gives_collate_what_the_chosen_path_needs():
+    windowed = _tiny("mistral", sliding_window=4)
+    assert attention.packed_layout("mask", windowed, CPU, torch.float32, 64) == ("mask", "kernels.packed_attention=mask", "sdpa", 4)
+    assert attention.packed_layout("auto", windowed, CPU, torch.float32, 64) == ("varlen", "causal SDPA per document", "varlen", None)
+    flash = _tiny("llama")
+    flash.config._attn_implementation = "flash_attention_2"  # transformers' own varlen handling stays
+    assert attention.packed_layout("auto", flash, CPU, torch.bfloat16, 64)[::2] == ("flash_attention_2", "flash_attention_2")
+
+
 def test_mixed_sliding_and_full_layers_cannot_use_one_mask():
     model = _tiny("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
     with pytest.raises(attention.PackedAttentionError, match="kernels.packed_attention=varlen"):
@@ -181,7 +190,8 @@ def test_choose_auto_mask_and_refusals():
     hybrid.config.layer_types = ["full_attention", "linear_attention"]
     with pytest.raises(attention.PackedAttentionError, match="linear_attention layers"):
         attention.choose("varlen", hybrid, CPU, torch.float32)
-    assert attention.non_attention_layers(hybrid.config) == "linear_attention"  # the recipe refuses packing then
+    with pytest.raises(attention.PackedAttentionError, match="data.packing=true cannot keep .* linear_attention layers"):
+        attention.packed_layout("mask", hybrid, CPU, torch.float32, 64)  # no packed layout at all
     assert attention.non_attention_layers(_tiny("qwen2").config) is None
     sinks = _tiny("llama")
     sinks.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))

@@ -136,19 +136,14 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         kernels.apply_liger(model)
     model = loader.attach_adapter(model, cfg)
     fast_int8 = kernels.dequantize_int8_linears(model) if cfg.quant.mode == "int8" and kc.fast_int8 else 0
-    if packs is not None and attention.non_attention_layers(model.config):
-        raise ConfigError(f"data.packing=true cannot keep conversations apart in this model's "
-                          f"{attention.non_attention_layers(model.config)} layers (they carry state along a row); set data.packing=false.")
-    if packs is not None and cfg.model.attn_implementation != "flash_attention_2":
+    if packs is not None:
         try:
-            path, why = attention.choose(kc.packed_attention, model, dev, loader.DTYPES[mixed_precision(cfg)])
-            layout["path"] = path
-            layout["attn"] = "varlen" if path == "varlen" else cfg.model.attn_implementation
-            layout["window"] = None if path == "varlen" else attention.uniform_sliding_window(model.config, cfg.data.max_seq_len)
+            layout["path"], why, layout["attn"], layout["window"] = attention.packed_layout(
+                kc.packed_attention, model, dev, loader.DTYPES[mixed_precision(cfg)], cfg.data.max_seq_len)
         except attention.PackedAttentionError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"{e}.") from None
         if is_main:
-            log.info("packed attention: %s (%s)", path, why)
+            log.info("packed attention: %s (%s)", layout["path"], why)
     if cfg.model.gradient_checkpointing and kc.checkpoint_every > 1:
         kernels.selective_checkpointing(model, kc.checkpoint_every)
     if kc.compile:
