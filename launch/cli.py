@@ -90,7 +90,8 @@ def cmd_merge(args) -> int:
     try:
         opts = merge_options(cfg.export)
         for key, value in (("dtype", args.dtype), ("base", args.base), ("eval_conversations", args.eval_conversations),
-                           ("tolerance", args.tolerance), ("dequantized_tolerance", args.tolerance)):
+                           ("tolerance", args.tolerance), ("dequantized_tolerance", args.tolerance),
+                           ("hub_repo_id", args.hub_repo_id), ("license", args.license)):
             if value is not None:
                 opts[key] = value
         summary = merge(str(adapter), out, base_path=base, run_dir=str(run_dir),
@@ -100,6 +101,8 @@ def cmd_merge(args) -> int:
         return 2
     print(json.dumps(summary, indent=2))
     print(f"dialtune: merged checkpoint written to {out}")
+    if summary.get("hub_repo_id"):
+        print(f"dialtune: push-ready; upload with: hf upload {summary['hub_repo_id']} {out} .")
     return 0
 
 
@@ -137,6 +140,8 @@ def main(argv=None) -> int:
     m.add_argument("--base", default=None, choices=["original", "dequantized"],
                    help="merge into the original full-precision base or the dequantized quantized base the run trained against (default: the run's export.base)")
     m.add_argument("--tolerance", type=float, default=None, help="largest |logit difference| the verification allows (default: the run's, per --base)")
+    m.add_argument("--hub-repo-id", default=None, help="write the checkpoint push-ready for this Hugging Face repo id, org/name (default: the run's export.hub_repo_id)")
+    m.add_argument("--license", default=None, help="license id for the model card metadata (default: the run's export.license)")
     m.add_argument("--eval-conversations", type=int, default=None, help="eval conversations for the held-out losses in export_summary.json (0 skips; default: the run's, 64)")
     m.set_defaults(fn=cmd_merge)
 

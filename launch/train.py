@@ -93,6 +93,8 @@ def print_summary(summary: dict) -> None:
         lines.append(f"  {'held-out loss / perplexity':<34} {summary['eval/loss']:.4f} / {summary['eval/ppl']:.2f}")
     if summary.get("merged"):
         lines.append(f"  load it: AutoModelForCausalLM.from_pretrained({summary['merged']!r})")
+    if summary.get("merged") and summary.get("hub_repo_id"):
+        lines.append(f"  push-ready; upload it: hf upload {summary['hub_repo_id']} {summary['merged']} .")
     print("\n".join(lines), flush=True)
 
 
@@ -118,6 +120,7 @@ def task(cfg) -> None:
                 merge(summary["adapter"], merged_dir, base_path=summary["base"], run_dir=run_dir,
                       end_of_turn_token=cfg.model.end_of_turn_token, **merge_options(cfg.export))
                 summary["merged"] = merged_dir
+                summary["hub_repo_id"] = cfg.export.hub_repo_id
             print_summary(summary)
         if summary.get("nonfinite_stop_step"):
             if rank() == 0:

@@ -1,10 +1,16 @@
-"""The model card (README.md) of a merged checkpoint: base, adapter, quantization, verification,
-training data with the bundled sample's license notice, held-out losses, and how to load it."""
+"""The model card (README.md) of a merged checkpoint: Hugging Face metadata (front matter), base,
+adapter, quantization, verification, training data with the bundled sample's license notice,
+held-out losses, and how to load it.
+
+Push-ready layout (`export.hub_repo_id`): the card loads the model by its repo id, local paths
+are shown by their last component only (here and in export_summary.json), and a `.gitattributes`
+stores the weights and the tokenizer with Git LFS, so the directory can be uploaded as it is
+(`hf upload <repo id> <dir>`, or `git push` to the repo)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data_pipeline" / "sample_data"
 
@@ -23,20 +29,76 @@ def sample_license_notice() -> str:
     return text[start:].strip() if start >= 0 else text.strip()
 
 
-def model_card(summary: Dict, cfg, peft_cfg, out_dir: str) -> str:
-    name = os.path.basename(os.path.normpath(out_dir))
+# Git LFS for what the Hub stores as large files (its own .gitattributes for new model repos, less
+# the formats a merged transformers checkpoint never has)
+GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for pattern in (
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.model", "*.gguf", "tokenizer.json"))
+_PATH_KEYS = ("base", "adapter", "run_dir")
+
+
+def repo_id_problem(repo_id: str) -> Optional[str]:
+    """Why `repo_id` is not a Hugging Face model repo id (None when it is)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return str(e).rstrip(".")
+    return None
+
+
+def is_local(path: Optional[str]) -> bool:
+    return bool(path) and (os.path.isabs(path) or os.path.exists(path) or path.startswith("."))
+
+
+def public(path: Optional[str]) -> Optional[str]:
+    """A local path as its last component (a Hub id as it is): nothing of this machine's file
+    system goes into a pushed repo."""
+    return os.path.basename(os.path.normpath(path)) if is_local(path) else path
+
+
+def public_summary(summary: Dict) -> Dict:
+    out = {k: (public(v) if k in _PATH_KEYS else v) for k, v in summary.items()}
+    if "eval" in out:
+        out["eval"] = {**out["eval"], "set": public(out["eval"]["set"])}
+    return out
+
+
+def _hub_base(summary: Dict, cfg) -> Optional[str]:
+    """The base model's Hub id, or None for a local directory (or the embedded tiny model)."""
+    name = cfg.model.name_or_path if cfg is not None else summary["base"]
+    return None if name == "tiny" or is_local(name) else name
+
+
+def front_matter(summary: Dict, cfg, method: str, license: Optional[str]) -> str:
+    from huggingface_hub import ModelCardData
+
+    base = _hub_base(summary, cfg)
+    tags = ["dialtune", method, "conversational", "text-generation"]
+    if summary["quant"] != "none":
+        tags.append(f"{summary['quant']}-trained")
+    data = ModelCardData(license=license, library_name="transformers", pipeline_tag="text-generation", tags=tags,
+                         base_model=base, base_model_relation="finetune" if base else None)
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional[str] = None,
+               license: Optional[str] = None) -> str:
+    """README.md of a merged checkpoint; with hub_repo_id, push-ready (see the module docstring)."""
+    show = public if hub_repo_id else (lambda p: p)
+    name = hub_repo_id or os.path.basename(os.path.normpath(out_dir))
     if cfg is not None and name == "merged":
         name = f"{cfg.run.name} (merged)"
-    lines = [f"# {name}", "", "Merged checkpoint written by dialtune (`dialtune merge`): the fine-tuned adapter is folded "
-             "into the base weights, so it loads with plain transformers (no PEFT, no bitsandbytes).", ""]
-    if cfg is not None and cfg.model.name_or_path == "tiny":
-        base_desc = f"embedded tiny random Llama (`model=tiny`, seed {cfg.model.tiny.seed}), written to `{summary['base']}`"
-    else:
-        base_desc = f"`{cfg.model.name_or_path if cfg is not None else summary['base']}`"
-        if cfg is not None and cfg.model.revision:
-            base_desc += f" (revision `{cfg.model.revision}`)"
     method = cfg.peft.method if cfg is not None else ("dora" if getattr(peft_cfg, "use_dora", False) else
                                                         "rslora" if getattr(peft_cfg, "use_rslora", False) else "lora")
+    lines = [front_matter(summary, cfg, method, license), f"# {name}", "", "Merged checkpoint written by dialtune (`dialtune merge`): the fine-tuned adapter is folded "
+             "into the base weights, so it loads with plain transformers (no PEFT, no bitsandbytes).", ""]
+    if cfg is not None and cfg.model.name_or_path == "tiny":
+        base_desc = f"embedded tiny random Llama (`model=tiny`, seed {cfg.model.tiny.seed}), written to `{show(summary['base'])}`"
+    else:
+        base_desc = f"`{show(cfg.model.name_or_path if cfg is not None else summary['base'])}`"
+        if cfg is not None and cfg.model.revision:
+            base_desc += f" (revision `{cfg.model.revision}`)"
     targets = peft_cfg.target_modules
     targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
     quant = summary["quant"]
@@ -61,11 +123,13 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str) -> str:
               f"| resolved config sha256 | `{summary.get('config_sha256') or 'unknown'}` |", ""]
     if cfg is not None:
         lines += ["## Training data", ""]
-        files = list(cfg.data.train_files)
-        lines += [f"- `{f}`" for f in files]
-        if list(cfg.data.eval_files):
-            lines += ["", "Held out: " + ", ".join(f"`{f}`" for f in cfg.data.eval_files)]
-        if any(_is_sample(f) for f in list(cfg.data.train_files) + list(cfg.data.eval_files)):
+        sources = list(cfg.data.get("sources") or [])
+        files = list(cfg.data.train_files) + [s.path for s in sources if s.get("split", "train") == "train"]
+        held_out = list(cfg.data.eval_files) + [s.path for s in sources if s.get("split", "train") == "eval"]
+        lines += [f"- `{show(f)}`" for f in files]
+        if held_out:
+            lines += ["", "Held out: " + ", ".join(f"`{show(f)}`" for f in held_out)]
+        if any(_is_sample(f) for f in files + held_out):
             lines += ["", "The bundled dialtune sample (`data_pipeline/sample_data/`) was used. Its license notice "
                       "(full license texts in `data_pipeline/sample_data/LICENSES/`):", ""]
             lines += ["> " + l if l else ">" for l in sample_license_notice().splitlines()]
@@ -81,8 +145,11 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str) -> str:
         for k, v in summary["eval_loss"].items():
             lines.append(f"| {labels.get(k, k)} | {v:.4f} | {summary['eval_ppl'][k]:.2f} |")
         lines.append("")
+    lines += ["## License", "",
+              (f"`{license}` (`export.license`)." if license else "No license id was set for this checkpoint (`export.license`).")
+              + " The base model's license and the terms of the training data apply to it as well.", ""]
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f"path = {out_dir!r}",
+              f"path = {hub_repo_id or out_dir!r}",
               "tok = AutoTokenizer.from_pretrained(path)",
               "model = AutoModelForCausalLM.from_pretrained(path)",
               "messages = [{\"role\": \"user\", \"content\": \"Where is my order?\"}]",
@@ -91,5 +158,6 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str) -> str:
               "out = model.generate(**inputs, max_new_tokens=128)  # stops at the end-of-turn token (generation_config.json)",
               "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
               "```", "",
-              f"Or interactively: `dialtune chat {out_dir}`.", ""]
+              (f"Or interactively: `hf download {hub_repo_id} --local-dir model && dialtune chat model`." if hub_repo_id
+               else f"Or interactively: `dialtune chat {out_dir}`."), ""]
     return "\n".join(lines)

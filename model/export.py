@@ -54,7 +54,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .card import model_card
+from .card import GITATTRIBUTES, model_card, public_summary, repo_id_problem
 from .loader import DTYPES
 
 ORIGINAL, DEQUANTIZED = "original", "dequantized"
@@ -251,7 +251,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
           max_shard_size: str = "2GB", tolerance: Optional[float] = None, probe=None,
           end_of_turn_token: Optional[str] = None, base: str = ORIGINAL, run_dir: Optional[str] = None,
           eval_conversations: int = 64, dequantized_tolerance: Optional[float] = None,
-          stream_above_gb: float = 12.0) -> Dict:
+          stream_above_gb: float = 12.0, hub_repo_id: Optional[str] = None, license: Optional[str] = None) -> Dict:
     """Merge adapter_dir into its base (`base`: original | dequantized), verify, write out_dir.
 
     tolerance / dequantized_tolerance: largest max |logit difference| allowed for the original /
@@ -262,12 +262,16 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
     stream_above_gb: a base larger than this in fp32 is merged tensor by tensor
     (model/stream_merge.py, memory ~ one shard) into the original base, without the in-memory
     logits check (which would hold the fp32 model) and without held-out losses.
+    hub_repo_id: write out_dir push-ready for that Hugging Face repo (model/card.py); license: the
+    card's license id. Returns the summary as written to export_summary.json.
     """
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
 
     if base not in BASES:
         raise ExportError(f"export.base={base!r} is not one of {', '.join(BASES)}.")
+    if hub_repo_id and repo_id_problem(hub_repo_id):
+        raise ExportError(f"export.hub_repo_id={hub_repo_id!r}: {repo_id_problem(hub_repo_id)}.")
     run_dir = run_dir or find_run_dir(adapter_dir)
     cfg = _load_run_cfg(run_dir)
     quant = cfg.quant.mode if cfg is not None else "none"
@@ -383,10 +387,14 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
             summary["config_sha256"] = _sha256(os.path.join(run_dir, "config.yaml"))
         if note:
             summary["note"] = note
+        if hub_repo_id:
+            summary = public_summary({**summary, "hub_repo_id": hub_repo_id})
+            with open(os.path.join(tmp, ".gitattributes"), "w") as f:
+                f.write(GITATTRIBUTES)
         with open(os.path.join(tmp, "export_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(summary, cfg, peft_cfg, out_dir))
+            f.write(model_card(summary, cfg, peft_cfg, out_dir, hub_repo_id=hub_repo_id, license=license))
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     except BaseException:
@@ -401,7 +409,8 @@ def merge_options(export_cfg) -> Dict:
     return dict(dtype=get("dtype", "auto"), max_shard_size=get("max_shard_size", "2GB"), base=get("base", ORIGINAL),
                 tolerance=get("verify_tolerance", ORIGINAL_TOLERANCE),
                 dequantized_tolerance=get("verify_tolerance_dequantized", DEQUANTIZED_TOLERANCE),
-                eval_conversations=get("eval_conversations", 64), stream_above_gb=get("stream_above_gb", 12.0))
+                eval_conversations=get("eval_conversations", 64), stream_above_gb=get("stream_above_gb", 12.0),
+                hub_repo_id=get("hub_repo_id", None), license=get("license", None))
 
 
 def _write_generation_config(out: str, tokenizer, end_of_turn_token: Optional[str]) -> List[int]:

@@ -62,6 +62,8 @@ def test_unknown_key_is_rejected():
     (["train.max_steps=0"], "nothing to train"),
     (["peft.method=lorax"], "peft.method"),
     (["train.micro_batch_size=0"], "at least 1"),
+    (["export.hub_repo_id='acme/support bot'"], "export.hub_repo_id"),
+    (["export.hub_repo_id=a/b/c"], "namespace/repo_name"),
 ])
 def test_validation_rejects(overrides, fragment):
     cfg = _compose(overrides)

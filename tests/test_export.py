@@ -214,6 +214,70 @@ def test_model_card(quant_runs, peft_runs):
     assert "dora, rank 16" in (peft_runs["dora"] / "merged" / "README.md").read_text()
 
 
+def test_push_ready_layout(peft_runs, tmp_path):
+    """`--hub-repo-id`: card metadata the Hub reads, the card loads by the repo id, LFS for the
+    weights, and no path of this machine in any file that would be uploaded."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    run_dir = peft_runs["lora"]
+    out = tmp_path / "push"
+    proc = _cli("merge", run_dir, "--out", out, "--hub-repo-id", "acme/support-tiny", "--license", "apache-2.0",
+                "--eval-conversations", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"hf upload acme/support-tiny {out} ." in proc.stdout
+    card = ModelCard.load(out / "README.md")
+    meta = card.data.to_dict()
+    assert meta["license"] == "apache-2.0" and meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "text-generation" and {"dialtune", "lora"} <= set(meta["tags"])
+    assert "base_model" not in meta  # the embedded tiny base is no Hub model
+    assert "path = 'acme/support-tiny'" in card.text and "`apache-2.0`" in card.text
+    assert "*.safetensors filter=lfs" in (out / ".gitattributes").read_text()
+    summary = _summary(out)
+    assert summary["hub_repo_id"] == "acme/support-tiny" and summary["base"] == "base" and summary["eval"]["set"]
+    local = [str(tmp_path), str(run_dir.parent), str(ROOT)]
+    for f in out.rglob("*"):
+        if f.is_file() and f.suffix != ".safetensors":
+            text = f.read_text()
+            assert not [p for p in local if p in text], (f.name, [p for p in local if p in text])
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+    # the same merge without a repo id keeps the local paths (for the user, not for upload)
+    assert str(run_dir) in (run_dir / "merged" / "README.md").read_text()
+
+
+def test_push_ready_card_names_a_hub_base():
+    from omegaconf import OmegaConf
+    from peft import LoraConfig
+    from huggingface_hub import ModelCard
+
+    from model.card import model_card
+    from train.config import DialtuneConfig, SourceConfig
+
+    cfg = OmegaConf.structured(DialtuneConfig)
+    cfg.model.name_or_path = "meta-llama/Llama-3.2-1B"
+    cfg.data.train_files = ["/home/someone/data/support.jsonl"]
+    cfg.data.sources = [SourceConfig(path="/home/someone/data/faq.jsonl", weight=2.0),
+                        SourceConfig(path="/home/someone/data/dev.jsonl", split="eval")]
+    summary = {"base": "meta-llama/Llama-3.2-1B", "quant": "nf4", "merge_base": "original", "dtype": "bf16",
+               "verify_max_abs_logit_diff": 3e-5, "verify_reference": "fp32 base + adapter", "verify_tolerance": 1e-4}
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    text = model_card(summary, cfg, peft_cfg, "/home/someone/runs/x/merged", hub_repo_id="acme/llama-support")
+    meta = ModelCard(text).data.to_dict()
+    assert meta["base_model"] == "meta-llama/Llama-3.2-1B" and meta["base_model_relation"] == "finetune"
+    assert "nf4-trained" in meta["tags"] and "license" not in meta
+    assert "/home/someone" not in text and "- `support.jsonl`\n- `faq.jsonl`" in text and "Held out: `dev.jsonl`" in text
+    assert "No license id was set" in text
+
+
+@pytest.mark.parametrize("repo_id", ["acme/support bot", "a/b/c"])
+def test_bad_hub_repo_id_is_one_sentence(peft_runs, tmp_path, repo_id):
+    proc = _cli("merge", peft_runs["lora"], "--out", tmp_path / "x", "--hub-repo-id", repo_id, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dialtune: error:")]
+    assert len(errors) == 1 and "export.hub_repo_id" in errors[0], proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
 # ---- chat --------------------------------------------------------------------------------------
 
 def test_chat_prompt_mode(peft_runs):

@@ -216,6 +216,8 @@ class ExportConfig:
     base: str = doc("original", "Base the adapter is merged into: original (full-precision base) or dequantized (quantize->dequantize round trip of the quantized base the run trained against).")
     verify_tolerance_dequantized: float = doc(0.05, "base=dequantized: largest |logit difference| allowed between the merged model (fp32) and the adapter on the quantized base as trained.")
     eval_conversations: int = doc(64, "Eval-set conversations whose held-out loss export_summary.json reports for the adapter and each merge; 0 skips.")
+    hub_repo_id: Optional[str] = doc(None, "Hugging Face repo id (org/name) the merged checkpoint is for: written push-ready (card metadata, loads by this id, no local paths, .gitattributes for LFS); upload with `hf upload <id> <run_dir>/merged`.")
+    license: Optional[str] = doc(None, "License id in the merged model card's metadata: the base model's (e.g. llama3.1, apache-2.0), minding the training data's terms.")
     stream_above_gb: float = doc(12.0, "A base larger than this in fp32 is merged tensor by tensor (memory ~ one shard; Llama-3-8B ~5 GB) without the in-memory logits check; smaller bases merge in memory and are verified.")
 
 
@@ -351,6 +353,12 @@ def validate(cfg, cuda_available: Optional[bool] = None) -> None:
         raise ConfigError("kernels.ce_chunk_size and kernels.checkpoint_every must be at least 1.")
     if t.resume not in ("none", "auto") and not os.path.isdir(t.resume):
         raise ConfigError(f"train.resume={t.resume!r} is neither none, auto nor an existing checkpoint directory.")
+    if cfg.export.hub_repo_id:
+        from model.card import repo_id_problem
+
+        problem = repo_id_problem(cfg.export.hub_repo_id)
+        if problem:
+            raise ConfigError(f"export.hub_repo_id={cfg.export.hub_repo_id!r}: {problem}.")
 
 
 def validate_eval(e) -> None:
