@@ -90,7 +90,7 @@ def cmd_merge(args) -> int:
     try:
         opts = merge_options(cfg.export)
         for key, value in (("dtype", args.dtype), ("base", args.base), ("eval_conversations", args.eval_conversations),
-                           ("tolerance", args.tolerance), ("dequantized_tolerance", args.tolerance),
+                           ("tolerance", args.tolerance), ("dequantize_error", args.dequantize_error),
                            ("hub_repo_id", args.hub_repo_id), ("license", args.license)):
             if value is not None:
                 opts[key] = value
@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     m.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"], help="dtype of the merged weights")
     m.add_argument("--base", default=None, choices=["original", "dequantized"],
                    help="merge into the original full-precision base or the dequantized quantized base the run trained against (default: the run's export.base)")
-    m.add_argument("--tolerance", type=float, default=None, help="largest |logit difference| the verification allows (default: the run's, per --base)")
+    m.add_argument("--tolerance", type=float, default=None, help="largest |logit difference| between merged model and base + adapter, fp32 (default: the run's export.verify_tolerance)")
+    m.add_argument("--dequantize-error", type=float, default=None, help="--base dequantized: largest relative output error of a dequantized layer (default: the run's export.verify_dequantize_error)")
     m.add_argument("--hub-repo-id", default=None, help="write the checkpoint push-ready for this Hugging Face repo id, org/name (default: the run's export.hub_repo_id)")
     m.add_argument("--license", default=None, help="license id for the model card metadata (default: the run's export.license)")
     m.add_argument("--eval-conversations", type=int, default=None, help="eval conversations for the held-out losses in export_summary.json (0 skips; default: the run's, 64)")

@@ -118,9 +118,19 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional
               f"| base quantization during training | {qdesc} |",
               f"| merged into | {merged_into} (`{summary['merge_base']}`) |",
               f"| weights dtype | {summary['dtype']} |",
-              (f"| verification | max \\|logit difference\\| {summary['verify_max_abs_logit_diff']:.3g} vs {summary['verify_reference']} (tolerance {summary['verify_tolerance']}) |"
+              (f"| verification | max \\|logit difference\\| {summary['verify_max_abs_logit_diff']:.3g} vs {summary['verify_reference']} (tolerance {summary['verify_tolerance']:.3g}) |"
                if summary["verify_max_abs_logit_diff"] is not None else f"| verification | {summary['verify_reference']} |"),
-              f"| resolved config sha256 | `{summary.get('config_sha256') or 'unknown'}` |", ""]
+              f"| resolved config sha256 | `{summary.get('config_sha256') or 'unknown'}` |"]
+    check = summary.get("dequantize_check")
+    if check and summary["merge_base"] == "dequantized":
+        lines.append(f"| dequantization check | worst layer reproduces its {quant} original to {check['max_rel_error']:.2%} relative "
+                     f"output error (`{check['worst_layer']}`, limit {check['limit']:.0%}) |")
+    far = (summary.get("max_abs_logit_diff_vs_quantized") or {}).get(summary["merge_base"])
+    if far is not None:
+        lines.append(f"| distance to the {quant} model as trained | max \\|logit difference\\| {far:.3g}, mean "
+                     f"{summary['mean_abs_logit_diff_vs_quantized'][summary['merge_base']]:.3g} (its logits' std "
+                     f"{summary['quantized_logit_std']:.3g}; quantized kernels round differently, see the held-out losses) |")
+    lines.append("")
     if cfg is not None:
         lines += ["## Training data", ""]
         sources = list(cfg.data.get("sources") or [])

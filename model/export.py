@@ -8,31 +8,31 @@ Two merge bases (`export.base`, `dialtune merge --base`):
   export fails.
 - ``dequantized`` (quantized runs): the merge goes into the quantize->dequantize round trip of
   the base the run actually trained against. The base is loaded exactly as training loaded it
-  (the run's `model.dtype` and `quant` section via BitsAndBytesConfig), the adapter applied, and
-  its logits on the probe batch kept as the reference; then the adapter is taken off, every
-  bitsandbytes linear is replaced in place by an fp32 `nn.Linear` holding its dequantized weight
-  (int8: LLM.int8 `CB * SCB / 127`; nf4: `bitsandbytes.functional.dequantize_4bit`, which is what
-  the 4-bit forward multiplies with), the remaining (unquantized, run-dtype) parameters are cast
-  to fp32, and the adapter is applied again and merged. The merged fp32 logits are compared with
-  the adapter-on-quantized-base reference within `export.verify_tolerance_dequantized`
-  (default `DEQUANTIZED_TOLERANCE`).
+  (the run's `model.dtype` and `quant` section via BitsAndBytesConfig; int8 through
+  `kernels.fast_int8`'s bf16 GEMMs of the dequantized weights when the run used it, the default),
+  the adapter applied, and its logits on the probe batch kept (the "as trained" reference); then
+  the adapter is taken off, every quantized linear is replaced in place by an fp32 `nn.Linear`
+  holding its dequantized weight (int8: `CB * SCB / 127`; nf4:
+  `bitsandbytes.functional.dequantize_4bit`, which is what the 4-bit forward multiplies with), the
+  remaining (unquantized, run-dtype) parameters are cast to fp32, and the adapter is applied again
+  and merged. Two checks, each of which fails the export:
 
-  The two cannot agree to 1e-4: the reference runs the quantized kernels in the run's compute
-  dtype (bf16 for the bundled recipes; LLM.int8 also quantizes the *activations* to int8 row by
-  row), the merged model runs plain fp32 matmuls on the same weights. Measured on the embedded
-  tiny model (2 steps at optim.lr=5e-2, peft.dropout=0, lora/dora/rslora, train.seed 1, 2 and
-  42; bf16 compute; max |logit difference| over the whole vocabulary at every real token of the
-  probe; the tiny model's logits reach |1.2|, the adapter moves them by up to 1.6):
+  1. dequantization, layer by layer: each dequantized layer must reproduce its quantized
+     original's output on a random input to `export.verify_dequantize_error` relative error
+     (default DEQUANTIZE_ERROR = 5 %). Only the quantized kernel's own rounding separates them:
+     measured 0.2-0.3 % for nf4 and fast_int8 (bf16 compute), 0.7 % for LLM.int8
+     (`kernels.fast_int8=false`, which also rounds the activations to int8); a wrong scale, block
+     or layout gives tens of percent or more (a scale 8 % off is refused: tests/test_export.py).
+  2. the merge arithmetic, exactly as for the original base: merged logits against the fp32
+     dequantized base + adapter within `export.verify_tolerance` (1e-4).
 
-      int8 (lora_int8):  dequantized merge 0.0052-0.0080    original merge 0.0054-0.0088
-      nf4  (qlora_nf4):  dequantized merge 0.0043-0.0097    original merge 0.0070-0.034
-
-  hence DEQUANTIZED_TOLERANCE = 0.05 (5x the worst measured difference, 30x below the adapter's
-  effect). The difference is bf16/int8 rounding and so grows with the logit scale and depth of
-  the model: these figures are for the tiny model only; a real 7-8B base (logits of tens)
-  will likely need export.verify_tolerance_dequantized (or `dialtune merge --tolerance`) raised
-  after looking at the difference the refused export reports. int8's merge gap is small
-  because int8 rows lose little (~1 % per weight) next to the activation quantization both share.
+  The distance to the "as trained" reference is reported, not checked: export_summary.json's
+  `max/mean_abs_logit_diff_vs_quantized` for both merges, next to `quantized_logit_std`, plus
+  every model's held-out loss. A fixed tolerance on it would not hold because the kernels'
+  rounding compounds with depth and width: max 0.005-0.01 on the tiny models, but on the
+  random-init Llama-3.2-1B shape (16 layers, CPU, bf16 compute, `bench/merge_tolerance.py`) LLM.int8
+  gave 0.57 (0.63 x the logits' std; mean 0.067) for the dequantized merge and 0.65 for the
+  original one, against an adapter effect of 0.76. The held-out losses are the figures to read.
 
 Loading is shard-by-shard (`low_cpu_mem_usage=True`) and in place: the dequantized weights
 replace the quantized modules one at a time, and at most one model is alive at any moment.
@@ -60,7 +60,7 @@ from .loader import DTYPES
 ORIGINAL, DEQUANTIZED = "original", "dequantized"
 BASES = (ORIGINAL, DEQUANTIZED)
 ORIGINAL_TOLERANCE = 1e-4
-DEQUANTIZED_TOLERANCE = 0.05  # measured on the tiny model, see the module docstring
+DEQUANTIZE_ERROR = 0.05  # largest relative output error of a dequantized layer, see the module docstring
 
 
 class ExportError(RuntimeError):
@@ -190,16 +190,44 @@ def load_trained_base(cfg, base_path: str, tokenizer):
     return _fit_embeddings(load_base(cfg, base_path, torch.device("cpu")), tokenizer).eval()
 
 
-def dequantize_(model) -> int:
+@torch.no_grad()
+def _layer_error(module, weight, bias) -> float:
+    """Relative output error (Frobenius) of `weight` (fp32) against the quantized `module` on a
+    fixed random input in the module's compute dtype."""
+    dev = weight.device
+    dtype = getattr(module, "compute_dtype", None) or torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(16, module.in_features, generator=gen, device=dev).to(dtype)
+    want = torch.nn.functional.linear(x.float(), weight.reshape(module.out_features, module.in_features),
+                                      None if bias is None else bias.float())
+    got = module(x).float()
+    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+
+def fast_int8(cfg) -> bool:
+    """Whether the run trained its int8 base with kernels.fast_int8 (model/kernels.py)."""
+    if cfg is None or cfg.quant.mode != "int8":
+        return False
+    from omegaconf import OmegaConf
+
+    return bool(OmegaConf.select(cfg, "kernels.fast_int8", default=False))
+
+
+def dequantize_(model) -> Dict:
     """Replace every bitsandbytes Linear8bitLt / Linear4bit of model, in place and one module at
     a time, by an fp32 nn.Linear holding its dequantized weight; cast the rest to fp32 and drop
-    the quantization config. Returns how many layers were dequantized."""
+    the quantization config. Each layer's output on a random input is compared with the quantized
+    original's first. Returns {"layers": how many, "max_rel_error", "worst_layer"}."""
     import bitsandbytes as bnb
     from bitsandbytes import functional as bf
 
-    n = 0
+    from .kernels import Int8DequantLinear
+
+    n, worst, worst_name = 0, 0.0, None
     for name, module in list(model.named_modules()):
-        if isinstance(module, bnb.nn.Linear8bitLt):
+        if isinstance(module, Int8DequantLinear):  # kernels.fast_int8: the same int8 storage
+            weight = bf.int8_vectorwise_dequant(module.weight.data, module.SCB).float()
+        elif isinstance(module, bnb.nn.Linear8bitLt):
             w, state = module.weight, module.state
             # A forward pass moves CB/SCB from the parameter into the module's state.
             cb = w.CB if getattr(w, "CB", None) is not None else (state.CB if state.CB is not None else w.data)
@@ -212,6 +240,9 @@ def dequantize_(model) -> int:
             weight = bf.dequantize_4bit(data, qs).float()
         else:
             continue
+        err = _layer_error(module, weight, module.bias)
+        if err > worst or worst_name is None:
+            worst, worst_name = err, name
         new = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         new.weight = torch.nn.Parameter(weight.reshape(module.out_features, module.in_features), requires_grad=False)
         if module.bias is not None:
@@ -228,7 +259,7 @@ def dequantize_(model) -> int:
             setattr(model, attr, False)
     model.is_quantized = False
     model.float()
-    return n
+    return {"layers": n, "max_rel_error": worst, "worst_layer": worst_name}
 
 
 def _max_diff(a, b, mask) -> float:
@@ -250,12 +281,13 @@ def _logits(model, batch):
 def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype: str = "auto",
           max_shard_size: str = "2GB", tolerance: Optional[float] = None, probe=None,
           end_of_turn_token: Optional[str] = None, base: str = ORIGINAL, run_dir: Optional[str] = None,
-          eval_conversations: int = 64, dequantized_tolerance: Optional[float] = None,
+          eval_conversations: int = 64, dequantize_error: float = DEQUANTIZE_ERROR,
           stream_above_gb: float = 12.0, hub_repo_id: Optional[str] = None, license: Optional[str] = None) -> Dict:
     """Merge adapter_dir into its base (`base`: original | dequantized), verify, write out_dir.
 
-    tolerance / dequantized_tolerance: largest max |logit difference| allowed for the original /
-    dequantized merge (None: ORIGINAL_TOLERANCE / DEQUANTIZED_TOLERANCE).
+    tolerance: largest max |logit difference| between the merged model and the fp32 base (original
+    or dequantized) + adapter (None: ORIGINAL_TOLERANCE). dequantize_error: largest relative
+    output error of a dequantized layer against its quantized original.
     run_dir: the run the adapter comes from (default: found from adapter_dir); its config.yaml
     says how the base was trained (dtype, quantization) and its data/eval gives the held-out
     losses (first `eval_conversations`; 0 skips them) in export_summary.json and the model card.
@@ -280,9 +312,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
         note = ("export.base=dequantized asked for, but the run trained a full-precision base"
                 + (" (or its config.yaml was not found)" if cfg is None else "") + ": merged into the original base.")
         base = ORIGINAL
-    if base == DEQUANTIZED:
-        tolerance = DEQUANTIZED_TOLERANCE if dequantized_tolerance is None else dequantized_tolerance
-    elif tolerance is None:
+    if tolerance is None:
         tolerance = ORIGINAL_TOLERANCE
 
     peft_cfg = PeftConfig.from_pretrained(adapter_dir)
@@ -309,15 +339,14 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
     vs_quantized_mean: Dict[str, float] = {}
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    verified = None
+    verified = dequantized = None
 
     def finish(merged, name: str, diff: float, ref_name: str):
         """Check the chosen merge, cast it, write it to tmp (others: only their loss)."""
         nonlocal verified
         if name == base:
             if diff > tolerance:
-                key = "export.verify_tolerance" + ("_dequantized" if name == DEQUANTIZED else "")
-                raise ExportError(f"{name} merge: merged logits differ from {ref_name} by {diff:.3g} > {key}={tolerance}; "
+                raise ExportError(f"{name} merge: merged logits differ from {ref_name} by {diff:.3g} > export.verify_tolerance={tolerance}; "
                                   f"the merged checkpoint was not written (re-run `dialtune merge <run_dir> --tolerance X` to accept it).")
             verified = {"reference": ref_name, "max_abs_logit_diff": diff}
         merged.to(out_dtype)
@@ -338,21 +367,31 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
         q_ref = None
         if not stream and cfg is not None and (quant != "none" or eval_set is not None):
             model = PeftModel.from_pretrained(load_trained_base(cfg, base_path, tokenizer), adapter_dir).eval()
+            if fast_int8(cfg):  # the run trained through bf16 GEMMs of the dequantized int8 weights
+                from .kernels import dequantize_int8_linears
+
+                dequantize_int8_linears(model)
             if quant != "none":
                 q_ref = _logits(model, batch)
+                logit_std = q_ref[mask].std(dim=-1).mean().item()
             if eval_set is not None:
                 losses["adapter"] = eval_loss(model, eval_set)
             # 2. merge into the dequantized round trip of that very base
             if quant != "none" and (base == DEQUANTIZED or eval_set is not None):
                 deq = model.unload()
-                dequantize_(deq)
+                dequantized = dequantize_(deq)
+                if base == DEQUANTIZED and dequantized["max_rel_error"] > dequantize_error:
+                    raise ExportError(f"dequantized merge: layer {dequantized['worst_layer']} dequantized reproduces its {quant} original's output only to "
+                                      f"{dequantized['max_rel_error']:.1%} relative error > export.verify_dequantize_error={dequantize_error:g}; "
+                                      f"the merged checkpoint was not written (use --base original, or re-run `dialtune merge <run_dir> --base dequantized --dequantize-error X`).")
                 model = PeftModel.from_pretrained(deq, adapter_dir).eval()
+                d_ref = _logits(model, batch)
                 merged = model.merge_and_unload()
                 got = _logits(merged, batch)
                 vs_quantized[DEQUANTIZED] = _max_diff(q_ref, got, mask)
                 vs_quantized_mean[DEQUANTIZED] = _mean_diff(q_ref, got, mask)
-                finish(merged, DEQUANTIZED, vs_quantized[DEQUANTIZED], f"{quant} base + adapter (as trained)")
-                del merged, deq, got
+                finish(merged, DEQUANTIZED, _max_diff(d_ref, got, mask), f"fp32 dequantized {quant} base + adapter")
+                del merged, deq, got, d_ref
             del model
             gc.collect()
 
@@ -375,9 +414,16 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
                    "dtype": dtype, "verify_reference": verified["reference"],
                    "verify_max_abs_logit_diff": verified["max_abs_logit_diff"], "verify_tolerance": tolerance,
                    "eos_token_id": eos}
+        if dequantized is not None:
+            summary["dequantize_check"] = {**dequantized, "limit": dequantize_error}
+        if quant != "none":
+            summary["as_trained_kernel"] = ("int8 weights dequantized into bf16 GEMMs (kernels.fast_int8)" if fast_int8(cfg) else
+                                            "LLM.int8 (int8 activations, outlier decomposition)" if quant == "int8" else
+                                            f"bitsandbytes 4-bit ({cfg.quant.compute_dtype} compute)")
         if vs_quantized:
             summary["max_abs_logit_diff_vs_quantized"] = vs_quantized
             summary["mean_abs_logit_diff_vs_quantized"] = vs_quantized_mean
+            summary["quantized_logit_std"] = logit_std
         if eval_set is not None:
             summary["eval"] = {"set": eval_set["path"], "conversations": eval_set["conversations"],
                                "target_tokens": eval_set["target_tokens"]}
@@ -408,7 +454,7 @@ def merge_options(export_cfg) -> Dict:
     get = lambda key, default: export_cfg.get(key, default) if hasattr(export_cfg, "get") else getattr(export_cfg, key, default)  # noqa: E731
     return dict(dtype=get("dtype", "auto"), max_shard_size=get("max_shard_size", "2GB"), base=get("base", ORIGINAL),
                 tolerance=get("verify_tolerance", ORIGINAL_TOLERANCE),
-                dequantized_tolerance=get("verify_tolerance_dequantized", DEQUANTIZED_TOLERANCE),
+                dequantize_error=get("verify_dequantize_error", DEQUANTIZE_ERROR),
                 eval_conversations=get("eval_conversations", 64), stream_above_gb=get("stream_above_gb", 12.0),
                 hub_repo_id=get("hub_repo_id", None), license=get("license", None))
 
