@@ -108,6 +108,12 @@ def _per_document(q, k, v, cu, scale, window):
     return out
 
 
+# Not traced by torch.compile (kernels.compile compiles each decoder layer): the segments change
+# from batch to batch (how many, max_length as a Python int, the per-document loop's .tolist()),
+# so a traced attention recompiles on every new batch until dynamo's recompile limit and then
+# runs eager anyway (measured: 8 recompiles in 3 CPU steps, 6 minutes). Left out, the layer's
+# other ops compile once for the fixed packed-row shape, and attention is one kernel call.
+@torch.compiler.disable
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: Optional[float] = None, sliding_window: Optional[int] = None,
                              softcap: Optional[float] = None, cu_seq_lens_q: Optional[torch.Tensor] = None,

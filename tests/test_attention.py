@@ -272,3 +272,33 @@ def test_gpu_varlen_kernel_matches_per_document_sdpa(window):
     ref = run(torch.float32)  # per-document SDPA
     for a, b, name in zip(got, ref, ("out", "dq", "dk", "dv")):
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2, msg=name)
+
+
+def test_compiled_layers_do_not_recompile_per_segment_layout():
+    """kernels.compile traces each decoder layer; varlen attention stays out of the trace, so
+    batches of the same row length but new document layouts (other counts, max lengths) reuse
+    the compiled layers instead of recompiling each time (and hitting dynamo's limit), with the
+    eager logits."""
+    from torch._dynamo.testing import CompileCounter
+
+    from model.kernels import compile_decoder_layers
+
+    model = _tiny("llama")
+    attention.choose("varlen", model, CPU, torch.float32)
+    layouts = [((7, 12, 13), (8, 20, 4)), ((16, 16), (4, 28)), ((30, 2), (1, 31)), ((3, 3, 26), (10, 10, 12)),
+               ((32,), (32,)), ((9, 9, 14), (1, 31))]  # rows of 32 tokens, 2-6 segments, longest 20-32
+    batches = [[_docs(a, seed=i), _docs(b, seed=10 + i)] for i, (a, b) in enumerate(layouts)]
+    eager = [_packed_logits(model, rows, "varlen")[1] for rows in batches]
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compile_decoder_layers(model, backend=counter)
+    compiled = []
+    for i, rows in enumerate(batches):
+        with torch.no_grad():
+            compiled.append(_packed_logits(model, rows, "varlen")[1])
+        if i == 2:
+            warm = counter.frame_count
+    assert counter.frame_count == warm, f"recompiled for new segment layouts: {warm} -> {counter.frame_count} frames"
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

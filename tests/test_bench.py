@@ -94,3 +94,21 @@ def test_dialtune_rows_pack_a_prefix_of_the_stream():
     assert set(heads) <= stream
     fill = sum(sum(b["lengths"]) for b in batches) / (len(batches) * 2 * 512)
     assert fill > 0.8
+
+
+def test_merge_tolerance_tiny_cpu(tmp_path):
+    """bench/merge_tolerance.py (the measurement behind the dequantized merge's checks) runs end
+    to end: per quantization, the merge arithmetic is exact, every dequantized layer is within the
+    export's limit, and the dequantized merge is closer to the quantized model than the original."""
+    from model.export import DEQUANTIZE_ERROR
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "merge_tolerance.py"), "--shape", "tiny", "--device", "cpu",
+                           "--model-cache", str(tmp_path / "models"), "--conversations", "2"],
+                          env=run_env(1), cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["quant"]: r for r in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"shape"'))}
+    assert sorted(rows) == ["int8", "llm-int8", "nf4"]
+    for r in rows.values():
+        assert r["merge_arithmetic_max_abs_diff"] <= 1e-4 and r["dequantize_max_rel_error"] < DEQUANTIZE_ERROR
+        assert r["mean_abs_diff_dequantized"] < r["mean_abs_diff_original"] and r["adapter_effect_max"] > 0
+    assert rows["llm-int8"]["dequantize_max_rel_error"] > rows["int8"]["dequantize_max_rel_error"]  # int8 activations
