@@ -6,6 +6,9 @@
 #     bash /work/shared/tools/gpu-wheels.sh
 # The call:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # Cheaper fallback (~3-4 min): run(command="SHAPE=llama3-1b STEPS=10 bash bench/gpu_session.sh", ...)
+# With device time to spare, a separate call measures the dequantized merge at the 8B shape (CPU
+# figures for the 1B shape are in bench/RESULTS.md): ... command="bash -c 'pip install -q --no-index
+# --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site python3 bench/merge_tolerance.py --shape llama3-8b'"
 #
 # What it does, writing everything under $OUT (it comes back with the call):
 #   1. installs the carried wheels into /tmp/site;

@@ -302,13 +302,17 @@ def test_push_ready_card_names_a_hub_base():
     assert "No license id was set" in text
 
 
-@pytest.mark.parametrize("repo_id", ["acme/support bot", "a/b/c"])
-def test_bad_hub_repo_id_is_one_sentence(peft_runs, tmp_path, repo_id):
-    proc = _cli("merge", peft_runs["lora"], "--out", tmp_path / "x", "--hub-repo-id", repo_id, timeout=120)
+def test_bad_hub_repo_id_is_one_sentence(peft_runs, tmp_path):
+    from model.export import ExportError, merge
+
+    proc = _cli("merge", peft_runs["lora"], "--out", tmp_path / "x", "--hub-repo-id", "acme/support bot", timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("dialtune: error:")]
-    assert len(errors) == 1 and "export.hub_repo_id" in errors[0], proc.stderr
+    assert len(errors) == 1 and "--hub-repo-id 'acme/support bot'" in errors[0], proc.stderr
     assert not (tmp_path / "x").exists()
+    with pytest.raises(ExportError, match="export.hub_repo_id='a/b/c': Repo id must be in the form"):  # a run's config
+        merge(str(_adapter(peft_runs["lora"])), str(tmp_path / "y"), hub_repo_id="a/b/c")
+    assert not (tmp_path / "y").exists()
 
 
 # ---- chat --------------------------------------------------------------------------------------
