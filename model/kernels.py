@@ -294,3 +294,16 @@ def compile_decoder_layers(model, **compile_kwargs) -> int:
     for layer in layers:
         layer.compile(**compile_kwargs)
     return len(layers)
+
+
+@contextmanager
+def eager(enabled: bool = True) -> Iterator[None]:
+    """Run torch.compile'd code eagerly inside the block (evaluation and generation with
+    kernels.compile): their padded batches of varying length and generate's growing KV cache would
+    each compile new graphs of the layers (hitting dynamo's recompile limit) for a few forwards."""
+    if not enabled:
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
+

@@ -312,6 +312,30 @@ def test_compile_decoder_layers_keeps_the_output():
     torch.testing.assert_close(got, want)
 
 
+def test_eval_under_compile_runs_eager():
+    """kernels.eager(True), which the recipe's evaluation runs under with kernels.compile: eval
+    batches of new lengths and generation compile nothing (outside it they would)."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = _lora(_tiny_llama()).eval()
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    kernels.compile_decoder_layers(model, backend=counter)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 96, (2, 16), generator=gen))  # training-shaped batch: compiles
+        compiled = counter.frame_count
+        assert compiled > 0
+        with kernels.eager(True):
+            for n in (9, 23, 31):
+                model(input_ids=torch.randint(1, 96, (3, n), generator=gen))
+            model.generate(input_ids=torch.randint(1, 96, (1, 5), generator=gen), max_new_tokens=4, do_sample=False)
+        assert counter.frame_count == compiled
+        model(input_ids=torch.randint(1, 96, (3, 9), generator=gen))  # the control: a new shape compiles again
+    assert counter.frame_count > compiled
+    torch._dynamo.reset()
+
+
 # ---- GPU (run by bench/gpu_session.sh on the lent machine) ------------------------------------
 
 

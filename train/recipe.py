@@ -203,7 +203,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     def run_eval(parts, step, final):
         base = final and ev.base_comparison and cfg.peft.method != "none"
-        with attention.standard(engine.module):
+        with attention.standard(engine.module), kernels.eager(kc.compile):
             res = suite.run_suite(parts, model=engine.module, forward=engine, tokenizer=tokenizer, eot=eot, cfg=ev,
                                   eval_ds=eval_ds, sources=eval_sources, conversations=eval_texts, pad_id=pad_id,
                                   micro_batch_size=mb, max_len=cfg.data.max_seq_len, world=world, rank=rank, dev=dev,
