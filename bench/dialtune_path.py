@@ -119,6 +119,7 @@ def run(spec: Dict, peak) -> Dict:
         labels = b["labels"].to(device, non_blocking=True)
         inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()
                   if k not in ("labels", "lengths")}
+        inputs["use_cache"] = False  # as train.recipe.model_inputs: no KV cache in training forwards
         with attention.packed_forward() if layout == "varlen" else contextlib.nullcontext():
             if fused:
                 ce = kernels.fused_ce_sum(model, labels, **inputs)

@@ -156,7 +156,7 @@ def eval_loss(model, eval_set) -> float:
 
     total, count = 0.0, 0
     for b in eval_set["batches"]:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
         labels = b["labels"][:, 1:]
         total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                                  reduction="sum").item()
@@ -275,7 +275,7 @@ def _mean_diff(a, b, mask) -> float:
 
 @torch.no_grad()
 def _logits(model, batch):
-    return model(**batch).logits.float()
+    return model(**batch, use_cache=False).logits.float()
 
 
 # ---------------------------------------------------------------------------------------------

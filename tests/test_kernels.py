@@ -410,3 +410,17 @@ def test_gpu_apply_liger_keeps_the_loss():
     proc = subprocess.run([sys.executable, "-c", LIGER_CHECK], env=env, cwd=str(ROOT),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "liger ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_training_forwards_build_no_kv_cache():
+    """train.recipe.model_inputs passes use_cache=False: a model whose config keeps use_cache
+    (no gradient checkpointing) would otherwise fill a KV cache in every training forward."""
+    from train.recipe import model_inputs
+
+    model = _lora(_tiny_llama()).train()
+    assert model.config.use_cache
+    batch = {"input_ids": torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(8)),
+             "labels": torch.full((2, 12), -100)}
+    assert model(**{k: v for k, v in batch.items() if k != "labels"}).past_key_values is not None  # the control
+    inputs = model_inputs(batch, torch.device("cpu"))
+    assert "labels" not in inputs and model(**inputs).past_key_values is None

@@ -127,7 +127,7 @@ def normalise_label(text: str) -> str:
 @torch.no_grad()
 def sequence_logprobs(forward: Callable, batch: Dict[str, torch.Tensor], dev) -> Tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of the target tokens, their count) per row."""
-    out = forward(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
+    out = forward(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev), use_cache=False)
     labels = batch["labels"][:, 1:].to(dev)
     ce = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
     return -ce.sum(1).double().cpu(), (labels != IGNORE).sum(1).cpu()
@@ -156,7 +156,8 @@ def tail_logprobs(forward: Callable, seqs: List[Dict[str, List[int]]], pad_id: i
     labels, _ = _left_pad([q["labels"] for q in seqs], IGNORE)
     width = ids.shape[1]
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    out = forward(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), logits_to_keep=keep)
+    out = forward(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), logits_to_keep=keep,
+                  use_cache=False)
     logits = out.logits[:, -keep:-1].float()  # predicts the last keep-1 tokens
     tgt = labels[:, width - keep + 1:].to(dev)
     ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE, reduction="none")

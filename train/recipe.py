@@ -36,6 +36,16 @@ from .metrics import Metrics, memory_gb
 log = logging.getLogger("dialtune")
 
 
+def model_inputs(batch, dev) -> dict:
+    """A training batch's forward kwargs on `dev`, without labels and with use_cache=False: a
+    model whose config keeps use_cache=True (any run without gradient checkpointing) would
+    otherwise build a KV cache in every training forward, which nothing reads and whose state
+    torch.compile guards on (recompiling layer by layer)."""
+    inputs = {key: v.to(dev) if torch.is_tensor(v) else v for key, v in batch.items() if key != "labels"}
+    inputs["use_cache"] = False
+    return inputs
+
+
 def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over target positions (labels != IGNORE)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
@@ -164,7 +174,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     def forward_ce(b):
         """(summed CE over the batch's targets, the model output)."""
-        inputs = {key: v.to(dev) if torch.is_tensor(v) else v for key, v in b.items() if key != "labels"}
+        inputs = model_inputs(b, dev)
         labels = b["labels"].to(dev)
         with attention.packed_forward() if layout["path"] == "varlen" else contextlib.nullcontext():
             if no_fused:
