@@ -73,8 +73,18 @@ def test_kill_9_during_checkpoint_write_resumes_from_previous_complete_one(tmp_p
     while not (tmp_path / "ckpt_paused").exists():
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-checkpoint
+    # the launcher and both ranks, mid-checkpoint: torchrun starts each rank in its own session,
+    # so the launcher's process group alone would leave the ranks running on as orphans
+    import psutil
+
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    assert len(ranks) >= 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    for rank in ranks:
+        rank.kill()
     proc.wait(timeout=60)
+    psutil.wait_procs(ranks, timeout=60)
+    assert not [r for r in ranks if r.is_running() and r.status() != psutil.STATUS_ZOMBIE]
     ckpts = tmp_path / "crash" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_0000002"
     assert (ckpts / "step_0000004.tmp").is_dir() and not (ckpts / "step_0000004").exists()
