@@ -9,7 +9,7 @@ A random-init base of the shape (bench/common.py, cached on disk) gets a random 
 (r16, all 7 linear layers, B drawn so that the adapter moves the logits by about as much as a
 short fine-tune does); then, exactly as `model.export.merge` does, per quantization:
 the adapter on the quantized base (bf16 compute) gives the reference logits; the base is
-dequantized in place (`model.export.dequantize_`), the adapter applied again and merged in fp32;
+dequantized in place (`model.dequantize.dequantize_`), the adapter applied again and merged in fp32;
 the merged logits are compared with the reference over every real token of the probe batch. The
 merge into the original fp32 base is compared too. One JSON line per quantization: max/mean
 |difference|, the reference logits' scale (largest |logit|, mean per-position std), the
@@ -59,7 +59,8 @@ def measure(base_dir: str, adapter: str, quant: str, batch, device: torch.device
     from omegaconf import OmegaConf
     from peft import PeftModel
 
-    from model.export import _logits, dequantize_, load_fp32_base
+    from model.dequantize import dequantize_
+    from model.export import _logits, load_fp32_base
     from model.loader import load_base
     from train.config import DialtuneConfig
 

@@ -9,7 +9,7 @@ the loss normalisation.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
 import torch
@@ -296,14 +296,8 @@ def compile_decoder_layers(model, **compile_kwargs) -> int:
     return len(layers)
 
 
-@contextmanager
-def eager(enabled: bool = True) -> Iterator[None]:
-    """Run torch.compile'd code eagerly inside the block (evaluation and generation with
+def eager(enabled: bool = True):
+    """A context in which torch.compile'd code runs eagerly (evaluation and generation with
     kernels.compile): their padded batches of varying length and generate's growing KV cache would
     each compile new graphs of the layers (hitting dynamo's recompile limit) for a few forwards."""
-    if not enabled:
-        yield
-        return
-    with torch.compiler.set_stance("force_eager"):
-        yield
-
+    return torch.compiler.set_stance("force_eager") if enabled else nullcontext()
