@@ -67,8 +67,8 @@ def cmd_merge(args) -> int:
     if args.hub_repo_id:  # before the heavy imports: a typo costs a second, not ten
         from model.card import repo_id_problem
 
-        if repo_id_problem(args.hub_repo_id):
-            print(f"dialtune: error: --hub-repo-id {args.hub_repo_id!r}: {repo_id_problem(args.hub_repo_id)}.", file=sys.stderr)
+        if problem := repo_id_problem(args.hub_repo_id):
+            print(f"dialtune: error: --hub-repo-id {args.hub_repo_id!r}: {problem}.", file=sys.stderr)
             return 2
     from model.export import ExportError, merge, merge_options
     from omegaconf import OmegaConf

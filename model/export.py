@@ -234,8 +234,8 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
 
     if base not in BASES:
         raise ExportError(f"export.base={base!r} is not one of {', '.join(BASES)}.")
-    if hub_repo_id and repo_id_problem(hub_repo_id):
-        raise ExportError(f"export.hub_repo_id={hub_repo_id!r}: {repo_id_problem(hub_repo_id)}.")
+    if hub_repo_id and (problem := repo_id_problem(hub_repo_id)):
+        raise ExportError(f"export.hub_repo_id={hub_repo_id!r}: {problem}.")
     run_dir = run_dir or find_run_dir(adapter_dir)
     cfg = _load_run_cfg(run_dir)
     quant = cfg.quant.mode if cfg is not None else "none"
