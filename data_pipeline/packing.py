@@ -8,7 +8,10 @@ attention layout in which a token only sees earlier tokens of its own document:
 - `varlen` (model/attention.py, `kernels.packed_attention`): `cu_seq_lens_q/k` and
   `max_length_q/k` over the flattened batch (every document, and each row's padding tail, is one
   segment), so no mask is materialised and attention work is per document.
-- `flash_attention_2`: position ids alone; transformers turns their restarts into cu_seqlens.
+- `flash_attention_2`: the same `cu_seq_lens_q/k` / `max_length_q/k`, which transformers' flash
+  path uses as given over the flattened batch. Position ids alone are not enough there either:
+  transformers reads their restarts only when a batch has ONE row; with micro_batch_size > 1 it
+  ran plain causal flash attention over whole rows, across documents.
 - `sdpa` / `eager` / others: an explicit 4D block-diagonal causal mask (bool for sdpa, additive
   float for eager), which transformers passes through unchanged. Position ids alone are NOT
   enough there: sdpa and eager then attend across documents (measured: see STACK-NOTES).
@@ -91,7 +94,7 @@ def collate_packed(rows: Sequence[Sequence[Dict]], pad_id: int, attn_implementat
             at += n
         pos[b, at:] = torch.arange(L - at)  # padding: harmless positions, never attended to
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
-    if attn_implementation == "varlen":
+    if attn_implementation in ("varlen", "flash_attention_2"):
         segments = []
         for row in rows:
             lengths = [len(d["input_ids"]) for d in row]
@@ -99,8 +102,6 @@ def collate_packed(rows: Sequence[Sequence[Dict]], pad_id: int, attn_implementat
         cu, longest = cu_seqlens(segments)
         batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return batch
-    if attn_implementation == "flash_attention_2":
-        return batch  # varlen kernels split on position-id restarts; padding is its own tail
     causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
     same_doc = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
     allowed = same_doc & causal

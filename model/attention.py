@@ -276,7 +276,7 @@ def choose(mode: str, model, device: torch.device, dtype: torch.dtype) -> Tuple[
 def packed_layout(mode: str, model, device: torch.device, dtype: torch.dtype, max_len: int) -> Tuple[str, str, str, Optional[int]]:
     """Everything packed training needs from this module, for a model about to train on packed
     rows of max_len tokens: (path, why, the collate_packed layout, the sliding window its mask must
-    apply). transformers' flash_attention_2 keeps its own varlen handling (position ids).
+    apply). transformers' flash_attention_2 keeps its own kernels, given the varlen layout's cu_seqlens.
     Raises PackedAttentionError (one sentence) where packing cannot keep documents apart."""
     config = _unwrapped(model).config
     if non_attention_layers(config):
@@ -284,7 +284,7 @@ def packed_layout(mode: str, model, device: torch.device, dtype: torch.dtype, ma
                                    f"{non_attention_layers(config)} layers (they carry state along a row); set data.packing=false")
     implementation = config._attn_implementation
     if implementation == "flash_attention_2":
-        return implementation, "flash-attn's varlen kernels split on the restarting position ids", implementation, None
+        return implementation, "flash-attn's varlen kernels, given each document's cu_seqlens", implementation, None
     path, why = choose(mode, model, device, dtype)
     if path == "varlen":
         return path, why, "varlen", None

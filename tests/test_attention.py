@@ -2,6 +2,8 @@
 are what it gets alone, on every supported architecture; sliding windows are honoured; a forward
 that loses the cu_seqlens raises instead of leaking; evaluation runs on the model's own attention."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,8 +142,31 @@ def test_packed_layout_gives_collate_what_the_chosen_path_needs():
     assert attention.packed_layout("mask", windowed, CPU, torch.float32, 64) == ("mask", "kernels.packed_attention=mask", "sdpa", 4)
     assert attention.packed_layout("auto", windowed, CPU, torch.float32, 64) == ("varlen", "causal SDPA per document", "varlen", None)
     flash = _tiny("llama")
-    flash.config._attn_implementation = "flash_attention_2"  # transformers' own varlen handling stays
+    flash.config._attn_implementation = "flash_attention_2"  # transformers' own kernels stay
     assert attention.packed_layout("auto", flash, CPU, torch.bfloat16, 64)[::2] == ("flash_attention_2", "flash_attention_2")
+
+
+def test_flash_attention_2_gets_every_documents_cu_seqlens_with_several_rows():
+    """transformers' flash path reads packing from position-id restarts only for a batch of one
+    row; with two rows it would run causal attention over whole rows, across documents. So the
+    flash_attention_2 layout carries the varlen path's cu_seqlens (proven boundary-safe above),
+    which transformers' flash path uses as given over the flattened batch."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    docs = _docs()
+    rows = [docs[:3], docs[3:]]
+    flash = collate_packed(rows, 0, "flash_attention_2")
+    varlen = collate_packed(rows, 0, "varlen")
+    assert not _is_packed_sequence(flash["position_ids"], len(rows))  # position ids alone would leak
+    assert set(flash) == set(varlen) >= {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    for key in flash:
+        assert torch.equal(torch.as_tensor(flash[key]), torch.as_tensor(varlen[key])), key
+    lengths = [len(d["input_ids"]) for d in docs]
+    cu = flash["cu_seq_lens_q"].tolist()
+    L = flash["input_ids"].shape[1]
+    # every document is a segment of its own, each row's padding tail another, over the flattened batch
+    segments = [*lengths[:3], L - sum(lengths[:3]), *lengths[3:], L - sum(lengths[3:])]
+    assert cu == [0, *itertools.accumulate(n for n in segments if n)]  # (the longer row has no padding tail)
 
 
 def test_mixed_sliding_and_full_layers_cannot_use_one_mask():
