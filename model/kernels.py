@@ -110,6 +110,8 @@ def fused_ce_unsupported(model) -> Optional[str]:
         return f"{type(lm).__name__} has no output head (get_output_embeddings)"
     if getattr(head, "bias", None) is not None:
         return "the output head has a bias"
+    if hasattr(head, "base_layer"):  # a PEFT tuner layer (LoRA on lm_head): its weight is the base's alone
+        return "the output head carries an adapter (lm_head among peft.target_modules)"
     cfg = lm.config
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(cfg, name, None) not in (None, 1, 1.0):

@@ -132,6 +132,26 @@ def test_fused_ce_equals_logits_path(kind):
     assert model(input_ids=ids).logits.shape[-1] == 96  # the head's forward is back
 
 
+
+def test_fused_ce_refuses_a_head_with_an_adapter():
+    """LoRA on lm_head: the head's .weight is the base weight alone, so the fused loss would drop
+    the adapter's term and its gradient; the recipe computes full logits instead (and says why)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    assert "adapter" in kernels.fused_ce_unsupported(model)
+    ids = torch.randint(1, 96, (2, 16), generator=torch.Generator().manual_seed(4))
+    labels = torch.where(torch.arange(16) >= 4, ids, IGNORE)
+    ref, ref_g = _loss_and_grads(model, False, labels, input_ids=ids)
+    assert any("lm_head.lora_B" in n for n in ref_g)  # the full-logits path trains the head's adapter
+    with torch.no_grad():
+        fused = kernels.fused_ce_sum(model, labels, chunk_size=16, input_ids=ids)
+    assert (fused - ref).abs() > 1e-3  # what the check prevents: the fused path ignores that adapter
+
 def _conversations(n=5, vocab=96, seed=3):
     g = torch.Generator().manual_seed(seed)
     docs = []
@@ -382,6 +402,7 @@ def test_gpu_int8_dequant_linear_matches_reference():
 
 LIGER_CHECK = """
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 from model import kernels
