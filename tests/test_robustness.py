@@ -32,8 +32,13 @@ def _train_env(overrides, root, nproc, env, check=True, via="deepspeed"):
 
 
 def test_nonfinite_loss_on_one_rank_is_skipped_by_all(tmp_path):
-    """A NaN on rank 1 only: both ranks agree, skip the update, count it, and carry on."""
-    _train_env(BASE + ["train.max_steps=5", "run.name=skip"], tmp_path, 2, _env(DIALTUNE_INJECT_NAN="3,1"), via="torchrun")
+    """NaN activations on rank 1 only (the injection poisons the input embeddings, so the backward
+    carries NaNs too): both ranks agree, skip the update, count it, and carry on with finite
+    weights. ZeRO-0, where no DeepSpeed overflow check stands in (ZeRO-1/2 drop non-finite
+    gradients themselves): without zeroing the bad step's gradients, 0 x NaN reached the weights
+    through AdamW even at lr=0 and every later loss was NaN."""
+    _train_env(BASE + ["train.max_steps=5", "run.name=skip", "deepspeed=zero0"], tmp_path, 2,
+               _env(DIALTUNE_INJECT_NAN="3,1"), via="torchrun")
     rows = {r["step"]: r for r in read_metrics(tmp_path / "skip")}
     assert sorted(rows) == [1, 2, 3, 4, 5]
     assert "train/loss" not in rows[3] and rows[3]["train/skipped_steps"] == 1

@@ -160,14 +160,14 @@ class TrainConfig:
     resume: str = doc("none", "none, auto (latest checkpoint of this run directory) or a checkpoint directory.")
     stop_after_steps: int = doc(0, "Stop this job (with a checkpoint) after N optimizer steps; resume later with train.resume=auto. 0: run to the end.")
     progress_bar: bool = doc(True, "Show a progress bar on rank 0.")
-    nonfinite: str = doc("skip", "Non-finite loss (agreed over all ranks): skip the update (counted, logged) or stop (save the last good state, exit 3).")
+    nonfinite: str = doc("skip", "Non-finite loss (agreed over all ranks): skip the update (counted, logged; the bad micro-batches give zero gradients and the step runs at lr 0, so no weight changes) or stop (save the last good state, exit 3).")
     max_nonfinite_in_row: int = doc(3, "skip: stop like `stop` after more than this many non-finite steps in a row.")
     keep_checkpoints: int = doc(3, "Keep the newest N complete checkpoints (0: keep all).")
 
 
 @dataclass
 class KernelsConfig:
-    fused_ce: bool = doc(True, "Chunked linear + cross-entropy over target positions only: the [tokens, vocab] logits never materialise (same loss); falls back to full logits under ZeRO-3 or for models that transform their logits.")
+    fused_ce: bool = doc(True, "Chunked linear + cross-entropy over target positions only: the [tokens, vocab] logits never materialise (same loss); falls back to full logits under ZeRO-3, for models that transform their logits, and with an adapter on lm_head.")
     ce_chunk_size: int = doc(1024, "Target rows per chunk of the fused cross-entropy (~1.3 GB of fp32 temporaries per 1024 rows at a 128k vocabulary).")
     fast_int8: bool = doc(True, "quant=int8: dequantise the int8 weights per layer into 16-bit GEMMs instead of LLM.int8's int8 matmul with outlier decomposition (same int8 weight memory; the trained base is then exactly the dequantized one).")
     liger: bool = doc(True, "Liger RMSNorm/SwiGLU/RoPE kernels on Llama/Qwen2/Mistral when liger_kernel is importable and training on CUDA; otherwise a logged no-op.")

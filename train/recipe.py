@@ -46,6 +46,12 @@ def model_inputs(batch, dev) -> dict:
     return inputs
 
 
+def nan_activations(model):
+    """Fault injection: the input embeddings come out NaN, so the forward and its backward carry
+    NaNs as a real overflow does. Returns the hook's handle (remove it after the backward)."""
+    return kernels.causal_lm(model).get_input_embeddings().register_forward_hook(lambda m, i, o: o * float("nan"))
+
+
 def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over target positions (labels != IGNORE)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
@@ -258,17 +264,26 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         scale = world / max(n_targets, 1.0)
         loss_sum, bad_step = 0.0, False
         for i, b in enumerate(batches):
-            ce, out = forward_ce(b)
+            hooks = []
             if inject_nan and inject_nan[0] <= step <= inject_nan[1] and rank == inject_nan[2]:
-                ce = ce * float("nan")  # fault injection for tests (DIALTUNE_INJECT_NAN=first[-last][,rank])
+                hooks.append(nan_activations(engine))  # fault injection for tests (DIALTUNE_INJECT_NAN=first[-last][,rank])
+            ce, out = forward_ce(b)
             # every rank learns whether any rank's loss is non-finite: all take the same path
             (nonfinite,) = distributed.all_sum([0.0 if torch.isfinite(ce).item() else 1.0], dev)
             if nonfinite:
                 bad_step = True
                 if t.nonfinite == "stop":
+                    for h in hooks:
+                        h.remove()
                     break
-                ce = out.logits.float().nan_to_num(0.0, 0.0, 0.0).sum() * 0.0  # contributes nothing
+                # contributes nothing: a zero loss on the same graph (every rank's backward and
+                # DeepSpeed's gradient hooks run as on any step), and every trainable gradient
+                # replaced by zeros on its way in, since 0 x NaN activations is still NaN
+                ce = out.logits.float().nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
+                hooks += [p.register_hook(torch.zeros_like) for p in trainable]
             engine.backward(ce * scale, scale_wrt_gas=False)
+            for h in hooks:
+                h.remove()
             if i == gas - 1:
                 if bad_step:
                     for g in optimizer.param_groups:  # skip: no parameter change (the schedule resets lr)
