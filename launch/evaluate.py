@@ -36,10 +36,29 @@ def _run_config(run_dir: Path, overrides: List[str]):
 
     from train.config import DialtuneConfig
 
-    cfg = OmegaConf.merge(OmegaConf.structured(DialtuneConfig), OmegaConf.load(run_dir / "config.yaml"))
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = run_dir / "config.yaml"
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(DialtuneConfig), OmegaConf.load(path))
+    except OmegaConfBaseException as e:  # e.g. a key an older dialtune wrote and this one dropped
+        raise EvalError(f"{path}: {_key_problem(e)} for this version of dialtune (written by another "
+                        "version?); delete or fix that line, or pass the checkpoint to an older dialtune.") from None
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+        except OmegaConfBaseException as e:
+            raise EvalError(f"override {' '.join(overrides)}: {_key_problem(e)}; see README's configuration "
+                            "reference for the keys.") from None
     return cfg
+
+
+def _key_problem(e) -> str:
+    """'key export.x is not known' / 'export.x=abc is not valid' from an OmegaConf error."""
+    key = getattr(e, "full_key", None) or "?"
+    if type(e).__name__ == "ConfigKeyError":
+        return f"key {key} is not known"
+    return f"{key} has an invalid value ({str(e).splitlines()[0]})"
 
 
 def resolve(path: str, overrides: List[str]):

@@ -139,9 +139,12 @@ def test_response_scores_samples_and_files(tokenizer, intent_model, tmp_path):
     convs = [{"messages": p + [{"role": "assistant", "content": lab}]} for p, lab in _examples(["X1"])[:5]]
     cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), {"response_conversations": 4, "samples": 2,
                                                              "decoding": ["greedy", "sampled"], "temperature": 0.5})
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
     res = suite.run_suite(["response"], model=model, forward=model, tokenizer=tokenizer, eot=eot, cfg=cfg, eval_ds=None,
                           sources=[], conversations=convs, pad_id=tokenizer.pad_token_id, micro_batch_size=2, max_len=256,
                           world=1, rank=0, dev=CPU)
+    assert torch.equal(torch.get_rng_state(), rng)  # inside training, dropout's RNG stream is left alone
     greedy = res["response"]["greedy"]
     assert greedy["n"] == 4 and greedy["chrf"] == pytest.approx(100.0) and greedy["stopped_share"] == 1.0
     assert greedy["repetition_share"] == 0.0
@@ -214,3 +217,21 @@ def test_scalars_name_sources_only_when_there_are_several():
     two = suite.scalars({"lm": {"rows": [row("fine-tuned", "all", 1.5), row("fine-tuned", "a", 1.0), row("fine-tuned", "b", 2.0),
                                          row("base", "all", 3.0), row("base", "a", 2.5), row("base", "b", 3.5)]}})
     assert two["eval/loss/a"] == 1.0 and two["eval/loss/b"] == 2.0 and two["eval_base/loss/b"] == 3.5
+
+
+def test_eval_names_the_config_line_it_cannot_read(tmp_path, capsys):
+    """A run directory whose config.yaml has a key this version dropped (or an override with a
+    bad key or value): one sentence naming the file and key, exit code 2, no traceback."""
+    from launch.cli import main as cli
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_0000002" / "adapter").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("export:\n  verify_tolerance_dequantized: 0.05\n")
+    assert cli(["eval", str(run_dir / "checkpoints" / "step_0000002")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'config.yaml'}: key export.verify_tolerance_dequantized is not known" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    (run_dir / "config.yaml").write_text("optim:\n  lr: 0.001\n")
+    assert cli(["eval", str(run_dir / "checkpoints" / "step_0000002"), "optim.lr=fast"]) == 2
+    err = capsys.readouterr().err
+    assert "override optim.lr=fast: optim.lr has an invalid value" in err and "Traceback" not in err

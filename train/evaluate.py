@@ -302,31 +302,33 @@ def response_eval(model, tokenizer, eot: int, conversations: List[Dict], cfg, ma
     todo = [items[i if i >= 0 else 0] for i in mine]
     budget = max(16, max_len - cfg.max_new_tokens)
     metrics, samples = {}, []
-    torch.manual_seed(cfg.seed + rank)  # sampled decoding is reproducible per rank
-    for decoding in cfg.decoding:
-        gens = []
-        bar = _progress(-(-len(todo) // cfg.batch_size), f"eval response ({decoding})", progress)
-        for s in range(0, len(todo), cfg.batch_size):
-            prompts = [prompt_ids(tokenizer, ctx, budget) for ctx, _ in todo[s:s + cfg.batch_size]]
-            gens.extend(generate(model, tokenizer, prompts, dev, cfg.max_new_tokens, _stop_ids(tokenizer, eot),
-                                 sample=decoding == "sampled", temperature=cfg.temperature, top_p=cfg.top_p, synced=synced))
+    # sampled decoding is reproducible per rank; the training RNG (dropout, data) is left as it was
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + rank)
+        for decoding in cfg.decoding:
+            gens = []
+            bar = _progress(-(-len(todo) // cfg.batch_size), f"eval response ({decoding})", progress)
+            for s in range(0, len(todo), cfg.batch_size):
+                prompts = [prompt_ids(tokenizer, ctx, budget) for ctx, _ in todo[s:s + cfg.batch_size]]
+                gens.extend(generate(model, tokenizer, prompts, dev, cfg.max_new_tokens, _stop_ids(tokenizer, eot),
+                                     sample=decoding == "sampled", temperature=cfg.temperature, top_p=cfg.top_p, synced=synced))
+                if bar is not None:
+                    bar.update(1)
             if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        rows = [(i, tokenizer.decode(t, skip_special_tokens=True).strip(), stopped, repeats(t))
-                for (t, stopped), i in zip(gens, mine) if i >= 0]
-        rows = sorted((x for part in gather(rows, world) for x in part), key=lambda r: r[0])
-        hyps, refs = [r[1] for r in rows], [items[r[0]][1] for r in rows]
-        metrics[decoding] = {**text_metrics(hyps, refs), "n": len(rows),
-                             "stopped_share": sum(r[2] for r in rows) / max(len(rows), 1),
-                             "repetition_share": sum(r[3] for r in rows) / max(len(rows), 1),
-                             "mean_words": sum(len(h.split()) for h in hyps) / max(len(rows), 1)}
-        for r in rows[:cfg.samples]:
-            ctx = items[r[0]][0]
-            samples.append({"context": "\n".join(f"{m['role']}: {m['content']}" for m in ctx[-4:]),
-                            "reference": items[r[0]][1], "generation": r[1], "decoding": decoding,
-                            "stopped": r[2], "repeats": r[3]})
+                bar.close()
+            rows = [(i, tokenizer.decode(t, skip_special_tokens=True).strip(), stopped, repeats(t))
+                    for (t, stopped), i in zip(gens, mine) if i >= 0]
+            rows = sorted((x for part in gather(rows, world) for x in part), key=lambda r: r[0])
+            hyps, refs = [r[1] for r in rows], [items[r[0]][1] for r in rows]
+            metrics[decoding] = {**text_metrics(hyps, refs), "n": len(rows),
+                                 "stopped_share": sum(r[2] for r in rows) / max(len(rows), 1),
+                                 "repetition_share": sum(r[3] for r in rows) / max(len(rows), 1),
+                                 "mean_words": sum(len(h.split()) for h in hyps) / max(len(rows), 1)}
+            for r in rows[:cfg.samples]:
+                ctx = items[r[0]][0]
+                samples.append({"context": "\n".join(f"{m['role']}: {m['content']}" for m in ctx[-4:]),
+                                "reference": items[r[0]][1], "generation": r[1], "decoding": decoding,
+                                "stopped": r[2], "repeats": r[3]})
     return metrics, samples
 
 
