@@ -213,11 +213,18 @@ def main(argv=None):
     isolate = args.isolate == "process" or args.isolate == "auto" and device.type == "cuda"
     say(f"{args.shape} on {device_name}; rows run {'each in its own process' if isolate else 'in this process'}; "
         "single process per row, no DeepSpeed")
-    model_dir = prepare_model_dir(args.shape, args.model_cache, device)
-    results, longest = [], 0.0
+    results, longest, no_base = [], 0.0, None
+    try:
+        model_dir = prepare_model_dir(args.shape, args.model_cache, device)
+    except Exception as e:  # every row says why, and the table still comes out
+        traceback.print_exc()
+        model_dir, no_base = None, f"failed: building the {args.shape} base: {type(e).__name__}: {e}"[:200]
     for quant in quants:
         for label, path, levers in which:
             left = args.time_budget - (time.time() - t_start) if args.time_budget else None
+            if no_base:
+                results.append({"label": label, "path": path, "quant": quant, "error": no_base})
+                continue
             if left is not None and left < longest:
                 results.append({"label": label, "path": path, "quant": quant,
                                 "error": f"skipped: {left:.0f} s of --time-budget left, a row took {longest:.0f} s"})
@@ -227,8 +234,9 @@ def main(argv=None):
                         tokens_per_batch=args.tokens_per_batch, pack_len=args.pack_len, max_len=args.pack_len,
                         lengths=args.lengths, seed=args.seed, peak=peak)
             say(f"--- {label} {quant}")
+            t_row = time.time()
             r = run_isolated(spec, left) if isolate else run_spec(spec)
-            longest = max(longest, r.get("wall_s", 0.0))
+            longest = max(longest, time.time() - t_row)  # the child's start and imports included
             results.append(r)
             if "error" not in r:
                 say(f"{label} {quant}: {r['real_tok_s']:,.0f} real tok/s, {r['wall_s']:.0f} s")

@@ -37,6 +37,22 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     assert "python bench/run.py --shape tiny --device cpu" in text and hf_row in text and dt_row in text
 
 
+
+def test_a_base_that_cannot_be_built_still_gives_the_table(tmp_path):
+    """On the GPU machine a failed base build (disk full, OOM) must not lose the call's table."""
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    args = ["--shape", "tiny", "--device", "cpu", "--quant", "fp32,bf16", "--which", "hf,dialtune", "--steps", "1",
+            "--model-cache", str(blocker / "models"), "--append-results", "--results-file", str(results)]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), *args], env=run_env(1), cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| hf |", "| dialtune |"))]
+    assert len(rows) == 4 and all("failed: building the tiny base" in r for r in rows), proc.stdout + proc.stderr[-2000:]
+    assert "failed: building the tiny base" in results.read_text()
+
 def test_which_parsing():
     from bench.run import parse_which
 
