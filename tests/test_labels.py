@@ -77,3 +77,30 @@ def test_train_batches_are_disjoint_across_ranks_and_deterministic():
     assert not set(sum(a, [])) & set(sum(b, []))
     assert a == batching.epoch_micro_batches(50, 4, 2, 0, seed=1, epoch=0)
     assert a != batching.epoch_micro_batches(50, 4, 2, 0, seed=1, epoch=1)
+
+
+def test_a_tokenizer_that_adds_bos_itself_still_gives_one_bos_and_the_same_labels(tokenizer):
+    """Llama-style tokenizers add BOS in their post-processor while the chat template also writes
+    it: every encoding path (template mask, prefix fallback, fast path, eval prompt) must give one
+    BOS and the labels of a tokenizer that does not (the bundled one, whose post-processor adds none)."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from data_pipeline.fastchat import FastEncoder
+    from tests.conftest import TOKENIZER_DIR
+    from train.evaluate import prompt_ids
+
+    bos = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos.bos_token} $A", pair=f"{bos.bos_token} $A $B", special_tokens=[(bos.bos_token, bos.bos_token_id)])
+    assert bos("hi")["input_ids"][0] == bos.bos_token_id != tokenizer("hi")["input_ids"][0]  # the control
+    eot = end_of_turn_id(tokenizer)
+    want = tokenize_conversation(tokenizer, CONV, eot)
+    assert want[0].count(tokenizer.bos_token_id) == 1
+    assert tokenize_conversation(bos, CONV, eot) == want
+    assert _tokenize_by_prefix(bos, CONV, eot) == want
+    fast, why = FastEncoder.build(bos, eot, [CONV])
+    assert fast is not None, why
+    assert fast.encode(CONV) == want
+    prompt = prompt_ids(bos, CONV[:-1], 512)
+    assert prompt == prompt_ids(tokenizer, CONV[:-1], 512) and prompt.count(bos.bos_token_id) == 1
