@@ -13,22 +13,35 @@ COMMON = ["recipe=demo", "train.max_steps=6", "logger=none", "export.merge_at_en
 
 
 def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Also across an epoch boundary (70 conversations: 4 steps an epoch, the resumed part runs
+    from step 4 into the next epoch's shuffle) and with a held-out eval every 2 steps."""
+    from tests.conftest import ROOT
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join((ROOT / "data_pipeline" / "sample_data" / "train.jsonl").read_text().splitlines(True)[:70]))
     # each launch is a Hydra multirun over the stages (job 0: ZeRO-2, job 1: ZeRO-3), 2 ranks
     stages = ["-m", "deepspeed=zero2,zero3"]
-    train(stages + COMMON + ["run.name=full"], tmp_path, nproc=2, via="torchrun")
-    train(stages + COMMON + ["run.name=part", "train.stop_after_steps=3"], tmp_path, nproc=2, via="torchrun")
+    common = COMMON + [f"data.train_files=[{small}]", f"data.eval_files=[{ROOT / 'data_pipeline' / 'sample_data' / 'eval.jsonl'}]", "eval.every_n_steps=2",
+                       "eval.during_training=[lm]", "eval.base_comparison=false", "eval.lm_max_batches=2"]
+    train(stages + common + ["run.name=full"], tmp_path, nproc=2, via="torchrun")
+    train(stages + common + ["run.name=part", "train.stop_after_steps=3"], tmp_path, nproc=2, via="torchrun")
     for job in ("0", "1"):
         part_dir = tmp_path / "part-sweep" / job
         first = json.loads((part_dir / "summary.json").read_text())
         assert first["steps"] == 3 and not first["finished"]
         assert (part_dir / "checkpoints" / "latest").read_text().strip() == "step_0000003"
-    train(stages + COMMON + ["run.name=part", "train.resume=auto"], tmp_path, nproc=2, via="torchrun")
+    train(stages + common + ["run.name=part", "train.resume=auto"], tmp_path, nproc=2, via="torchrun")
     for job, stage in (("0", 2), ("1", 3)):
         full_dir, part_dir = tmp_path / "full-sweep" / job, tmp_path / "part-sweep" / job
         assert f"stage: {stage}" in (part_dir / "config.yaml").read_text()
         full, part = read_metrics(full_dir), read_metrics(part_dir)
-        assert [r["step"] for r in part] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in full], stage
-        for a, b in zip(full, part):
+        steps = [r["step"] for r in full if "train/loss" in r]
+        assert [r["step"] for r in part if "train/loss" in r] == [1, 2, 3, 4, 5, 6] == steps, stage
+        assert [r["train/epoch"] for r in full if "train/loss" in r] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5], stage
+        evals = [(r["step"], r["eval/loss"]) for r in full if "eval/loss" in r]
+        assert [s for s, _ in evals] == [2, 4, 6], stage
+        assert [(r["step"], pytest.approx(r["eval/loss"], abs=1e-6)) for r in part if "eval/loss" in r] == evals, stage
+        for a, b in zip([r for r in full if "train/loss" in r], [r for r in part if "train/loss" in r]):
             assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6), stage
             assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], abs=1e-6), stage
             assert b["train/lr"] == a["train/lr"]
