@@ -120,6 +120,8 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional
               f"| weights dtype | {summary['dtype']} |",
               (f"| verification | max \\|logit difference\\| {summary['verify_max_abs_logit_diff']:.3g} vs {summary['verify_reference']} (tolerance {summary['verify_tolerance']:.3g}) |"
                if summary["verify_max_abs_logit_diff"] is not None else f"| verification | {summary['verify_reference']} |"),
+              *([f"| as written ({summary['as_written']['dtype']}) | max \\|logit difference\\| {summary['as_written']['max_abs_logit_diff']:.3g} "
+                 "vs the same reference (the cast's rounding; the check above is in fp32) |"] if summary.get("as_written") else []),
               f"| resolved config sha256 | `{summary.get('config_sha256') or 'unknown'}` |"]
     check = summary.get("dequantize_check")
     if check and summary["merge_base"] == "dequantized":

@@ -273,7 +273,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
     shutil.rmtree(tmp, ignore_errors=True)
     verified = dequantized = None
 
-    def finish(merged, name: str, diff: float, ref_name: str):
+    def finish(merged, name: str, diff: float, ref_name: str, ref):
         """Check the chosen merge, cast it, write it to tmp (others: only their loss)."""
         nonlocal verified
         if name == base:
@@ -281,7 +281,10 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
                 raise ExportError(f"{name} merge: merged logits differ from {ref_name} by {diff:.3g} > export.verify_tolerance={tolerance}; "
                                   f"the merged checkpoint was not written (re-run `dialtune merge <run_dir> --tolerance X` to accept it).")
             verified = {"reference": ref_name, "max_abs_logit_diff": diff}
-        merged.to(out_dtype)
+        for param in merged.parameters():  # not .to(): buffers (RoPE's inv_freq) stay fp32, as from_pretrained keeps them
+            param.data = param.data.to(out_dtype)
+        if name == base and out_dtype != torch.float32:  # what the cast to the written dtype costs, measured
+            verified["as_written"] = {"dtype": dtype, "max_abs_logit_diff": _max_diff(ref, _logits(merged, batch), mask)}
         if eval_set is not None:
             losses[f"merged_{name}"] = eval_loss(merged, eval_set)
         if name == base:
@@ -322,7 +325,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
                 got = _logits(merged, batch)
                 vs_quantized[DEQUANTIZED] = _max_diff(q_ref, got, mask)
                 vs_quantized_mean[DEQUANTIZED] = _mean_diff(q_ref, got, mask)
-                finish(merged, DEQUANTIZED, _max_diff(d_ref, got, mask), f"fp32 dequantized {quant} base + adapter")
+                finish(merged, DEQUANTIZED, _max_diff(d_ref, got, mask), f"fp32 dequantized {quant} base + adapter", d_ref)
                 del merged, deq, got, d_ref
             del model
             gc.collect()
@@ -336,7 +339,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
             if q_ref is not None:
                 vs_quantized[ORIGINAL] = _max_diff(q_ref, got, mask)
                 vs_quantized_mean[ORIGINAL] = _mean_diff(q_ref, got, mask)
-            finish(merged, ORIGINAL, _max_diff(ref, got, mask), "fp32 base + adapter")
+            finish(merged, ORIGINAL, _max_diff(ref, got, mask), "fp32 base + adapter", ref)
             del merged, model
             gc.collect()
 
@@ -346,6 +349,8 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
                    "dtype": dtype, "verify_reference": verified["reference"],
                    "verify_max_abs_logit_diff": verified["max_abs_logit_diff"], "verify_tolerance": tolerance,
                    "eos_token_id": eos}
+        if verified and verified.get("as_written"):
+            summary["as_written"] = verified["as_written"]
         if dequantized is not None:
             summary["dequantize_check"] = {**dequantized, "limit": dequantize_error}
         if quant != "none":

@@ -135,6 +135,34 @@ def test_merge_refuses_a_logit_mismatch_and_writes_nothing(peft_runs, tmp_path):
     assert not out.exists() and not (tmp_path / "never.tmp").exists()
 
 
+
+def test_a_bf16_export_reports_what_the_written_checkpoint_does(peft_runs, tmp_path):
+    """The logits check runs in fp32 before the cast; the summary also gives the distance of the
+    checkpoint as written (bf16) to the same reference, and the files on disk reproduce it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.export import _held_out_batch, default_probe, merge
+
+    run_dir = peft_runs["lora"]
+    out = tmp_path / "bf16"
+    summary = merge(str(_adapter(run_dir)), str(out), base_path=str(run_dir / "base"), dtype="bf16", eval_conversations=0)
+    written = summary["as_written"]
+    assert written["dtype"] == "bf16" and summary["verify_max_abs_logit_diff"] <= 1e-4
+    assert 0 < written["max_abs_logit_diff"] < 0.5  # bf16 rounding of a tiny model's weights: visible, small
+    batch = _held_out_batch(AutoTokenizer.from_pretrained(out), default_probe())
+    mask = batch["attention_mask"].bool()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base", dtype=torch.float32),
+                                      _adapter(run_dir)).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert loaded.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = model(**batch).logits.float()
+        got = loaded(**batch).logits.float()
+    assert (want - got).abs()[mask].max().item() == pytest.approx(written["max_abs_logit_diff"], rel=1e-5)
+    assert "| as written (bf16) |" in (out / "README.md").read_text()
+    assert "as_written" not in _summary(run_dir / "merged")  # fp32 exports: nothing cast
+
 def test_dequantized_on_a_full_precision_run_is_the_original_merge(peft_runs, tmp_path):
     from model.export import merge
 
