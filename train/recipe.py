@@ -25,7 +25,7 @@ from data_pipeline import batching
 from data_pipeline.chat import IGNORE, apply_named_template, end_of_turn_id
 from data_pipeline.dataset import eval_conversations, prepare_cached, sources_of
 from data_pipeline.packing import collate_packed
-from model import attention, kernels, loader
+from model import attention, dequantize, kernels, loader
 
 from . import checkpoint, distributed, flops, optim, signals
 from . import evaluate as suite
@@ -151,7 +151,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if kc.liger:
         kernels.apply_liger(model)
     model = loader.attach_adapter(model, cfg)
-    fast_int8 = kernels.dequantize_int8_linears(model) if cfg.quant.mode == "int8" and kc.fast_int8 else 0
+    fast_int8 = kernels.dequantize_int8_linears(model) if dequantize.fast_int8(cfg) else 0
     if packs is not None:
         try:
             layout["path"], why, layout["attn"], layout["window"] = attention.packed_layout(
