@@ -9,6 +9,7 @@ from data_pipeline.chat import end_of_turn_id, tokenize_conversation
 from tests.conftest import ROOT, read_metrics, train
 from tests.wandb_history import history
 from train import evaluate as suite
+from train.eval_metrics import classification_report, repeats, text_metrics
 
 CPU = torch.device("cpu")
 INTENTS = {
@@ -66,7 +67,7 @@ def intent_model(tokenizer):
 
 
 def test_classification_report_known_answers():
-    r = suite.classification_report(["a", "a", "b", "b", "c"], ["a", "b", "b", "b", None], ["a", "b", "c"])
+    r = classification_report(["a", "a", "b", "b", "c"], ["a", "b", "b", "b", None], ["a", "b", "c"])
     assert r["accuracy"] == pytest.approx(3 / 5)
     assert r["unknown"] == 1 and r["n"] == 5
     pa, pb, pc = r["per_class"]["a"], r["per_class"]["b"], r["per_class"]["c"]
@@ -77,12 +78,12 @@ def test_classification_report_known_answers():
 
 
 def test_text_metrics_and_loop_detection():
-    same = suite.text_metrics(["your refund is on its way", "the card is blocked"],
+    same = text_metrics(["your refund is on its way", "the card is blocked"],
                               ["your refund is on its way", "the card is blocked"])
     assert same == pytest.approx({"chrf": 100.0, "bleu": 100.0, "rougeL": 100.0})
-    other = suite.text_metrics(["zzz qqq"], ["your refund is on its way"])
+    other = text_metrics(["zzz qqq"], ["your refund is on its way"])
     assert other["bleu"] == 0.0 and other["rougeL"] == 0.0 and other["chrf"] < 10
-    assert suite.repeats([1, 2, 3, 4] * 3) and not suite.repeats(list(range(20)))
+    assert repeats([1, 2, 3, 4] * 3) and not repeats(list(range(20)))
 
 
 def test_shards_cover_every_item_once_with_equal_counts():
