@@ -72,7 +72,8 @@ def _batches(spec: Dict, levers: Dict, vocab: int, dtype, layout: str = "sdpa", 
     out = []
     for s in range(total):
         chunk = rows[s * rows_per_step:(s + 1) * rows_per_step]
-        b = collate_packed(chunk, pad_id=0, attn_implementation=layout, dtype=dtype, sliding_window=window)
+        b = collate_packed(chunk, pad_id=0, attn_implementation=layout, dtype=dtype, sliding_window=window,
+                           pad_to=L if levers["compile"] else None)
         b["lengths"] = [len(d["input_ids"]) for row in chunk for d in row]
         out.append(b)
     return out

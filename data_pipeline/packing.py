@@ -69,11 +69,13 @@ def fill_ratio(bins: List[List[int]], lengths: Sequence[int], max_len: int) -> f
 
 def collate_packed(rows: Sequence[Sequence[Dict]], pad_id: int, attn_implementation: str,
                    dtype: torch.dtype = torch.float32, pad_to_multiple_of: int = 8,
-                   sliding_window: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                   sliding_window: Optional[int] = None, pad_to: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """rows: each a list of documents ({'input_ids', 'labels'}) to concatenate into one row.
-    sliding_window: the model's (uniform) attention window, applied by the 4D mask."""
+    sliding_window: the model's (uniform) attention window, applied by the 4D mask.
+    pad_to: every row padded to this length (the pack capacity), so that all batches have one
+    shape (kernels.compile: one graph instead of a recompile per row length); else the longest row."""
     longest = max(sum(len(d["input_ids"]) for d in row) for row in rows)
-    L = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    L = -(-max(longest, pad_to or 0) // pad_to_multiple_of) * pad_to_multiple_of
     B = len(rows)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
     labels = torch.full((B, L), IGNORE, dtype=torch.long)

@@ -327,3 +327,41 @@ def test_compiled_layers_do_not_recompile_per_segment_layout():
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_compile_pads_packed_rows_to_one_shape():
+    """Under kernels.compile every packed row is padded to the pack capacity (pad_to), so batches
+    whose longest row differs reuse one graph; without it each new row length recompiles (the
+    control). The documents' logits are what they are unpadded."""
+    from torch._dynamo.testing import CompileCounter
+
+    from model.kernels import compile_decoder_layers
+
+    model = _tiny("llama")
+    attention.choose("varlen", model, CPU, torch.float32)
+    layouts = [((7, 12), (8, 4)), ((16, 16, 8), (4, 28)), ((30, 2, 9, 3), (1, 31)), ((3, 3), (10, 10, 12, 14)),
+               ((20,), (21, 27))]  # longest rows of 19 to 48 tokens
+    batches = [[_docs(a, seed=i), _docs(b, seed=10 + i)] for i, (a, b) in enumerate(layouts)]
+
+    def frames(pad_to):
+        counter = CompileCounter()
+        torch._dynamo.reset()
+        compile_decoder_layers(model, backend=counter)
+        out = []
+        for i, rows in enumerate(batches):
+            with torch.no_grad():
+                batch, logits = _packed_logits(model, rows, "varlen", pad_to=pad_to)
+            assert pad_to is None or batch["input_ids"].shape[1] == pad_to
+            out.append(logits)
+            if i == 1:
+                warm = counter.frame_count
+        torch._dynamo.reset()
+        return warm, counter.frame_count, out
+
+    warm, end, padded = frames(48)
+    assert end == warm, f"recompiled for new row lengths: {warm} -> {end} frames"
+    warm, end, unpadded = frames(None)
+    assert end > warm  # the control: row lengths that vary do recompile
+    for rows, a, b in zip(batches, padded, unpadded):
+        for x, y in zip(_split(a, rows), _split(b, rows)):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)

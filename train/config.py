@@ -172,7 +172,7 @@ class KernelsConfig:
     fast_int8: bool = doc(True, "quant=int8: dequantise the int8 weights per layer into 16-bit GEMMs instead of LLM.int8's int8 matmul with outlier decomposition (same int8 weight memory; the trained base is then exactly the dequantized one).")
     liger: bool = doc(True, "Liger RMSNorm/SwiGLU/RoPE kernels on Llama/Qwen2/Mistral when liger_kernel is importable and training on CUDA; otherwise a logged no-op.")
     checkpoint_every: int = doc(1, "With model.gradient_checkpointing: checkpoint every k-th decoder layer only (1: all; larger: less recompute, more memory).")
-    compile: bool = doc(False, "torch.compile each decoder layer (regional compilation).")
+    compile: bool = doc(False, "torch.compile each decoder layer (regional compilation); packed rows are then padded to data.max_seq_len, so every batch has one shape (one graph).")
     packed_attention: str = doc("auto", "How packed rows (data.packing) keep documents apart: varlen (per-document attention via cu_seqlens: torch's FlashAttention varlen kernel on CUDA in bf16/fp16, causal SDPA per document elsewhere; no L x L mask), mask (4D block-diagonal mask through SDPA), auto (varlen, except on a GPU without the kernel, i.e. fp32: mask).")
     peak_tflops: float = doc(0.0, "Peak dense bf16 TFLOP/s per GPU for MFU; 0: looked up from the GPU name (train/flops.py), none on CPU.")
 

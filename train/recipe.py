@@ -136,7 +136,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             return b, b["attention_mask"].sum(1).tolist()
         rows = [batching.fetch(train_ds, m) for m in packs[list(indices)]["members"]]
         return (collate_packed(rows, pad_id, layout["attn"], dtype=loader.DTYPES[mixed_precision(cfg)],
-                               sliding_window=layout["window"]),
+                               sliding_window=layout["window"], pad_to=cfg.data.max_seq_len if cfg.kernels.compile else None),
                 [len(d["input_ids"]) for row in rows for d in row])
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
 
