@@ -86,3 +86,13 @@ def test_readme_config_reference_is_current():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for key, _, _, help_ in iter_docs():
         assert f"`{key}`" in readme, f"README's configuration reference lacks {key} (regenerate with `dialtune config-doc`)"
+
+
+def test_a_plus_override_with_a_typo_is_refused():
+    """`+key=value` makes Hydra add any key, a misspelt one too, which would then do nothing:
+    validate() names it and the nearest real key. Free-form dicts (deepspeed.extra) stay open."""
+    with pytest.raises(ConfigError, match=r"train\.max_stepz is not a config key \(did you mean train\.max_steps\?\)"):
+        validate(_compose(["+train.max_stepz=3"]), cuda_available=False)
+    with pytest.raises(ConfigError, match=r"^foo is not a config key; "):
+        validate(_compose(["+foo=1"]), cuda_available=False)
+    validate(_compose(["+deepspeed.extra.steps_per_print=1000"]), cuda_available=False)

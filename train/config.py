@@ -303,8 +303,29 @@ _CHOICES = {
 }
 
 
+def unknown_key_problem(cfg) -> Optional[str]:
+    """A key the schema does not have (Hydra's `+key=value` adds any key, a typo too), as one
+    sentence with the nearest real key; None when every key is known."""
+    import difflib
+
+    from omegaconf.errors import ConfigKeyError
+
+    try:
+        # as plain data: merged as a typed node, an added key would ride along unchecked
+        OmegaConf.merge(OmegaConf.structured(DialtuneConfig), OmegaConf.to_container(cfg))
+    except ConfigKeyError as e:
+        key = str(getattr(e, "full_key", "") or "?")
+        near = difflib.get_close_matches(key, [k for k, *_ in iter_docs()], n=1, cutoff=0.6)
+        return (f"{key} is not a config key" + (f" (did you mean {near[0]}?)" if near else "")
+                + "; `dialtune config-doc` lists them all.")
+    return None
+
+
 def validate(cfg, cuda_available: Optional[bool] = None) -> None:
     """Raise ConfigError (one sentence) for a config that cannot run."""
+    problem = unknown_key_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     for key, allowed in _CHOICES.items():
         if key.startswith("data."):
             continue  # validate_data() below checks these
