@@ -26,7 +26,9 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "intent")
 
-# ShareGPT-style speaker names -> chat roles (case-insensitive).
+# ShareGPT-style speaker names -> chat roles (case-insensitive). `sys` is the dialogue system, the
+# agent, in MultiWOZ-style usr/sys data; as the FIRST turn, before any user turn, it is read as a
+# system prompt instead (ShareGPT files abbreviate "system" so), never trained on as a reply.
 ROLE_ALIASES = {
     "system": "system",
     "human": "user", "user": "user", "customer": "user", "client": "user", "usr": "user",
@@ -170,6 +172,8 @@ def to_messages(rec: Any, fmt: str, intent_cfg=None):
                 return Problem("missing_key", f"conversations[{i}] must be an object with 'from' and 'value'")
             who = turn["from"]
             role = ROLE_ALIASES.get(who.lower()) if isinstance(who, str) else None
+            if role == "assistant" and who.lower() == "sys" and i == 0:
+                role = "system"
             if role is None:
                 return Problem("unknown_role", f"conversations[{i}] is from {who!r}, which maps to no role; known: {', '.join(sorted(ROLE_ALIASES))}")
             out.append({"role": role, "content": turn["value"]})

@@ -49,6 +49,10 @@ GOOD = [conv(i, f"question {i}", f"answer {i}") for i in range(6)]
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, [(U, "hi"), (A, "yo")]),
     ({"conversations": [{"from": "system", "value": "s"}, {"from": "Customer", "value": "hi"}, {"from": "agent", "value": "yo"}]},
      [("system", "s"), (U, "hi"), (A, "yo")]),
+    # `sys` as a first turn is a system prompt (ShareGPT); after a user turn, the agent (MultiWOZ usr/sys)
+    ({"conversations": [{"from": "sys", "value": "s"}, {"from": "usr", "value": "hi"}, {"from": "sys", "value": "yo"}]},
+     [("system", "s"), (U, "hi"), (A, "yo")]),
+    ({"conversations": [{"from": "usr", "value": "hi"}, {"from": "sys", "value": "yo"}]}, [(U, "hi"), (A, "yo")]),
     ({"instruction": "Translate", "input": "chat", "output": "cat"}, [(U, "Translate\n\nchat"), (A, "cat")]),
     ({"instruction": "Say hi", "input": "", "output": "hi"}, [(U, "Say hi"), (A, "hi")]),
     ({"prompt": "2+2?", "completion": "4"}, [(U, "2+2?"), (A, "4")]),
