@@ -32,6 +32,17 @@ def test_bad_data_names_file_and_line(tmp_path):
     _one_sentence_error(proc, f"{bad}:3: messages[1] has role 'bot'")
 
 
+def test_a_bad_intent_file_stops_before_training(tmp_path):
+    """eval.intent_files are read when the run starts: a file of the wrong kind used to surface
+    only after the last step, and the run then ended without its final checkpoint."""
+    wrong = tmp_path / "not_intents.jsonl"
+    wrong.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    proc = train(QUICK + [f"eval.intent_files=[{wrong}]", "eval.at_end=[lm,intent]", "data.eval_files=[]"], tmp_path, check=False)
+    _one_sentence_error(proc, f"{wrong}:1:")
+    assert not list(tmp_path.rglob("metrics.jsonl")) or not any(
+        p.read_text().strip() for p in tmp_path.rglob("metrics.jsonl"))  # no step ran
+
+
 def test_multirun_local_rank_and_plus_override(tmp_path):
     """`-m` sweeps, the launcher's --local_rank=N, and `+key=value` all go through Hydra."""
     train(["-m", "--local_rank=0", "optim.lr=1e-3,2e-3", "+deepspeed.extra.steps_per_print=1000",

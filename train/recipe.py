@@ -112,6 +112,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     # ---- data ---------------------------------------------------------------------------------
     train_ds, eval_ds, packs, data_stats, data_path = prepare_cached(cfg.data, tokenizer, eot, local_rank,
                                                                      log=log.info if is_main else (lambda *_: None))
+    if cfg.eval.intent_files and "intent" in {*cfg.eval.during_training, *cfg.eval.at_end}:  # a bad file stops now, not after training
+        suite.load_intents(cfg.eval.intent_files, cfg.data.intent, cfg.eval.intent_max_examples)
     mb, gas = t.micro_batch_size, t.grad_accum
     if t.global_batch_size:
         if t.global_batch_size % (mb * world):
