@@ -67,6 +67,11 @@ def resolve(path: str, overrides: List[str]):
     if not p.exists():
         raise EvalError(f"{path} does not exist; pass a run directory, a checkpoint directory or a merged checkpoint.")
     if (p / "config.json").is_file():  # merged checkpoint
+        from train.config import model_dir_problem
+
+        problem = model_dir_problem(str(p), what="the merged checkpoint")
+        if problem:
+            raise EvalError(problem)
         run_dir = p.parent if (p.parent / "config.yaml").is_file() else None
         if run_dir is not None:
             cfg = _run_config(run_dir, overrides)

@@ -96,3 +96,21 @@ def test_a_plus_override_with_a_typo_is_refused():
     with pytest.raises(ConfigError, match=r"^foo is not a config key; "):
         validate(_compose(["+foo=1"]), cuda_available=False)
     validate(_compose(["+deepspeed.extra.steps_per_print=1000"]), cuda_available=False)
+
+
+def test_a_model_directory_that_is_not_a_model_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="is a directory without config.json"):
+        validate(_compose([f"model.name_or_path={tmp_path / 'empty'}"]), cuda_available=False)
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="has a config.json but no weights"):
+        validate(_compose([f"model.name_or_path={no_weights}"]), cuda_available=False)
+    (no_weights / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="has no tokenizer"):
+        validate(_compose([f"model.name_or_path={no_weights}"]), cuda_available=False)
+    with pytest.raises(ConfigError, match="model.tokenizer=.* is a directory without a tokenizer"):
+        validate(_compose([f"model.name_or_path={no_weights}", f"model.tokenizer={tmp_path / 'empty'}"]), cuda_available=False)
+    (no_weights / "tokenizer.json").write_text("{}")
+    validate(_compose([f"model.name_or_path={no_weights}"]), cuda_available=False)

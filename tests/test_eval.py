@@ -232,6 +232,11 @@ def test_eval_names_the_config_line_it_cannot_read(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{run_dir / 'config.yaml'}: key export.verify_tolerance_dequantized is not known" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    assert cli(["eval", str(merged)]) == 2
+    assert "the merged checkpoint=" in capsys.readouterr().err  # no weights: named, not a traceback
     (run_dir / "config.yaml").write_text("optim:\n  lr: 0.001\n")
     assert cli(["eval", str(run_dir / "checkpoints" / "step_0000002"), "optim.lr=fast"]) == 2
     err = capsys.readouterr().err

@@ -321,9 +321,26 @@ def unknown_key_problem(cfg) -> Optional[str]:
     return None
 
 
+def model_dir_problem(path: str, tok: Optional[str] = None, what: str = "model.name_or_path") -> Optional[str]:
+    """What a local model directory (and model.tokenizer's) lacks, as one sentence; None for a
+    complete one or a hub id."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            return f"{what}={path!r} is a directory without config.json; point it at a saved model (config.json, weights, tokenizer) or a hub id."
+        if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
+            return f"{what}={path!r} has a config.json but no weights ({', '.join(weights[::2])}); point it at a saved model."
+        if tok is None and not any(os.path.isfile(os.path.join(path, t)) for t in tokenizer_files):
+            return f"{what}={path!r} has no tokenizer (tokenizer.json / tokenizer_config.json); set model.tokenizer=<its directory or hub id>."
+    if tok and os.path.isdir(tok) and not any(os.path.isfile(os.path.join(tok, t)) for t in tokenizer_files):
+        return f"model.tokenizer={tok!r} is a directory without a tokenizer (tokenizer.json / tokenizer_config.json)."
+    return None
+
+
 def validate(cfg, cuda_available: Optional[bool] = None) -> None:
     """Raise ConfigError (one sentence) for a config that cannot run."""
-    problem = unknown_key_problem(cfg)
+    problem = unknown_key_problem(cfg) or model_dir_problem(cfg.model.name_or_path, cfg.model.tokenizer)
     if problem:
         raise ConfigError(problem)
     for key, allowed in _CHOICES.items():
