@@ -114,3 +114,23 @@ def test_a_model_directory_that_is_not_a_model_is_named(tmp_path):
         validate(_compose([f"model.name_or_path={no_weights}", f"model.tokenizer={tmp_path / 'empty'}"]), cuda_available=False)
     (no_weights / "tokenizer.json").write_text("{}")
     validate(_compose([f"model.name_or_path={no_weights}"]), cuda_available=False)
+
+
+def test_resume_accepts_a_checkpoint_its_latest_file_or_its_run_and_names_anything_else(tmp_path):
+    from train.checkpoint import resume_path
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_0000004"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    (run / "config.yaml").write_text("")
+    (run / "checkpoints" / "latest").write_text("step_0000004\n")
+    want = (str(run / "checkpoints"), "step_0000004")
+    for given in (step, run / "checkpoints" / "latest", run / "checkpoints", run):
+        assert resume_path(str(given)) == want, given
+    validate(_compose([f"train.resume={run}"]), cuda_available=False)
+    (run / "checkpoints" / "latest").unlink()
+    with pytest.raises(ConfigError, match="is a run directory without a finished checkpoint"):
+        validate(_compose([f"train.resume={run}"]), cuda_available=False)
+    with pytest.raises(ConfigError, match="is neither none, auto, a checkpoint directory"):
+        validate(_compose([f"train.resume={tmp_path / 'nowhere'}"]), cuda_available=False)

@@ -164,8 +164,24 @@ def find_resume(resume: str, ckpt_root: str) -> Optional[Tuple[str, str]]:
             return None
         with open(latest) as f:
             return ckpt_root, f.read().strip()
+    return resume_path(resume)
+
+
+def resume_path(resume: str) -> Tuple[str, str]:
+    """(checkpoint root, tag) for train.resume=<path>: a checkpoint directory (step_N), or the
+    `latest` file, the checkpoints/ directory or the run directory of a run (its latest
+    checkpoint). Raises ValueError (one sentence) for anything else."""
     path = os.path.normpath(resume)
-    return os.path.dirname(path), os.path.basename(path)
+    for latest in (path, os.path.join(path, "latest"), os.path.join(path, "checkpoints", "latest")):
+        if os.path.basename(latest) == "latest" and os.path.isfile(latest):
+            with open(latest) as f:
+                return os.path.dirname(latest), f.read().strip()
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return os.path.dirname(path), os.path.basename(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "config.yaml")):
+        raise ValueError(f"train.resume={resume!r} is a run directory without a finished checkpoint (no checkpoints/latest); "
+                         "train.resume=none starts afresh.")
+    raise ValueError(f"train.resume={resume!r} is neither none, auto, a checkpoint directory (checkpoints/step_N) nor a run directory.")
 
 
 def load(engine, root: str, tag: str) -> Dict[str, Any]:

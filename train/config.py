@@ -157,7 +157,7 @@ class TrainConfig:
     save_every: int = doc(0, "Save a checkpoint every N optimizer steps (and at the end); 0: only at the end.")
     log_every: int = doc(1, "Write metrics every N optimizer steps.")
     seed: int = doc(42, "Seed of model init (adapters), dropout and data order.")
-    resume: str = doc("none", "none, auto (latest checkpoint of this run directory) or a checkpoint directory.")
+    resume: str = doc("none", "none, auto (latest checkpoint of this run directory), a checkpoint directory (checkpoints/step_N), or another run's directory, checkpoints/ or latest file (its latest checkpoint).")
     stop_after_steps: int = doc(0, "Stop this job (with a checkpoint) after N optimizer steps; resume later with train.resume=auto. 0: run to the end.")
     progress_bar: bool = doc(True, "Show a progress bar on rank 0.")
     nonfinite: str = doc("skip", "Non-finite loss (agreed over all ranks): skip the update (counted, logged; the bad micro-batches give zero gradients and the step runs at lr 0, so no weight changes) or stop (save the last good state, exit 3).")
@@ -389,8 +389,13 @@ def validate(cfg, cuda_available: Optional[bool] = None) -> None:
     validate_eval(cfg.eval)
     if cfg.kernels.ce_chunk_size < 1 or cfg.kernels.checkpoint_every < 1:
         raise ConfigError("kernels.ce_chunk_size and kernels.checkpoint_every must be at least 1.")
-    if t.resume not in ("none", "auto") and not os.path.isdir(t.resume):
-        raise ConfigError(f"train.resume={t.resume!r} is neither none, auto nor an existing checkpoint directory.")
+    if t.resume not in ("none", "auto"):
+        from train.checkpoint import resume_path
+
+        try:
+            resume_path(t.resume)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.export.hub_repo_id:
         from model.card import repo_id_problem
 
