@@ -280,6 +280,11 @@ def default_cache_dir() -> str:
 def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, poll_s: float = 1.0):
     """(train, eval, train_packs, stats, path): a cache hit loads; otherwise one process per
     cache directory builds while the others wait on the filesystem."""
+    sources = sources_of(d)
+    trained = {os.path.realpath(s["path"]) for s in sources if s["split"] == "train"}
+    for s in sources:
+        if s["split"] == "eval" and os.path.realpath(s["path"]) in trained:
+            log(f"warning: held-out file {s['path']} is also a training file: the eval loss will be in-sample")
     root = d.cache_dir or default_cache_dir()
     os.makedirs(root, exist_ok=True)
     key = cache_key(d, tokenizer, eot_id)

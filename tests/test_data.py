@@ -266,6 +266,20 @@ def test_eval_carved_deterministically(tmp_path):
     assert 4 <= s1["eval"]["conversations"] <= 18 and s1["eval"] == s2["eval"]
 
 
+
+def test_an_eval_file_that_is_also_trained_on_is_flagged(tmp_path):
+    tok, eot = _tok()
+    path = tmp_path / "a.jsonl"
+    jsonl(path, GOOD)
+    said = []
+    prepare_cached(dcfg(tmp_path, train_files=[str(path)], eval_files=[str(tmp_path / "." / "a.jsonl")]), tok, eot, log=said.append)
+    assert any(m.startswith("warning: held-out file") and "in-sample" in m for m in said), said
+    said.clear()
+    other = tmp_path / "b.jsonl"
+    jsonl(other, GOOD[:2])
+    prepare_cached(dcfg(tmp_path, train_files=[str(path)], eval_files=[str(other)]), tok, eot, log=said.append)
+    assert not any("in-sample" in m for m in said)
+
 def test_cache_hits_and_misses(tmp_path):
     tok, eot = _tok()
     path = tmp_path / "a.jsonl"
