@@ -146,3 +146,13 @@ def attach_adapter(model, cfg):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def context_problem(model_config, max_seq_len: int) -> Optional[str]:
+    """A warning when rows of data.max_seq_len tokens run past the positions the model was
+    trained for (max_position_embeddings); None when they fit."""
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if limit and max_seq_len > limit:
+        return (f"data.max_seq_len={max_seq_len} is above the model's {limit} positions: tokens past {limit} sit at positions "
+                f"it never saw (and learned position tables have no entry for them); lower data.max_seq_len to {limit}")
+    return None

@@ -134,3 +134,13 @@ def test_resume_accepts_a_checkpoint_its_latest_file_or_its_run_and_names_anythi
         validate(_compose([f"train.resume={run}"]), cuda_available=False)
     with pytest.raises(ConfigError, match="is neither none, auto, a checkpoint directory"):
         validate(_compose([f"train.resume={tmp_path / 'nowhere'}"]), cuda_available=False)
+
+
+def test_rows_longer_than_the_models_positions_are_flagged():
+    from transformers import GPT2Config, LlamaConfig
+
+    from model.loader import context_problem
+
+    assert context_problem(LlamaConfig(max_position_embeddings=2048), 2048) is None
+    assert "lower data.max_seq_len to 2048" in context_problem(LlamaConfig(max_position_embeddings=2048), 8192)
+    assert "1024 positions" in context_problem(GPT2Config(n_positions=1024), 4096)

@@ -146,6 +146,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     # ---- model --------------------------------------------------------------------------------
     model = loader.load_base(cfg, base_path, dev)
+    if is_main and (too_long := loader.context_problem(model.config, cfg.data.max_seq_len)):
+        log.warning(too_long)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     n_quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
