@@ -199,6 +199,7 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                       num_proc=d.num_proc if d.num_proc > 1 else None, remove_columns=["messages"],
                       desc="tokenizing", cache_file_name=os.path.join(work, "tok.arrow"))
         outcome = _column(tok, "outcome")
+        is_train = _column(tok, "split") == "train"
         kept = np.flatnonzero(outcome != "dropped")
         tok = tok.select(kept)
         split = _column(tok, "split")
@@ -211,7 +212,16 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
             part = tok.select(np.flatnonzero(split == name))
             if name == "train":
                 if len(part) == 0:
-                    raise DataError(f"no training conversation is left after validation and truncation (data.max_seq_len={d.max_seq_len}); check the report above.")
+                    files = ", ".join(s["path"] for s in srcs if s["split"] == "train")
+                    too_long = int((is_train & (outcome == "dropped")).sum())
+                    raise DataError(
+                        f"no training conversation in {files}: " + (
+                            f"all {too_long} that passed validation are longer than data.max_seq_len={d.max_seq_len} and were dropped "
+                            f"(data.truncation={d.truncation}); raise data.max_seq_len"
+                            + (" (not even one assistant turn with its context fits)." if d.truncation == "keep_recent"
+                               else " or use data.truncation=keep_recent.")
+                            if too_long else "no usable record (an empty file, or every record skipped as reported above, "
+                            "or all of them held out for eval)."))
                 weights = {k: s["weight"] for k, s in enumerate(srcs)}
                 if any(w != 1.0 for w in weights.values()):
                     part = part.select(_weighted_indices(_column(part, "source"), weights, d.seed))

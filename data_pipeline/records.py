@@ -129,9 +129,9 @@ def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:
 
 def _parse_json(line: str):
     try:
-        return json.loads(line)
+        return json.loads(line.rstrip("\r\n"))  # a line cut mid-string: "unterminated", not "control character"
     except json.JSONDecodeError as e:
-        return Problem("invalid_json", f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object")
+        return Problem("invalid_json", f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); each line must be one JSON object")
 
 
 def detect(rec: Dict) -> Optional[str]:

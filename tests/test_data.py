@@ -118,6 +118,13 @@ BAD = {
 }
 
 
+
+def test_a_line_cut_mid_string_is_called_unterminated():
+    from data_pipeline.records import _parse_json
+
+    cut = _parse_json('{"messages": [{"role": "user", "content": "wh\n')
+    assert cut.message.startswith("not valid JSON (Unterminated string starting at column 43)"), cut.message
+
 @pytest.mark.parametrize("reason", sorted(BAD))
 def test_each_rule_strict_names_file_and_line(tmp_path, reason):
     line, fragment = BAD[reason]
@@ -279,6 +286,22 @@ def test_an_eval_file_that_is_also_trained_on_is_flagged(tmp_path):
     jsonl(other, GOOD[:2])
     prepare_cached(dcfg(tmp_path, train_files=[str(path)], eval_files=[str(other)]), tok, eot, log=said.append)
     assert not any("in-sample" in m for m in said)
+
+
+def test_no_training_conversation_left_says_why_and_names_the_file(tmp_path):
+    from data_pipeline.chat import DataError
+
+    tok, eot = _tok()
+    held_out = jsonl(tmp_path / "eval.jsonl", GOOD)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=rf"no training conversation in {empty}: no usable record \(an empty file"):
+        prepare_cached(dcfg(tmp_path, train_files=[str(empty)], eval_files=[held_out]), tok, eot, log=lambda m: None)
+    long = jsonl(tmp_path / "long.jsonl", [conv(i, "word " * 80, "answer " * 80) for i in range(3)])
+    with pytest.raises(DataError, match=rf"no training conversation in {long}: all 3 that passed validation are longer than "
+                                        r"data.max_seq_len=64 and were dropped \(data.truncation=drop\); raise data.max_seq_len or use"):
+        prepare_cached(dcfg(tmp_path, train_files=[long], eval_files=[held_out], max_seq_len=64, truncation="drop"),
+                       tok, eot, log=lambda m: None)
 
 def test_cache_hits_and_misses(tmp_path):
     tok, eot = _tok()
