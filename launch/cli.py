@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 TRAIN_PY = HERE / "train.py"
@@ -42,13 +43,24 @@ def launch_env(nproc: int) -> dict:
     return env
 
 
+def _positive(**given) -> Optional[str]:
+    """One sentence for the first --flag given below 1 (argparse takes any int)."""
+    for flag, value in given.items():
+        if value is not None and value < 1:
+            return f"--{flag}={value}: give a number of at least 1."
+    return None
+
+
 def cmd_demo(args) -> int:
+    if problem := _positive(steps=args.steps, nproc=args.nproc):
+        print(f"dialtune: error: {problem}", file=sys.stderr)
+        return 2
     env = launch_env(args.nproc)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("WANDB_SILENT", "true")
     overrides = ["recipe=demo", f"run.root={args.root}", *args.overrides]
-    if args.steps:
+    if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
     print(f"dialtune demo: fine-tuning the embedded tiny model on the bundled customer-service sample "
           f"with {args.nproc} DeepSpeed processes (ZeRO-2) on {'GPU' if _cuda_count() else 'CPU'}", flush=True)
@@ -58,6 +70,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if problem := _positive(nproc=args.nproc):
+        print(f"dialtune: error: {problem}", file=sys.stderr)
+        return 2
     nproc = args.nproc if args.nproc is not None else max(1, _cuda_count())
     cmd = launch_command(args.overrides, nproc)
     return subprocess.call(cmd, env=launch_env(nproc))
@@ -76,7 +91,12 @@ def cmd_merge(args) -> int:
     run_dir = Path(args.run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
-        print(f"dialtune: error: {run_dir} is not a dialtune run directory (no config.yaml); pass the directory training wrote.", file=sys.stderr)
+        hint = "pass the directory training wrote"
+        if (run_dir.parent / "config.yaml").is_file():  # <run>/merged
+            hint = f"it lies inside the run directory {run_dir.parent}: pass that"
+        elif (run_dir.parent.parent / "config.yaml").is_file():  # <run>/checkpoints/step_N
+            hint = f"pass its run directory and the checkpoint: dialtune merge {run_dir.parent.parent} --checkpoint {run_dir.name}"
+        print(f"dialtune: error: {run_dir} is not a dialtune run directory (no config.yaml); {hint}.", file=sys.stderr)
         return 2
     cfg = OmegaConf.load(cfg_path)
     ckpt_root = run_dir / "checkpoints"
@@ -84,7 +104,10 @@ def cmd_merge(args) -> int:
     if tag is None:
         latest = ckpt_root / "latest"
         if not latest.is_file():
-            print(f"dialtune: error: {ckpt_root} has no finished checkpoint yet; train longer or pass --checkpoint.", file=sys.stderr)
+            steps = sorted(p.name for p in ckpt_root.glob("step_*") if (p / "adapter").is_dir())
+            print(f"dialtune: error: {ckpt_root} has no finished checkpoint yet; "
+                  + (f"pass --checkpoint with one of: {', '.join(steps)}." if steps else "train longer (train.save_every, or run to the end)."),
+                  file=sys.stderr)
             return 2
         tag = latest.read_text().strip()
     adapter = ckpt_root / tag / "adapter"

@@ -144,3 +144,26 @@ def test_rows_longer_than_the_models_positions_are_flagged():
     assert context_problem(LlamaConfig(max_position_embeddings=2048), 2048) is None
     assert "lower data.max_seq_len to 2048" in context_problem(LlamaConfig(max_position_embeddings=2048), 8192)
     assert "1024 positions" in context_problem(GPT2Config(n_positions=1024), 4096)
+
+
+def test_counts_below_one_are_refused():
+    from launch.cli import main as cli
+
+    with pytest.raises(ConfigError, match=r"train.max_steps=-5: give a positive number of steps, or -1"):
+        validate(_compose(["train.max_steps=-5"]), cuda_available=False)
+    assert cli(["demo", "--steps", "0"]) == 2 and cli(["demo", "--nproc", "0"]) == 2 and cli(["train", "--nproc", "-1"]) == 2
+
+
+def test_merge_on_the_wrong_directory_says_which_to_pass(tmp_path, capsys):
+    from launch.cli import main as cli
+
+    run = tmp_path / "run"
+    (run / "merged").mkdir(parents=True)
+    (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (run / "config.yaml").write_text("peft:\n  method: lora\n")
+    assert cli(["merge", str(run / "merged")]) == 2
+    assert f"it lies inside the run directory {run}: pass that" in capsys.readouterr().err
+    assert cli(["merge", str(run / "checkpoints" / "step_0000002")]) == 2
+    assert f"dialtune merge {run} --checkpoint step_0000002" in capsys.readouterr().err
+    assert cli(["merge", str(run)]) == 2  # no checkpoint has an adapter yet
+    assert "train longer" in capsys.readouterr().err

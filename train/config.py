@@ -377,6 +377,8 @@ def validate(cfg, cuda_available: Optional[bool] = None) -> None:
         raise ConfigError(f"peft.r={cfg.peft.r} must be at least 1.")
     if t.micro_batch_size < 1 or t.grad_accum < 1:
         raise ConfigError("train.micro_batch_size and train.grad_accum must both be at least 1.")
+    if t.max_steps < -1:
+        raise ConfigError(f"train.max_steps={t.max_steps}: give a positive number of steps, or -1 for train.epochs full passes.")
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs < 1):
         raise ConfigError("nothing to train: set train.max_steps to a positive number or train.epochs >= 1.")
     if cfg.optim.lr <= 0:

@@ -204,6 +204,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if found:
         state = checkpoint.load(engine, *found)
         log.info("resumed from %s/%s at step %d", found[0], found[1], state["step"])
+    elif t.resume == "auto" and is_main:
+        log.info("train.resume=auto: no finished checkpoint in %s yet; starting at step 1", ckpt_root)
     stream = MicroBatchStream(n_items, mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
 
     metrics = Metrics(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), enabled=is_main,
