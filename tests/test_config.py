@@ -167,3 +167,18 @@ def test_merge_on_the_wrong_directory_says_which_to_pass(tmp_path, capsys):
     assert f"dialtune merge {run} --checkpoint step_0000002" in capsys.readouterr().err
     assert cli(["merge", str(run)]) == 2  # no checkpoint has an adapter yet
     assert "train longer" in capsys.readouterr().err
+
+
+def test_resuming_under_other_adapter_settings_is_named(tmp_path):
+    from train.checkpoint import resume_mismatch
+
+    cfg = _compose(["peft.r=16"])
+    step = tmp_path / "checkpoints" / "step_0000004"
+    step.mkdir(parents=True)
+    (step / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    assert resume_mismatch(str(tmp_path / "checkpoints"), "step_0000004", cfg) is None
+    assert resume_mismatch(str(tmp_path / "checkpoints"), "step_0000004", _compose(["peft.r=16", "optim.lr=1e-3"])) is None
+    said = resume_mismatch(str(tmp_path / "checkpoints"), "step_0000004", _compose(["peft.r=8"]))
+    assert said.startswith(f"checkpoint {step} was trained with peft.r=16, this run has peft.r=8: resume with")
+    assert "target_modules" in resume_mismatch(str(tmp_path / "checkpoints"), "step_0000004",
+                                               _compose(["peft.target_modules=[q_proj]"]))

@@ -184,6 +184,29 @@ def resume_path(resume: str) -> Tuple[str, str]:
     raise ValueError(f"train.resume={resume!r} is neither none, auto, a checkpoint directory (checkpoints/step_N) nor a run directory.")
 
 
+
+# what a checkpoint's tensors and optimizer state are shaped by: a resume must keep them
+SHAPE_KEYS = ("model.name_or_path", "model.add_tokens", "peft.method", "peft.r", "peft.target_modules", "peft.bias",
+              "peft.modules_to_save", "quant.mode", "deepspeed.stage", "optim.name")
+
+
+def resume_mismatch(root: str, tag: str, cfg) -> Optional[str]:
+    """One sentence when the checkpoint was written under settings that shape its state
+    differently from this run's (DeepSpeed would print pages of size mismatches); else None."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(root, tag, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    then = OmegaConf.load(path)
+    for key in SHAPE_KEYS:
+        old, new = OmegaConf.select(then, key), OmegaConf.select(cfg, key)
+        if old is not None and OmegaConf.to_container(OmegaConf.create({"v": old}))["v"] != \
+                OmegaConf.to_container(OmegaConf.create({"v": new}))["v"]:
+            return (f"checkpoint {os.path.join(root, tag)} was trained with {key}={old}, this run has {key}={new}: resume with "
+                    f"the checkpoint's settings, or start afresh (train.resume=none, or another run.name).")
+    return None
+
 def load(engine, root: str, tag: str) -> Dict[str, Any]:
     _, client = engine.load_checkpoint(root, tag=tag, load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=True)

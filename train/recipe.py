@@ -202,6 +202,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     distributed.barrier()
     found = checkpoint.find_resume(t.resume, ckpt_root)
     if found:
+        if mismatch := checkpoint.resume_mismatch(*found, cfg):
+            raise ConfigError(mismatch)
         state = checkpoint.load(engine, *found)
         log.info("resumed from %s/%s at step %d", found[0], found[1], state["step"])
     elif t.resume == "auto" and is_main:
