@@ -67,7 +67,7 @@ def resolve(path: str, overrides: List[str]):
     if not p.exists():
         raise EvalError(f"{path} does not exist; pass a run directory, a checkpoint directory or a merged checkpoint.")
     if (p / "config.json").is_file():  # merged checkpoint
-        from train.config import model_dir_problem
+        from train.validate import model_dir_problem
 
         problem = model_dir_problem(str(p), what="the merged checkpoint")
         if problem:
@@ -123,7 +123,8 @@ def cmd_eval(args) -> int:
     from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
     from data_pipeline.dataset import eval_conversations, prepare_cached, sources_of
     from train import evaluate as suite
-    from train.config import ConfigError, validate_data, validate_eval
+    from train.config import ConfigError
+    from train.validate import validate_data, validate_eval
 
     try:
         cfg, kind, model_dir, adapter, base, out = resolve(args.path, args.overrides)

@@ -43,7 +43,8 @@ def main(overrides) -> int:
     from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
     from data_pipeline.dataset import prepare_cached
     from model import loader
-    from train.config import ConfigError, validate_data
+    from train.config import ConfigError
+    from train.validate import validate_data
 
     try:
         cfg = compose(overrides)

@@ -103,7 +103,8 @@ def task(cfg) -> None:
 
     from data_pipeline.chat import DataError
     from model.export import ExportError
-    from train.config import ConfigError, validate
+    from train.config import ConfigError
+    from train.validate import validate
 
     setup_logging()
     run_dir = HydraConfig.get().runtime.output_dir

@@ -5,7 +5,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from train.config import CONF_DIR, ConfigError, iter_docs, register, validate
+from train.config import CONF_DIR, ConfigError, iter_docs, register
+from train.validate import validate
 
 register()
 GROUPS = ["model", "peft", "quant", "data", "deepspeed", "optim", "logger", "recipe"]

@@ -1,0 +1,186 @@
+"""Validation of a composed config (train/config.py's schema): impossible combinations, missing
+files, unknown keys, each refused with one sentence (ConfigError) before anything starts."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from .config import ConfigError, DialtuneConfig, iter_docs
+
+_CHOICES = {
+    "model.dtype": ("fp32", "bf16", "fp16"),
+    "peft.method": ("lora", "dora", "rslora", "none"),
+    "peft.bias": ("none", "all", "lora_only"),
+    "quant.mode": ("none", "int8", "nf4"),
+    "quant.compute_dtype": ("fp32", "bf16", "fp16"),
+    "deepspeed.stage": (0, 1, 2, 3),
+    "deepspeed.offload_optimizer": ("none", "cpu"),
+    "deepspeed.offload_param": ("none", "cpu"),
+    "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit", "cpu_adam"),
+    "optim.scheduler": ("cosine", "linear", "constant"),
+    "train.nonfinite": ("skip", "stop"),
+    "logger.backend": ("wandb", "none"),
+    "logger.mode": ("auto", "online", "offline"),
+    "export.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "kernels.packed_attention": ("auto", "varlen", "mask"),
+    "export.base": ("original", "dequantized"),
+    "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "intent"),
+    "data.truncation": ("keep_recent", "right", "drop"),
+    "data.labels": ("all_assistant", "last_turn"),
+    "data.chat_template": (None, "chatml", "llama-3", "qwen2", "mistral"),
+    "data.on_error": ("strict", "lenient"),
+    "data.utf16": ("reject", "convert"),
+    "data.trailing_user": ("trim", "reject"),
+    "data.same_role": ("merge", "reject"),
+    "data.long_message": ("truncate", "drop"),
+    "data.duplicate_ids": ("reject", "keep"),
+}
+
+
+def unknown_key_problem(cfg) -> Optional[str]:
+    """A key the schema does not have (Hydra's `+key=value` adds any key, a typo too), as one
+    sentence with the nearest real key; None when every key is known."""
+    import difflib
+
+    from omegaconf.errors import ConfigKeyError
+
+    try:
+        # as plain data: merged as a typed node, an added key would ride along unchecked
+        OmegaConf.merge(OmegaConf.structured(DialtuneConfig), OmegaConf.to_container(cfg))
+    except ConfigKeyError as e:
+        key = str(getattr(e, "full_key", "") or "?")
+        near = difflib.get_close_matches(key, [k for k, *_ in iter_docs()], n=1, cutoff=0.6)
+        return (f"{key} is not a config key" + (f" (did you mean {near[0]}?)" if near else "")
+                + "; `dialtune config-doc` lists them all.")
+    return None
+
+
+def model_dir_problem(path: str, tok: Optional[str] = None, what: str = "model.name_or_path") -> Optional[str]:
+    """What a local model directory (and model.tokenizer's) lacks, as one sentence; None for a
+    complete one or a hub id."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            return f"{what}={path!r} is a directory without config.json; point it at a saved model (config.json, weights, tokenizer) or a hub id."
+        if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
+            return f"{what}={path!r} has a config.json but no weights ({', '.join(weights[::2])}); point it at a saved model."
+        if tok is None and not any(os.path.isfile(os.path.join(path, t)) for t in tokenizer_files):
+            return f"{what}={path!r} has no tokenizer (tokenizer.json / tokenizer_config.json); set model.tokenizer=<its directory or hub id>."
+    if tok and os.path.isdir(tok) and not any(os.path.isfile(os.path.join(tok, t)) for t in tokenizer_files):
+        return f"model.tokenizer={tok!r} is a directory without a tokenizer (tokenizer.json / tokenizer_config.json)."
+    return None
+
+
+def validate(cfg, cuda_available: Optional[bool] = None) -> None:
+    """Raise ConfigError (one sentence) for a config that cannot run."""
+    problem = unknown_key_problem(cfg) or model_dir_problem(cfg.model.name_or_path, cfg.model.tokenizer)
+    if problem:
+        raise ConfigError(problem)
+    for key, allowed in _CHOICES.items():
+        if key.startswith("data."):
+            continue  # validate_data() below checks these
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+
+    q, p, ds, t = cfg.quant.mode, cfg.peft.method, cfg.deepspeed, cfg.train
+    if q != "none" and p == "none":
+        raise ConfigError(f"quant={q} freezes a quantized base, so it needs an adapter: set peft=lora (or dora/rslora), or quant=none for full fine-tuning.")
+    if q == "int8" and p == "dora":
+        raise ConfigError("peft=dora on quant=int8 fails in bitsandbytes' int8 backward; use peft=lora with int8, or quant=nf4 with DoRA.")
+    if q == "int8" and ds.stage == 3:
+        raise ConfigError("quant=int8 cannot be sharded by ZeRO-3 (bitsandbytes int8 weights are not partitionable): use deepspeed=zero2, or quant=nf4 with ZeRO-3.")
+    if q == "nf4" and cfg.quant.compute_dtype == "fp32" and cuda_available:
+        raise ConfigError("quant=nf4 needs a 16-bit compute dtype on GPU: set quant.compute_dtype=bf16 (or fp16).")
+    if cfg.model.dtype == "fp16" and not cuda_available:
+        raise ConfigError("model.dtype=fp16 needs a GPU; on CPU use model.dtype=bf16 or fp32.")
+    if ds.offload_param != "none" and ds.stage != 3:
+        raise ConfigError(f"deepspeed.offload_param={ds.offload_param} only exists in ZeRO-3: set deepspeed.stage=3 (or deepspeed=zero3_offload).")
+    if ds.offload_optimizer != "none" and ds.stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage 1-3: set deepspeed.stage=2.")
+    if ds.offload_optimizer != "none" and cfg.optim.name != "cpu_adam":
+        raise ConfigError(f"deepspeed.offload_optimizer={ds.offload_optimizer} steps the optimizer on the CPU, which optim={cfg.optim.name} cannot do: add optim=cpu_adam.")
+    if cfg.optim.name == "cpu_adam" and ds.offload_optimizer == "none" and cuda_available:
+        raise ConfigError("optim=cpu_adam keeps optimizer states on the CPU: use it with deepspeed.offload_optimizer=cpu (deepspeed=zero2_offload or zero3_offload).")
+    if p != "none" and cfg.peft.r < 1:
+        raise ConfigError(f"peft.r={cfg.peft.r} must be at least 1.")
+    if t.micro_batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError("train.micro_batch_size and train.grad_accum must both be at least 1.")
+    if t.max_steps < -1:
+        raise ConfigError(f"train.max_steps={t.max_steps}: give a positive number of steps, or -1 for train.epochs full passes.")
+    if t.max_steps == 0 or (t.max_steps < 0 and t.epochs < 1):
+        raise ConfigError("nothing to train: set train.max_steps to a positive number or train.epochs >= 1.")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive.")
+    if cfg.data.max_seq_len < 16:
+        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is too short to hold a conversation; use at least 16.")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
+    validate_data(cfg.data)
+    validate_eval(cfg.eval)
+    if cfg.kernels.ce_chunk_size < 1 or cfg.kernels.checkpoint_every < 1:
+        raise ConfigError("kernels.ce_chunk_size and kernels.checkpoint_every must be at least 1.")
+    if t.resume not in ("none", "auto"):
+        from train.checkpoint import resume_path
+
+        try:
+            resume_path(t.resume)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.export.hub_repo_id:
+        from model.card import repo_id_problem
+
+        problem = repo_id_problem(cfg.export.hub_repo_id)
+        if problem:
+            raise ConfigError(f"export.hub_repo_id={cfg.export.hub_repo_id!r}: {problem}.")
+
+
+def validate_eval(e) -> None:
+    for key in ("during_training", "at_end"):
+        bad = [p for p in e[key] if p not in ("lm", "intent", "response")]
+        if bad:
+            raise ConfigError(f"eval.{key} has {bad[0]!r}; parts are lm, intent and response.")
+    bad = [m for m in e.intent_modes if m not in ("loglik", "generate")]
+    if bad:
+        raise ConfigError(f"eval.intent_modes has {bad[0]!r}; modes are loglik and generate.")
+    bad = [d for d in e.decoding if d not in ("greedy", "sampled")]
+    if bad:
+        raise ConfigError(f"eval.decoding has {bad[0]!r}; decodings are greedy and sampled.")
+    for i, path in enumerate(e.intent_files):
+        if not os.path.exists(path):
+            raise ConfigError(f"eval.intent_files[{i}]: file {path!r} does not exist; check the path.")
+    if e.batch_size < 1 or e.max_new_tokens < 1 or e.every_n_steps < 0:
+        raise ConfigError("eval.batch_size and eval.max_new_tokens must be at least 1, eval.every_n_steps at least 0.")
+
+
+def validate_data(d) -> None:
+    """The data section alone (also what `dialtune prepare` checks)."""
+    for key, allowed in _CHOICES.items():
+        if key.startswith("data."):
+            value = OmegaConf.select(d, key[5:])
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+    if not d.train_files and not any(s.split == "train" for s in d.sources):
+        raise ConfigError("no training data: pass data.train_files=[path/to/train.jsonl] or data.sources=[{path: ..., weight: 1}].")
+    for key in ("train_files", "eval_files"):
+        for i, path in enumerate(d[key]):
+            if not os.path.exists(path):
+                raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist; check the path (relative paths are taken from {os.getcwd()}).")
+    for i, s in enumerate(d.sources):
+        if not os.path.exists(s.path):
+            raise ConfigError(f"data.sources[{i}].path: {s.path!r} does not exist; check the path.")
+        if s.weight <= 0:
+            raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive (remove the source to leave it out).")
+        if s.format not in _CHOICES["data.format"]:
+            raise ConfigError(f"data.sources[{i}].format={s.format!r} is not one of {', '.join(_CHOICES['data.format'])}.")
+        if s.split not in ("train", "eval"):
+            raise ConfigError(f"data.sources[{i}].split={s.split!r} must be train or eval.")
+    if d.max_message_chars < 1 or d.max_errors_shown < 1 or d.num_proc < 1:
+        raise ConfigError("data.max_message_chars, data.max_errors_shown and data.num_proc must be at least 1.")
