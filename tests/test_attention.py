@@ -299,68 +299,57 @@ def test_gpu_varlen_kernel_matches_per_document_sdpa(window):
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2, msg=name)
 
 
+def _compiled_frames(model, batches, warm_after, **collate_kw):
+    """(dynamo frames after the first warm_after batches, frames after all, each batch's logits)
+    through freshly compiled decoder layers; every collated batch is checked by collate_kw's pad_to."""
+    from torch._dynamo.testing import CompileCounter
+
+    from model.kernels import compile_decoder_layers
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compile_decoder_layers(model, backend=counter)
+    out, warm = [], None
+    for i, rows in enumerate(batches):
+        with torch.no_grad():
+            batch, logits = _packed_logits(model, rows, "varlen", **collate_kw)
+        assert collate_kw.get("pad_to") is None or batch["input_ids"].shape[1] == collate_kw["pad_to"]
+        out.append(logits)
+        if i + 1 == warm_after:
+            warm = counter.frame_count
+    torch._dynamo.reset()
+    return warm, counter.frame_count, out
+
+
 def test_compiled_layers_do_not_recompile_per_segment_layout():
     """kernels.compile traces each decoder layer; varlen attention stays out of the trace, so
     batches of the same row length but new document layouts (other counts, max lengths) reuse
     the compiled layers instead of recompiling each time (and hitting dynamo's limit), with the
     eager logits."""
-    from torch._dynamo.testing import CompileCounter
-
-    from model.kernels import compile_decoder_layers
-
     model = _tiny("llama")
     attention.choose("varlen", model, CPU, torch.float32)
     layouts = [((7, 12, 13), (8, 20, 4)), ((16, 16), (4, 28)), ((30, 2), (1, 31)), ((3, 3, 26), (10, 10, 12)),
                ((32,), (32,)), ((9, 9, 14), (1, 31))]  # rows of 32 tokens, 2-6 segments, longest 20-32
     batches = [[_docs(a, seed=i), _docs(b, seed=10 + i)] for i, (a, b) in enumerate(layouts)]
     eager = [_packed_logits(model, rows, "varlen")[1] for rows in batches]
-    counter = CompileCounter()
-    torch._dynamo.reset()
-    compile_decoder_layers(model, backend=counter)
-    compiled = []
-    for i, rows in enumerate(batches):
-        with torch.no_grad():
-            compiled.append(_packed_logits(model, rows, "varlen")[1])
-        if i == 2:
-            warm = counter.frame_count
-    assert counter.frame_count == warm, f"recompiled for new segment layouts: {warm} -> {counter.frame_count} frames"
+    warm, end, compiled = _compiled_frames(model, batches, warm_after=3)
+    assert end == warm, f"recompiled for new segment layouts: {warm} -> {end} frames"
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch._dynamo.reset()
 
 
 def test_compile_pads_packed_rows_to_one_shape():
     """Under kernels.compile every packed row is padded to the pack capacity (pad_to), so batches
     whose longest row differs reuse one graph; without it each new row length recompiles (the
     control). The documents' logits are what they are unpadded."""
-    from torch._dynamo.testing import CompileCounter
-
-    from model.kernels import compile_decoder_layers
-
     model = _tiny("llama")
     attention.choose("varlen", model, CPU, torch.float32)
     layouts = [((7, 12), (8, 4)), ((16, 16, 8), (4, 28)), ((30, 2, 9, 3), (1, 31)), ((3, 3), (10, 10, 12, 14)),
                ((20,), (21, 27))]  # longest rows of 19 to 48 tokens
     batches = [[_docs(a, seed=i), _docs(b, seed=10 + i)] for i, (a, b) in enumerate(layouts)]
-
-    def frames(pad_to):
-        counter = CompileCounter()
-        torch._dynamo.reset()
-        compile_decoder_layers(model, backend=counter)
-        out = []
-        for i, rows in enumerate(batches):
-            with torch.no_grad():
-                batch, logits = _packed_logits(model, rows, "varlen", pad_to=pad_to)
-            assert pad_to is None or batch["input_ids"].shape[1] == pad_to
-            out.append(logits)
-            if i == 1:
-                warm = counter.frame_count
-        torch._dynamo.reset()
-        return warm, counter.frame_count, out
-
-    warm, end, padded = frames(48)
+    warm, end, padded = _compiled_frames(model, batches, warm_after=2, pad_to=48)
     assert end == warm, f"recompiled for new row lengths: {warm} -> {end} frames"
-    warm, end, unpadded = frames(None)
+    warm, end, unpadded = _compiled_frames(model, batches, warm_after=2)
     assert end > warm  # the control: row lengths that vary do recompile
     for rows, a, b in zip(batches, padded, unpadded):
         for x, y in zip(_split(a, rows), _split(b, rows)):
