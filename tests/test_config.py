@@ -183,3 +183,16 @@ def test_resuming_under_other_adapter_settings_is_named(tmp_path):
     assert said.startswith(f"checkpoint {step} was trained with peft.r=16, this run has peft.r=8: resume with")
     assert "target_modules" in resume_mismatch(str(tmp_path / "checkpoints"), "step_0000004",
                                                _compose(["peft.target_modules=[q_proj]"]))
+
+
+def test_a_fresh_run_into_a_used_directory_is_flagged(tmp_path):
+    from train.checkpoint import earlier_run_note
+
+    root = tmp_path / "checkpoints"
+    assert earlier_run_note(str(root)) is None
+    root.mkdir()
+    assert earlier_run_note(str(root)) is None
+    (root / "step_0000040").mkdir()
+    (root / "step_0000020").mkdir()
+    note = earlier_run_note(str(root))
+    assert "earlier run (step_0000020, step_0000040)" in note and "train.resume=auto continues" in note

@@ -154,6 +154,17 @@ def clean_partial(ckpt_root: str) -> None:
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
+
+def earlier_run_note(ckpt_root: str) -> Optional[str]:
+    """A warning when a run that starts afresh finds another run's checkpoints in its directory
+    (the same run.name trained before): its checkpoints land beside them."""
+    steps = sorted(p for p in os.listdir(ckpt_root) if p.startswith("step_")) if os.path.isdir(ckpt_root) else []
+    if not steps:
+        return None
+    return (f"{ckpt_root} already holds checkpoints of an earlier run ({', '.join(steps[-3:])}); this run starts at step 1 "
+            f"and writes beside them (checkpoints/latest will name this run's): train.resume=auto continues the earlier run, "
+            f"another run.name keeps the two apart")
+
 def find_resume(resume: str, ckpt_root: str) -> Optional[Tuple[str, str]]:
     """(checkpoint root, tag) to resume from, or None."""
     if resume == "none":

@@ -206,6 +206,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             raise ConfigError(mismatch)
         state = checkpoint.load(engine, *found)
         log.info("resumed from %s/%s at step %d", found[0], found[1], state["step"])
+    elif is_main and (earlier := checkpoint.earlier_run_note(ckpt_root)):
+        log.warning(earlier)
     elif t.resume == "auto" and is_main:
         log.info("train.resume=auto: no finished checkpoint in %s yet; starting at step 1", ckpt_root)
     stream = MicroBatchStream(n_items, mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
