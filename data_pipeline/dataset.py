@@ -80,6 +80,7 @@ def _conversations(d, report: Report):
     policy = SimpleNamespace(**{k: d[k] for k in ("max_message_chars", "long_message", "same_role", "trailing_user")})
     intent = SimpleNamespace(**d.intent)
     for k, s in enumerate(sources_of(d)):
+        read_before = report.read
         for where, rec in read_records(s["path"], d.utf16):
             report.read += 1
             if isinstance(rec, Problem):
@@ -108,6 +109,8 @@ def _conversations(d, report: Report):
             if carve and split == "train" and _in_eval(where, d.seed, d.eval_fraction):
                 split = "eval"
             yield {"messages": cleaned, "source": k, "where": where, "split": split}
+        if report.read == read_before:
+            report.empty_files.append(s["path"])
     report.raise_errors()
 
 
@@ -191,6 +194,8 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                             f"({report.read} records read; skipped: {dict(report.counts) or 'none'}); nothing to train on.")
         if report.counts:
             log(f"data: skipped {sum(report.counts.values())} of {report.read} records (data.on_error={d.on_error}):\n{report.table()}")
+        for path in report.empty_files:
+            log(f"warning: {path} holds no records")
         fast = None
         if d.fast_tokenization:
             fast, how = fast_encoder(tokenizer, eot_id, raw.select(range(min(64, len(raw))))["messages"])

@@ -76,6 +76,7 @@ class Report:
         self.errors: List[str] = []
         self.read = 0
         self.kept = 0
+        self.empty_files: List[str] = []  # sources that held no record at all
 
     def problem(self, where: str, p: Problem) -> None:
         self.counts[p.reason] += 1

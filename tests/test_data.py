@@ -282,6 +282,11 @@ def test_an_eval_file_that_is_also_trained_on_is_flagged(tmp_path):
     prepare_cached(dcfg(tmp_path, train_files=[str(path)], eval_files=[str(tmp_path / "." / "a.jsonl")]), tok, eot, log=said.append)
     assert any(m.startswith("warning: held-out file") and "in-sample" in m for m in said), said
     said.clear()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    prepare_cached(dcfg(tmp_path, train_files=[str(path), str(empty)]), tok, eot, log=said.append)
+    assert f"warning: {empty} holds no records" in said, said  # beside a good file: trained on the rest, said so
+    said.clear()
     other = tmp_path / "b.jsonl"
     jsonl(other, GOOD[:2])
     prepare_cached(dcfg(tmp_path, train_files=[str(path)], eval_files=[str(other)]), tok, eot, log=said.append)
