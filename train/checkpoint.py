@@ -154,7 +154,6 @@ def clean_partial(ckpt_root: str) -> None:
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
-
 def earlier_run_note(ckpt_root: str) -> Optional[str]:
     """A warning when a run that starts afresh finds another run's checkpoints in its directory
     (the same run.name trained before): its checkpoints land beside them."""
@@ -165,16 +164,13 @@ def earlier_run_note(ckpt_root: str) -> Optional[str]:
             f"and writes beside them (checkpoints/latest will name this run's): train.resume=auto continues the earlier run, "
             f"another run.name keeps the two apart")
 
+
 def find_resume(resume: str, ckpt_root: str) -> Optional[Tuple[str, str]]:
     """(checkpoint root, tag) to resume from, or None."""
     if resume == "none":
         return None
-    if resume == "auto":
-        latest = os.path.join(ckpt_root, "latest")
-        if not os.path.isfile(latest):
-            return None
-        with open(latest) as f:
-            return ckpt_root, f.read().strip()
+    if resume == "auto":  # this run's latest checkpoint, if it has one yet
+        return resume_path(ckpt_root) if os.path.isfile(os.path.join(ckpt_root, "latest")) else None
     return resume_path(resume)
 
 
@@ -195,7 +191,6 @@ def resume_path(resume: str) -> Tuple[str, str]:
     raise ValueError(f"train.resume={resume!r} is neither none, auto, a checkpoint directory (checkpoints/step_N) nor a run directory.")
 
 
-
 # what a checkpoint's tensors and optimizer state are shaped by: a resume must keep them
 SHAPE_KEYS = ("model.name_or_path", "model.add_tokens", "peft.method", "peft.r", "peft.target_modules", "peft.bias",
               "peft.modules_to_save", "quant.mode", "deepspeed.stage", "optim.name")
@@ -210,10 +205,13 @@ def resume_mismatch(root: str, tag: str, cfg) -> Optional[str]:
     if not os.path.isfile(path):
         return None
     then = OmegaConf.load(path)
+
+    def plain(value):  # lists come back as ListConfig: compare their contents
+        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
     for key in SHAPE_KEYS:
         old, new = OmegaConf.select(then, key), OmegaConf.select(cfg, key)
-        if old is not None and OmegaConf.to_container(OmegaConf.create({"v": old}))["v"] != \
-                OmegaConf.to_container(OmegaConf.create({"v": new}))["v"]:
+        if old is not None and plain(old) != plain(new):
             return (f"checkpoint {os.path.join(root, tag)} was trained with {key}={old}, this run has {key}={new}: resume with "
                     f"the checkpoint's settings, or start afresh (train.resume=none, or another run.name).")
     return None
