@@ -128,3 +128,19 @@ def test_merge_tolerance_tiny_cpu(tmp_path):
         assert r["merge_arithmetic_max_abs_diff"] <= 1e-4 and r["dequantize_max_rel_error"] < DEQUANTIZE_ERROR
         assert r["mean_abs_diff_dequantized"] < r["mean_abs_diff_original"] and r["adapter_effect_max"] > 0
     assert rows["llm-int8"]["dequantize_max_rel_error"] > rows["int8"]["dequantize_max_rel_error"]  # int8 activations
+
+
+def test_merge_memory_tiny_cpu(tmp_path):
+    """bench/merge_memory.py (the 8B-on-24-GB merge measurement) runs end to end on the tiny shape
+    through the streaming merge: its random adapter is in PEFT's layout (PEFT loads it and the
+    merged checkpoint reproduces base + adapter logits in fp32), every tensor is written, and the
+    child's memory was sampled."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "merge_memory.py"), "--shape", "tiny", "--work", str(tmp_path / "w"),
+                           "--stream-above-gb", "0", "--dtype", "fp32"],
+                          env=run_env(1), cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["streamed"] and r["lora_layers"] == 14 and r["merged_tensor_max_diff"] == 0.0
+    assert r["merged_vs_adapter_max_logit_diff"] <= 1e-4
+    assert 0 < r["peak_anon_gib"] <= r["peak_rss_gib"]
+    assert not (tmp_path / "w").exists()
