@@ -31,7 +31,24 @@ def launch_command(overrides: list[str], nproc: int) -> list[str]:
     prefix = [runner] if runner else [sys.executable, "-c", "from deepspeed.launcher.runner import main; main()"]
     from train.distributed import free_port
 
-    return [*prefix, "--num_gpus", str(nproc), "--master_port", str(free_port()), str(TRAIN_PY), *overrides]
+    return [*prefix, *_devices(nproc), "--master_port", str(free_port()), str(TRAIN_PY), *overrides]
+
+
+def _devices(nproc: int) -> list[str]:
+    """deepspeed's device arguments: `--num_gpus N` makes it drop CUDA_VISIBLE_DEVICES and take
+    physical GPUs 0..N-1, so GPUs the user (or a shared node's scheduler) made visible are named
+    with --include instead."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if visible and all(d.isdigit() for d in visible):
+        if len(visible) < nproc:
+            raise LaunchError(f"--nproc={nproc} but CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} makes only "
+                              f"{len(visible)} GPU(s) visible: lower --nproc or make more GPUs visible.")
+        return ["--include", "localhost:" + ",".join(visible[:nproc])]
+    return ["--num_gpus", str(nproc)]
+
+
+class LaunchError(ValueError):
+    """A user-fixable launch problem (one sentence)."""
 
 
 def launch_env(nproc: int) -> dict:
@@ -64,7 +81,11 @@ def cmd_demo(args) -> int:
         overrides.append(f"train.max_steps={args.steps}")
     print(f"dialtune demo: fine-tuning the embedded tiny model on the bundled customer-service sample "
           f"with {args.nproc} DeepSpeed processes (ZeRO-2) on {'GPU' if _cuda_count() else 'CPU'}", flush=True)
-    cmd = launch_command(overrides, args.nproc)
+    try:
+        cmd = launch_command(overrides, args.nproc)
+    except LaunchError as e:
+        print(f"dialtune: error: {e}", file=sys.stderr)
+        return 2
     print("  $ " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, env=env)
 
@@ -74,7 +95,11 @@ def cmd_train(args) -> int:
         print(f"dialtune: error: {problem}", file=sys.stderr)
         return 2
     nproc = args.nproc if args.nproc is not None else max(1, _cuda_count())
-    cmd = launch_command(args.overrides, nproc)
+    try:
+        cmd = launch_command(args.overrides, nproc)
+    except LaunchError as e:
+        print(f"dialtune: error: {e}", file=sys.stderr)
+        return 2
     return subprocess.call(cmd, env=launch_env(nproc))
 
 

@@ -13,7 +13,9 @@ same `torch.distributed.run` code, plus two things plain torchrun does not do:
 - it passes the ranks' exit code 85 (REQUEUE_EXIT_CODE) through (torchrun turns every failed
   rank into exit code 1);
 - on SIGUSR1 and SIGTERM it keeps waiting for the ranks, instead of dying on SIGUSR1 or
-  killing them 30 s after SIGTERM, so that they can finish a checkpoint. Inside a SLURM step
+  killing them 30 s after SIGTERM, so that they can finish a checkpoint (torch >= 2.13 reads
+  the signals it handles itself from PET_SIGNALS_TO_HANDLE, older ones from
+  TORCHELASTIC_SIGNALS_TO_HANDLE: both are set). Inside a SLURM step
   the ranks get the signal from SLURM itself (proctrack/cgroup and proctrack/linuxproc signal
   every process of the step), so it is passed on only where SLURM would miss them
   (proctrack/pgid: torchrun starts ranks in their own session) or outside SLURM; a second copy
@@ -21,12 +23,19 @@ same `torch.distributed.run` code, plus two things plain torchrun does not do:
   (fatal) action.
 
 Requeue contract (REQUEUE_EXIT_CODE = 85): SLURM sends SIGUSR1 to the job's processes
-`--signal-seconds` before the time limit (and SIGTERM on preemption, `scancel`, `scontrol
-requeue`). Training that catches the signal, saves a checkpoint and exits with code 85 says
-"checkpoint saved, please requeue me": the batch script then runs `scontrol requeue
-$SLURM_JOB_ID` and exits 0, and the requeued job (same job id, same run directory, since
+`--signal-seconds` before the time limit. Training that catches it, saves a checkpoint and exits
+with code 85 says "checkpoint saved, please requeue me": the batch script then runs `scontrol
+requeue $SLURM_JOB_ID` and exits 0, and the requeued job (same job id, same run directory, since
 `train.resume=auto` is added unless you set train.resume) resumes from the latest checkpoint.
+SIGTERM (`scancel`, preemption, `scontrol requeue`) also gets a checkpoint, but training then
+exits 143 and nothing is requeued by this script: a cancelled job stays cancelled, and SLURM
+itself requeues what it preempts with PreemptMode=REQUEUE or what `scontrol requeue` asked for.
 Every other exit code passes through unchanged.
+
+Run directory: with no `run.name` override, `dialtune slurm` pins one for the job at submit
+time, the config's own name plus the submission time (`<model>-<peft>-<quant>-YYYYmmdd-HHMMSS`),
+so that two submissions never share (and resume=auto never continues) each other's run, while
+the job's requeues keep it. Pass `run.name=<that name>` to continue an earlier job's run.
 
 Every user override and every path reaches train.py verbatim: the script shell-quotes them
 (`shlex.quote`) and hands them to each node's shell as positional parameters, never as code.
@@ -150,14 +159,14 @@ def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int 
         "#",
         "# Rendered by `dialtune slurm` (launch/slurm.py). One srun task per node runs torchrun, which",
         f"# starts {nproc} rank(s) of launch/train.py on that node. Exit code {REQUEUE_EXIT_CODE} from training means",
-        "# \"checkpoint saved after SIGUSR1/SIGTERM, requeue me\": this script then runs `scontrol requeue`",
+        "# \"checkpoint saved after SIGUSR1 (time limit near), requeue me\": this script then runs `scontrol requeue`",
         "# and exits 0; the requeued job resumes in the same run directory (train.resume=auto).",
         "set -uo pipefail",
         f"cd {q(workdir)} || exit 1",
         "",
         "# Rendezvous from SLURM: the first host of the allocation, a port derived from the job id.",
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-        "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
+        "export MASTER_PORT=$(( 15000 + SLURM_JOB_ID % 15000 ))  # below the ephemeral range (32768+)",
     ]
     if not gpu:
         lines += [
@@ -229,8 +238,10 @@ def torchrun_main(argv: Sequence[str]) -> int:
 
     import psutil
 
-    # torchrun would die on SIGUSR1 and kill the ranks 30 s after SIGTERM: keep those two for us.
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    # torchrun would die on SIGUSR1 and kill the ranks 30 s after SIGTERM: keep those two for us
+    # (torch >= 2.13 takes its --signals-to-handle from PET_SIGNALS_TO_HANDLE, older ones read
+    # TORCHELASTIC_SIGNALS_TO_HANDLE).
+    os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     node = os.environ.get("SLURM_NODEID", "0")
     forwarding = _ranks_need_forwarded_signals()
 
@@ -264,8 +275,11 @@ def torchrun_main(argv: Sequence[str]) -> int:
             print(f"dialtune: node {node}: training exited with {REQUEUE_EXIT_CODE} (checkpoint saved, requeue)",
                   file=sys.stderr, flush=True)
             return REQUEUE_EXIT_CODE
-        rank, code = next(iter(codes.items()))
-        print(f"dialtune: node {node}: rank {rank} exited with code {code}", file=sys.stderr, flush=True)
+        rank, first = e.get_first_failure()  # the one that failed first: the others may be torchrun's kills
+        code = first.exitcode
+        print(f"dialtune: node {node}: rank {rank} exited with code {code}"
+              + (f" first ({len(codes) - 1} other rank(s) stopped after it)" if len(codes) > 1 else ""),
+              file=sys.stderr, flush=True)
         return 128 - code if code < 0 else (code or 1)
     except SignalException as e:
         return 128 + int(e.sigval)
@@ -312,8 +326,33 @@ def _split_options(args: argparse.Namespace) -> list:
     return (["-m"] if args.multirun else []) + [o for o in overrides if o != "--"]
 
 
+_SWEEP = re.compile(r"^[^=]+=(?:(?:range|choice|glob|interval)\(|[^'\"]*,)")
+
+
+def pinned_run_name(overrides: Sequence[str], now: Optional[float] = None) -> str:
+    """The run name the config gives these overrides, plus the submission time: one run
+    directory per submission (the job's requeues keep it; see the module docstring)."""
+    import time as _time
+
+    from launch.prepare import compose
+
+    plain = [o for o in overrides if o not in ("-m", "--multirun") and not _SWEEP.match(o)]  # a sweep: its first job's name
+    try:
+        name = compose(plain).run.name
+    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf errors: one sentence, before anything is queued
+        raise SlurmError(f"the overrides do not compose into a config ({str(e).strip().splitlines()[0]}); "
+                         "check them with `python launch/train.py <overrides> --cfg job`") from None
+    return f"{name}-{_time.strftime('%Y%m%d-%H%M%S', _time.localtime(now))}"
+
+
 def cmd_slurm(args: argparse.Namespace) -> int:
     overrides = _split_options(args)
+    if override_value(overrides, "run.name") is None:
+        try:
+            overrides.append(f"run.name={pinned_run_name(overrides)}")
+        except SlurmError as e:
+            print(f"dialtune: error: {e}", file=sys.stderr)
+            return 2
     log_dir = args.log_dir or default_log_dir(overrides)
     try:
         script = render(overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,

@@ -114,10 +114,12 @@ def task(cfg) -> None:
 
         summary = recipe.run(cfg, run_dir)
         if rank() == 0:
-            if cfg.export.merge_at_end and cfg.peft.method != "none" and summary["finished"]:
+            merged_dir = os.path.join(run_dir, "merged")
+            if summary.get("already_finished") and os.path.isfile(os.path.join(merged_dir, "export_summary.json")):
+                summary["merged"] = merged_dir  # merged when the run finished; `dialtune merge` redoes it on purpose
+            elif cfg.export.merge_at_end and cfg.peft.method != "none" and summary["finished"]:
                 from model.export import merge, merge_options
 
-                merged_dir = os.path.join(run_dir, "merged")
                 merge(summary["adapter"], merged_dir, base_path=summary["base"], run_dir=run_dir,
                       end_of_turn_token=cfg.model.end_of_turn_token, **merge_options(cfg.export))
                 summary["merged"] = merged_dir
@@ -129,11 +131,16 @@ def task(cfg) -> None:
                       f"the last good state is saved in {summary['checkpoint']}", file=sys.stderr, flush=True)
             sys.exit(NONFINITE_EXIT_CODE)
         if summary.get("preempted"):
-            from train.signals import REQUEUE_EXIT_CODE, ignore_further
+            from train.signals import REQUEUE_EXIT_CODE, TERM_EXIT_CODE, ignore_further
 
             ignore_further()
+            if summary.get("stop_signal") == "SIGTERM":  # scancel / preemption / kill: stop, ask for nothing
+                if rank() == 0:
+                    print(f"dialtune: stopped by SIGTERM after step {summary['steps']}; checkpoint saved "
+                          f"(continue with train.resume=auto in the same run directory; exit {TERM_EXIT_CODE})", flush=True)
+                sys.exit(TERM_EXIT_CODE)
             if rank() == 0:
-                print(f"dialtune: stopped by a signal after step {summary['steps']}; checkpoint saved, asking to be requeued (exit {REQUEUE_EXIT_CODE})", flush=True)
+                print(f"dialtune: stopped by SIGUSR1 after step {summary['steps']}; checkpoint saved, asking to be requeued (exit {REQUEUE_EXIT_CODE})", flush=True)
             sys.exit(REQUEUE_EXIT_CODE)
     except (ConfigError, DataError, ExportError) as e:
         fail(str(e))

@@ -102,3 +102,52 @@ def test_packed_training_runs_and_fills_rows(tmp_path):
     # the end-of-training eval (unpacked, on the model's own attention) sees the same model
     ends = [json.loads((r / "summary.json").read_text())["eval/loss"] for r in runs]
     assert ends[1] == pytest.approx(ends[0], rel=1e-5)
+
+
+def test_launcher_keeps_the_gpus_made_visible(monkeypatch, capsys):
+    """deepspeed --num_gpus N would drop CUDA_VISIBLE_DEVICES and use physical GPUs 0..N-1 (a
+    shared node's other jobs' GPUs): visible GPUs are named with --include instead."""
+    from launch.cli import LaunchError, launch_command, main
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
+    cmd = launch_command(["a=1"], 2)
+    assert cmd[cmd.index("--include") + 1] == "localhost:2,3" and "--num_gpus" not in cmd
+    with pytest.raises(LaunchError, match="only 3 GPU"):
+        launch_command(["a=1"], 4)
+    assert main(["train", "--nproc", "4", "a=1"]) == 2
+    assert "CUDA_VISIBLE_DEVICES=2,3,5 makes only 3 GPU(s) visible" in capsys.readouterr().err
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    cmd = launch_command(["a=1"], 2)
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and "--include" not in cmd
+
+
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
+    """resume=auto on a run that already finished (a requeued sweep, a resubmission) trains
+    nothing and keeps its summary (with the final eval) and its merged checkpoint."""
+    args = ["recipe=demo", "train.max_steps=2", "logger=none", "eval.every_n_steps=0", "eval.at_end=[lm]",
+            "export.eval_conversations=0", "run.name=done", "train.resume=auto"]
+    train(args, tmp_path)
+    run = tmp_path / "done"
+    before = json.loads((run / "summary.json").read_text())
+    assert "eval/loss" in before and before["finished"]
+    written = (run / "merged" / "export_summary.json").stat().st_mtime_ns
+    proc = train(args, tmp_path)
+    assert "already finished at step 2" in proc.stdout + proc.stderr
+    assert json.loads((run / "summary.json").read_text()) == before
+    assert (run / "merged" / "export_summary.json").stat().st_mtime_ns == written
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2]
+
+
+def test_srun_with_several_tasks_and_no_ranks_is_refused(tmp_path):
+    """`srun -n 2 python launch/train.py` (no RANK/WORLD_SIZE) would be two separate trainings
+    into one run directory: one sentence saying how to launch instead."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, TRAIN_PY, run_env
+
+    env = dict(run_env(1), SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1")
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), f"run.root={tmp_path}", *QUICK], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=300)
+    _one_sentence_error(proc, "started by srun as 2 tasks without RANK/WORLD_SIZE")

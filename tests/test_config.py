@@ -185,6 +185,19 @@ def test_resuming_under_other_adapter_settings_is_named(tmp_path):
                                                _compose(["peft.target_modules=[q_proj]"]))
 
 
+def test_resuming_with_other_hyperparameters_is_warned(tmp_path):
+    """resume=auto into a run written with other settings (a resubmission with another lr) is not
+    silent; routine differences (train.resume, logger, progress bar) are not flagged."""
+    from train.checkpoint import resume_changes
+
+    root, tag = str(tmp_path / "checkpoints"), "step_0000004"
+    (tmp_path / "checkpoints" / tag).mkdir(parents=True)
+    (tmp_path / "checkpoints" / tag / "config.yaml").write_text(OmegaConf.to_yaml(_compose(["optim.lr=1e-4"]), resolve=True))
+    assert resume_changes(root, tag, _compose(["optim.lr=1e-4", "train.resume=auto", "logger=none", "train.progress_bar=false"])) is None
+    said = resume_changes(root, tag, _compose(["optim.lr=5e-3", "train.resume=auto", "data.seed=3"]))
+    assert said.startswith(f"resuming {root}/{tag} with settings that differ from the checkpoint's: data.seed 1234 -> 3, optim.lr 0.0001 -> 0.005;"), said
+
+
 def test_a_fresh_run_into_a_used_directory_is_flagged(tmp_path):
     from train.checkpoint import earlier_run_note
 

@@ -159,3 +159,29 @@ def test_zero_stages_give_the_same_loss_curve(demo_run, tmp_path):
             assert o["step"] == r["step"]
             assert o["train/loss"] == pytest.approx(r["train/loss"], rel=1e-5), stage
             assert o["train/grad_norm"] == pytest.approx(r["train/grad_norm"], rel=1e-4), stage
+
+
+def test_a_resumed_job_continues_its_wandb_run(tmp_path):
+    """A requeued / resumed job logs into the W&B run of the job before it (same id, resume
+    allowed), a fresh start into a new one; a sweep's runs are named and grouped by sweep."""
+    from omegaconf import OmegaConf
+
+    from train.metrics import Metrics
+
+    logger = OmegaConf.create({"backend": "wandb", "mode": "offline", "project": "dialtune-test", "entity": None, "tags": []})
+    run = tmp_path / "lr-sweep" / "0"
+    run.mkdir(parents=True)
+
+    def job(resume_step, steps):
+        m = Metrics(str(run), logger, {}, True, resume_step=resume_step)
+        for s in steps:
+            m.log({"train/loss": float(s)}, s)
+        wb = m.wandb_run
+        m.close()
+        return wb.id, wb.name, wb.group
+
+    first, requeued, fresh = job(None, [1, 2, 3]), job(2, [3, 4]), job(None, [1])
+    assert first == requeued == (first[0], "lr-sweep/0", "lr-sweep")
+    assert fresh[0] != first[0]
+    ids = sorted(p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*"))
+    assert ids == sorted([first[0], first[0], fresh[0]])  # (two jobs within one second sort by id)

@@ -112,3 +112,15 @@ def test_global_batch_size_derives_accumulation(tmp_path):
     p = train(BASE + ["train.max_steps=1", "train.micro_batch_size=3", "train.global_batch_size=8", "run.name=h"],
               tmp_path, check=False)
     assert p.returncode == 2 and "not a multiple of micro_batch_size 3" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_run_directory_not_shared_by_all_ranks_is_refused(tmp_path):
+    """Ranks on nodes without a shared run.root would each keep their own checkpoints (only rank 0
+    writes `latest`), and a resume would start ranks at different steps: stopped at start with one
+    sentence. Simulated with a run.root that differs per rank."""
+    root = "'" + str(tmp_path) + "/${oc.env:LOCAL_RANK}'"
+    p = _train_env(BASE + ["train.max_steps=2", "run.name=split"], root, 2, _env(), check=False, via="torchrun")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]  # (plain torchrun adds its own ChildFailedError report)
+    assert "1 of 2 ranks cannot see what rank 0 writes in" in out and "filesystem that every node mounts" in out, out[-3000:]
+    assert not list(tmp_path.glob("*/split/checkpoints/*"))

@@ -4,6 +4,7 @@ one-node SLURM cluster brought up by .ci/setup_slurm.sh."""
 import json
 import os
 import shlex
+import re
 import signal
 import stat
 import subprocess
@@ -119,8 +120,26 @@ def test_dry_run_cli_prints_the_script(tmp_path):
     assert " ".join(shlex.quote(a) for a in expected) + " &" in script
     assert not (tmp_path / "slurm-logs").exists()  # a dry run creates nothing
     assert list(markers.iterdir()) == []
-    bad = cli("--dry-run", "--job-name", "a b", "x=1")
+    bad = cli("--dry-run", "--job-name", "a b", "run.name=r")
     assert bad.returncode == 2 and bad.stderr.startswith("dialtune: error: --job-name") and "Traceback" not in bad.stderr
+
+
+def test_each_submission_gets_its_own_run_directory(tmp_path):
+    """Without run.name, the job's run name is pinned at submit time (config name + time), so two
+    submissions never resume each other's run; a sweep's values are left to the job; an override
+    that does not compose is one sentence before anything is queued."""
+    from launch.slurm import pinned_run_name
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(0))
+    assert pinned_run_name(["recipe=demo", "optim.lr=1e-4"], now=0) == f"demo-{stamp}"
+    assert pinned_run_name(["-m", "optim.lr=1e-4,5e-4", "peft=dora", "seed=range(3)"], now=0) == f"tiny-dora-none-{stamp}"
+    proc = cli("--dry-run", f"run.root={tmp_path}", "recipe=demo")
+    assert proc.returncode == 0, proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if l.endswith(" &"))
+    assert re.search(r" run\.name=demo-\d{8}-\d{6} train\.resume=auto &$", line), line
+    assert re.search(r"^#SBATCH --job-name=dialtune-demo-\d{8}-\d{6}$", proc.stdout, re.M)
+    bad = cli("--dry-run", "optim.lrr=1")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "optim.lrr" in bad.stderr, bad.stderr
 
 
 # ---- the rendered script, run by bash with stand-ins for srun, scontrol and python ------------------
@@ -196,7 +215,7 @@ def test_script_quoting_and_exit_codes(fake_cluster, rc):
     assert list(fc["markers"].iterdir()) + list(fc["workdir"].iterdir()) == [], "the shell executed an override or path"
     assert _argv(fc["rec"] / "python_argv") == [
         "-u", str(SLURM_PY), "torchrun", "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "2",
-        "--master_addr", "node-a", "--master_port", str(20000 + 4242 % 20000), str(TRAIN_PY), *ov, "train.resume=auto"]
+        "--master_addr", "node-a", "--master_port", str(15000 + 4242 % 15000), str(TRAIN_PY), *ov, "train.resume=auto"]
     srun = _argv(fc["rec"] / "srun_argv")
     assert srun[:2] == ["--ntasks-per-node=1", "--cpus-per-task=4"] and srun[2] == "bash"
     assert (fc["rec"] / "omp").read_text().strip() == "2"  # 4 CPUs for 2 ranks
@@ -242,6 +261,11 @@ if restart != "0":
     sys.exit(0)
 got = []
 signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+def on_term(s, f):  # a checkpoint that takes a moment, then the rank's own exit code
+    time.sleep(1.5)
+    (out / "saved").touch()
+    sys.exit(7)
+signal.signal(signal.SIGTERM, on_term)
 (out / "ready").touch()
 deadline = time.time() + 60
 while not got and time.time() < deadline:
@@ -281,6 +305,28 @@ def test_node_launcher_forwards_usr1_and_keeps_exit_code_85(tmp_path):
     p = _torchrun(worker, tmp_path, dict(env, WORKER_RC="3"))
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 3, out
+
+
+def test_node_launcher_lets_ranks_finish_after_sigterm(tmp_path):
+    """torchrun (torch >= 2.13: PET_SIGNALS_TO_HANDLE) would handle SIGTERM itself, stop the ranks
+    and exit 143; the launcher passes it on and waits, so the rank saves and its code comes back."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SLURM_RESTART_COUNT", None)
+    p = _torchrun(worker, tmp_path, env)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "ready").exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert (tmp_path / "ready").exists(), p.communicate(timeout=5)[0] if p.poll() is not None else "no worker"
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert (tmp_path / "saved").exists() and p.returncode == 7, out
+    assert "death signal" not in out, out
 
 
 # ---- a real one-node SLURM cluster ----------------------------------------------------------------
@@ -375,7 +421,9 @@ def test_real_cluster_tiny_training_job(slurm, tmp_path):
     assert p.returncode == 0, f"{out}\n--- job log ---\n{log[-6000:]}"
     assert len(logs) == 1 and (tmp_path / "slurm-logs" / f"{name}.sbatch").is_file()
     assert "dialtune: training finished" in log and "(restart 0)" in log
-    run_dir = tmp_path / "tiny-lora-none"
+    runs = list(tmp_path.glob("tiny-lora-none-*"))  # the run name pinned at submit time
+    assert len(runs) == 1 and re.fullmatch(r"tiny-lora-none-\d{8}-\d{6}", runs[0].name), runs
+    run_dir = runs[0]
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3]
     assert "resume: auto" in (run_dir / "config.yaml").read_text()
 

@@ -216,6 +216,41 @@ def resume_mismatch(root: str, tag: str, cfg) -> Optional[str]:
                     f"the checkpoint's settings, or start afresh (train.resume=none, or another run.name).")
     return None
 
+
+# keys whose change on resume is routine (how the job runs, not what it trains)
+_ROUTINE = ("train.resume", "train.stop_after_steps", "train.progress_bar", "logger.", "run.root")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(root: str, tag: str, cfg, limit: int = 6) -> Optional[str]:
+    """A warning naming the settings (besides routine ones) this run changes from the
+    checkpoint's config.yaml, e.g. a resubmission with another optim.lr; None when there are none."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(root, tag, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    then = _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = [k for k in sorted(set(then) | set(now))
+               if not k.startswith(_ROUTINE) and then.get(k) != now.get(k)]
+    if not changed:
+        return None
+    shown = ", ".join(f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in changed[:limit])
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return (f"resuming {os.path.join(root, tag)} with settings that differ from the checkpoint's: {shown}{more}; "
+            f"training continues with the new values (is this the run you meant? another run.name starts afresh).")
+
+
 def load(engine, root: str, tag: str) -> Dict[str, Any]:
     _, client = engine.load_checkpoint(root, tag=tag, load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=True)

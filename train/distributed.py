@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,10 @@ def init(timeout_minutes: int = 30) -> tuple[int, int, int]:
     """
     import deepspeed
 
+    if problem := srun_tasks_problem(os.environ):
+        from train.config import ConfigError
+
+        raise ConfigError(problem)
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -36,6 +41,17 @@ def init(timeout_minutes: int = 30) -> tuple[int, int, int]:
     else:
         release_shm_workspace(rank, world)
     return rank, local_rank, world
+
+
+def srun_tasks_problem(env) -> str | None:
+    """`srun -n N python launch/train.py` starts N processes with no RANK/WORLD_SIZE: each would
+    train alone into the same run directory. One sentence saying how to launch instead."""
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "1")
+    if "RANK" in env or "OMPI_COMM_WORLD_RANK" in env or not tasks.isdigit() or int(tasks) <= 1:
+        return None
+    return (f"started by srun as {tasks} tasks without RANK/WORLD_SIZE, which would give {tasks} separate one-process trainings "
+            "writing one run directory; submit with `dialtune slurm` (torchrun on every node), or run one srun task per node "
+            "that starts torchrun or the deepspeed launcher.")
 
 
 SHM_WORKSPACE = "deepspeed_allreduce_buffer"
@@ -80,3 +96,29 @@ def all_sum(values, dev: torch.device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def shared_dir_problem(path: str, rank: int, dev: torch.device) -> str | None:
+    """Multi-process runs need one run directory that every rank sees (checkpoints: rank 0 renames
+    each rank's shards into place and writes `latest`): rank 0 writes a token into `path`, every
+    rank reads it back. One sentence when some rank cannot (a node-local run.root), else None."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    marker = os.path.join(path, ".dialtune-shared-check")
+    token = [f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}" if rank == 0 else None]
+    if rank == 0:
+        with open(marker, "w") as f:
+            f.write(token[0])
+    dist.broadcast_object_list(token, src=0)
+    try:
+        with open(marker) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    missing = all_sum([0.0 if seen else 1.0], dev)[0]
+    if rank == 0:
+        os.remove(marker)
+    if missing:
+        return (f"{int(missing)} of {dist.get_world_size()} ranks cannot see what rank 0 writes in {path} (rank 0 runs on "
+                f"{token[0].split(':')[0]}): a run on several nodes needs run.root on a filesystem that every node mounts.")
+    return None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from typing import Any, Dict, Optional
 
@@ -39,7 +40,7 @@ class Metrics:
         self.file = open(self.path, "w", buffering=1)
         self.file.writelines(kept)
         if logger_cfg.backend == "wandb":
-            self.wandb_run = _init_wandb(run_dir, logger_cfg, config)
+            self.wandb_run = _init_wandb(run_dir, logger_cfg, config, resuming=resume_step is not None)
 
     def log(self, record: Dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -72,16 +73,35 @@ class Metrics:
         return run_dir
 
 
-def _init_wandb(run_dir: str, cfg, config: Dict[str, Any]):
+ID_FILE = "wandb_run_id"
+
+
+def _init_wandb(run_dir: str, cfg, config: Dict[str, Any], resuming: bool):
+    """One W&B run per run directory: a resumed job (a requeue, train.resume) continues the W&B
+    run of the job before it (its id is kept in <run_dir>/wandb_run_id), a fresh start gets a new
+    one. A Hydra sweep's runs (<name>-sweep/<n>) are named <name>-sweep/<n> and grouped by sweep."""
     import wandb
 
     mode = cfg.mode
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    id_path = os.path.join(run_dir, ID_FILE)
+    run_id = None
+    if resuming and os.path.isfile(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip() or None
+    run_id = run_id or secrets.token_hex(4)  # W&B ids: 8 lowercase alphanumerics, as its own
+    with open(id_path, "w") as f:
+        f.write(run_id + "\n")
+    leaf, parent = (os.path.basename(p) for p in (os.path.normpath(run_dir), os.path.dirname(os.path.normpath(run_dir))))
+    sweep = parent if parent.endswith("-sweep") else None
     return wandb.init(
         project=cfg.project,
         entity=cfg.entity,
-        name=os.path.basename(os.path.normpath(run_dir)),
+        id=run_id,
+        resume="allow",
+        name=f"{sweep}/{leaf}" if sweep else leaf,
+        group=sweep,
         dir=run_dir,
         mode=mode,
         tags=list(cfg.tags) or None,

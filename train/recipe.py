@@ -88,11 +88,14 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     import deepspeed
 
     # ---- setup --------------------------------------------------------------------------------
+    stop_flag = signals.install()  # from the start: a signal during data preparation or loading stops at step 1
     rank, local_rank, world = distributed.init(cfg.deepspeed.timeout_minutes)
     dev = distributed.device(local_rank)
     is_main = rank == 0
     t = cfg.train
     os.makedirs(run_dir, exist_ok=True)
+    if problem := distributed.shared_dir_problem(run_dir, rank, dev):
+        raise ConfigError(problem)
     deepspeed.runtime.utils.set_random_seed(t.seed)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if is_main:
@@ -204,6 +207,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if found:
         if mismatch := checkpoint.resume_mismatch(*found, cfg):
             raise ConfigError(mismatch)
+        if is_main and (changes := checkpoint.resume_changes(*found, cfg)):
+            log.warning(changes)
         state = checkpoint.load(engine, *found)
         log.info("resumed from %s/%s at step %d", found[0], found[1], state["step"])
     elif is_main and (earlier := checkpoint.earlier_run_note(ckpt_root)):
@@ -252,8 +257,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     eval_result: Dict[str, float] = {}
     last_saved = state["step"] if found else -1
     first_step = state["step"] + 1
-    stop_flag = signals.install()
-    preempted = False
+    preempted, stop_signal = False, None
     skipped, bad_in_row, nonfinite_stop, own_norm = 0, 0, 0, None
     inject = os.environ.get("DIALTUNE_INJECT_NAN", "")
     inject_steps, _, inject_rank = inject.partition(",")
@@ -311,7 +315,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                 break
         else:
             bad_in_row = 0
-        loss_sum, signalled = distributed.all_sum([loss_sum, float(stop_flag.is_set)], dev)
+        loss_sum, got_usr1, got_term = distributed.all_sum([loss_sum, float(stop_flag.usr1), float(stop_flag.term)], dev)
+        if got_usr1 or got_term:  # every rank sees the same sums, so all stop at this boundary
+            stop_signal = "SIGUSR1" if got_usr1 else "SIGTERM"
         loss = loss_sum / max(n_targets, 1.0)
         grad_norm = engine.get_global_grad_norm() if cfg.deepspeed.stage else own_norm
         if not bad_step and grad_norm is not None and not math.isfinite(float(grad_norm)):
@@ -333,7 +339,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                   "perf/target_tok_s": n_targets / elapsed, "perf/tok_s": n_real / elapsed,
                   "perf/step_time_s": elapsed, "perf/model_tflops_per_device": step_flops / elapsed / world / 1e12,
                   **({"perf/mfu": step_flops / elapsed / world / peak} if peak else {}), **memory_gb()}
-        parts = ev.at_end if step == total_steps else ev.during_training if ev.every_n_steps and step % ev.every_n_steps == 0 else []
+        preempted = stop_signal is not None
+        # once signalled, no eval before the save (time is short), except the run's final one
+        parts = (ev.at_end if step == total_steps else [] if preempted else
+                 ev.during_training if ev.every_n_steps and step % ev.every_n_steps == 0 else [])
         if parts:
             eval_result = run_eval(parts, step, final=step == total_steps)
             record.update(eval_result)
@@ -343,7 +352,6 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
                             **({"eval": f"{record['eval/loss']:.3f}"} if "eval/loss" in record else {}))
-        preempted = signalled > 0  # every rank sees the same sum, so all stop at this boundary
         stop_here = preempted or bool(t.stop_after_steps) and step - first_step + 1 >= t.stop_after_steps
         if t.save_every and step % t.save_every == 0 or step == total_steps or stop_here:
             checkpoint.save(engine, ckpt_root, step, dict(state), is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml)
@@ -358,7 +366,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         checkpoint.save(engine, ckpt_root, state["step"], dict(state), is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml)
     final_ckpt = os.path.join(ckpt_root, checkpoint.tag_for(state["step"] if not corrupt else max(last_saved, 0)))
     summary = {"run_dir": run_dir, "base": base_path, "steps": state["step"], "total_steps": total_steps,
-               "finished": state["step"] == total_steps, "preempted": preempted, "world_size": world,
+               "finished": state["step"] == total_steps, "preempted": preempted, "stop_signal": stop_signal, "world_size": world,
                "nonfinite_stop_step": nonfinite_stop, "skipped_steps": skipped, "grad_accum": gas,
                "global_batch_size": mb * gas * world,
                "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter"),
@@ -368,9 +376,17 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "params_trainable": n_trainable, "params_total": n_total, **eval_result}
     metrics.summary(eval_result)
     wandb_dir = metrics.close()
-    if is_main:
+    summary_path = os.path.join(run_dir, "summary.json")
+    if found and first_step > total_steps and os.path.isfile(summary_path):
+        # resumed a finished run (a requeued sweep, a resubmission): its summary, with the final
+        # eval, stays as it was
+        with open(summary_path) as f:
+            summary = {**json.load(f), "already_finished": True}
+        if is_main:
+            log.info("the run had already finished at step %d: nothing to train, its summary.json is kept", total_steps)
+    elif is_main:
         summary["wandb_dir"] = wandb_dir
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
     engine.destroy()
     distributed.barrier()

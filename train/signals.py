@@ -1,23 +1,25 @@
 """Preemption: SIGUSR1/SIGTERM only set a flag; the loop acts on it at the next step boundary
-(all ranks agree through the step's all-reduce), saves, and the process exits with
-REQUEUE_EXIT_CODE so a SLURM script can requeue the job."""
+(all ranks agree through the step's all-reduce) and saves. After SIGUSR1 (SLURM's warning before
+the time limit) the process exits with REQUEUE_EXIT_CODE so the SLURM script requeues the job;
+after SIGTERM alone (scancel, preemption, a plain `kill`) it exits TERM_EXIT_CODE and asks for
+nothing: a cancelled job must stay cancelled."""
 from __future__ import annotations
 
 import signal
 
 REQUEUE_EXIT_CODE = 85
+TERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a process killed by SIGTERM reports
 
 
 class StopFlag:
     def __init__(self):
-        self.signum = 0
+        self.usr1 = self.term = False
 
     def __call__(self, signum, frame):
-        self.signum = signum
-
-    @property
-    def is_set(self) -> bool:
-        return self.signum != 0
+        if signum == signal.SIGUSR1:
+            self.usr1 = True
+        else:
+            self.term = True
 
 
 def install() -> StopFlag:
