@@ -51,12 +51,19 @@ def tokenize_conversation(tokenizer, messages: Sequence[Dict[str, str]], eot_id:
     return _tokenize_by_prefix(tokenizer, messages, eot_id)
 
 
+_FIRST_SENTINEL = "Zq0xQ-first-turn"
+
+
 def _tokenize_by_prefix(tokenizer, messages, eot_id):
     """Assistant spans from prefix renders, for templates without {% generation %} tags.
 
     The conversation is rendered once and tokenized once (with offsets); each assistant turn's
     span is [render(msgs[:i], generation prompt) , end of the first end-of-turn token after its
     content), so the template's own separators after the end-of-turn token stay unlabelled.
+    A conversation that opens with the assistant (ABCD's agent greeting) has no prefix to render
+    (transformers refuses an empty conversation, and templates that write BOS only before the
+    first message would render the generation prompt without it): its span starts where the
+    content starts in a render of that first turn alone, with a sentinel content.
     """
     full = tokenizer.apply_chat_template(list(messages), tokenize=False)
     eot_text = tokenizer.convert_ids_to_tokens(eot_id)
@@ -64,8 +71,13 @@ def _tokenize_by_prefix(tokenizer, messages, eot_id):
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start_text = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
-        if not full.startswith(start_text):
+        if i == 0:
+            probe = tokenizer.apply_chat_template([{"role": "assistant", "content": _FIRST_SENTINEL}], tokenize=False)
+            at = probe.find(_FIRST_SENTINEL)
+            start_text = probe[:at] if at >= 0 else None
+        else:
+            start_text = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
+        if start_text is None or not full.startswith(start_text):
             raise DataError("the chat template renders a conversation prefix differently from the whole; set data.chat_template to a named template.")
         content_at = full.find(m["content"], len(start_text))
         end = full.find(eot_text, content_at + len(m["content"])) if content_at >= 0 else -1

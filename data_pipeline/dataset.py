@@ -2,10 +2,11 @@
 
 The cache key hashes everything that shaped the result: the bytes of every source file, the
 tokenizer (its full JSON and chat template), the data config and DATA_VERSION. One process per
-cache directory builds (the local rank 0 that wins an O_EXCL lock file: one per node for a
-node-local cache, one per job for a shared one); the others poll the filesystem for the result,
-so no collective times out while a large corpus is prepared. Everything is streamed: records go
-from the readers through a generator into Arrow files on disk, which are memory-mapped.
+cache directory builds (the local rank 0 that wins an flock on the key's lock file: one per node
+for a node-local cache, one per job for a shared one; the kernel drops it when the builder dies,
+so a killed build blocks nobody); the others poll the filesystem for the result, so no
+collective times out while a large corpus is prepared. Everything is streamed: records go from
+the readers through a generator into Arrow files on disk, which are memory-mapped.
 """
 from __future__ import annotations
 
@@ -13,20 +14,22 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
+import unicodedata
 from typing import Dict, List
 
 import numpy as np
 
+from .cache_lock import read_holder, take_lock
 from .chat import DataError, encode
 from .packing import fill_ratio, pack
 from .records import Problem, read_records, to_messages
 from .validate import Report, clean
 
 EVAL_MESSAGES = "eval_messages.jsonl"
-DATA_VERSION = 3  # 3: eval_messages.jsonl (the eval conversations as text, for generation evals)
+DATA_VERSION = 4  # 4: eval_fraction split by content (not by the path's spelling); overlap stats
+TRUNCATED_WARN_SHARE = 0.10  # warn when more of the conversations than this were truncated (the bundled sample: 5.4% at 512)
 
 
 def sources_of(d) -> List[Dict]:
@@ -65,8 +68,21 @@ def cache_key(d, tokenizer, eot_id: int) -> str:
     return h.hexdigest()[:20]
 
 
-def _in_eval(where: str, seed: int, fraction: float) -> bool:
-    x = int.from_bytes(hashlib.blake2b(f"{seed}:{where}".encode(), digest_size=8).digest(), "big")
+def content_hash(messages: List[Dict[str, str]]) -> int:
+    """64-bit (signed, for Arrow's int64) hash of a conversation's user and assistant turns, each
+    NFC-normalized with runs of whitespace as one space: the same conversation in two files (or
+    with other line breaks) hashes the same. The system prompt is left out, as a source's
+    `system_prompt` adds one that is not part of what was said."""
+    turns = [(m["role"], " ".join(unicodedata.normalize("NFC", m["content"]).split()))
+             for m in messages if m["role"] != "system"]
+    digest = hashlib.blake2b(json.dumps(turns, ensure_ascii=False).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _in_eval(content: int, seed: int, fraction: float) -> bool:
+    """The eval_fraction carve, by content: the same under any spelling of the file's path (or
+    DIALTUNE_DATA_DIR, or cwd), and duplicates of one conversation fall on the same side."""
+    x = int.from_bytes(hashlib.blake2b(f"{seed}:{content}".encode(), digest_size=8).digest(), "big")
     return x / 2**64 < fraction
 
 
@@ -74,7 +90,7 @@ def _conversations(d, report: Report):
     """Generator of validated conversations from every source (one streaming pass)."""
     from types import SimpleNamespace
 
-    seen_ids = set()
+    seen_ids: Dict = {}  # (split, id) -> where its first copy is
     carve = d.eval_fraction > 0 and not any(s["split"] == "eval" for s in sources_of(d))
     # plain attributes: an OmegaConf lookup per message costs more than the checks themselves
     policy = SimpleNamespace(**{k: d[k] for k in ("max_message_chars", "long_message", "same_role", "trailing_user")})
@@ -94,9 +110,10 @@ def _conversations(d, report: Report):
             if rid is not None and d.duplicate_ids == "reject":
                 key = (s["split"], str(rid))
                 if key in seen_ids:
-                    report.problem(where, Problem("duplicate_id", f"id {rid!r} already appeared earlier (or set data.duplicate_ids=keep)"))
+                    report.problem(where, Problem("duplicate_id", f"id {rid!r} already appeared at {seen_ids[key]}; "
+                                                                  "remove one copy (or set data.duplicate_ids=keep)"))
                     continue
-                seen_ids.add(key)
+                seen_ids[key] = where
             if s["system_prompt"] and isinstance(messages, list) and not (
                     messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
                 messages = [{"role": "system", "content": s["system_prompt"]}] + messages
@@ -105,10 +122,10 @@ def _conversations(d, report: Report):
                 report.problem(where, cleaned)
                 continue
             report.kept += 1
-            split = s["split"]
-            if carve and split == "train" and _in_eval(where, d.seed, d.eval_fraction):
+            split, content = s["split"], content_hash(cleaned)
+            if carve and split == "train" and _in_eval(content, d.seed, d.eval_fraction):
                 split = "eval"
-            yield {"messages": cleaned, "source": k, "where": where, "split": split}
+            yield {"messages": cleaned, "source": k, "where": where, "split": split, "hash": content}
         if report.read == read_before:
             report.empty_files.append(s["path"])
     report.raise_errors()
@@ -118,7 +135,10 @@ def fast_encoder(tokenizer, eot_id: int, sample):
     """The verified fast encoder (fastchat.FastEncoder) or None, and a line saying which path runs."""
     from .fastchat import FastEncoder
 
-    enc, why = FastEncoder.build(tokenizer, eot_id, sample)
+    try:
+        enc, why = FastEncoder.build(tokenizer, eot_id, sample)
+    except Exception as e:  # a conversation the template refuses: the exact path names its record
+        enc, why = None, f"checking it on the data failed ({type(e).__name__})"
     if enc is None:
         return None, f"exact path (chat template per conversation): the fast path does not apply: {why}"
     return enc, f"fast path ({enc.backend}), identical to the chat template's on the first {len(sample)} conversations"
@@ -129,8 +149,16 @@ def _tokenize_fn(tokenizer, eot_id: int, d, fast):
 
     def fn(batch):
         out = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "outcome": []}
-        for messages in batch["messages"]:
-            ids, labels, outcome = encode(tokenizer, messages, eot_id, max_len, truncation, last_turn, fast)
+        for messages, where in zip(batch["messages"], batch["where"]):
+            try:
+                ids, labels, outcome = encode(tokenizer, messages, eot_id, max_len, truncation, last_turn, fast)
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from None
+            except Exception as e:  # e.g. a template that raises on this conversation's roles
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise DataError(f"{where}: the chat template cannot tokenize this conversation ({type(e).__name__}"
+                                f"{': ' + reason if reason else ''}); fix or remove this record, or set "
+                                "data.chat_template to a template that accepts it.") from None
             ids, labels = ids or [], labels or []
             out["input_ids"].append(ids)
             out["labels"].append(labels)
@@ -173,7 +201,8 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
 
     report = Report(d.on_error, d.max_errors_shown)
     srcs = sources_of(d)
-    work = tempfile.mkdtemp(prefix="dialtune-data-", dir=os.path.dirname(out_dir))
+    # named after the key, so the next builder of that key can tell a dead build's folder (_clean_dead)
+    work = tempfile.mkdtemp(prefix=f"dialtune-data-{os.path.basename(out_dir)}-", dir=os.path.dirname(out_dir))
     try:
         try:
             raw = Dataset.from_generator(_conversations, gen_kwargs={"d": d, "report": report},
@@ -212,7 +241,8 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                  "truncation": {"policy": d.truncation, "truncated": int((outcome == "truncated").sum()),
                                 "dropped": int((outcome == "dropped").sum()),
                                 "truncated_share": float((outcome == "truncated").mean())}}
-        os.makedirs(out_dir + ".part", exist_ok=True)
+        shutil.rmtree(out_dir + ".part", ignore_errors=True)  # a killed build's files must not ride along
+        os.makedirs(out_dir + ".part")
         for name in ("train", "eval"):
             part = tok.select(np.flatnonzero(split == name))
             if name == "train":
@@ -253,6 +283,8 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                 Dataset.from_dict({"members": bins}).save_to_disk(os.path.join(out_dir + ".part", "train_packs"))
                 stats["packing"] = {"rows": len(bins), "fill_ratio": fill_ratio(bins, lengths, d.max_seq_len),
                                     "docs_per_row": len(part) / max(1, len(bins))}
+        if (split == "eval").any():
+            stats["overlap"] = _overlap(_column(tok, "hash"), _column(tok, "source"), split, srcs)
         with open(os.path.join(out_dir + ".part", "stats.json"), "w") as f:
             json.dump(stats, f, indent=2)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -261,6 +293,46 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(out_dir + ".part", ignore_errors=True)
+
+
+def _overlap(hashes: np.ndarray, sources: np.ndarray, split: np.ndarray, srcs: List[Dict]) -> Dict:
+    """How many eval conversations also occur in training (same user/assistant turns), and where."""
+    tr, ev = split == "train", split == "eval"
+    dup = np.isin(hashes[ev], hashes[tr])
+    in_train = np.isin(hashes[tr], hashes[ev][dup])
+    return {"eval_in_train": int(dup.sum()), "eval_conversations": int(ev.sum()),
+            "eval_files": [srcs[k]["path"] for k in np.unique(sources[ev][dup])],
+            "train_files": [srcs[k]["path"] for k in np.unique(sources[tr][in_train])]}
+
+
+def data_warnings(stats: Dict) -> List[str]:
+    """One line per thing the data lost or leaks (skipped records, truncated or dropped
+    conversations, eval conversations that are also trained on), from the stats of a build or a
+    cache hit alike; `prepare_cached` logs them, so training, `dialtune prepare` and
+    `dialtune eval` all say them, every time."""
+    out = []
+    v, t, max_len = stats["validation"], stats["truncation"], stats["max_seq_len"]
+    skipped, read = sum(v["skipped"].values()), v["records_read"]
+    if skipped:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(v["skipped"].items(), key=lambda x: -x[1]))
+        out.append(f"warning: {skipped} of {read} records ({skipped / max(1, read):.1%}) were skipped as invalid "
+                   f"({reasons}; data.on_error=lenient); fix them, or run with data.on_error=strict to list each with file:line.")
+    n = v["records_kept"]  # every kept record is tokenized
+    if t["dropped"]:
+        out.append(f"warning: {t['dropped']} of {n} conversations ({t['dropped'] / max(1, n):.1%}) were dropped as longer than "
+                   f"data.max_seq_len={max_len} tokens (data.truncation={t['policy']}"
+                   + ("" if t["policy"] == "drop" else ", and no assistant turn with its context fits")
+                   + "); raise data.max_seq_len" + (" or use data.truncation=keep_recent." if t["policy"] == "drop" else "."))
+    if t["truncated_share"] > TRUNCATED_WARN_SHARE:
+        out.append(f"warning: {t['truncated']} of {n} conversations ({t['truncated_share']:.1%}) were truncated to "
+                   f"data.max_seq_len={max_len} tokens (data.truncation={t['policy']}), so their cut turns are not trained on; "
+                   "raise data.max_seq_len, or set data.truncation=drop to leave them out.")
+    o = stats.get("overlap") or {}
+    if o.get("eval_in_train"):
+        out.append(f"warning: {o['eval_in_train']} of {o['eval_conversations']} eval conversations also occur in training "
+                   f"(eval: {', '.join(o['eval_files'])}; train: {', '.join(o['train_files'])}), so the eval loss on them is "
+                   "in-sample; remove them from one side.")
+    return out
 
 
 def load(path: str):
@@ -292,9 +364,28 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dialtune", "data")
 
 
+def _clean_dead(root: str, key: str) -> None:
+    """Folders a killed build of this key left behind (its work dir, its .part); the caller holds
+    the key's lock, so no live process uses them."""
+    for name in os.listdir(root):
+        if name.startswith(f"dialtune-data-{key}-") or name == key + ".part":
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _stop_as_strict(d, path: str, stats: Dict) -> None:
+    """A cache that a lenient run built without the records it skipped, hit by a strict run:
+    one validation pass raises the same `file:line` errors a build would."""
+    for _ in _conversations(d, Report("strict", d.max_errors_shown)):
+        pass
+    skipped = stats["validation"]["skipped"]
+    raise DataError(f"{path} was prepared with data.on_error=lenient, which skipped {sum(skipped.values())} records "
+                    f"({skipped}); fix them, or set data.on_error=lenient to train without them.")
+
+
 def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, poll_s: float = 1.0):
     """(train, eval, train_packs, stats, path): a cache hit loads; otherwise one process per
-    cache directory builds while the others wait on the filesystem."""
+    cache directory builds while the others wait on the filesystem. Either way the stats'
+    warnings (data_warnings) are logged."""
     sources = sources_of(d)
     trained = {os.path.realpath(s["path"]) for s in sources if s["split"] == "train"}
     for s in sources:
@@ -308,37 +399,42 @@ def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, po
     waited, last_note = time.time(), 0.0
     while not os.path.isfile(done):
         if local_rank == 0:
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                fd = None
-            if fd is not None:
-                with os.fdopen(fd, "w") as f:
-                    f.write(f"{socket.gethostname()} pid {os.getpid()} since {time.ctime()}\n")
+            release = take_lock(lock)
+            if release is not None:
                 try:
+                    if os.path.isfile(done):
+                        break  # finished between our look and the lock
+                    _clean_dead(root, key)
                     if os.path.exists(failed):
                         os.remove(failed)
                     log(f"data: preparing {key} in {root}")
                     stats = build(d, tokenizer, eot_id, path, log)
                     stats["cache"] = {"key": key, "path": path, "hit": False}
+                    for line in data_warnings(stats):
+                        log(line)
                     return (*load(path)[:3], stats, path)
                 except DataError as e:
                     with open(failed, "w") as f:
                         json.dump({"token": _job_token(), "message": str(e)}, f)
                     raise
                 finally:
-                    os.remove(lock)
+                    release()
         if os.path.isfile(failed):
             with open(failed) as f:
                 info = json.load(f)
             if info.get("token") == _job_token():
                 raise DataError(info["message"])
         if time.time() - last_note > 60:
-            holder = open(lock).read().strip() if os.path.isfile(lock) else "another process"
-            log(f"data: waiting for {holder} to prepare {path} ({time.time() - waited:.0f} s so far; "
-                f"if that process died, delete {lock})")
+            excl = lock + ".excl"
+            holder = read_holder(excl) or read_holder(lock) or "another process"
+            log(f"data: waiting for {holder} to prepare {path} ({time.time() - waited:.0f} s so far"
+                + (f"; if that process died, delete {excl})" if os.path.isfile(excl) else ")"))
             last_note = time.time()
         time.sleep(poll_s)
     train, evals, packs, stats = load(path)
     stats["cache"] = {"key": key, "path": path, "hit": True}
+    if d.on_error == "strict" and stats["validation"]["skipped"]:
+        _stop_as_strict(d, path, stats)
+    for line in data_warnings(stats):
+        log(line)
     return train, evals, packs, stats, path

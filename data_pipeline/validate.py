@@ -7,17 +7,19 @@ and prints a table of counts per reason.
 """
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter, defaultdict
 from typing import Dict, List, Union
 
 from .records import Problem
 
 ROLES = ("system", "user", "assistant")
-_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 
 
 def is_blank(text: str) -> bool:
-    return not text.translate(_ZERO_WIDTH).strip()
+    """Whitespace and invisible format characters only (Unicode category Cf: zero-width space and
+    joiners, U+200E/U+200F direction marks, bidi controls, word joiner, BOM, soft hyphen ...)."""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
 
 
 def clean(messages: List, policy, fixes: Counter) -> Union[List[Dict[str, str]], Problem]:

@@ -58,7 +58,10 @@ def load(path: str, device: Optional[str] = None):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = pick_device(device)
+    except ValueError as e:
+        raise ChatError(str(e)) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     except Exception as e:  # noqa: BLE001 - any failure here means "not a usable checkpoint"
@@ -72,6 +75,25 @@ def load(path: str, device: Optional[str] = None):
     except Exception as e:  # noqa: BLE001
         raise ChatError(f"{ckpt} could not be loaded as a model ({_first_line(e)}).") from None
     return model, tokenizer, dev
+
+
+def pick_device(name: Optional[str]):
+    """--device as a torch.device (default: cuda when available, else cpu); ValueError with one
+    sentence for a name torch does not know or a CUDA device this machine lacks."""
+    import torch
+
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} "
+                         "CUDA GPU(s) torch can use; use --device cpu or another GPU index.")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda devices are supported.")
+    return dev
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,6 +11,7 @@ eval.decoding=[greedy,sampled] data.eval_files=[held_out.jsonl]`.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -76,9 +77,15 @@ def resolve(path: str, overrides: List[str]):
         if run_dir is not None:
             cfg = _run_config(run_dir, overrides)
         else:
-            from launch.prepare import compose
+            from hydra.errors import HydraException
+            from omegaconf.errors import OmegaConfBaseException
 
-            cfg = compose(overrides)
+            from launch.prepare import compose, compose_problem
+
+            try:
+                cfg = compose(overrides)
+            except (HydraException, OmegaConfBaseException) as e:
+                raise EvalError(compose_problem(e, overrides)) from None
         return cfg, "merged", p, None, None, (run_dir / "eval" if run_dir else p / "eval")
     if (p / "adapter").is_dir() and (p.parent.parent / "config.yaml").is_file():
         run_dir, adapter = p.parent.parent, p / "adapter"
@@ -117,8 +124,17 @@ def load_model(cfg, kind: str, model_dir: Path, base: Optional[str], dev):
     return PeftModel.from_pretrained(model, str(model_dir)).to(dev).eval(), tokenizer
 
 
+def _step_of(model_dir: Path) -> Optional[int]:
+    """The training step of a checkpoint (its trainer_state.json; <ckpt>/adapter is passed), or None."""
+    for d in (Path(model_dir), Path(model_dir).parent):
+        try:
+            return int(json.loads((d / "trainer_state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def cmd_eval(args) -> int:
-    import torch
 
     from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
     from data_pipeline.dataset import eval_conversations, prepare_cached, sources_of
@@ -133,12 +149,23 @@ def cmd_eval(args) -> int:
         if bad:
             raise EvalError(f"--parts has {bad[0]!r}; parts are {', '.join(suite.PARTS)}.")
         validate_eval(cfg.eval)
-        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from launch.chat import _first_line, pick_device
+
+        try:
+            dev = pick_device(args.device)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        model, tokenizer = load_model(cfg, kind, model_dir, base, dev)
+        try:
+            model, tokenizer = load_model(cfg, kind, model_dir, base, dev)
+        except (ConfigError, DataError):
+            raise
+        except Exception as e:  # noqa: BLE001 - corrupt or partial weights, a base that is not there ...
+            raise EvalError(f"{model_dir} could not be loaded ({_first_line(e)}); check that its files are complete "
+                            "(re-run `dialtune merge`, or pass another checkpoint).") from None
         apply_named_template(tokenizer, None)
         eot = end_of_turn_id(tokenizer, cfg.model.end_of_turn_token)
         eval_ds, texts, names = None, [], []
@@ -159,7 +186,7 @@ def cmd_eval(args) -> int:
         print("dialtune: error: nothing to evaluate: no eval set (data.eval_files / data.eval_fraction) and no "
               "eval.intent_files; pass one of them as an override.", file=sys.stderr)
         return 2
-    paths = suite.write(res, str(args.out or out), None, str(model_dir))
+    paths = suite.write(res, str(args.out or out), _step_of(model_dir), str(model_dir))
     print(suite.tables_text(res))
     print(f"dialtune: eval results written to {paths['results']}")
     return 0

@@ -17,6 +17,36 @@ def compose(overrides):
         return hydra_compose(config_name="train", overrides=normalize_argv(list(overrides)))
 
 
+def compose_problem(e: Exception, overrides) -> str:
+    """One sentence for a Hydra/OmegaConf composition error: an unknown key with the nearest real
+    one (train/validate.py's unknown_key_problem), a value of the wrong type
+    (launch/evaluate.py's _key_problem), else the override and the first line of the error."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from launch.evaluate import _key_problem
+    from train.validate import unknown_key_problem
+
+    cause = e if isinstance(e, OmegaConfBaseException) else e.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, OmegaConfBaseException) and key:
+        # inside a list item (data.sources=[{...}]) OmegaConf names the item's key alone: say where
+        named = any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
+        where = "" if named else f"{' '.join(overrides)}: "
+        problem = None
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+            try:
+                problem = unknown_key_problem(OmegaConf.from_dotlist([f"{key}=0"]))
+            except Exception:  # not a plain dotted key
+                problem = None
+        return where + (problem or f"{_key_problem(cause)}; `dialtune config-doc` lists every key with its type.")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    rest = [ln.strip() for ln in str(e).split("Config search path")[0].splitlines()[1:] if ln.strip()]
+    more = f" ({(rest[0] + ' ' + ', '.join(rest[1:])).strip()})" if rest else ""
+    return (f"cannot compose the config from {' '.join(overrides) or 'the defaults'}: {first.rstrip('.')}{more}; "
+            "check the override's key, value and syntax (key=value).")
+
+
 def report_text(stats) -> str:
     lines = []
     v = stats["validation"]
@@ -43,11 +73,20 @@ def main(overrides) -> int:
     from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
     from data_pipeline.dataset import prepare_cached
     from model import loader
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from train.config import ConfigError
-    from train.validate import validate_data
+    from train.validate import unknown_key_problem, validate_data
 
     try:
-        cfg = compose(overrides)
+        try:
+            cfg = compose(overrides)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(compose_problem(e, overrides)) from None
+        problem = unknown_key_problem(cfg)  # a +key=value Hydra added, typo or not
+        if problem:
+            raise ConfigError(problem)
         validate_data(cfg.data)
         tokenizer = loader.load_tokenizer(cfg.model)
         apply_named_template(tokenizer, cfg.data.chat_template)

@@ -7,9 +7,10 @@ import argparse
 import html
 import json
 import math
-import re
 import sys
 from pathlib import Path
+
+from train.eval_metrics import md_fence
 
 # plot file -> (title, y label, [(metrics key, legend label)])
 PLOTS = {
@@ -133,7 +134,9 @@ def _data_section(stats: dict) -> list:
 
 def _eval_section(res: dict) -> list:
     blocks = [("p", f"Checkpoint {res.get('checkpoint', '?')}" + (f" (step {res['step']})." if res.get("step") is not None else "."))]
-    lm = (res.get("lm") or {}).get("rows") or []
+    from train.evaluate import lm_rows
+
+    lm = lm_rows(res)
     if lm:
         by = {}
         for r in lm:
@@ -238,9 +241,8 @@ def to_markdown(blocks: list) -> str:
             out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in b[2]]
         elif b[0] == "img":
             out.append(f"[![{b[2]}]({b[1]})]({b[1]})")
-        elif b[0] == "pre":  # a fence longer than any backtick run in the text: shown verbatim, never as HTML
-            fence = "`" * max(3, 1 + max(map(len, re.findall("`+", b[2])), default=0))
-            out += [f"**{b[1]}**", fence + "text", b[2], fence]
+        elif b[0] == "pre":  # shown verbatim, never as HTML
+            out += [f"**{b[1]}**", md_fence(b[2])]
         out.append("")
     return "\n".join(out)
 

@@ -340,8 +340,9 @@ def pinned_run_name(overrides: Sequence[str], now: Optional[float] = None) -> st
     try:
         name = compose(plain).run.name
     except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf errors: one sentence, before anything is queued
-        raise SlurmError(f"the overrides do not compose into a config ({str(e).strip().splitlines()[0]}); "
-                         "check them with `python launch/train.py <overrides> --cfg job`") from None
+        from launch.prepare import compose_problem
+
+        raise SlurmError(compose_problem(e, plain)) from None
     return f"{name}-{_time.strftime('%Y%m%d-%H%M%S', _time.localtime(now))}"
 
 

@@ -288,7 +288,7 @@ def test_an_eval_file_that_is_also_trained_on_is_flagged(tmp_path):
     assert f"warning: {empty} holds no records" in said, said  # beside a good file: trained on the rest, said so
     said.clear()
     other = tmp_path / "b.jsonl"
-    jsonl(other, GOOD[:2])
+    jsonl(other, [conv(20 + i, f"other {i}", f"reply {i}") for i in range(2)])  # GOOD's content would be warned as overlap
     prepare_cached(dcfg(tmp_path, train_files=[str(path)], eval_files=[str(other)]), tok, eot, log=said.append)
     assert not any("in-sample" in m for m in said)
 
@@ -371,3 +371,207 @@ def test_prepare_cli_bad_data(tmp_path):
     assert f"dialtune: error: {path}:2: messages[0] has role 'customer'" in p.stderr
     p = _prepare(tmp_path, f"data.train_files=[{path}]", "data.eval_files=[]", "data.on_error=lenient")
     assert p.returncode == 0 and "unknown_role" in p.stderr and "kept 1" in p.stdout
+
+
+# ---- review fixes: tokenization errors, strict after lenient, overlap, split, lock, warnings ----
+
+ALTERNATE_ONLY = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must alternate "
+                  "user/assistant/user/assistant/...') }}{% endif %}" + TEMPLATES["chatml"])
+
+
+def test_assistant_first_data_builds_and_a_record_the_template_refuses_is_named(tmp_path):
+    """ABCD-style data (the agent greets first) builds with a tag-free real-model template; a record
+    that the template itself refuses stops with its file:line and the reason, not a traceback."""
+    from tests.test_labels import ASSISTANT_FIRST, LLAMA3, _untagged
+
+    path = jsonl(tmp_path / "abcd.jsonl", [GOOD[0], {"id": "abcd-1", "messages": ASSISTANT_FIRST}])
+    tok = _untagged(tmp_path, "llama3", LLAMA3)
+    stats = build(dcfg(tmp_path, train_files=[path]), tok, end_of_turn_id(tok), str(tmp_path / "o1"))
+    assert stats["train"]["conversations"] == 2
+    tok, _ = _tok()
+    tok.chat_template = ALTERNATE_ONLY
+    for fast in (True, False):
+        with pytest.raises(DataError) as e:
+            build(dcfg(tmp_path, train_files=[path], fast_tokenization=fast), tok, end_of_turn_id(tok), str(tmp_path / "o2"))
+        assert str(e.value) == (f"{path}:2: the chat template cannot tokenize this conversation (TemplateError: Conversation "
+                                "roles must alternate user/assistant/user/assistant/...); fix or remove this record, or set "
+                                "data.chat_template to a template that accepts it.")
+
+
+def test_strict_run_stops_on_records_a_lenient_build_skipped(tmp_path):
+    """data.on_error is not in the cache key (it does not change what a build keeps when nothing is
+    wrong); a strict run that hits a lenient build's cache still stops with the errors a build gives."""
+    tok, eot = _tok()
+    path = jsonl(tmp_path / "a.jsonl", None, raw="".join(json.dumps(r) + "\n" for r in GOOD) + BAD["unknown_role"][0] + "\n")
+    lenient = prepare_cached(dcfg(tmp_path, train_files=[path], on_error="lenient"), tok, eot, log=lambda m: None)[3]
+    assert lenient["validation"]["skipped"] == {"unknown_role": 1}
+    with pytest.raises(DataError) as built:
+        build(dcfg(tmp_path, train_files=[path]), tok, eot, str(tmp_path / "fresh"))
+    with pytest.raises(DataError) as hit:
+        prepare_cached(dcfg(tmp_path, train_files=[path]), tok, eot, log=lambda m: None)
+    assert str(hit.value) == str(built.value) and str(hit.value).startswith(f"{path}:7: messages[0] has role 'customer'")
+    assert prepare_cached(dcfg(tmp_path, train_files=[path], on_error="lenient"), tok, eot, log=lambda m: None)[3]["cache"]["hit"]
+
+
+def test_eval_conversations_that_also_occur_in_training_are_warned(tmp_path):
+    tok, eot = _tok()
+    train = jsonl(tmp_path / "train.jsonl", GOOD)
+    copy = [conv(90, "question 0  ", "answer\n0"), GOOD[1], conv(91, "something", "new")]  # 2 copies, spelled apart
+    held = jsonl(tmp_path / "held.jsonl", copy)
+    said = []
+    d = dcfg(tmp_path, train_files=[train], eval_files=[held])
+    stats = prepare_cached(d, tok, eot, log=said.append)[3]
+    want = (f"warning: 2 of 3 eval conversations also occur in training (eval: {held}; train: {train}), so the eval loss "
+            "on them is in-sample; remove them from one side.")
+    assert want in said and stats["overlap"]["eval_in_train"] == 2
+    said.clear()
+    assert prepare_cached(d, tok, eot, log=said.append)[3]["cache"]["hit"] and want in said  # said on a hit too
+    said.clear()
+    prepare_cached(dcfg(tmp_path, train_files=[train], eval_files=[jsonl(tmp_path / "other.jsonl", copy[2:])]), tok, eot,
+                   log=said.append)
+    assert not any("also occur in training" in m for m in said), said
+
+
+def test_eval_split_is_the_same_under_any_spelling_of_the_path(tmp_path, monkeypatch):
+    from data_pipeline.dataset import eval_conversations
+
+    (tmp_path / "sub").mkdir()
+    jsonl(tmp_path / "a.jsonl", [conv(i, f"q{i}", f"a{i}") for i in range(40)])
+    monkeypatch.chdir(tmp_path / "sub")
+    evals = []
+    for k, spelling in enumerate([str(tmp_path / "a.jsonl"), "../a.jsonl", "../sub/../a.jsonl"]):
+        build(dcfg(tmp_path, train_files=[spelling], eval_fraction=0.25), *_tok(), str(tmp_path / f"o{k}"))
+        evals.append([c["messages"] for c in eval_conversations(str(tmp_path / f"o{k}"))])
+    assert 4 <= len(evals[0]) <= 18 and evals[0] == evals[1] == evals[2]
+
+
+def test_a_killed_build_does_not_block_the_next_prepare(tmp_path):
+    """A build killed with SIGKILL (or OOM) holds no lock afterwards: the next prepare builds at
+    once, without waiting, and removes the dead build's work folder."""
+    import os
+    import signal
+
+    path = jsonl(tmp_path / "a.jsonl", GOOD)
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        import data_pipeline.dataset as ds
+        from tests.test_data import dcfg, _tok
+
+        def stuck(d, report):  # the build is under way (lock taken, work folder made) and hangs
+            print("BUILDING", flush=True)
+            time.sleep(600)
+            yield from ()
+
+        ds._conversations = stuck
+        ds.prepare_cached(dcfg(Path({str(tmp_path)!r}), train_files=[{path!r}]), *_tok(), log=lambda m: None)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=run_env(1), stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        assert proc.stdout.readline().strip() == "BUILDING"
+        root = tmp_path / "cache"
+        locks = list(root.glob("*.lock"))
+        assert len(locks) == 1 and list(root.glob("dialtune-data-*"))
+        umask = os.umask(0)
+        os.umask(umask)
+        assert locks[0].stat().st_mode & 0o777 == 0o666 & ~umask
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+
+    def no_waiting(message):
+        assert "waiting for" not in message, message
+
+    tok, eot = _tok()
+    train, _, _, stats, _ = prepare_cached(dcfg(tmp_path, train_files=[path]), tok, eot, log=no_waiting)
+    assert stats["cache"]["hit"] is False and len(train) == len(GOOD)
+    assert not list(root.glob("dialtune-data-*")) and not list(root.glob("*.lock")) and not list(root.glob("*.part"))
+
+
+def test_truncated_dropped_and_skipped_data_is_warned_on_build_and_hit(tmp_path):
+    tok, eot = _tok()
+    rows = GOOD + [{"id": f"long{i}", "messages": LONG} for i in range(2)]
+    path = jsonl(tmp_path / "a.jsonl", None, raw="".join(json.dumps(r) + "\n" for r in rows) + BAD["unknown_role"][0] + "\n")
+    for policy, want in [("keep_recent", "warning: 2 of 8 conversations (25.0%) were truncated to data.max_seq_len=120 tokens "
+                                         "(data.truncation=keep_recent), so their cut turns are not trained on; raise "
+                                         "data.max_seq_len, or set data.truncation=drop to leave them out."),
+                         ("drop", "warning: 2 of 8 conversations (25.0%) were dropped as longer than data.max_seq_len=120 "
+                                  "tokens (data.truncation=drop); raise data.max_seq_len or use data.truncation=keep_recent.")]:
+        d = dcfg(tmp_path, train_files=[path], on_error="lenient", max_seq_len=120, truncation=policy)
+        for hit in (False, True):
+            said = []
+            assert prepare_cached(d, tok, eot, log=said.append)[3]["cache"]["hit"] is hit
+            assert want in said, said
+            assert ("warning: 1 of 9 records (11.1%) were skipped as invalid (1 unknown_role; data.on_error=lenient); fix "
+                    "them, or run with data.on_error=strict to list each with file:line.") in said
+    said = []
+    prepare_cached(dcfg(tmp_path, train_files=[jsonl(tmp_path / "good.jsonl", GOOD)]), tok, eot, log=said.append)
+    assert not [m for m in said if m.startswith("warning")], said
+
+
+def test_truncation_warning_threshold():
+    from data_pipeline.dataset import data_warnings
+
+    def stats(truncated):
+        return {"validation": {"records_read": 100, "records_kept": 100, "skipped": {}}, "max_seq_len": 512,
+                "truncation": {"policy": "right", "truncated": truncated, "dropped": 0, "truncated_share": truncated / 100}}
+
+    assert data_warnings(stats(10)) == [] and len(data_warnings(stats(11))) == 1
+
+
+def test_prepare_cli_config_errors_are_one_sentence(capsys):
+    from launch.prepare import main
+
+    for override, want in [
+        ("data.max_seq_len=abc", "dialtune: error: data.max_seq_len has an invalid value (Value 'abc' of type 'str' could not "
+                                 "be converted to Integer); `dialtune config-doc` lists every key with its type."),
+        ("data.max_seq_lenn=3", "dialtune: error: data.max_seq_lenn is not a config key (did you mean data.max_seq_len?); "
+                                "`dialtune config-doc` lists them all."),
+        ("+data.max_seq_lenn=3", "dialtune: error: data.max_seq_lenn is not a config key (did you mean data.max_seq_len?); "
+                                 "`dialtune config-doc` lists them all."),
+        ("data=nonexistent", "dialtune: error: cannot compose the config from data=nonexistent: In 'train': Could not find "
+                             "'data/nonexistent' (Available options in 'data': customer_service, sample); check the override's "
+                             "key, value and syntax (key=value)."),
+    ]:
+        assert main([override]) == 2
+        assert capsys.readouterr().err.strip() == want
+
+
+def test_direction_marks_count_as_empty_and_a_duplicate_id_names_the_first_copy(tmp_path):
+    from collections import Counter
+
+    from data_pipeline.validate import clean
+
+    for blank in ("\u200e", "\u200f", " \u200e\u200f\n", "\u202a\u2066"):
+        got = clean([{"role": U, "content": "q"}, {"role": A, "content": blank}], dcfg(tmp_path), Counter())
+        assert got.reason == "empty_content", repr(blank)
+    path = jsonl(tmp_path / "dup.jsonl", GOOD[:2] + GOOD[:1])
+    with pytest.raises(DataError) as e:
+        build(dcfg(tmp_path, train_files=[path]), *_tok(), str(tmp_path / "o"))
+    assert str(e.value).splitlines()[0] == f"{path}:3: id 'c0' already appeared at {path}:1; remove one copy (or set data.duplicate_ids=keep)."
+
+
+def test_without_flock_a_dead_holder_on_this_host_is_taken_over(tmp_path, monkeypatch):
+    """Filesystems without flock (Lustre without -o flock) fall back to an O_EXCL file; its holder
+    is taken over when it ran on this host and its pid is gone, and kept while it lives."""
+    import errno
+    import fcntl
+    import os
+    import socket
+
+    from data_pipeline import cache_lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock = str(tmp_path / "k.lock")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "k.lock.excl").write_text(f"{socket.gethostname()} pid {dead} since then\n")
+    release = cache_lock.take_lock(lock)
+    assert release is not None and f"pid {os.getpid()} " in (tmp_path / "k.lock.excl").read_text()
+    assert cache_lock.take_lock(lock) is None  # held by a live process (this one)
+    release()
+    assert not (tmp_path / "k.lock.excl").exists()

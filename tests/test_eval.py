@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from data_pipeline.chat import end_of_turn_id, tokenize_conversation
+from data_pipeline.chat import DataError, end_of_turn_id, tokenize_conversation
 from tests.conftest import ROOT, read_metrics, train
 from tests.wandb_history import history
 from train import evaluate as suite
@@ -150,6 +150,13 @@ def test_response_scores_samples_and_files(tokenizer, intent_model, tmp_path):
     assert greedy["n"] == 4 and greedy["chrf"] == pytest.approx(100.0) and greedy["stopped_share"] == 1.0
     assert greedy["repetition_share"] == 0.0
     assert {s["decoding"] for s in res["samples"]} == {"greedy", "sampled"} and len(res["samples"]) == 4
+    # the eval's decoding is its own, whatever the base model's generation_config.json holds
+    model.generation_config.repetition_penalty, model.generation_config.top_k = 50.0, 1
+    res2 = suite.run_suite(["response"], model=model, forward=model, tokenizer=tokenizer, eot=eot, cfg=cfg, eval_ds=None,
+                           sources=[], conversations=convs, pad_id=tokenizer.pad_token_id, micro_batch_size=2, max_len=256,
+                           world=1, rank=0, dev=CPU)
+    assert res2["samples"] == res["samples"] and model.generation_config.repetition_penalty == 50.0
+    model.generation_config.repetition_penalty, model.generation_config.top_k = 1.0, None
     paths = suite.write(res, str(tmp_path), 7, "ckpt")
     body = json.loads(open(paths["results"]).read())
     assert body["step"] == 7 and "greedy" in body["response"] and "samples" not in body
@@ -157,6 +164,27 @@ def test_response_scores_samples_and_files(tokenizer, intent_model, tmp_path):
     assert rows[0]["reference"] == "refund_request" and rows[0]["generation"] == "refund_request"
     assert "**Generation**" in open(paths["samples_md"]).read()
     assert suite.scalars(res)["eval/response/greedy/chrf"] == pytest.approx(100.0)
+    md = open(paths["samples_md"]).read()
+    assert "```text\nrefund_request\n```" in md
+    suite.write({"lm": {"rows": []}}, str(tmp_path), 8, "ckpt")  # no samples this time: none of the old ones stay
+    assert not (tmp_path / "samples.jsonl").exists() and not (tmp_path / "samples.md").exists()
+
+
+def test_source_names_never_take_the_overall_rows_name():
+    assert suite.source_names(["d/all.jsonl", "e/b.jsonl", "f/b.jsonl.gz"]) == ["all_0", "b", "b_2"]
+
+
+def test_intent_examples_outside_the_label_set_are_left_out(tmp_path):
+    from train.config import IntentConfig
+
+    f = tmp_path / "i.jsonl"
+    f.write_text("".join(json.dumps({"text": f"t{k}", "label": lab}) + "\n" for k, lab in enumerate("abcab")))
+    ex, labels = suite.load_intents([str(f)], IntentConfig(), 0, ["a", "b"])
+    assert [g for _, g in ex] == ["a", "b", "a", "b"] and labels == ["a", "b"]
+    ex, _ = suite.load_intents([str(f)], IntentConfig(), 3, ["a", "b"])
+    assert len(ex) == 3
+    with pytest.raises(DataError, match="no utterance labelled with one of eval.intent_labels"):
+        suite.load_intents([str(f)], IntentConfig(), 0, ["z"])
 
 
 @pytest.mark.slow
@@ -166,14 +194,15 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
     `dialtune eval` on the run and on its merged checkpoint, and `dialtune report`."""
     intents = ROOT / "data_pipeline" / "sample_data" / "intents.jsonl"
     train(["recipe=demo", "train.max_steps=2", "deepspeed=zero3", "deepspeed.stage3_param_persistence_threshold=0",
-           "eval.every_n_steps=1", "eval.during_training=[lm,intent,response]", f"eval.intent_files=[{intents}]",
+           "eval.every_n_steps=1", "eval.during_training=[intent,response]", "eval.at_end=[lm,intent,response]",
+           "train.log_every=5", f"eval.intent_files=[{intents}]",
            "eval.intent_max_examples=5", "eval.intent_labels=[card_arrival,cash_withdrawal_charge,lost_or_stolen_card]",
            "eval.response_conversations=3", "eval.decoding=[greedy,sampled]", "eval.max_new_tokens=6",
            "eval.samples=2", "export.eval_conversations=4", "logger=wandb"],
           tmp_path, nproc=2, via="torchrun")
     run_dir = tmp_path / "demo"
     rows = {r["step"]: r for r in read_metrics(run_dir)}
-    for step in (1, 2):
+    for step in (1, 2):  # logged although no log_every step and (step 1) no lm part
         assert "eval/intent/loglik/accuracy" in rows[step] and "eval/response/sampled/chrf" in rows[step]
     res = json.loads((run_dir / "eval" / "results.json").read_text())
     assert res["step"] == 2 and res["intent"]["loglik"]["n"] == 5 and res["intent"]["generate"]["n"] == 5
@@ -200,6 +229,9 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
     assert merged[0]["loss"] == pytest.approx(res["lm"]["rows"][0]["loss"], rel=1e-4)
     assert cli(["eval", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert cli(["eval", str(run_dir), "--device", "gpu"]) == 2
+    assert "--device 'gpu' is not a device name" in capsys.readouterr().err
+    assert again["step"] == 2  # from the checkpoint's trainer_state.json
 
     assert cli(["report", str(run_dir)]) == 0
     for name in ("loss.png", "lr.png", "throughput.png", "memory.png"):
@@ -241,3 +273,25 @@ def test_eval_names_the_config_line_it_cannot_read(tmp_path, capsys):
     assert cli(["eval", str(run_dir / "checkpoints" / "step_0000002"), "optim.lr=fast"]) == 2
     err = capsys.readouterr().err
     assert "override optim.lr=fast: optim.lr has an invalid value" in err and "Traceback" not in err
+
+
+def test_long_prompts_lose_whole_old_turns_not_their_start(tokenizer):
+    """A response prompt longer than the budget drops its oldest turns whole (system message kept,
+    still opening with a user turn), as training's keep_recent does, instead of starting in the
+    middle of a sentence."""
+    msgs = [{"role": "system", "content": "You are the bank's assistant."}]
+    for k in range(6):
+        msgs += [{"role": "user", "content": f"question {k} " + "about my card " * 8},
+                 {"role": "assistant", "content": f"answer {k} " + "we can help " * 8}]
+    msgs.append({"role": "user", "content": "and the last question"})
+    full = suite.prompt_ids(tokenizer, msgs, 0)
+    budget = len(full) // 2
+    ids = suite.prompt_ids(tokenizer, msgs, budget)
+    assert len(ids) <= budget
+    assert ids[:3] == full[:3]  # the template's opening and the system message, not a fragment
+    text = tokenizer.decode(ids)
+    assert "You are the bank's assistant." in text and "and the last question" in text and "question 0" not in text
+    first_turn = text.split("You are the bank's assistant.", 1)[1]
+    assert first_turn.index("question") < first_turn.index("answer")  # opens with a user turn
+    # a single user turn too long for the budget is still cut, from the left
+    assert len(suite.prompt_ids(tokenizer, msgs[:1] + [{"role": "user", "content": "word " * 400}], 64)) == 64

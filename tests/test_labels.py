@@ -1,4 +1,6 @@
 """Labels sit on assistant tokens (and their end-of-turn token) only."""
+import pytest
+
 from data_pipeline import batching
 from data_pipeline.chat import IGNORE, _tokenize_by_prefix, end_of_turn_id, tokenize_conversation
 
@@ -104,3 +106,79 @@ def test_a_tokenizer_that_adds_bos_itself_still_gives_one_bos_and_the_same_label
     assert fast.encode(CONV) == want
     prompt = prompt_ids(bos, CONV[:-1], 512)
     assert prompt == prompt_ids(tokenizer, CONV[:-1], 512) and prompt.count(bos.bos_token_id) == 1
+
+
+# Real models' templates have no {% generation %} tags: labels come from prefix renders. Meta's
+# Llama-3 template writes BOS inside the first message (an empty conversation renders without
+# it); Qwen2.5's adds a default system prompt. Each has a tagged twin that renders the same text,
+# whose transformers assistant mask is the reference.
+LLAMA3 = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' %}"
+          "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+          "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+          "{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+QWEN25 = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+          "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+          "{%- for message in messages %}{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+          "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}"
+          "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}"
+          "{% generation %}{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\n' }}{%- endif %}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+ASSISTANT_FIRST = [  # ABCD: the agent greets first
+    {"role": "assistant", "content": "Hi!\nHow can I help you? "},  # Llama-3's template trims it
+    {"role": "user", "content": "I need to return an item."},
+    {"role": "assistant", "content": "Sure, may I have your name please?"},
+    {"role": "user", "content": "Crystal Minh"},
+    {"role": "assistant", "content": "Thanks, Crystal."},
+]
+
+
+def _untagged(tmp_path, name, tagged):
+    """The tiny tokenizer saved with a tag-free template and loaded back, as a real model's is."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.chat_template = tagged.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    tok.save_pretrained(str(tmp_path / name))
+    return AutoTokenizer.from_pretrained(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("name,tagged", [("llama-3", LLAMA3), ("qwen2.5", QWEN25)], ids=["llama-3", "qwen2.5"])
+@pytest.mark.parametrize("head", [[], [{"role": "system", "content": "You are the support agent of Acme."}]],
+                         ids=["assistant_first", "system_then_assistant"])
+def test_assistant_first_conversation_without_generation_tags(tmp_path, name, tagged, head):
+    """An assistant-first conversation (no prefix to render: transformers refuses an empty one)
+    is tokenized as transformers renders it, with labels on exactly each assistant content and its
+    end-of-turn token, the same as the tagged template's assistant mask."""
+    from data_pipeline.chat import _uses_generation_tags
+
+    tok = _untagged(tmp_path, name, tagged)
+    assert not _uses_generation_tags(tok)
+    eot = end_of_turn_id(tok)
+    msgs = head + ASSISTANT_FIRST
+    ids, labels = tokenize_conversation(tok, msgs, eot)
+    assert ids == list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+    eot_text = tok.convert_ids_to_tokens(eot)
+    trim = str.strip if name == "llama-3" else str
+    assert _spans(tok, ids, labels) == [trim(m["content"]) + eot_text for m in msgs if m["role"] == "assistant"]
+    tok.chat_template = tagged
+    ref = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert list(ref["input_ids"]) == ids
+    assert [l != IGNORE for l in labels] == [bool(m) for m in ref["assistant_masks"]]
+    assert ids.count(tok.bos_token_id) == (1 if name == "llama-3" else 0)
+
+
+def _spans(tok, ids, labels):
+    """The decoded text of each run of labelled tokens."""
+    spans, cur = [], []
+    for t, l in zip(ids, labels):
+        if l != IGNORE:
+            assert l == t
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    return [tok.decode(s) for s in spans + ([cur] if cur else [])]

@@ -58,3 +58,12 @@ def repeats(tokens: Sequence[int], n: int = 4, times: int = 3) -> bool:
 
 def normalise_label(text: str) -> str:
     return " ".join(text.strip().strip(".").split()).lower()
+
+
+def md_fence(text: str) -> str:
+    """A Markdown code block that shows `text` verbatim: its fence is longer than any run of
+    backticks in it (a generation may well hold ``` itself)."""
+    import re
+
+    fence = "`" * max(3, 1 + max(map(len, re.findall("`+", text)), default=0))
+    return f"{fence}text\n{text}\n{fence}"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,7 +30,7 @@ from data_pipeline import batching
 from data_pipeline.chat import IGNORE, DataError, tokenize_conversation
 
 from . import distributed
-from .eval_metrics import classification_report, normalise_label, repeats, text_metrics
+from .eval_metrics import classification_report, md_fence, normalise_label, repeats, text_metrics
 
 PARTS = ("lm", "intent", "response")
 
@@ -106,6 +106,23 @@ def tail_logprobs(forward: Callable, seqs: List[Dict[str, List[int]]], pad_id: i
     return (-ce.sum(1)).tolist()
 
 
+@contextmanager
+def _neutral_generation_config(model):
+    """Only the eval's own decoding settings: the base model's generation_config.json (e.g.
+    repetition_penalty 1.05 and top_k 20 in Qwen2.5-Instruct) would otherwise fill every setting
+    the eval leaves unset, so "greedy" would depend on the base. (transformers merges those
+    defaults into an explicit GenerationConfig too, hence the swap.)"""
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(target, "generation_config", None)
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: List[List[int]], dev, max_new_tokens: int, stop_ids: Sequence[int],
              sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, synced: bool = False):
@@ -114,8 +131,9 @@ def generate(model, tokenizer, prompts: List[List[int]], dev, max_new_tokens: in
     ids, mask = _left_pad(prompts, pad)
     width = ids.shape[1]
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
-    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                         eos_token_id=list(stop_ids), pad_token_id=pad, synced_gpus=synced, **kw)
+    with _neutral_generation_config(model):
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             eos_token_id=list(stop_ids), pad_token_id=pad, synced_gpus=synced, **kw)
     res = []
     for row in out[:, width:].tolist():
         cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
@@ -124,10 +142,18 @@ def generate(model, tokenizer, prompts: List[List[int]], dev, max_new_tokens: in
 
 
 def prompt_ids(tokenizer, messages: List[Dict[str, str]], max_len: int) -> List[int]:
-    """Chat-template prompt with the assistant header; the oldest tokens go when it is too long."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids[-max_len:] if max_len > 0 else ids
+    """Chat-template prompt with the assistant header. Too long for max_len: the oldest turns go,
+    whole and up to the next user turn (the system message stays), as training's keep_recent
+    truncation does; only a last user turn that alone is too long is cut, from the left."""
+    msgs = list(messages)
+    while True:
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        turns = [i for i, m in enumerate(msgs) if m["role"] != "system"]
+        users = [i for i in turns if msgs[i]["role"] == "user"]
+        if max_len <= 0 or len(ids) <= max_len or len(users) <= 1:
+            return ids[-max_len:] if max_len > 0 else ids
+        del msgs[turns[0]:users[1]]  # up to the second user turn: the conversation still opens with the user
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +191,11 @@ def lm_eval(forward: Callable, ds, source_names: List[str], pad_id: int, mb: int
     return out
 
 
-def load_intents(files: Sequence[str], intent_cfg, max_examples: int) -> Tuple[List[Tuple[List[Dict], str]], List[str]]:
-    """[(prompt messages, gold label)] and the sorted label set, from {"text","label"} files."""
+def load_intents(files: Sequence[str], intent_cfg, max_examples: int,
+                 only_labels: Sequence[str] = ()) -> Tuple[List[Tuple[List[Dict], str]], List[str]]:
+    """[(prompt messages, gold label)] and the sorted label set, from {"text","label"} files.
+    With only_labels (eval.intent_labels), the examples of other labels are left out before the
+    first max_examples are taken: they could only be scored wrong and would cap the accuracy."""
     from data_pipeline.records import Problem, read_records, to_messages
 
     examples = []
@@ -181,6 +210,11 @@ def load_intents(files: Sequence[str], intent_cfg, max_examples: int) -> Tuple[L
             examples.append((messages[:-1], messages[-1]["content"]))
     if not examples:
         raise DataError(f"eval.intent_files {list(files)} hold no labelled utterance.")
+    if only_labels:
+        examples = [e for e in examples if e[1] in set(only_labels)]
+        if not examples:
+            raise DataError(f"eval.intent_files {list(files)} hold no utterance labelled with one of eval.intent_labels "
+                            f"{list(only_labels)}; check the label names.")
     labels = sorted({label for _, label in examples})
     return (examples[:max_examples] if max_examples else examples), labels
 
@@ -285,7 +319,7 @@ def source_names(paths: Sequence[str]) -> List[str]:
         base = os.path.basename(os.path.normpath(p))
         for ext in (".gz", ".jsonl", ".json", ".csv", ".parquet"):
             base = base[:-len(ext)] if base.endswith(ext) else base
-        names.append(base if base not in names else f"{base}_{len(names)}")
+        names.append(base if base not in names and base != "all" else f"{base}_{len(names)}")  # "all": the overall row
     return names
 
 
@@ -308,7 +342,7 @@ def run_suite(parts: Sequence[str], *, model, forward: Callable, tokenizer, eot:
                 rows += [{"model": name, "source": src, **v} for src, v in per.items()]
             res["lm"] = {"rows": rows}
         if "intent" in parts and cfg.intent_files:
-            examples, labels = load_intents(cfg.intent_files, intent_cfg, cfg.intent_max_examples)
+            examples, labels = load_intents(cfg.intent_files, intent_cfg, cfg.intent_max_examples, cfg.intent_labels)
             labels = list(cfg.intent_labels) or labels
             if fast is None:  # label scoring tokenizes examples x labels conversations
                 from data_pipeline.fastchat import FastEncoder
@@ -325,13 +359,18 @@ def run_suite(parts: Sequence[str], *, model, forward: Callable, tokenizer, eot:
     return res
 
 
+def lm_rows(res: Dict) -> List[Dict]:
+    """The held-out LM rows to show: with a single eval source its row repeats "all" and goes."""
+    rows = (res.get("lm") or {}).get("rows") or []
+    if sum(1 for r in rows if r["model"] == "fine-tuned") == 2:
+        rows = [r for r in rows if r["source"] == "all"]
+    return rows
+
+
 def scalars(res: Dict) -> Dict[str, float]:
     """The metrics.jsonl / W&B scalars of a suite result (eval/loss keeps its historic name)."""
     out = {}
-    rows = res.get("lm", {}).get("rows", [])
-    if sum(1 for r in rows if r["model"] == "fine-tuned") == 2:  # a single source repeats "all"
-        rows = [r for r in rows if r["source"] == "all"]
-    for row in rows:
+    for row in lm_rows(res):
         prefix = "eval" if row["model"] == "fine-tuned" else "eval_base"
         suffix = "" if row["source"] == "all" else f"/{row['source']}"
         out[f"{prefix}/loss{suffix}"] = row["loss"]
@@ -356,6 +395,10 @@ def write(res: Dict, out_dir: str, step: Optional[int], checkpoint: str) -> Dict
     with open(tmp, "w") as f:
         json.dump(body, f, indent=2)
     os.replace(tmp, paths["results"])
+    if not samples:  # no response part this time: the previous samples would pass for this result's
+        for name in ("samples.jsonl", "samples.md"):
+            if os.path.isfile(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
     if samples:
         paths["samples"] = os.path.join(out_dir, "samples.jsonl")
         with open(paths["samples"], "w", encoding="utf-8") as f:
@@ -366,8 +409,8 @@ def write(res: Dict, out_dir: str, step: Optional[int], checkpoint: str) -> Dict
             f.write(f"# Eval samples (step {step})\n\n")
             for k, s in enumerate(samples, 1):
                 f.write(f"## {k}. {s['decoding']}{'' if s['stopped'] else ' (did not stop)'}\n\n"
-                        f"**Context**\n\n```\n{s['context']}\n```\n\n**Reference**\n\n```\n{s['reference']}\n```\n\n"
-                        f"**Generation**\n\n```\n{s['generation']}\n```\n\n")
+                        f"**Context**\n\n{md_fence(s['context'])}\n\n**Reference**\n\n{md_fence(s['reference'])}\n\n"
+                        f"**Generation**\n\n{md_fence(s['generation'])}\n\n")
     return paths
 
 
@@ -377,10 +420,7 @@ def tables_text(res: Dict) -> str:
     if "lm" in res:
         lines.append("held-out LM (target tokens):")
         lines.append(f"  {'model':<11} {'source':<32} {'loss':>8} {'ppl':>10} {'tokens':>9}")
-        rows = res["lm"]["rows"]
-        if sum(1 for r in rows if r["model"] == "fine-tuned") == 2:  # one source: it repeats "all"
-            rows = [r for r in rows if r["source"] == "all"]
-        for r in rows:
+        for r in lm_rows(res):
             lines.append(f"  {r['model']:<11} {r['source'][:32]:<32} {r['loss']:>8.4f} {r['ppl']:>10.2f} {r['target_tokens']:>9}")
     for mode, r in res.get("intent", {}).items():
         lines.append(f"intent ({mode}): accuracy {r['accuracy']:.3f}, macro-F1 {r['macro_f1']:.3f}, n {r['n']}, unknown {r['unknown']}")

@@ -84,6 +84,14 @@ def _flat(d: Dict, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _data_log(line: str) -> None:
+    """prepare_cached's lines: its data warnings (skipped, dropped, truncated, leaking) as warnings."""
+    if line.startswith("warning: "):
+        log.warning(line[len("warning: "):])
+    else:
+        log.info(line)
+
+
 def run(cfg, run_dir: str) -> Dict[str, Any]:
     import deepspeed
 
@@ -114,9 +122,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     # ---- data ---------------------------------------------------------------------------------
     train_ds, eval_ds, packs, data_stats, data_path = prepare_cached(cfg.data, tokenizer, eot, local_rank,
-                                                                     log=log.info if is_main else (lambda *_: None))
+                                                                     log=_data_log if is_main else (lambda *_: None))
     if cfg.eval.intent_files and "intent" in {*cfg.eval.during_training, *cfg.eval.at_end}:  # a bad file stops now, not after training
-        suite.load_intents(cfg.eval.intent_files, cfg.data.intent, cfg.eval.intent_max_examples)
+        suite.load_intents(cfg.eval.intent_files, cfg.data.intent, cfg.eval.intent_max_examples, cfg.eval.intent_labels)
     mb, gas = t.micro_batch_size, t.grad_accum
     if t.global_batch_size:
         if t.global_batch_size % (mb * world):
@@ -346,7 +354,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         if parts:
             eval_result = run_eval(parts, step, final=step == total_steps)
             record.update(eval_result)
-        if step % t.log_every == 0 or "eval/loss" in record or bad_step:
+        if step % t.log_every == 0 or parts or bad_step:  # an eval's results (any part) are always logged
             metrics.log({k: v for k, v in record.items() if v is not None}, step)
         if bar is not None:
             bar.update(1)
