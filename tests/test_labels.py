@@ -19,17 +19,7 @@ def test_exactly_assistant_tokens_are_labelled(tokenizer):
     ids, labels = tokenize_conversation(tokenizer, CONV, eot)
     assert len(ids) == len(labels)
     # Decode the labelled spans: they are exactly the two assistant contents + end-of-turn.
-    spans, cur = [], []
-    for t, l in zip(ids, labels):
-        if l != IGNORE:
-            assert l == t
-            cur.append(t)
-        elif cur:
-            spans.append(cur)
-            cur = []
-    if cur:
-        spans.append(cur)
-    assert [tokenizer.decode(s) for s in spans] == [
+    assert _spans(tokenizer, ids, labels) == [
         "Sorry to hear that! Let me check order 4411.<|im_end|>",
         "It ships tomorrow.<|im_end|>",
     ]

@@ -281,7 +281,9 @@ def _torchrun(worker, out, env):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def test_node_launcher_forwards_usr1_and_keeps_exit_code_85(tmp_path):
+def _signal_launcher(tmp_path, sig):
+    """Start the node launcher on WORKER, send `sig` to the launcher only once the worker is
+    ready (it must pass it on and keep waiting); (launcher process, its output, the env)."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -292,11 +294,17 @@ def test_node_launcher_forwards_usr1_and_keeps_exit_code_85(tmp_path):
         while not (tmp_path / "ready").exists() and time.time() < deadline and p.poll() is None:
             time.sleep(0.1)
         assert (tmp_path / "ready").exists(), p.communicate(timeout=5)[0] if p.poll() is not None else "no worker"
-        p.send_signal(signal.SIGUSR1)  # to the launcher only: it must pass it on and keep waiting
+        p.send_signal(sig)
         out, _ = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
+    return p, out, env
+
+
+def test_node_launcher_forwards_usr1_and_keeps_exit_code_85(tmp_path):
+    p, out, env = _signal_launcher(tmp_path, signal.SIGUSR1)
+    worker = tmp_path / "worker.py"
     assert p.returncode == REQUEUE_EXIT_CODE, out
     assert (tmp_path / "signalled").read_text() == "1"
     rec = json.loads((tmp_path / "argv-0.json").read_text())
@@ -310,21 +318,7 @@ def test_node_launcher_forwards_usr1_and_keeps_exit_code_85(tmp_path):
 def test_node_launcher_lets_ranks_finish_after_sigterm(tmp_path):
     """torchrun (torch >= 2.13: PET_SIGNALS_TO_HANDLE) would handle SIGTERM itself, stop the ranks
     and exit 143; the launcher passes it on and waits, so the rank saves and its code comes back."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("SLURM_RESTART_COUNT", None)
-    p = _torchrun(worker, tmp_path, env)
-    try:
-        deadline = time.time() + 60
-        while not (tmp_path / "ready").exists() and time.time() < deadline and p.poll() is None:
-            time.sleep(0.1)
-        assert (tmp_path / "ready").exists(), p.communicate(timeout=5)[0] if p.poll() is not None else "no worker"
-        p.send_signal(signal.SIGTERM)
-        out, _ = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    p, out, _ = _signal_launcher(tmp_path, signal.SIGTERM)
     assert (tmp_path / "saved").exists() and p.returncode == 7, out
     assert "death signal" not in out, out
 
