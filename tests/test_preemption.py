@@ -60,3 +60,19 @@ def test_sigusr1_saves_and_exits_85_then_resume_continues_and_sigterm_saves_with
     assert summary["stop_signal"] == "SIGTERM" and stopped < summary["steps"] < 200
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{summary['steps']:07d}"
     assert [r["step"] for r in read_metrics(run)] == list(range(1, summary["steps"] + 1))
+
+
+def test_sigterm_before_training_starts_exits_at_once():
+    """Before the loop there is nothing to save: SIGTERM ends the process (143) instead of waiting
+    through data preparation and model loading; SIGUSR1 is kept for the first step boundary."""
+    from train.signals import StopFlag
+
+    flag = StopFlag()
+    flag(signal.SIGUSR1, None)
+    assert flag.usr1 and not flag.term
+    with pytest.raises(SystemExit) as stopped:
+        flag(signal.SIGTERM, None)
+    assert stopped.value.code == TERM_EXIT_CODE
+    flag.armed = True
+    flag(signal.SIGTERM, None)
+    assert flag.term

@@ -96,7 +96,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     import deepspeed
 
     # ---- setup --------------------------------------------------------------------------------
-    stop_flag = signals.install()  # from the start: a signal during data preparation or loading stops at step 1
+    stop_flag = signals.install()  # from the start: SIGUSR1 during data preparation or loading stops at step 1
     rank, local_rank, world = distributed.init(cfg.deepspeed.timeout_minutes)
     dev = distributed.device(local_rank)
     is_main = rank == 0
@@ -273,6 +273,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     inject_nan = (int(first_bad), int(last_bad or first_bad), int(inject_rank or 0)) if inject else None
     corrupt = False
     engine.train()
+    stop_flag.armed = True  # from here a SIGTERM is answered with a checkpoint
     for step in range(first_step, total_steps + 1):
         t0 = time.perf_counter()
         made = [make_batch(stream.next()) for _ in range(gas)]

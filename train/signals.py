@@ -12,12 +12,19 @@ TERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a process killed by SIGTERM r
 
 
 class StopFlag:
+    """Installed before data preparation and model loading. Until `armed` (the training loop is
+    about to start, so there is something to save) SIGTERM ends the process at once with
+    TERM_EXIT_CODE instead of waiting through a long load; SIGUSR1 is kept for the first step
+    boundary (a checkpoint, then the requeue)."""
+
     def __init__(self):
-        self.usr1 = self.term = False
+        self.usr1 = self.term = self.armed = False
 
     def __call__(self, signum, frame):
         if signum == signal.SIGUSR1:
             self.usr1 = True
+        elif not self.armed:
+            raise SystemExit(TERM_EXIT_CODE)
         else:
             self.term = True
 
