@@ -365,10 +365,10 @@ def default_cache_dir() -> str:
 
 
 def _clean_dead(root: str, key: str) -> None:
-    """Folders a killed build of this key left behind (its work dir, its .part); the caller holds
-    the key's lock, so no live process uses them."""
+    """Work folders a killed build of this key left behind (build() itself clears its .part); the
+    caller holds the key's lock, so no live process uses them."""
     for name in os.listdir(root):
-        if name.startswith(f"dialtune-data-{key}-") or name == key + ".part":
+        if name.startswith(f"dialtune-data-{key}-"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 

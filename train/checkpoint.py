@@ -196,15 +196,22 @@ SHAPE_KEYS = ("model.name_or_path", "model.add_tokens", "peft.method", "peft.r",
               "peft.modules_to_save", "quant.mode", "deepspeed.stage", "optim.name")
 
 
+def _saved_config(root: str, tag: str):
+    """The resolved config.yaml a checkpoint was written with, or None (older checkpoints)."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(root, tag, "config.yaml")
+    return OmegaConf.load(path) if os.path.isfile(path) else None
+
+
 def resume_mismatch(root: str, tag: str, cfg) -> Optional[str]:
     """One sentence when the checkpoint was written under settings that shape its state
     differently from this run's (DeepSpeed would print pages of size mismatches); else None."""
     from omegaconf import OmegaConf
 
-    path = os.path.join(root, tag, "config.yaml")
-    if not os.path.isfile(path):
+    then = _saved_config(root, tag)
+    if then is None:
         return None
-    then = OmegaConf.load(path)
 
     def plain(value):  # lists come back as ListConfig: compare their contents
         return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
@@ -221,26 +228,18 @@ def resume_mismatch(root: str, tag: str, cfg) -> Optional[str]:
 _ROUTINE = ("train.resume", "train.stop_after_steps", "train.progress_bar", "logger.", "run.root")
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_changes(root: str, tag: str, cfg, limit: int = 6) -> Optional[str]:
     """A warning naming the settings (besides routine ones) this run changes from the
     checkpoint's config.yaml, e.g. a resubmission with another optim.lr; None when there are none."""
     from omegaconf import OmegaConf
 
-    path = os.path.join(root, tag, "config.yaml")
-    if not os.path.isfile(path):
+    from .config import flatten
+
+    saved = _saved_config(root, tag)
+    if saved is None:
         return None
-    then = _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
-    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    then = flatten(OmegaConf.to_container(saved, resolve=False))
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = [k for k in sorted(set(then) | set(now))
                if not k.startswith(_ROUTINE) and then.get(k) != now.get(k)]
     if not changed:

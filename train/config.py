@@ -237,6 +237,17 @@ class DialtuneConfig:
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Merged checkpoint."})
 
 
+def flatten(d: Dict[str, Any], sep: str = ".", prefix: str = "") -> Dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (with `sep` between the levels); non-dict values as they are."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, sep, f"{prefix}{k}{sep}"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _sample(name: str) -> str:
     return str(SAMPLE_DATA / name)
 

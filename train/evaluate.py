@@ -211,7 +211,8 @@ def load_intents(files: Sequence[str], intent_cfg, max_examples: int,
     if not examples:
         raise DataError(f"eval.intent_files {list(files)} hold no labelled utterance.")
     if only_labels:
-        examples = [e for e in examples if e[1] in set(only_labels)]
+        wanted = set(only_labels)
+        examples = [e for e in examples if e[1] in wanted]
         if not examples:
             raise DataError(f"eval.intent_files {list(files)} hold no utterance labelled with one of eval.intent_labels "
                             f"{list(only_labels)}; check the label names.")
@@ -399,7 +400,7 @@ def write(res: Dict, out_dir: str, step: Optional[int], checkpoint: str) -> Dict
         for name in ("samples.jsonl", "samples.md"):
             if os.path.isfile(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
-    if samples:
+    else:
         paths["samples"] = os.path.join(out_dir, "samples.jsonl")
         with open(paths["samples"], "w", encoding="utf-8") as f:
             for s in samples:

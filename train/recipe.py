@@ -29,7 +29,7 @@ from model import attention, dequantize, kernels, loader
 
 from . import checkpoint, distributed, flops, optim, signals
 from . import evaluate as suite
-from .config import ConfigError
+from .config import ConfigError, flatten
 from .ds_config import lr_lambda, mixed_precision, render
 from .metrics import Metrics, memory_gb
 
@@ -72,16 +72,6 @@ class MicroBatchStream:
             self._plan = batching.epoch_micro_batches(*self.args, self.epoch)
         self.pos += 1
         return self._plan[self.pos - 1]
-
-
-def _flat(d: Dict, prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float, str)):
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _data_log(line: str) -> None:
@@ -231,7 +221,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
             json.dump(data_stats, f, indent=2)
         metrics.summary({"params/trainable": n_trainable, "params/total": n_total,
-                         **{f"data/{k}": v for k, v in _flat(data_stats).items()}})
+                         **{f"data/{k}": v for k, v in flatten(data_stats, "/").items() if isinstance(v, (int, float, str))}})
         log.info("run dir %s | %d train / %d eval conversations | %d steps | %d ranks | trainable %.2f M of %.2f M params",
                  run_dir, len(train_ds), len(eval_ds) if eval_ds is not None else 0, total_steps, world,
                  n_trainable / 1e6, n_total / 1e6)
