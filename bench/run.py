@@ -1,7 +1,7 @@
 """Throughput of dialtune against the hand-written HF Trainer + PEFT recipe, side by side.
 
     python bench/run.py --shape llama3-8b|llama3-1b|qwen2.5-7b|tiny [--quant int8,nf4,bf16]
-        [--which hf,dialtune[,dialtune:LEVER=V:...]] [--steps 10] [--warmup 2]
+        [--which hf,dialtune[,dialtune:LEVER=V:...][,QUANT/dialtune:LEVER=V...]] [--steps 10] [--warmup 2]
         [--tokens-per-batch 4096] [--append-results] [--device cuda|cpu]
 
 Both paths train the same random-init base of the shape (written once to --model-cache; nothing
@@ -13,6 +13,10 @@ data_pipeline/sample_data/train.jsonl under the committed tiny tokenizer; random
             of --batch-size conversations with dynamic padding
   dialtune  bench/dialtune_path.py: packed rows of --pack-len tokens (--tokens-per-batch per step),
             model/kernels.py levers; `dialtune:fused_ce=0:liger=0` adds a row with levers changed
+
+Rows run quantization by quantization (every --which item for int8, then for nf4, ...); an item
+written `QUANT/ITEM` (e.g. `int8/dialtune:fast_int8=0`) runs once, for that quantization, after
+all of those: lever rows that --time-budget skips first when time runs short.
 
 One table: real (non-pad) tok/s, target tok/s, padded tok/s, peak GPU memory, MFU
 (train/flops.py) and the ratio of real tok/s to the hf row of the same quantization.
@@ -47,23 +51,34 @@ from bench.common import DTYPES, SHAPES, prepare_model_dir, quiet, say  # noqa: 
 QUANTS = tuple(DTYPES)
 
 
-def parse_which(text: str):
-    """'hf,dialtune,dialtune:liger=0:ckpt=2' -> [(label, path, levers)]."""
+def parse_which(text: str, quants=QUANTS):
+    """'hf,dialtune,dialtune:liger=0:ckpt=2,bf16/dialtune:compile=1' -> [(label, path, levers, quant)],
+    quant None for the items that run for every --quant."""
     from bench.dialtune_path import LEVERS
 
     out = []
     for item in filter(None, text.split(",")):
-        path, *pairs = item.split(":")
+        quant, _, body = item.rpartition("/")
+        if quant and quant not in quants:
+            raise ValueError(f"--which item {item!r}: {quant!r} is not one of {', '.join(quants)}")
+        path, *pairs = body.split(":")
         if path not in ("hf", "dialtune") or (path == "hf" and pairs):
-            raise ValueError(f"--which item {item!r}: use hf, dialtune, or dialtune:LEVER=VALUE[:...]")
+            raise ValueError(f"--which item {item!r}: use hf, dialtune, or dialtune:LEVER=VALUE[:...], "
+                             "optionally after QUANT/")
         levers = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
             if key not in LEVERS or not value.isdigit():
                 raise ValueError(f"--which item {item!r}: levers are {', '.join(LEVERS)} with integer values")
             levers[key] = int(value)
-        out.append((item, path, levers))
+        out.append((body, path, levers, quant or None))
     return out
+
+
+def plan_rows(which, quants):
+    """[(quant, label, path, levers)]: the unpinned items for each quant in turn, then the pinned ones."""
+    rows = [(q, label, path, levers) for q in quants for label, path, levers, pin in which if pin is None]
+    return rows + [(pin, label, path, levers) for label, path, levers, pin in which if pin is not None]
 
 
 def run_spec(spec):
@@ -162,7 +177,8 @@ def main(argv=None):
     ap.add_argument("--shape", choices=sorted(SHAPES))
     ap.add_argument("--quant", default="int8,nf4,bf16", help=f"comma list of {', '.join(QUANTS)}")
     ap.add_argument("--which", default="hf,dialtune", help="comma list: hf, dialtune, dialtune:LEVER=V[:LEVER=V] "
-                    "(levers: packing fused_ce fast_int8 liger compile 0/1, ckpt 0/1/k = every k-th layer)")
+                    "(levers: packing varlen fused_ce fast_int8 liger compile 0/1, varlen 2, ckpt 0/1/k = every "
+                    "k-th layer); QUANT/ITEM runs ITEM for that quant only, after the rest")
     ap.add_argument("--steps", type=int, default=10, help="measured steps per row")
     ap.add_argument("--warmup", type=int, default=2, help="steps run before measuring (>= 1)")
     ap.add_argument("--tokens-per-batch", type=int, default=4096, help="dialtune: tokens per step (packed)")
@@ -196,7 +212,7 @@ def main(argv=None):
     if args.warmup < 1 or args.steps < 1:
         ap.error("--warmup and --steps must be >= 1")
     try:
-        which = parse_which(args.which)
+        which = parse_which(args.which, QUANTS)
     except ValueError as e:
         ap.error(str(e))
     args.pack_len = args.pack_len or args.tokens_per_batch
@@ -213,36 +229,37 @@ def main(argv=None):
     isolate = args.isolate == "process" or args.isolate == "auto" and device.type == "cuda"
     say(f"{args.shape} on {device_name}; rows run {'each in its own process' if isolate else 'in this process'}; "
         "single process per row, no DeepSpeed")
-    results, longest, no_base = [], 0.0, None
+    results, longest, no_base = [], {}, None
     try:
         model_dir = prepare_model_dir(args.shape, args.model_cache, device)
     except Exception as e:  # every row says why, and the table still comes out
         traceback.print_exc()
         model_dir, no_base = None, f"failed: building the {args.shape} base: {type(e).__name__}: {e}"[:200]
-    for quant in quants:
-        for label, path, levers in which:
-            left = args.time_budget - (time.time() - t_start) if args.time_budget else None
-            if no_base:
-                results.append({"label": label, "path": path, "quant": quant, "error": no_base})
-                continue
-            if left is not None and left < longest:
-                results.append({"label": label, "path": path, "quant": quant,
-                                "error": f"skipped: {left:.0f} s of --time-budget left, a row took {longest:.0f} s"})
-                continue
-            spec = dict(label=label, path=path, levers=levers, quant=quant, shape=args.shape, model_dir=model_dir,
-                        device=str(device), steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
-                        tokens_per_batch=args.tokens_per_batch, pack_len=args.pack_len, max_len=args.pack_len,
-                        lengths=args.lengths, seed=args.seed, peak=peak)
-            say(f"--- {label} {quant}")
-            t_row = time.time()
-            r = run_isolated(spec, left) if isolate else run_spec(spec)
-            longest = max(longest, time.time() - t_row)  # the child's start and imports included
-            results.append(r)
-            if "error" not in r:
-                say(f"{label} {quant}: {r['real_tok_s']:,.0f} real tok/s, {r['wall_s']:.0f} s")
-            if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+    for quant, label, path, levers in plan_rows(which, quants):
+        left = args.time_budget - (time.time() - t_start) if args.time_budget else None
+        # a row of this path took this long (the hf rows are the slow ones); any row if none has run
+        need = longest.get(path, max(longest.values(), default=0.0))
+        if no_base:
+            results.append({"label": label, "path": path, "quant": quant, "error": no_base})
+            continue
+        if left is not None and left < need:
+            results.append({"label": label, "path": path, "quant": quant,
+                            "error": f"skipped: {left:.0f} s of --time-budget left, a {path} row took {need:.0f} s"})
+            continue
+        spec = dict(label=label, path=path, levers=levers, quant=quant, shape=args.shape, model_dir=model_dir,
+                    device=str(device), steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
+                    tokens_per_batch=args.tokens_per_batch, pack_len=args.pack_len, max_len=args.pack_len,
+                    lengths=args.lengths, seed=args.seed, peak=peak)
+        say(f"--- {label} {quant}")
+        t_row = time.time()
+        r = run_isolated(spec, left) if isolate else run_spec(spec)
+        longest[path] = max(longest.get(path, 0.0), time.time() - t_row)  # the child's start and imports included
+        results.append(r)
+        if "error" not in r:
+            say(f"{label} {quant}: {r['real_tok_s']:,.0f} real tok/s, {r['wall_s']:.0f} s")
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(r) + "\n")
     text = table(results) + "\n\n" + legend(results, args, peak, device_name)
     print(text, flush=True)
     if args.append_results:

@@ -53,12 +53,18 @@ def test_a_base_that_cannot_be_built_still_gives_the_table(tmp_path):
     assert len(rows) == 4 and all("failed: building the tiny base" in r for r in rows), proc.stdout + proc.stderr[-2000:]
     assert "failed: building the tiny base" in results.read_text()
 
-def test_which_parsing():
-    from bench.run import parse_which
+def test_which_parsing_and_row_order():
+    from bench.run import parse_which, plan_rows
 
-    assert parse_which("hf,dialtune,dialtune:fused_ce=0:ckpt=2") == [
-        ("hf", "hf", {}), ("dialtune", "dialtune", {}), ("dialtune:fused_ce=0:ckpt=2", "dialtune", {"fused_ce": 0, "ckpt": 2})]
-    for bad in ("hf:liger=0", "dialtune:warp=1", "dialtune:liger=yes", "trl"):
+    which = parse_which("hf,int8/dialtune:fast_int8=0,dialtune,dialtune:fused_ce=0:ckpt=2")
+    assert which == [("hf", "hf", {}, None), ("dialtune:fast_int8=0", "dialtune", {"fast_int8": 0}, "int8"),
+                     ("dialtune", "dialtune", {}, None),
+                     ("dialtune:fused_ce=0:ckpt=2", "dialtune", {"fused_ce": 0, "ckpt": 2}, None)]
+    # every unpinned item per quant, quant by quant; then the pinned lever rows (skipped first when time runs short)
+    assert [(q, label) for q, label, _, _ in plan_rows(which, ["int8", "bf16"])] == [
+        ("int8", "hf"), ("int8", "dialtune"), ("int8", "dialtune:fused_ce=0:ckpt=2"),
+        ("bf16", "hf"), ("bf16", "dialtune"), ("bf16", "dialtune:fused_ce=0:ckpt=2"), ("int8", "dialtune:fast_int8=0")]
+    for bad in ("hf:liger=0", "dialtune:warp=1", "dialtune:liger=yes", "trl", "int4/dialtune", "bf16/hf:liger=0"):
         with pytest.raises(ValueError):
             parse_which(bad)
 
