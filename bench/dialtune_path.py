@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPES, IGNORE, LORA_TARGETS, Meter, batch_counts, conversations, reset_peak, say
+from bench.common import DTYPES, IGNORE, LORA_TARGETS, Meter, batch_counts, conversations, reset_peak, say, sync
 
 LEVERS = {"packing": 1, "varlen": 1, "fused_ce": 1, "fast_int8": 1, "liger": 1, "ckpt": 1, "compile": 0}
 
@@ -50,7 +50,7 @@ def _batches(spec: Dict, levers: Dict, vocab: int, dtype, layout: str = "sdpa", 
     from data_pipeline.batching import collate
     from data_pipeline.packing import collate_packed, pack
 
-    total = spec["warmup"] + spec["steps"]
+    total = spec["warmup"] + spec["steps"] + bool(spec.get("profile"))
     if not levers["packing"]:
         data = conversations(spec["lengths"], spec["max_len"], vocab, spec["batch_size"] * total, spec["seed"])
         return [collate(data[i * spec["batch_size"]:(i + 1) * spec["batch_size"]], pad_id=0) for i in range(total)]
@@ -116,23 +116,52 @@ def run(spec: Dict, peak) -> Dict:
     model.train()
     reset_peak(device)
     say(f"dialtune {quant} {levers}: {len(batches)} steps")
+    profiled = spec["warmup"] + spec["steps"] + 1  # after the measured steps, outside the meter
     for step, b in enumerate(batches, 1):
-        labels = b["labels"].to(device, non_blocking=True)
-        inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()
-                  if k not in ("labels", "lengths")}
-        inputs["use_cache"] = False  # as train.recipe.model_inputs: no KV cache in training forwards
-        with attention.packed_forward() if layout == "varlen" else contextlib.nullcontext():
-            if fused:
-                ce = kernels.fused_ce_sum(model, labels, **inputs)
-            else:
-                logits = model(**inputs).logits  # train.recipe.token_ce_sum (not imported: it needs omegaconf)
-                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                     ignore_index=IGNORE, reduction="sum")
-        counts = batch_counts(b["input_ids"], b["labels"], b.get("attention_mask"), b.get("lengths"))
-        (ce / max(counts["target"], 1)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step in (1, len(batches)):
+        prof = _profiler(device) if step == profiled else contextlib.nullcontext()
+        with prof:
+            ce, counts = _step(model, opt, b, device, fused, layout)
+            sync(device)
+        if step == profiled:
+            _write_profile(prof, spec, levers, device)
+            continue
+        if step in (1, spec["warmup"] + spec["steps"]):
             losses.append(ce.item() / max(counts["target"], 1))
         meter.step(step, counts)
     return {**meter.result(model.config, peak), "notes": ", ".join(notes), "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def _step(model, opt, b, device, fused, layout):
+    """One optimizer step on micro-batch b; returns (summed target CE, the batch's counts)."""
+    from model import attention, kernels
+
+    labels = b["labels"].to(device, non_blocking=True)
+    inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()
+              if k not in ("labels", "lengths")}
+    inputs["use_cache"] = False  # as train.recipe.model_inputs: no KV cache in training forwards
+    with attention.packed_forward() if layout == "varlen" else contextlib.nullcontext():
+        if fused:
+            ce = kernels.fused_ce_sum(model, labels, **inputs)
+        else:
+            logits = model(**inputs).logits  # train.recipe.token_ce_sum (not imported: it needs omegaconf)
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                 ignore_index=IGNORE, reduction="sum")
+    counts = batch_counts(b["input_ids"], b["labels"], b.get("attention_mask"), b.get("lengths"))
+    (ce / max(counts["target"], 1)).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return ce, counts
+
+
+def _profiler(device):
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+
+def _write_profile(prof, spec, levers, device):
+    """The top kernels of the profiled step, appended to spec["profile"] under a header naming the row."""
+    sync_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sync_key, row_limit=30, max_name_column_width=70)
+    with open(spec["profile"], "a") as f:
+        f.write(f"\n## {spec['label']} {spec['quant']} {levers}: one step of {spec['tokens_per_batch']} tokens\n\n{table}\n")

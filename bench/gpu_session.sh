@@ -15,7 +15,8 @@
 #   2. runs the gpu-marked tests (python -m pytest -m gpu): pytest_gpu.log;
 #   3. benchmarks SHAPE (default llama3-8b) for int8, nf4 and bf16, the hand-written HF recipe and
 #      dialtune, STEPS measured steps after WARMUP: bench.log, bench.jsonl, and RESULTS.md = this
-#      tree's bench/RESULTS.md with the new entry appended (copy it over bench/RESULTS.md).
+#      tree's bench/RESULTS.md with the new entry appended (copy it over bench/RESULTS.md);
+#      PROFILE=1: one more step per dialtune row under torch.profiler, its top kernels in profile.txt.
 # Expected time for llama3-8b (an estimate: no session has run it yet): ~1 min setup and tests,
 # ~1-2 min to build and write the random 16 GB base once, then ~1 min per row (process start,
 # load + quantize from the page cache, 8 steps; the hf int8 row is the slowest at ~4 s a step).
@@ -59,5 +60,6 @@ budget=$((DEADLINE - (SECONDS - t0) - 20))
 [ "$budget" -gt 30 ] || budget=30  # (0 would mean no limit)
 python3 bench/run.py --shape "$SHAPE" --quant int8,nf4,bf16 --which "$WHICH" --steps "$STEPS" --warmup "$WARMUP" \
     --time-budget "$budget" --append-results --results-file "$OUT/RESULTS.md" --jsonl "$OUT/bench.jsonl" \
+    $([ "${PROFILE:-0}" = 1 ] && echo --profile "$OUT/profile.txt") \
     2>&1 | tee "$OUT/bench.log"
 echo "total $((SECONDS - t0)) s"

@@ -197,6 +197,8 @@ def main(argv=None):
     ap.add_argument("--append-results", action="store_true", help="append the table to --results-file")
     ap.add_argument("--results-file", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--jsonl", help="also write every row's full result here, one JSON per line")
+    ap.add_argument("--profile", help="dialtune rows: profile one extra step after the measured ones (torch.profiler) "
+                    "and append its top kernels to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.argv = argv
@@ -249,7 +251,8 @@ def main(argv=None):
         spec = dict(label=label, path=path, levers=levers, quant=quant, shape=args.shape, model_dir=model_dir,
                     device=str(device), steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
                     tokens_per_batch=args.tokens_per_batch, pack_len=args.pack_len, max_len=args.pack_len,
-                    lengths=args.lengths, seed=args.seed, peak=peak)
+                    lengths=args.lengths, seed=args.seed, peak=peak,
+                    profile=args.profile and os.path.abspath(args.profile))
         say(f"--- {label} {quant}")
         t_row = time.time()
         r = run_isolated(spec, left) if isolate else run_spec(spec)

@@ -197,7 +197,10 @@ class Int8DequantLinear(nn.Module):
         scb = w.SCB if getattr(w, "SCB", None) is not None else lin8.state.SCB
         # same state-dict keys as Linear8bitLt (weight, SCB, bias): checkpoints load either way
         self.weight = w  # int8 data == CB
-        self.register_buffer("SCB", scb)
+        # a layer quantized on one device and moved with Module.to/.cuda keeps SCB where it was
+        # quantized (torch swaps the parameter's data, not its SCB attribute); as a buffer here it
+        # follows the module from now on
+        self.register_buffer("SCB", scb.to(w.device))
         self.bias = lin8.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

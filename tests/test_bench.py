@@ -16,7 +16,8 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     rows = tmp_path / "rows.jsonl"
     args = ["--shape", "tiny", "--device", "cpu", "--quant", "fp32", "--which", "hf,dialtune,dialtune:varlen=0", "--steps", "1",
             "--warmup", "1", "--tokens-per-batch", "512", "--batch-size", "4", "--model-cache", str(tmp_path / "models"),
-            "--append-results", "--results-file", str(results), "--jsonl", str(rows)]
+            "--append-results", "--results-file", str(results), "--jsonl", str(rows),
+            "--profile", str(tmp_path / "profile.txt")]
     # one thread: two OpenMP threads on a shared 2-core machine run tiny matmuls 50x slower
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), *args], env=run_env(1), cwd=str(ROOT),
                           capture_output=True, text=True, timeout=300)
@@ -35,6 +36,9 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     text = results.read_text()
     assert "· CPU · tiny" in text and "transformers " in text and "peft " in text
     assert "python bench/run.py --shape tiny --device cpu" in text and hf_row in text and dt_row in text
+    # --profile: one extra step per dialtune row, outside the measured ones, its top ops written down
+    profile = (tmp_path / "profile.txt").read_text()
+    assert profile.count("## dialtune") == 2 and "aten::mm" in profile
 
 
 
