@@ -15,6 +15,8 @@ Levers (spec["levers"]), each 1/0 unless noted:
   liger     Liger RMSNorm/SwiGLU/RoPE when importable on CUDA
   ckpt      activation checkpointing on every k-th layer: 1 all, 0 none, k > 1 selective
   compile   torch.compile each decoder layer
+  budget    GiB (0: off): as many layers as fit keep their activations (kernels.memory_budget_gib,
+            model/memory.py); with ckpt 1
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from bench.common import DTYPES, IGNORE, LORA_TARGETS, Meter, batch_counts, conversations, reset_peak, say, sync
 
-LEVERS = {"packing": 1, "varlen": 1, "fused_ce": 1, "fast_int8": 1, "liger": 1, "ckpt": 1, "compile": 0}
+LEVERS = {"packing": 1, "varlen": 1, "fused_ce": 1, "fast_int8": 1, "liger": 1, "ckpt": 1, "compile": 0, "budget": 0}
 
 
 def _config(spec: Dict, levers: Dict) -> SimpleNamespace:
@@ -80,20 +82,30 @@ def _batches(spec: Dict, levers: Dict, vocab: int, dtype, layout: str = "sdpa", 
 
 
 def run(spec: Dict, peak) -> Dict:
-    from model import attention, kernels, loader
+    from model import attention, kernels, loader, memory
 
     device, quant, dtype = torch.device(spec["device"]), spec["quant"], DTYPES[spec["quant"]]
     levers = {**LEVERS, **spec["levers"]}
     notes = []
     cfg = _config(spec, levers)
     model = loader.load_base(cfg, spec["model_dir"], device)
+    liger = bool(levers["liger"]) and kernels.apply_liger(model)
     if levers["liger"]:
-        notes.append("liger" if kernels.apply_liger(model) else "liger skipped")
+        notes.append("liger" if liger else "liger skipped")
     model = loader.attach_adapter(model, cfg)
     if levers["ckpt"] > 1:
         notes.append(f"ckpt {kernels.selective_checkpointing(model, levers['ckpt'])}/{len(kernels.decoder_layers(model))} layers")
     if quant == "int8" and levers["fast_int8"]:
         notes.append(f"fast int8 x{kernels.dequantize_int8_linears(model)}")
+    if levers["budget"] and levers["ckpt"] and device.type == "cuda":
+        tokens = spec["tokens_per_batch"] if levers["packing"] else spec["batch_size"] * spec["max_len"]
+        p = memory.plan(model.config, budget_bytes=levers["budget"] * memory.GIB,
+                        allocated_bytes=torch.cuda.memory_allocated(device),
+                        trainable_params=sum(t.numel() for t in model.parameters() if t.requires_grad), tokens=tokens,
+                        lora_dropout=cfg.peft.dropout, liger=liger, fused_ce=bool(levers["fused_ce"]),
+                        ce_chunk_size=kernels.DEFAULT_CHUNK)
+        memory.checkpoint_layers(model, p.keep)
+        notes.append(f"budget {levers['budget']} GiB: {p.keep}/{p.layers} layers kept, est. peak {p.peak_gib:.1f} GiB")
     fused = bool(levers["fused_ce"])
     why_not = kernels.fused_ce_unsupported(model) if fused else None
     if why_not:

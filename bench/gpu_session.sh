@@ -33,7 +33,9 @@ WARMUP=${WARMUP:-2}
 DEADLINE=${DEADLINE:-550}
 # hf and dialtune for each quantization, then one row per lever changed (QUANT/ITEM: that quant only),
 # in this order, as long as --time-budget lasts (bench/run.py skips a row that would not fit)
-WHICH=${WHICH:-hf,dialtune,bf16/dialtune:varlen=0,int8/dialtune:fast_int8=0,bf16/dialtune:liger=0,bf16/dialtune:fused_ce=0,bf16/dialtune:ckpt=2,bf16/dialtune:compile=1}
+# (2026-11-28 on an H200 measured hf, dialtune and the varlen/fast_int8/liger/fused_ce/ckpt=2 rows;
+# still to measure: the memory budget at 24 GiB for int8/nf4, no recompute at all, compile)
+WHICH=${WHICH:-hf,dialtune,int8/dialtune:budget=24,nf4/dialtune:budget=24,bf16/dialtune:ckpt=0,bf16/dialtune:budget=70,bf16/dialtune:compile=1,bf16/dialtune:varlen=0,int8/dialtune:fast_int8=0,bf16/dialtune:liger=0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
        WANDB_MODE=disabled

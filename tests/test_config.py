@@ -63,6 +63,8 @@ def test_unknown_key_is_rejected():
     (["train.max_steps=0"], "nothing to train"),
     (["peft.method=lorax"], "peft.method"),
     (["train.micro_batch_size=0"], "at least 1"),
+    (["kernels.memory_budget_gib=-1"], "kernels.memory_budget_gib=-1 is negative"),
+    (["kernels.memory_budget_gib=24", "kernels.checkpoint_every=2"], "set one of them"),
     (["export.hub_repo_id='acme/support bot'"], "export.hub_repo_id"),
     (["export.hub_repo_id=a/b/c"], "namespace/repo_name"),
 ])

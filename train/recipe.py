@@ -25,7 +25,7 @@ from data_pipeline import batching
 from data_pipeline.chat import IGNORE, apply_named_template, end_of_turn_id
 from data_pipeline.dataset import eval_conversations, prepare_cached, sources_of
 from data_pipeline.packing import collate_packed
-from model import attention, dequantize, kernels, loader
+from model import attention, dequantize, kernels, loader, memory
 
 from . import checkpoint, distributed, flops, optim, signals
 from . import evaluate as suite
@@ -153,8 +153,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         model.resize_token_embeddings(len(tokenizer))
     n_quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
     kc = cfg.kernels
-    if kc.liger:
-        kernels.apply_liger(model)
+    liger = kc.liger and kernels.apply_liger(model)
     model = loader.attach_adapter(model, cfg)
     fast_int8 = kernels.dequantize_int8_linears(model) if dequantize.fast_int8(cfg) else 0
     if packs is not None:
@@ -167,6 +166,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             log.info("packed attention: %s (%s)", layout["path"], why)
     if cfg.model.gradient_checkpointing and kc.checkpoint_every > 1:
         kernels.selective_checkpointing(model, kc.checkpoint_every)
+    if (budget_plan := memory.apply_budget(model, cfg, dev, liger)) and is_main:
+        log.info(budget_plan)
+    recomputed = memory.checkpointed_count(model) if cfg.model.gradient_checkpointing else 0
     if kc.compile:
         kernels.compile_decoder_layers(model)
     model_config = model.config
@@ -370,7 +372,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "global_batch_size": mb * gas * world,
                "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter"),
                "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
-               "fast_int8_layers": fast_int8, "fused_ce": not no_fused,
+               "fast_int8_layers": fast_int8, "fused_ce": not no_fused, "checkpointed_layers": recomputed,
                "packed_attention": layout["path"] if packs is not None else None, "peak_tflops": peak / 1e12 if peak else None,
                "params_trainable": n_trainable, "params_total": n_total, **eval_result}
     metrics.summary(eval_result)

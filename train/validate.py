@@ -7,6 +7,8 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from model.memory import budget_problem
+
 from .config import ConfigError, DialtuneConfig, iter_docs
 
 _CHOICES = {
@@ -127,6 +129,8 @@ def validate(cfg, cuda_available: Optional[bool] = None) -> None:
     validate_eval(cfg.eval)
     if cfg.kernels.ce_chunk_size < 1 or cfg.kernels.checkpoint_every < 1:
         raise ConfigError("kernels.ce_chunk_size and kernels.checkpoint_every must be at least 1.")
+    if problem := budget_problem(cfg.kernels.memory_budget_gib, cfg.kernels.checkpoint_every):
+        raise ConfigError(problem)
     if t.resume not in ("none", "auto"):
         from train.checkpoint import resume_path
 

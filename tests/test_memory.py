@@ -1,0 +1,95 @@
+"""model/memory.py: the activation estimate behind kernels.memory_budget_gib, held against the
+Llama-3-8B measurements of bench/RESULTS.md (H200, 2026-11-28), and the layer choice it drives."""
+import pytest
+import torch
+
+from model import memory
+
+GIB = 2**30
+LORA_PARAMS = 41_943_040  # LoRA r16 on the 7 projections of Llama-3-8B
+# measured peak GiB with every layer checkpointed, and with 16 of 32 layers kept (checkpoint_every=2)
+MEASURED = {"bf16": (17.6, 30.8), "int8": (11.1, 24.3), "nf4": (8.0, 21.1)}
+# what is allocated once the base and adapter are loaded (weights: 7.0 B linear + 1.05 B embedding/head
+# parameters; the fp32 adapter)
+ALLOCATED = {"bf16": 8.03e9 * 2, "int8": 6.98e9 + 1.05e9 * 2, "nf4": 6.98e9 * 0.53 + 1.05e9 * 2}
+
+
+def _llama3_8b():
+    from bench.common import shape_config
+
+    return shape_config("llama3-8b")
+
+
+def _plan(quant, budget_gib, **kw):
+    args = dict(budget_bytes=budget_gib * GIB, allocated_bytes=int(ALLOCATED[quant] + LORA_PARAMS * 4),
+                trainable_params=LORA_PARAMS, tokens=4096, lora_dropout=0.05, liger=True, fused_ce=True,
+                ce_chunk_size=1024)
+    return memory.plan(_llama3_8b(), **{**args, **kw})
+
+
+def test_layer_estimate_matches_the_measured_llama3_8b_layer():
+    measured = [(kept - floor) / 16 for floor, kept in MEASURED.values()]  # 0.82-0.83 GiB a layer
+    est = memory.layer_activation_bytes(_llama3_8b(), 4096, lora_dropout=0.05, liger=True) / GIB
+    assert all(1.0 <= est / m <= 1.06 for m in measured), (est, measured)
+    # what the table says moves it: no dropout copies, or no Liger (fp32 RMSNorm internals)
+    assert memory.layer_activation_bytes(_llama3_8b(), 4096, lora_dropout=0.0, liger=True) / GIB < 0.75 * est
+    assert memory.layer_activation_bytes(_llama3_8b(), 4096, lora_dropout=0.05, liger=False) / GIB > 1.2 * est
+    assert memory.layer_activation_bytes(_llama3_8b(), 8192, lora_dropout=0.05, liger=True) / GIB == pytest.approx(2 * est)
+
+
+@pytest.mark.parametrize("quant", sorted(MEASURED))
+def test_plan_stays_within_the_budget_on_the_measured_runs(quant):
+    floor, _ = MEASURED[quant]
+    per_layer = (MEASURED[quant][1] - floor) / 16
+    p = _plan(quant, 24)
+    # on the safe side of the all-checkpointed measurement, by less than 1 GiB
+    assert floor <= p.floor_gib <= floor + 1.0
+    # the peak the kept layers give on the measured run: under 24 GiB, and within 3 layers of it
+    real = floor + p.keep * per_layer
+    assert real <= 24 and real + 3 * per_layer > 24, (p, real)
+    assert p.peak_gib <= 24 and 0 < p.keep < p.layers
+
+
+def test_plan_edges_and_monotone_in_the_budget():
+    keeps = [_plan("nf4", b).keep for b in (4, 10, 16, 24, 40, 80)]
+    assert keeps[0] == 0 and keeps[-1] == 32 and keeps == sorted(keeps)
+    p = _plan("bf16", 10)
+    assert p.keep == 0 and "every decoder layer recomputes" in p.describe(10, 4096)
+    assert "keep their activations" in _plan("int8", 24).describe(24, 4096)
+    # full logits instead of the fused chunks: the 128k-vocab logits of 4,096 tokens need room too
+    assert _plan("nf4", 24, fused_ce=False).keep < _plan("nf4", 24).keep
+
+
+def _tiny(layers=5):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def _grads(model, ids):
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_checkpoint_layers_spreads_the_kept_layers_and_keeps_the_gradients():
+    model = _tiny()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    want = _grads(model, ids)  # every layer recomputed
+    flags = lambda: [layer.gradient_checkpointing for layer in model.model.layers]  # noqa: E731
+    assert memory.checkpoint_layers(model, 2) == 3 and flags().count(False) == 2
+    assert flags() in ([True, False, True, False, True], [True, True, False, True, False])
+    for got, ref in zip(_grads(model, ids), want):
+        torch.testing.assert_close(got, ref)
+    assert memory.checkpoint_layers(model, 0) == 5 and memory.checkpoint_layers(model, 9) == 0
+    assert memory.checkpointed_count(model) == 0
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with pytest.raises(ValueError, match="not enabled"):
+        memory.checkpoint_layers(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                              num_hidden_layers=2, num_attention_heads=4)), 1)
