@@ -52,7 +52,7 @@ def _batches(spec: Dict, levers: Dict, vocab: int, dtype, layout: str = "sdpa", 
     from data_pipeline.batching import collate
     from data_pipeline.packing import collate_packed, pack
 
-    total = spec["warmup"] + spec["steps"] + bool(spec.get("profile"))
+    total = spec["warmup"] + spec["steps"]
     if not levers["packing"]:
         data = conversations(spec["lengths"], spec["max_len"], vocab, spec["batch_size"] * total, spec["seed"])
         return [collate(data[i * spec["batch_size"]:(i + 1) * spec["batch_size"]], pad_id=0) for i in range(total)]
@@ -97,15 +97,6 @@ def run(spec: Dict, peak) -> Dict:
         notes.append(f"ckpt {kernels.selective_checkpointing(model, levers['ckpt'])}/{len(kernels.decoder_layers(model))} layers")
     if quant == "int8" and levers["fast_int8"]:
         notes.append(f"fast int8 x{kernels.dequantize_int8_linears(model)}")
-    if levers["budget"] and levers["ckpt"] and device.type == "cuda":
-        tokens = spec["tokens_per_batch"] if levers["packing"] else spec["batch_size"] * spec["max_len"]
-        p = memory.plan(model.config, budget_bytes=levers["budget"] * memory.GIB,
-                        allocated_bytes=torch.cuda.memory_allocated(device),
-                        trainable_params=sum(t.numel() for t in model.parameters() if t.requires_grad), tokens=tokens,
-                        lora_dropout=cfg.peft.dropout, liger=liger, fused_ce=bool(levers["fused_ce"]),
-                        ce_chunk_size=kernels.DEFAULT_CHUNK)
-        memory.checkpoint_layers(model, p.keep)
-        notes.append(f"budget {levers['budget']} GiB: {p.keep}/{p.layers} layers kept, est. peak {p.peak_gib:.1f} GiB")
     fused = bool(levers["fused_ce"])
     why_not = kernels.fused_ce_unsupported(model) if fused else None
     if why_not:
@@ -116,6 +107,17 @@ def run(spec: Dict, peak) -> Dict:
         path, why, layout, window = attention.packed_layout(("mask", "auto", "varlen")[levers["varlen"]], model, device,
                                                             dtype, spec["pack_len"])
         notes.append(f"{path} attention ({why})")
+    if levers["budget"] and (levers["ckpt"] != 1 or quant == "int8" and not levers["fast_int8"]):
+        notes.append("budget not applied (it needs ckpt=1, and fast_int8 on int8)")
+    elif levers["budget"] and device.type == "cuda":
+        tokens = spec["tokens_per_batch"] if levers["packing"] else spec["batch_size"] * spec["max_len"]
+        bp = memory.plan(model.config, budget_bytes=levers["budget"] * memory.GIB,
+                        allocated_bytes=torch.cuda.memory_allocated(device),
+                        trainable_params=sum(t.numel() for t in model.parameters() if t.requires_grad), tokens=tokens,
+                        lora_dropout=cfg.peft.dropout, liger=liger,
+                        fused_ce=fused, ce_chunk_size=kernels.DEFAULT_CHUNK, masked=layout != "varlen")
+        memory.checkpoint_layers(model, bp.keep)
+        notes.append(f"budget {levers['budget']} GiB: {bp.keep}/{bp.layers} layers kept, est. peak {bp.peak_gib:.1f} GiB")
     if levers["compile"]:
         notes.append(f"compiled {kernels.compile_decoder_layers(model)} layers")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -128,19 +130,18 @@ def run(spec: Dict, peak) -> Dict:
     model.train()
     reset_peak(device)
     say(f"dialtune {quant} {levers}: {len(batches)} steps")
-    profiled = spec["warmup"] + spec["steps"] + 1  # after the measured steps, outside the meter
     for step, b in enumerate(batches, 1):
-        prof = _profiler(device) if step == profiled else contextlib.nullcontext()
-        with prof:
-            ce, counts = _step(model, opt, b, device, fused, layout)
-            sync(device)
-        if step == profiled:
-            _write_profile(prof, spec, levers, device)
-            continue
-        if step in (1, spec["warmup"] + spec["steps"]):
+        ce, counts = _step(model, opt, b, device, fused, layout)
+        if step in (1, len(batches)):
             losses.append(ce.item() / max(counts["target"], 1))
         meter.step(step, counts)
-    return {**meter.result(model.config, peak), "notes": ", ".join(notes), "loss_first": losses[0], "loss_last": losses[-1]}
+    result = meter.result(model.config, peak)  # before the profiled step: its peak memory and time stay out
+    if spec.get("profile"):  # the last batch once more, under the profiler
+        with _profiler(device) as prof:
+            _step(model, opt, batches[-1], device, fused, layout)
+            sync(device)
+        _write_profile(prof, spec, levers, device)
+    return {**result, "notes": ", ".join(notes), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def _step(model, opt, b, device, fused, layout):
@@ -173,7 +174,7 @@ def _profiler(device):
 
 def _write_profile(prof, spec, levers, device):
     """The top kernels of the profiled step, appended to spec["profile"] under a header naming the row."""
-    sync_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sync_key, row_limit=30, max_name_column_width=70)
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
     with open(spec["profile"], "a") as f:
         f.write(f"\n## {spec['label']} {spec['quant']} {levers}: one step of {spec['tokens_per_batch']} tokens\n\n{table}\n")

@@ -35,7 +35,7 @@ DEADLINE=${DEADLINE:-550}
 # in this order, as long as --time-budget lasts (bench/run.py skips a row that would not fit)
 # (2026-11-28 on an H200 measured hf, dialtune and the varlen/fast_int8/liger/fused_ce/ckpt=2 rows;
 # still to measure: the memory budget at 24 GiB for int8/nf4, no recompute at all, compile)
-WHICH=${WHICH:-hf,dialtune,int8/dialtune:budget=24,nf4/dialtune:budget=24,bf16/dialtune:ckpt=0,bf16/dialtune:budget=70,bf16/dialtune:compile=1,bf16/dialtune:varlen=0,int8/dialtune:fast_int8=0,bf16/dialtune:liger=0}
+WHICH=${WHICH:-hf,dialtune,int8/dialtune:budget=24,nf4/dialtune:budget=24,bf16/dialtune:ckpt=0,bf16/dialtune:budget=40,bf16/dialtune:compile=1,bf16/dialtune:varlen=0,int8/dialtune:fast_int8=0,bf16/dialtune:liger=0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
        WANDB_MODE=disabled

@@ -15,8 +15,8 @@ data_pipeline/sample_data/train.jsonl under the committed tiny tokenizer; random
             model/kernels.py levers; `dialtune:fused_ce=0:liger=0` adds a row with levers changed
 
 Rows run quantization by quantization (every --which item for int8, then for nf4, ...); an item
-written `QUANT/ITEM` (e.g. `int8/dialtune:fast_int8=0`) runs once, for that quantization, after
-all of those: lever rows that --time-budget skips first when time runs short.
+written `QUANT/ITEM` (e.g. `int8/dialtune:fast_int8=0`) runs once, for that quantization (when
+--quant has it), after all of those: lever rows that --time-budget skips first when time runs short.
 
 One table: real (non-pad) tok/s, target tok/s, padded tok/s, peak GPU memory, MFU
 (train/flops.py) and the ratio of real tok/s to the hf row of the same quantization.
@@ -76,9 +76,10 @@ def parse_which(text: str, quants=QUANTS):
 
 
 def plan_rows(which, quants):
-    """[(quant, label, path, levers)]: the unpinned items for each quant in turn, then the pinned ones."""
+    """[(quant, label, path, levers)]: the unpinned items for each quant in turn, then the pinned
+    ones whose quant is among them."""
     rows = [(q, label, path, levers) for q in quants for label, path, levers, pin in which if pin is None]
-    return rows + [(pin, label, path, levers) for label, path, levers, pin in which if pin is not None]
+    return rows + [(pin, label, path, levers) for label, path, levers, pin in which if pin in quants]
 
 
 def run_spec(spec):

@@ -285,7 +285,7 @@ def selective_checkpointing(model, every: int) -> int:
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     layers = decoder_layers(model)
-    if not any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+    if not all(hasattr(layer, "_gradient_checkpointing_func") for layer in layers):
         raise ValueError("gradient checkpointing is not enabled on this model (model.gradient_checkpointing_enable())")
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i % every == 0

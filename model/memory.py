@@ -7,13 +7,15 @@ Liger's kernels run:
 
   layer input (RMSNorm)                         h
   q/k/v LoRA input: dropout(x) + mask, each     1.5 h  x3   (dropout 0: the normed x, once: h)
-  attention q, k, v, out (flash/varlen, SDPA)   2 h + 2 kv
+  attention q, k, v, out (varlen / maskless)   2 h + 2 kv   (with a mask, SDPA gets k and v
+                                                            repeated to every head: 4 h)
   o LoRA input: dropout(out) + mask             1.5 h       (dropout 0: `out` itself: 0)
   post-attention RMSNorm input                  h
   gate/up LoRA input, each                      1.5 h  x2   (dropout 0: h, once)
   SwiGLU gate and up                            2 i
   down LoRA input: dropout(act) + mask          1.5 i       (dropout 0: act: i)
-  without Liger: the two HF RMSNorms keep fp32 copies (+8 h) and SiLU its output (+i)
+  without Liger: each HF RMSNorm keeps an fp32 copy of its input instead (+h each) and SiLU
+  its output (+i)
 
 in elements of the training dtype (h hidden, i intermediate, kv = key/value heads x head dim).
 Measured on an H200 (Llama-3-8B shape, LoRA r16 dropout 0.05 on all 7 projections, Liger, bf16,
@@ -23,9 +25,11 @@ margin is added. The rest of the peak: what is allocated when the plan is made (
 the optimizer's state for the trainable parameters (16 bytes each, not divided by ZeRO), each
 layer's checkpointed input (h), the larger of two layers' activations (the one being recomputed
 and its backward) and the cross-entropy's temporaries (they are not alive at once), and what the
-caller reserves (DeepSpeed's gradient buckets) — which puts the all-checkpointed estimate for the
-measured bf16 run at 18.4 GiB against the 17.6 GiB measured (on the safe side), and the int8 one
-at 11.9 against 11.1.
+caller reserves (the recipe: DeepSpeed's two gradient buckets, 0.37 GiB by default) — which puts
+the all-checkpointed estimate for the measured bf16 run at 18.4 GiB (18.8 with the buckets)
+against the 17.6 GiB measured without DeepSpeed (on the safe side), and the int8 one at 11.9
+(12.3) against 11.1. Not covered (apply_budget says so and leaves every layer checkpointed):
+DoRA, LLM.int8's matmul (kernels.fast_int8=false), ZeRO-3, CPU.
 """
 from __future__ import annotations
 
@@ -40,25 +44,35 @@ CE_BYTES = 10  # per chunk row per vocabulary entry: fp32 logits, their softmax 
 
 
 def _dims(config):
-    h = config.hidden_size
+    """(hidden, intermediate, key/value width, layers) of a decoder config; AttributeError when
+    it has none of the names this knows."""
+    if hasattr(config, "get_text_config"):  # multimodal configs keep the language model's in text_config
+        config = config.get_text_config()
+    h = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if not h or not layers:
+        raise AttributeError(f"{type(config).__name__} names no hidden size or layer count this estimate knows")
     i = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
     return h, i, kv, layers
 
 
-def layer_activation_bytes(config, tokens: int, *, lora_dropout: float, liger: bool, dtype_bytes: int = 2) -> int:
+def layer_activation_bytes(config, tokens: int, *, lora_dropout: float, liger: bool, dtype_bytes: int = 2,
+                           masked: bool = False) -> int:
     """Bytes one decoder layer keeps for its backward pass when it is not checkpointed (the table
-    in the module docstring), times MARGIN."""
+    in the module docstring), times MARGIN. masked: attention through SDPA with a mask (padded
+    batches, packed_attention=mask), which repeats k and v to every head."""
     h, i, kv, _ = _dims(config)
     if lora_dropout > 0:
         per_token = h + 4.5 * h + 2 * h + 2 * kv + 1.5 * h + h + 3 * h + 2 * i + 1.5 * i
     else:
         per_token = h + h + 2 * h + 2 * kv + h + h + 2 * i + i
     if not liger:
-        per_token += 8 * h + i
+        per_token += 2 * h + i
+    if masked:
+        per_token += 2 * (h - kv)
     return int(per_token * dtype_bytes * tokens * MARGIN)
 
 
@@ -81,11 +95,13 @@ class Plan:
 
 
 def plan(config, *, budget_bytes: float, allocated_bytes: int, trainable_params: int, tokens: int, lora_dropout: float,
-         liger: bool, fused_ce: bool, ce_chunk_size: int, dtype_bytes: int = 2, reserved_bytes: int = 0) -> Plan:
+         liger: bool, fused_ce: bool, ce_chunk_size: int, dtype_bytes: int = 2, reserved_bytes: int = 0,
+         masked: bool = False) -> Plan:
     """The most decoder layers that can skip recomputation with the estimated peak (see the module
     docstring) within budget_bytes."""
     h, _, _, layers = _dims(config)
-    per_layer = layer_activation_bytes(config, tokens, lora_dropout=lora_dropout, liger=liger, dtype_bytes=dtype_bytes)
+    per_layer = layer_activation_bytes(config, tokens, lora_dropout=lora_dropout, liger=liger, dtype_bytes=dtype_bytes,
+                                       masked=masked)
     vocab = getattr(config, "vocab_size", 0)
     ce = (min(ce_chunk_size, tokens) if fused_ce else tokens) * vocab * CE_BYTES
     floor = (allocated_bytes + trainable_params * OPTIMIZER_BYTES + layers * tokens * h * dtype_bytes
@@ -100,8 +116,9 @@ def checkpoint_layers(model, keep: int) -> int:
     from model.kernels import decoder_layers
 
     layers = decoder_layers(model)
-    if not any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
-        raise ValueError("gradient checkpointing is not enabled on this model (model.gradient_checkpointing_enable())")
+    if not all(hasattr(layer, "_gradient_checkpointing_func") for layer in layers):
+        raise ValueError("gradient checkpointing is not enabled on this model's decoder layers "
+                         "(model.gradient_checkpointing_enable())")
     n = len(layers)
     keep = max(0, min(n, keep))
     for j, layer in enumerate(layers):
@@ -129,27 +146,42 @@ def budget_problem(budget_gib: float, checkpoint_every: int) -> Optional[str]:
     return None
 
 
-def apply_budget(model, cfg, dev, liger: bool) -> Optional[str]:
+def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
     """kernels.memory_budget_gib for the recipe: plan and apply which decoder layers recompute;
-    returns the sentence to log (None when the budget is off or gradient checkpointing is)."""
+    returns the sentence to log (None when the budget is off). Never raises: a model or setting
+    the estimate does not cover keeps every layer checkpointed, and the sentence says why."""
     import torch
 
+    from model import kernels
     from train.ds_config import mixed_precision
 
     budget = cfg.kernels.memory_budget_gib
-    if budget <= 0 or not cfg.model.gradient_checkpointing:
+    if budget <= 0:
         return None
+    head = f"kernels.memory_budget_gib={budget:g}"
+    if not cfg.model.gradient_checkpointing:
+        return f"{head} has no effect: model.gradient_checkpointing is off, so no layer recomputes anyway"
+    why_not = None
     if dev.type != "cuda":
-        return f"kernels.memory_budget_gib={budget:g} applies on CUDA only: every decoder layer recomputes"
-    if cfg.deepspeed.stage == 3:
-        return (f"kernels.memory_budget_gib={budget:g} is not applied under ZeRO-3 (parameters are partitioned after "
-                "this point, so their memory is not known yet): every decoder layer recomputes")
-    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
-    dtype_bytes = 4 if mixed_precision(cfg) == "fp32" else 2
-    p = plan(model.config, budget_bytes=budget * GIB, allocated_bytes=torch.cuda.memory_allocated(dev),
-             trainable_params=sum(t.numel() for t in model.parameters() if t.requires_grad), tokens=tokens,
-             lora_dropout=cfg.peft.dropout if cfg.peft.method != "none" else 0.0, liger=liger,
-             fused_ce=cfg.kernels.fused_ce, ce_chunk_size=cfg.kernels.ce_chunk_size, dtype_bytes=dtype_bytes,
-             reserved_bytes=2 * cfg.deepspeed.reduce_bucket_size * 4)
-    checkpoint_layers(model, p.keep)
-    return p.describe(budget, tokens)
+        why_not = "it applies on CUDA only"
+    elif cfg.deepspeed.stage == 3:
+        why_not = "not under ZeRO-3 (parameters are partitioned after this point, so their memory is not known yet)"
+    elif cfg.peft.method == "dora":
+        why_not = "DoRA's saved tensors are not in the estimate"
+    elif cfg.quant.mode == "int8" and not cfg.kernels.fast_int8:
+        why_not = "LLM.int8's matmul (kernels.fast_int8=false) saves more than the estimate counts"
+    if why_not is None:
+        try:
+            tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+            no_fused = kernels.fused_ce_unsupported(model) if cfg.kernels.fused_ce else "off"
+            p = plan(model.config, budget_bytes=budget * GIB, allocated_bytes=torch.cuda.memory_allocated(dev),
+                     trainable_params=sum(t.numel() for t in model.parameters() if t.requires_grad), tokens=tokens,
+                     lora_dropout=cfg.peft.dropout if cfg.peft.method != "none" else 0.0, liger=liger,
+                     fused_ce=not no_fused, ce_chunk_size=cfg.kernels.ce_chunk_size,
+                     dtype_bytes=4 if mixed_precision(cfg) == "fp32" else 2,
+                     reserved_bytes=2 * cfg.deepspeed.reduce_bucket_size * 4, masked=masked)
+            checkpoint_layers(model, p.keep)
+            return p.describe(budget, tokens)
+        except (ValueError, AttributeError) as e:
+            why_not = f"this model is not covered ({e})"
+    return f"{head} not applied: {why_not}; every decoder layer recomputes"

@@ -166,7 +166,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             log.info("packed attention: %s (%s)", layout["path"], why)
     if cfg.model.gradient_checkpointing and kc.checkpoint_every > 1:
         kernels.selective_checkpointing(model, kc.checkpoint_every)
-    if (budget_plan := memory.apply_budget(model, cfg, dev, liger)) and is_main:
+    budget_plan = memory.apply_budget(model, cfg, dev, liger, masked=layout["path"] != "varlen")
+    if budget_plan and is_main:
         log.info(budget_plan)
     recomputed = memory.checkpointed_count(model) if cfg.model.gradient_checkpointing else 0
     if kc.compile:
