@@ -196,6 +196,13 @@ def test_resuming_with_other_hyperparameters_is_warned(tmp_path):
     (tmp_path / "checkpoints" / tag).mkdir(parents=True)
     (tmp_path / "checkpoints" / tag / "config.yaml").write_text(OmegaConf.to_yaml(_compose(["optim.lr=1e-4"]), resolve=True))
     assert resume_changes(root, tag, _compose(["optim.lr=1e-4", "train.resume=auto", "logger=none", "train.progress_bar=false"])) is None
+    # a checkpoint from a dialtune without kernels.memory_budget_gib: the new key at its default is no change
+    older = OmegaConf.to_container(_compose(["optim.lr=1e-4"]), resolve=True)
+    del older["kernels"]["memory_budget_gib"]
+    (tmp_path / "checkpoints" / tag / "config.yaml").write_text(OmegaConf.to_yaml(older))
+    assert resume_changes(root, tag, _compose(["optim.lr=1e-4"])) is None
+    assert "kernels.memory_budget_gib None -> 20.0" in resume_changes(root, tag, _compose(["optim.lr=1e-4",
+                                                                                        "kernels.memory_budget_gib=20"]))
     said = resume_changes(root, tag, _compose(["optim.lr=5e-3", "train.resume=auto", "data.seed=3"]))
     assert said.startswith(f"resuming {root}/{tag} with settings that differ from the checkpoint's: data.seed 1234 -> 3, optim.lr 0.0001 -> 0.005;"), said
 

@@ -233,15 +233,18 @@ def resume_changes(root: str, tag: str, cfg, limit: int = 6) -> Optional[str]:
     checkpoint's config.yaml, e.g. a resubmission with another optim.lr; None when there are none."""
     from omegaconf import OmegaConf
 
-    from .config import flatten
+    from .config import DialtuneConfig, flatten
 
     saved = _saved_config(root, tag)
     if saved is None:
         return None
     then = flatten(OmegaConf.to_container(saved, resolve=False))
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    # a setting newer than the checkpoint's dialtune, left at its default, is no change
+    default = flatten(OmegaConf.to_container(OmegaConf.structured(DialtuneConfig), resolve=False))
     changed = [k for k in sorted(set(then) | set(now))
-               if not k.startswith(_ROUTINE) and then.get(k) != now.get(k)]
+               if not k.startswith(_ROUTINE) and then.get(k) != now.get(k)
+               and not (k not in then and k in default and now.get(k) == default[k])]
     if not changed:
         return None
     shown = ", ".join(f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in changed[:limit])
