@@ -183,8 +183,13 @@ def _stream_answer(model, tokenizer, messages, device, args) -> str:
             print(piece, end="", flush=True)
     except KeyboardInterrupt:
         interrupt.stop = True
-        for _ in streamer:  # drain until generate() returns
-            pass
+        try:
+            for _ in streamer:  # drain until generate() returns
+                pass
+            thread.join()
+        except KeyboardInterrupt:  # a second Ctrl-C while it winds down: leave now, quietly
+            print(" [stopped]", flush=True)
+            raise SystemExit(130) from None
         print(" [stopped]", end="")
     thread.join()
     print(flush=True)

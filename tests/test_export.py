@@ -428,3 +428,36 @@ def test_chat_interactive_streams_and_keeps_history(peft_runs, monkeypatch, caps
     assert first == ["Be brief.", "Where is my order?"]
     assert second[:2] == first and len(second) == 4 and second[3] == "It is 42."  # the history, with the answer
     assert third == ["Be brief.", "Thanks"]  # after /reset
+
+
+def test_chat_ctrl_c_stops_the_answer_and_a_second_one_leaves_quietly(peft_runs, monkeypatch, capsys):
+    """Ctrl-C while an answer streams stops that answer (the chat goes on); a second Ctrl-C while
+    generation winds down leaves with exit code 130, not a traceback. The Ctrl-Cs arrive as
+    KeyboardInterrupt in the main thread's loop over the streamer, as SIGINT delivers them."""
+    from argparse import Namespace
+
+    import transformers
+
+    from launch import chat
+
+    model, tok, dev = chat.load(str(peft_runs["lora"]))
+    args = Namespace(system=None, max_new_tokens=64, temperature=0.0, top_p=1.0)
+    messages = [{"role": "user", "content": "Where is my order?"}]
+    presses = []
+
+    class CtrlC(transformers.TextIteratorStreamer):
+        def __next__(self):
+            if len(presses) < want:
+                presses.append(1)
+                raise KeyboardInterrupt
+            return super().__next__()
+
+    monkeypatch.setattr(transformers, "TextIteratorStreamer", CtrlC)
+    want = 1
+    assert isinstance(chat._stream_answer(model, tok, messages, dev, args), str)
+    assert "[stopped]" in capsys.readouterr().out
+    presses.clear()
+    want = 2
+    with pytest.raises(SystemExit) as e:
+        chat._stream_answer(model, tok, messages, dev, args)
+    assert e.value.code == 130 and "[stopped]" in capsys.readouterr().out
