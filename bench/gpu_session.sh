@@ -17,9 +17,10 @@
 #      dialtune, STEPS measured steps after WARMUP: bench.log, bench.jsonl, and RESULTS.md = this
 #      tree's bench/RESULTS.md with the new entry appended (copy it over bench/RESULTS.md);
 #      PROFILE=1: one more step per dialtune row under torch.profiler, its top kernels in profile.txt.
-# Expected time for llama3-8b (an estimate: no session has run it yet): ~1 min setup and tests,
-# ~1-2 min to build and write the random 16 GB base once, then ~1 min per row (process start,
-# load + quantize from the page cache, 8 steps; the hf int8 row is the slowest at ~4 s a step).
+# Time for llama3-8b, measured on an H200 on 2026-11-28 (495 s in all, plus ~40 s to start the
+# machine): setup 40 s, gpu tests 45 s, the random 16 GB base 20 s, then per row (process start,
+# load + quantize from the page cache, 8 steps) 56 s for hf int8, 25 s for the other hf rows,
+# 40-45 s for a dialtune row; 11 rows fit in the default DEADLINE.
 # Rows that would not finish before DEADLINE (seconds after the start, default 550: the call's
 # timeout_s of 600 minus a margin) are reported as skipped or killed in the table instead of losing
 # the whole call; the lever rows come last, so they are the ones dropped when time runs short.
