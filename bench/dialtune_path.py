@@ -30,14 +30,23 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import DTYPES, IGNORE, LORA_TARGETS, Meter, batch_counts, conversations, reset_peak, say, sync
+from model.kernels import DEFAULT_CHUNK
 
 LEVERS = {"packing": 1, "varlen": 1, "fused_ce": 1, "fast_int8": 1, "liger": 1, "ckpt": 1, "compile": 0, "budget": 0}
 
 
 def _config(spec: Dict, levers: Dict) -> SimpleNamespace:
-    """The fields of dialtune's config that model/loader.py reads."""
+    """The fields of dialtune's config that model/loader.py and model/memory.py read."""
     quant = spec["quant"]
+    packed = levers["packing"]
     return SimpleNamespace(
+        kernels=SimpleNamespace(memory_budget_gib=levers["budget"], fused_ce=bool(levers["fused_ce"]),
+                                ce_chunk_size=DEFAULT_CHUNK, fast_int8=bool(levers["fast_int8"])),
+        deepspeed=SimpleNamespace(stage=0, reduce_bucket_size=0),  # no DeepSpeed here: no gradient buckets
+        # a micro-batch: the step's packed rows, or batch_size padded conversations
+        train=SimpleNamespace(micro_batch_size=max(1, spec["tokens_per_batch"] // spec["pack_len"]) if packed
+                              else spec["batch_size"]),
+        data=SimpleNamespace(max_seq_len=spec["pack_len"] if packed else spec["max_len"]),
         quant=SimpleNamespace(mode=quant if quant in ("int8", "nf4") else "none", compute_dtype="bf16",
                               double_quant=True, int8_threshold=6.0),
         model=SimpleNamespace(name_or_path=spec["model_dir"], dtype="fp32" if quant == "fp32" else "bf16",
@@ -107,17 +116,9 @@ def run(spec: Dict, peak) -> Dict:
         path, why, layout, window = attention.packed_layout(("mask", "auto", "varlen")[levers["varlen"]], model, device,
                                                             dtype, spec["pack_len"])
         notes.append(f"{path} attention ({why})")
-    if levers["budget"] and (levers["ckpt"] != 1 or quant == "int8" and not levers["fast_int8"]):
-        notes.append("budget not applied (it needs ckpt=1, and fast_int8 on int8)")
-    elif levers["budget"] and device.type == "cuda":
-        tokens = spec["tokens_per_batch"] if levers["packing"] else spec["batch_size"] * spec["max_len"]
-        bp = memory.plan(model.config, budget_bytes=levers["budget"] * memory.GIB,
-                        allocated_bytes=torch.cuda.memory_allocated(device),
-                        trainable_params=sum(t.numel() for t in model.parameters() if t.requires_grad), tokens=tokens,
-                        lora_dropout=cfg.peft.dropout, liger=liger,
-                        fused_ce=fused, ce_chunk_size=kernels.DEFAULT_CHUNK, masked=layout != "varlen")
-        memory.checkpoint_layers(model, bp.keep)
-        notes.append(f"budget {levers['budget']} GiB: {bp.keep}/{bp.layers} layers kept, est. peak {bp.peak_gib:.1f} GiB")
+    if levers["budget"]:  # as the recipe applies kernels.memory_budget_gib
+        notes.append(memory.apply_budget(model, cfg, device, liger, masked=layout != "varlen")
+                     if levers["ckpt"] == 1 else "budget not applied: it needs ckpt=1")
     if levers["compile"]:
         notes.append(f"compiled {kernels.compile_decoder_layers(model)} layers")
     trainable = [p for p in model.parameters() if p.requires_grad]
