@@ -215,7 +215,7 @@ def main(argv=None):
     if args.warmup < 1 or args.steps < 1:
         ap.error("--warmup and --steps must be >= 1")
     try:
-        which = parse_which(args.which, QUANTS)
+        which = parse_which(args.which)
     except ValueError as e:
         ap.error(str(e))
     args.pack_len = args.pack_len or args.tokens_per_batch

@@ -278,18 +278,44 @@ def decoder_layers(model) -> nn.ModuleList:
     raise ValueError(f"no decoder layer list found in {type(backbone).__name__}")
 
 
-def selective_checkpointing(model, every: int) -> int:
-    """Keep activation checkpointing on every `every`-th decoder layer only (1: all layers, as
-    gradient_checkpointing_enable does); the others store their activations, trading memory for
-    less recomputation. Needs gradient checkpointing enabled first. Returns the checkpointed count."""
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
+def _recompute(model, flags) -> int:
+    """Set each decoder layer's gradient checkpointing from flags(n) (n booleans; the others
+    store their activations); returns the checkpointed count. Needs gradient checkpointing
+    enabled first (model.gradient_checkpointing_enable())."""
     layers = decoder_layers(model)
     if not all(hasattr(layer, "_gradient_checkpointing_func") for layer in layers):
         raise ValueError("gradient checkpointing is not enabled on this model (model.gradient_checkpointing_enable())")
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i % every == 0
+    for layer, flag in zip(layers, flags(len(layers))):
+        layer.gradient_checkpointing = flag
     return sum(1 for layer in layers if layer.gradient_checkpointing)
+
+
+def selective_checkpointing(model, every: int) -> int:
+    """Keep activation checkpointing on every `every`-th decoder layer only (1: all layers, as
+    gradient_checkpointing_enable does); the others store their activations, trading memory for
+    less recomputation. Returns the checkpointed count."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    return _recompute(model, lambda n: [i % every == 0 for i in range(n)])
+
+
+def checkpoint_layers(model, keep: int) -> int:
+    """Leave `keep` decoder layers un-checkpointed, spread evenly over the depth; the others
+    recompute. Returns the checkpointed count."""
+    def flags(n):
+        k = max(0, min(n, keep))
+        # layer j is kept when the running share of kept layers steps up at j (Bresenham spacing)
+        return [(j + 1) * k // n == j * k // n for j in range(n)]
+
+    return _recompute(model, flags)
+
+
+def checkpointed_count(model) -> Optional[int]:
+    """Decoder layers that recompute their activations (None: no decoder layer list found)."""
+    try:
+        return sum(1 for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False))
+    except ValueError:
+        return None
 
 
 def compile_decoder_layers(model, **compile_kwargs) -> int:

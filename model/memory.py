@@ -110,33 +110,6 @@ def plan(config, *, budget_bytes: float, allocated_bytes: int, trainable_params:
     return Plan(keep, layers, per_layer / GIB, (floor + keep * per_layer) / GIB, floor / GIB)
 
 
-def checkpoint_layers(model, keep: int) -> int:
-    """Leave `keep` decoder layers un-checkpointed, spread evenly over the depth; the others
-    recompute (gradient checkpointing must be enabled first). Returns the checkpointed count."""
-    from model.kernels import decoder_layers
-
-    layers = decoder_layers(model)
-    if not all(hasattr(layer, "_gradient_checkpointing_func") for layer in layers):
-        raise ValueError("gradient checkpointing is not enabled on this model's decoder layers "
-                         "(model.gradient_checkpointing_enable())")
-    n = len(layers)
-    keep = max(0, min(n, keep))
-    for j, layer in enumerate(layers):
-        # layer j is kept when the running share of kept layers steps up at j (Bresenham spacing)
-        layer.gradient_checkpointing = (j + 1) * keep // n == j * keep // n
-    return sum(1 for layer in layers if layer.gradient_checkpointing)
-
-
-def checkpointed_count(model) -> Optional[int]:
-    """Decoder layers that recompute their activations (None: no decoder layer list found)."""
-    from model.kernels import decoder_layers
-
-    try:
-        return sum(1 for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False))
-    except ValueError:
-        return None
-
-
 def budget_problem(budget_gib: float, checkpoint_every: int) -> Optional[str]:
     if budget_gib < 0:
         return f"kernels.memory_budget_gib={budget_gib:g} is negative; use 0 (off) or the GiB each GPU may use."
@@ -180,7 +153,7 @@ def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
                      fused_ce=not no_fused, ce_chunk_size=cfg.kernels.ce_chunk_size,
                      dtype_bytes=4 if mixed_precision(cfg) == "fp32" else 2,
                      reserved_bytes=2 * cfg.deepspeed.reduce_bucket_size * 4, masked=masked)
-            checkpoint_layers(model, p.keep)
+            kernels.checkpoint_layers(model, p.keep)
             return p.describe(budget, tokens)
         except (ValueError, AttributeError) as e:
             why_not = f"this model is not covered ({e})"

@@ -3,7 +3,7 @@ Llama-3-8B measurements of bench/RESULTS.md (H200, 2026-11-28), and the layer ch
 import pytest
 import torch
 
-from model import memory
+from model import kernels, memory
 
 GIB = 2**30
 LORA_PARAMS = 41_943_040  # LoRA r16 on the 7 projections of Llama-3-8B
@@ -86,7 +86,7 @@ def test_checkpoint_layers_spreads_the_kept_layers_and_keeps_the_gradients():
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     want = _grads(model, ids)  # every layer recomputed
     layers = model.model.layers
-    assert memory.checkpoint_layers(model, 2) == 3
+    assert kernels.checkpoint_layers(model, 2) == 3
     assert [layer.gradient_checkpointing for layer in layers] == [True, True, False, True, False]
     calls = [0] * len(layers)
     for j, layer in enumerate(layers):  # an inner module: the recompute runs the layer's forward again
@@ -98,11 +98,11 @@ def test_checkpoint_layers_spreads_the_kept_layers_and_keeps_the_gradients():
     for n in (1, 5, 7, 32):
         m = _tiny(n)
         for keep in range(n + 1):
-            assert memory.checkpoint_layers(m, keep) == n - keep and memory.checkpointed_count(m) == n - keep
+            assert kernels.checkpoint_layers(m, keep) == n - keep and kernels.checkpointed_count(m) == n - keep
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with pytest.raises(ValueError, match="not enabled"):
-        memory.checkpoint_layers(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        kernels.checkpoint_layers(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                               num_hidden_layers=2, num_attention_heads=4)), 1)
 
 
@@ -127,7 +127,7 @@ def test_apply_budget_plans_on_cuda_and_says_why_not_elsewhere(monkeypatch):
                       (dict(quant__mode="int8", kernels__fast_int8=False), "LLM.int8")):
         dev = torch.device("cpu") if not over else cuda
         msg = memory.apply_budget(model, _cfg(**over), dev, True, masked=False)
-        assert why in msg and "every decoder layer recomputes" in msg and memory.checkpointed_count(model) == 8
+        assert why in msg and "every decoder layer recomputes" in msg and kernels.checkpointed_count(model) == 8
     assert "has no effect" in memory.apply_budget(model, _cfg(model__gradient_checkpointing=False), cuda, True, False)
     # on "CUDA": the tiny model's layers hold ~11 MB each at 2 x 4096 tokens; 0.37 GiB of DeepSpeed buckets
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 10 * 2**20)
@@ -137,4 +137,4 @@ def test_apply_budget_plans_on_cuda_and_says_why_not_elsewhere(monkeypatch):
                     trainable_params=sum(t.numel() for t in model.parameters()), tokens=8192, lora_dropout=0.05,
                     liger=True, fused_ce=True, ce_chunk_size=1024, reserved_bytes=400_000_000)
     assert 0 < p.keep < 8 and f"{p.keep} of 8 decoder layers keep their activations" in msg, (msg, per_layer)
-    assert memory.checkpointed_count(model) == 8 - p.keep
+    assert kernels.checkpointed_count(model) == 8 - p.keep

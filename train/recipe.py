@@ -169,7 +169,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     budget_plan = memory.apply_budget(model, cfg, dev, liger, masked=layout["path"] != "varlen")
     if budget_plan and is_main:
         log.info(budget_plan)
-    recomputed = memory.checkpointed_count(model) if cfg.model.gradient_checkpointing else 0
+    recomputed = kernels.checkpointed_count(model) if cfg.model.gradient_checkpointing else 0
     if kc.compile:
         kernels.compile_decoder_layers(model)
     model_config = model.config
