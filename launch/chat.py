@@ -1,20 +1,22 @@
 """`dialtune chat`: talk to a merged checkpoint with its own chat template.
 
     dialtune chat outputs/demo                       # a run directory: its merged/ checkpoint
-    dialtune chat outputs/demo/merged --system "You are the support agent of Acme."
+    dialtune chat outputs/demo/merged --system "You are the support agent of Acme."   # default: the run's own
     dialtune chat outputs/demo --prompt "Where is my order?" --max-new-tokens 64   # one answer, for scripts
 
 Interactive mode streams the answer token by token and keeps the conversation (`/reset` starts
 over, `/exit` or Ctrl-D leaves, Ctrl-C stops the answer being written). Generation stops at the
 checkpoint's generation_config eos tokens, which include the end-of-turn token (`<|im_end|>`
-for the tiny tokenizer). `--temperature 0` (the default) is greedy decoding.
+for the tiny tokenizer). `--temperature 0` (the default) is greedy decoding. Without --system, the
+system prompt the run's training sources set (data.sources[].system_prompt) is used when all of
+them set the same one, as the model saw it in training (stderr says so).
 """
 from __future__ import annotations
 
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 
 class ChatError(Exception):
@@ -25,7 +27,9 @@ def add_parser(sub) -> None:
     c = sub.add_parser("chat", help="chat with a merged checkpoint (or a run directory's merged/)")
     c.add_argument("checkpoint", help="merged checkpoint directory, or a run directory (uses its merged/)")
     c.add_argument("--prompt", default=None, help="answer this one user message on stdout and exit (non-interactive)")
-    c.add_argument("--system", default=None, help="system message put first in the conversation")
+    c.add_argument("--system", default=None,
+                   help="system message put first in the conversation (default: the system prompt the run's "
+                        "training data.sources set, when all set the same one; --system '' for none)")
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
@@ -45,6 +49,48 @@ def resolve_checkpoint(path: str) -> Path:
     if (p / "config.yaml").is_file():
         raise ChatError(f"run directory {path} has no merged checkpoint yet; write one with `dialtune merge {path}`.")
     raise ChatError(f"{path} is neither a merged checkpoint (no config.json) nor a dialtune run directory with merged/.")
+
+
+def run_system_prompt(path: str) -> Tuple[Optional[str], str]:
+    """(prompt, note) for chatting with the checkpoint at path as it was trained: the system prompt
+    that its run's training sources put first (data.sources[].system_prompt), when all of them set
+    the same one. The run is the directory that holds merged/ (else the one export_summary.json
+    names); the note says what was used or why nothing was, for stderr ("" when none was set)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    ckpt = resolve_checkpoint(path)
+    run_dir = ckpt.parent
+    summary = ckpt / "export_summary.json"
+    if not (run_dir / "config.yaml").is_file() and summary.is_file():  # merged with --out elsewhere
+        try:
+            run_dir = Path(json.loads(summary.read_text()).get("run_dir") or run_dir)
+        except (ValueError, OSError, AttributeError):
+            pass
+    if not (run_dir / "config.yaml").is_file():
+        return None, ""
+    try:
+        data = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "data", default=None)
+        sources = list(data.get("sources") or []) if data is not None else []
+        plain_files = len(data.get("train_files") or []) if data is not None else 0
+    except Exception:  # noqa: BLE001 - an unreadable run config only costs the default
+        return None, ""
+    prompts, without = {}, plain_files
+    for i, src in enumerate(sources):
+        if src.get("split", "train") != "train":
+            continue
+        if src.get("system_prompt"):
+            prompts.setdefault(src.system_prompt, f"data.sources[{i}].system_prompt")
+        else:
+            without += 1
+    if len(prompts) == 1 and not without:
+        ((prompt, field),) = prompts.items()
+        return prompt, f"using the run's system prompt ({field} in {run_dir / 'config.yaml'}); --system '' chats without one"
+    if prompts:
+        return None, (f"the run's training sources set {len(prompts)} system prompt(s) ({', '.join(prompts.values())})"
+                      f"{f' and {without} set none' if without else ''}; none is used: pick one with --system")
+    return None, ""
 
 
 def load(path: str, device: Optional[str] = None):
@@ -237,6 +283,10 @@ def cmd_chat(args) -> int:
     except ChatError as e:
         print(f"dialtune: error: {e}", file=sys.stderr)
         return 2
+    if args.system is None:
+        args.system, note = run_system_prompt(args.checkpoint)
+        if note:
+            print(f"dialtune chat: {note}", file=sys.stderr)
     if args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.prompt}]

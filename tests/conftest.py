@@ -70,3 +70,31 @@ def read_metrics(run_dir):
 
 def train_losses(run_dir):
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+# Two-step runs with a large learning rate (optim.lr=5e-2, peft.dropout=0) so that the adapter
+# moves the logits by ~1: test_export compares merges with them, test_chat talks to them.
+EXPORT_FAST = ["train.max_steps=2", "data.max_seq_len=512", "eval.at_end=[lm]", "train.micro_batch_size=2",
+               "train.grad_accum=1", "logger=none", "optim.lr=5e-2", "peft.dropout=0", "export.eval_conversations=8"]
+PEFTS = ["lora", "dora", "rslora"]
+
+
+def sweep_runs(root, name, values_key):
+    """{value: run_dir} of a Hydra multirun, read back from each job's config.yaml."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for job in sorted((root / f"{name}-sweep").iterdir()):
+        if (job / "config.yaml").is_file():
+            out[OmegaConf.select(OmegaConf.load(job / "config.yaml"), values_key)] = job
+    return out
+
+
+@pytest.fixture(scope="session")
+def peft_runs(tmp_path_factory):
+    """{method: run_dir} for lora, dora and rslora, each with its merged/ checkpoint (fp32)."""
+    root = tmp_path_factory.mktemp("export_peft")
+    train(["-m", "peft=" + ",".join(PEFTS), "run.name=peft", "model.dtype=fp32"] + EXPORT_FAST, root)
+    runs = sweep_runs(root, "peft", "peft.method")
+    assert sorted(runs) == sorted(PEFTS)
+    return runs

@@ -1,4 +1,4 @@
-"""Merge, export and chat on CPU with the embedded tiny model.
+"""Merge and export on CPU with the embedded tiny model.
 
 Two-step runs with a large learning rate (optim.lr=5e-2, peft.dropout=0) so that the adapter
 moves the logits by ~1 (the comparisons below would prove nothing if it left them alone):
@@ -9,8 +9,8 @@ moves the logits by ~1 (the comparisons below would prove nothing if it left the
   (this tiny model's bound; reported, not checked, by the export) and closer to it than the merge
   into the original base (`dialtune merge --base original`);
 - `--hub-repo-id`: a push-ready directory (Hub metadata, no local paths, LFS attributes);
-- export_summary.json holds the held-out losses, the model card names base and license;
-- `dialtune chat` answers in --prompt mode and generation stops at the end-of-turn token.
+- export_summary.json holds the held-out losses, the model card names base and license.
+(`dialtune chat` on the same runs: test_chat.py.)
 """
 import hashlib
 import json
@@ -21,37 +21,15 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_env, train
+from tests.conftest import EXPORT_FAST as FAST
+from tests.conftest import PEFTS, ROOT, run_env, sweep_runs, train
 
 pytestmark = pytest.mark.slow
 
-FAST = ["train.max_steps=2", "data.max_seq_len=512", "eval.at_end=[lm]", "train.micro_batch_size=2", "train.grad_accum=1", "logger=none", "optim.lr=5e-2",
-        "peft.dropout=0", "export.eval_conversations=8"]
-PEFTS = ["lora", "dora", "rslora"]
 # max |logit difference| of the dequantized merge from the adapter on the quantized base, as
 # measured on this tiny model (0.004-0.010 over seeds and methods; model/export.py's docstring)
 TINY_AS_TRAINED_BOUND = 0.05
 QUANTS = ["int8", "nf4"]
-
-
-def _sweep(root, name, values_key):
-    """{value: run_dir} of a Hydra multirun, read back from each job's config.yaml."""
-    from omegaconf import OmegaConf
-
-    out = {}
-    for job in sorted((root / f"{name}-sweep").iterdir()):
-        if (job / "config.yaml").is_file():
-            out[OmegaConf.select(OmegaConf.load(job / "config.yaml"), values_key)] = job
-    return out
-
-
-@pytest.fixture(scope="module")
-def peft_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_peft")
-    train(["-m", "peft=" + ",".join(PEFTS), "run.name=peft", "model.dtype=fp32"] + FAST, root)
-    runs = _sweep(root, "peft", "peft.method")
-    assert sorted(runs) == sorted(PEFTS)
-    return runs
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +40,7 @@ def quant_runs(tmp_path_factory):
     # further in 2 steps at lr 5e-2; test_cli trains the recipes as shipped, packed)
     train(["-m", "recipe=lora_int8,qlora_nf4", "run.name=quant", "export.base=dequantized", "export.dtype=fp32",
            "data.packing=false"] + FAST, root)
-    runs = _sweep(root, "quant", "quant.mode")
+    runs = sweep_runs(root, "quant", "quant.mode")
     assert sorted(runs) == sorted(QUANTS)
     return runs
 
@@ -341,123 +319,3 @@ def test_bad_hub_repo_id_is_one_sentence(peft_runs, tmp_path):
     with pytest.raises(ExportError, match="export.hub_repo_id='a/b/c': Repo id must be in the form"):  # a run's config
         merge(str(_adapter(peft_runs["lora"])), str(tmp_path / "y"), hub_repo_id="a/b/c")
     assert not (tmp_path / "y").exists()
-
-
-# ---- chat --------------------------------------------------------------------------------------
-
-def test_chat_prompt_mode(peft_runs):
-    proc = _cli("chat", peft_runs["lora"] / "merged", "--prompt", "Where is my order?", "--max-new-tokens", "20",
-                "--system", "You are the support agent of Acme.")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip()
-    assert "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize("what", ["missing", "no_merged", "not_a_checkpoint"])
-def test_chat_bad_checkpoint_is_one_sentence(peft_runs, tmp_path, what):
-    path = {"missing": tmp_path / "nope", "no_merged": tmp_path, "not_a_checkpoint": tmp_path}[what]
-    if what == "no_merged":
-        (tmp_path / "config.yaml").write_text("model: {}\n")
-    proc = _cli("chat", path, "--prompt", "hi", timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("dialtune: error:")]
-    assert len(errors) == 1, proc.stderr
-
-
-def test_generation_stops_at_end_of_turn(peft_runs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
-
-    from launch.chat import answer, encode, generation_kwargs
-
-    merged_dir = peft_runs["lora"] / "merged"
-    tok = AutoTokenizer.from_pretrained(merged_dir)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    eot = tok.convert_tokens_to_ids("<|im_end|>")
-    gen = GenerationConfig.from_pretrained(merged_dir)
-    assert eot in gen.eos_token_id and tok.eos_token_id in gen.eos_token_id
-    messages = [{"role": "user", "content": "Where is my order?"}]
-    inputs = encode(tok, messages, torch.device("cpu"))
-    n = inputs["input_ids"].shape[1]
-    assert tok.decode(inputs["input_ids"][0]).endswith("<|im_start|>assistant\n")  # add_generation_prompt
-
-    # as the chat command generates: ends with the end-of-turn id, or ran to max_new_tokens
-    with torch.no_grad():
-        out = model.generate(**inputs, **generation_kwargs(model, tok, 20, 0.0))[0, n:].tolist()
-    assert (out[-1] in gen.eos_token_id) or len(out) == 20
-    assert not any(t in gen.eos_token_id for t in out[:-1])
-
-    class ForceEot(LogitsProcessor):
-        """Make the 6th new token <|im_end|>: generation must stop right there."""
-
-        def __call__(self, input_ids, scores):
-            if input_ids.shape[1] == n + 5:
-                scores[:] = -float("inf")
-                scores[:, eot] = 0.0
-            return scores
-
-    forced = LogitsProcessorList([ForceEot()])
-    with torch.no_grad():
-        out = model.generate(**inputs, logits_processor=forced, **generation_kwargs(model, tok, 20, 0.0))[0, n:].tolist()
-    assert len(out) == 6 and out[-1] == eot
-    # the control: without the end-of-turn token among the eos ids, the same run goes on to 20
-    kwargs = generation_kwargs(model, tok, 20, 0.0)
-    kwargs["generation_config"].eos_token_id = tok.eos_token_id
-    with torch.no_grad():
-        out = model.generate(**inputs, logits_processor=forced, **kwargs)[0, n:].tolist()
-    assert len(out) == 20 and out[5] == eot
-    assert isinstance(answer(model, tok, messages, torch.device("cpu"), max_new_tokens=5), str)
-
-
-def test_chat_interactive_streams_and_keeps_history(peft_runs, monkeypatch, capsys):
-    import io
-    from argparse import Namespace
-
-    from launch import chat
-
-    model, tok, dev = chat.load(str(peft_runs["lora"]))  # a run directory: its merged/
-    seen = []
-    real_encode = chat.encode
-    monkeypatch.setattr(chat, "encode", lambda t, messages, d: seen.append([m["content"] for m in messages]) or real_encode(t, messages, d))
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Where is my order?\nIt is 42.\n/reset\nThanks\n"))
-    args = Namespace(system="Be brief.", max_new_tokens=4, temperature=0.0, top_p=1.0)
-    assert chat.interactive(model, tok, dev, args) == 0
-    out = capsys.readouterr()
-    assert len([line for line in out.out.splitlines() if line.strip()]) == 3  # three streamed answers
-    assert "conversation cleared" in out.err
-    first, second, third = seen
-    assert first == ["Be brief.", "Where is my order?"]
-    assert second[:2] == first and len(second) == 4 and second[3] == "It is 42."  # the history, with the answer
-    assert third == ["Be brief.", "Thanks"]  # after /reset
-
-
-def test_chat_ctrl_c_stops_the_answer_and_a_second_one_leaves_quietly(peft_runs, monkeypatch, capsys):
-    """Ctrl-C while an answer streams stops that answer (the chat goes on); a second Ctrl-C while
-    generation winds down leaves with exit code 130, not a traceback. The Ctrl-Cs arrive as
-    KeyboardInterrupt in the main thread's loop over the streamer, as SIGINT delivers them."""
-    from argparse import Namespace
-
-    import transformers
-
-    from launch import chat
-
-    model, tok, dev = chat.load(str(peft_runs["lora"]))
-    args = Namespace(system=None, max_new_tokens=64, temperature=0.0, top_p=1.0)
-    messages = [{"role": "user", "content": "Where is my order?"}]
-    presses = []
-
-    class CtrlC(transformers.TextIteratorStreamer):
-        def __next__(self):
-            if len(presses) < want:
-                presses.append(1)
-                raise KeyboardInterrupt
-            return super().__next__()
-
-    monkeypatch.setattr(transformers, "TextIteratorStreamer", CtrlC)
-    want = 1
-    assert isinstance(chat._stream_answer(model, tok, messages, dev, args), str)
-    assert "[stopped]" in capsys.readouterr().out
-    presses.clear()
-    want = 2
-    with pytest.raises(SystemExit) as e:
-        chat._stream_answer(model, tok, messages, dev, args)
-    assert e.value.code == 130 and "[stopped]" in capsys.readouterr().out
