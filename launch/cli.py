@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -112,6 +113,9 @@ def cmd_merge(args) -> int:
             return 2
     from model.export import ExportError, merge, merge_options
     from omegaconf import OmegaConf
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the merge's phases, on stderr
+    logging.getLogger("dialtune").setLevel(logging.INFO)
 
     run_dir = Path(args.run_dir)
     cfg_path = run_dir / "config.yaml"

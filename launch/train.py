@@ -119,9 +119,20 @@ def task(cfg) -> None:
                 summary["merged"] = merged_dir  # merged when the run finished; `dialtune merge` redoes it on purpose
             elif cfg.export.merge_at_end and cfg.peft.method != "none" and summary["finished"]:
                 from model.export import merge, merge_options
+                from train.signals import Stopped, ignore_further, stopping
 
-                merge(summary["adapter"], merged_dir, base_path=summary["base"], run_dir=run_dir,
-                      end_of_turn_token=cfg.model.end_of_turn_token, **merge_options(cfg.export))
+                try:
+                    with stopping():
+                        merge(summary["adapter"], merged_dir, base_path=summary["base"], run_dir=run_dir,
+                              end_of_turn_token=cfg.model.end_of_turn_token, **merge_options(cfg.export))
+                except Stopped as e:
+                    ignore_further()
+                    print_summary(summary)
+                    then = ("the requeued job (train.resume=auto) writes it" if e.signal_name == "SIGUSR1" else
+                            f"write it with `dialtune merge {run_dir}`")
+                    print(f"dialtune: {e.signal_name} after the last step: training is finished and saved, the merged checkpoint "
+                          f"was not written; {then} (exit {e.exit_code})", flush=True)
+                    sys.exit(e.exit_code)
                 summary["merged"] = merged_dir
                 summary["hub_repo_id"] = cfg.export.hub_repo_id
             print_summary(summary)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -61,6 +62,7 @@ from .card import GITATTRIBUTES, model_card, public_summary, repo_id_problem
 from .dequantize import dequantize_, fast_int8
 from .loader import DTYPES
 
+log = logging.getLogger("dialtune")
 ORIGINAL, DEQUANTIZED = "original", "dequantized"
 BASES = (ORIGINAL, DEQUANTIZED)
 ORIGINAL_TOLERANCE = 1e-4
@@ -288,10 +290,12 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
         if eval_set is not None:
             losses[f"merged_{name}"] = eval_loss(merged, eval_set)
         if name == base:
+            log.info("merge: %s merge verified (max |logit diff| %.2g against %s); writing it in %s", name, diff, ref_name, dtype)
             merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
 
     try:
         if stream:  # too large to hold: tensor by tensor, no logits check
+            log.info("merge: the %.0f GB fp32 base is merged tensor by tensor into %s", size_gb, tmp)
             try:
                 streamed = merge_to_dir(adapter_dir, base_path, tmp, out_dtype, max_shard_size)
             except MergeError as e:
@@ -301,6 +305,8 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
         # 1. the adapter on the base as trained (quantized if the run was): reference + loss
         q_ref = None
         if not stream and cfg is not None and (quant != "none" or eval_set is not None):
+            log.info("merge: the adapter on the base as trained (%s): reference logits%s", quant if quant != "none" else cfg.model.dtype,
+                     f" and the loss on {eval_set['conversations']} held-out conversations" if eval_set is not None else "")
             model = PeftModel.from_pretrained(load_trained_base(cfg, base_path, tokenizer), adapter_dir).eval()
             if fast_int8(cfg):  # the run trained through bf16 GEMMs of the dequantized int8 weights
                 from .kernels import dequantize_int8_linears
@@ -313,6 +319,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
                 losses["adapter"] = eval_loss(model, eval_set)
             # 2. merge into the dequantized round trip of that very base
             if quant != "none" and (base == DEQUANTIZED or eval_set is not None):
+                log.info("merge: into the dequantized %s base", quant)
                 deq = model.unload()
                 dequantized = dequantize_(deq)
                 if base == DEQUANTIZED and dequantized["max_rel_error"] > dequantize_error:
@@ -332,6 +339,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
 
         # 3. merge into the original full-precision base
         if not stream and (base == ORIGINAL or eval_set is not None):
+            log.info("merge: into the original base %s (fp32)", base_path)
             model = PeftModel.from_pretrained(load_fp32_base(base_path, tokenizer, cfg), adapter_dir).eval()
             ref = _logits(model, batch)
             merged = model.merge_and_unload()

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -76,3 +77,57 @@ def test_sigterm_before_training_starts_exits_at_once():
     flag.armed = True
     flag(signal.SIGTERM, None)
     assert flag.term
+
+
+def test_stopping_raises_for_a_signal_that_came_before_or_comes_during_the_block():
+    from train import signals
+
+    flag = signals.install()
+    try:
+        flag(signal.SIGUSR1, None)  # arrived after the loop's last look (during the final eval or save)
+        with pytest.raises(signals.Stopped) as stopped:
+            with signals.stopping():
+                raise AssertionError("the block must not start")
+        assert stopped.value.signal_name == "SIGUSR1" and stopped.value.exit_code == REQUEUE_EXIT_CODE
+        flag.usr1 = False
+        with pytest.raises(signals.Stopped) as stopped:
+            with signals.stopping():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        assert stopped.value.signal_name == "SIGTERM" and stopped.value.exit_code == TERM_EXIT_CODE
+        assert signal.getsignal(signal.SIGTERM) is flag and signal.getsignal(signal.SIGUSR1) is flag  # handlers restored
+    finally:
+        signals._installed = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def test_sigusr1_during_the_final_merge_leaves_no_merge_and_the_requeued_job_writes_it(tmp_path):
+    """The run finished and saved; SIGUSR1 while the merge runs (it can take minutes on a real
+    model) aborts the merge, leaves nothing half-written, and exits 85: the requeued job
+    (train.resume=auto) finds the finished run and writes the merge."""
+    from tests.conftest import TRAIN_PY
+
+    args = [f"run.root={tmp_path}", "train.progress_bar=false", "recipe=demo", "train.max_steps=2", "logger=none",
+            "eval.every_n_steps=0", "eval.at_end=[lm]", "data.eval_files=[]", "export.eval_conversations=64", "run.name=m"]
+    run = tmp_path / "m"
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args], env=run_env(1), cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "merge: " in line:  # the merge's first phase has begun
+            os.kill(proc.pid, signal.SIGUSR1)
+            break
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == REQUEUE_EXIT_CODE, out[-3000:]
+    assert "SIGUSR1 after the last step: training is finished and saved, the merged checkpoint was not written; " \
+           "the requeued job (train.resume=auto) writes it (exit 85)" in out
+    assert "Traceback" not in out
+    assert not (run / "merged").exists() and not (run / "merged.tmp").exists()
+    assert json.loads((run / "summary.json").read_text())["finished"]
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), *args, "train.resume=auto"], env=run_env(1), cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run / "merged" / "export_summary.json").is_file() and (run / "merged" / "model.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2]  # nothing trained twice

@@ -2,10 +2,18 @@
 (all ranks agree through the step's all-reduce) and saves. After SIGUSR1 (SLURM's warning before
 the time limit) the process exits with REQUEUE_EXIT_CODE so the SLURM script requeues the job;
 after SIGTERM alone (scancel, preemption, a plain `kill`) it exits TERM_EXIT_CODE and asks for
-nothing: a cancelled job must stay cancelled."""
+nothing: a cancelled job must stay cancelled.
+
+The merge at the end of a finished run is not a step: a signal that arrives after the last step
+boundary (during the final eval, the save) or during the merge stops the merge instead (see
+`stopping`), and the process exits with the same codes: the requeued job (train.resume=auto)
+finds the run finished and writes the merge with a fresh time allocation.
+"""
 from __future__ import annotations
 
+import contextlib
 import signal
+from typing import Iterator, Optional
 
 REQUEUE_EXIT_CODE = 85
 TERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a process killed by SIGTERM reports
@@ -29,11 +37,47 @@ class StopFlag:
             self.term = True
 
 
+_installed: Optional[StopFlag] = None
+
+
 def install() -> StopFlag:
-    flag = StopFlag()
+    global _installed
+    flag = _installed = StopFlag()
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, flag)
     return flag
+
+
+class Stopped(BaseException):
+    """Raised by `stopping` for SIGUSR1/SIGTERM; a BaseException, as KeyboardInterrupt is, so that
+    no library's `except Exception` swallows it. `signal_name`: "SIGUSR1" or "SIGTERM"."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        return REQUEUE_EXIT_CODE if self.signal_name == "SIGUSR1" else TERM_EXIT_CODE
+
+
+@contextlib.contextmanager
+def stopping() -> Iterator[None]:
+    """Run the block (the final merge) so that SIGUSR1/SIGTERM abort it with Stopped: at once when
+    one already reached the installed flag after the training loop's last look, else when it
+    arrives. The previous handlers come back afterwards."""
+    if _installed is not None and (_installed.usr1 or _installed.term):
+        raise Stopped("SIGUSR1" if _installed.usr1 else "SIGTERM")
+
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def ignore_further() -> None:
