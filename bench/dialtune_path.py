@@ -15,7 +15,7 @@ Levers (spec["levers"]), each 1/0 unless noted:
   liger     Liger RMSNorm/SwiGLU/RoPE when importable on CUDA
   ckpt      activation checkpointing on every k-th layer: 1 all, 0 none, k > 1 selective
   compile   torch.compile each decoder layer
-  budget    GiB (0: off): as many layers as fit keep their activations (kernels.memory_budget_gib,
+  budget    GiB or auto (0: off): as many layers as fit keep their activations (kernels.memory_budget_gib,
             model/memory.py); with ckpt 1
 """
 from __future__ import annotations

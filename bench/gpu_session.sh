@@ -35,8 +35,9 @@ DEADLINE=${DEADLINE:-550}
 # hf and dialtune for each quantization, then one row per lever changed (QUANT/ITEM: that quant only),
 # in this order, as long as --time-budget lasts (bench/run.py skips a row that would not fit)
 # (2026-11-28 on an H200 measured hf, dialtune and the varlen/fast_int8/liger/fused_ce/ckpt=2 rows;
-# still to measure: the memory budget at 24 GiB for int8/nf4, no recompute at all, compile)
-WHICH=${WHICH:-hf,dialtune,int8/dialtune:budget=24,nf4/dialtune:budget=24,bf16/dialtune:ckpt=0,bf16/dialtune:budget=40,bf16/dialtune:compile=1,bf16/dialtune:varlen=0,int8/dialtune:fast_int8=0,bf16/dialtune:liger=0}
+# still to measure: the memory budget at 24 GiB for int8/nf4, budget=auto (on an H200 every layer fits:
+# no recompute at all, and the auto budget's first real run), compile)
+WHICH=${WHICH:-hf,dialtune,int8/dialtune:budget=24,nf4/dialtune:budget=24,bf16/dialtune:budget=auto,bf16/dialtune:budget=40,bf16/dialtune:compile=1,bf16/dialtune:varlen=0,int8/dialtune:fast_int8=0,bf16/dialtune:liger=0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
        WANDB_MODE=disabled

@@ -68,8 +68,11 @@ def parse_which(text: str, quants=QUANTS):
         levers = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
+            if key == "budget" and value == "auto":
+                levers[key] = value
+                continue
             if key not in LEVERS or not value.isdigit():
-                raise ValueError(f"--which item {item!r}: levers are {', '.join(LEVERS)} with integer values")
+                raise ValueError(f"--which item {item!r}: levers are {', '.join(LEVERS)} with integer values (budget: or auto)")
             levers[key] = int(value)
         out.append((body, path, levers, quant or None))
     return out
@@ -179,7 +182,7 @@ def main(argv=None):
     ap.add_argument("--quant", default="int8,nf4,bf16", help=f"comma list of {', '.join(QUANTS)}")
     ap.add_argument("--which", default="hf,dialtune", help="comma list: hf, dialtune, dialtune:LEVER=V[:LEVER=V] "
                     "(levers: packing varlen fused_ce fast_int8 liger compile 0/1, varlen 2, ckpt 0/1/k = every "
-                    "k-th layer, budget GiB for kernels.memory_budget_gib); QUANT/ITEM runs ITEM for that quant only, after the rest")
+                    "k-th layer, budget GiB or auto for kernels.memory_budget_gib); QUANT/ITEM runs ITEM for that quant only, after the rest")
     ap.add_argument("--steps", type=int, default=10, help="measured steps per row")
     ap.add_argument("--warmup", type=int, default=2, help="steps run before measuring (>= 1)")
     ap.add_argument("--tokens-per-batch", type=int, default=4096, help="dialtune: tokens per step (packed)")

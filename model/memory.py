@@ -30,6 +30,11 @@ the all-checkpointed estimate for the measured bf16 run at 18.4 GiB (18.8 with t
 against the 17.6 GiB measured without DeepSpeed (on the safe side), and the int8 one at 11.9
 (12.3) against 11.1. Not covered (apply_budget says so and leaves every layer checkpointed):
 DoRA, LLM.int8's matmul (kernels.fast_int8=false), ZeRO-3, CPU.
+
+`kernels.memory_budget_gib=auto` fills the GPU: the budget is what is allocated when the plan is
+made plus what the device has free then, less a headroom of AUTO_HEADROOM of the card (at least
+AUTO_MIN_HEADROOM_GIB) for the CUDA context, the caching allocator's fragmentation (reserved over
+allocated) and what the estimate leaves out.
 """
 from __future__ import annotations
 
@@ -41,6 +46,9 @@ GIB = 2**30
 MARGIN = 1.05  # on the per-layer activations (the table undercounts the measurement by 2.5 %)
 OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 master, 16-bit gradient, Adam's two fp32 moments (and slack)
 CE_BYTES = 10  # per chunk row per vocabulary entry: fp32 logits, their softmax and its gradient
+AUTO = "auto"
+AUTO_HEADROOM = 0.10  # of the card's memory, kept free by memory_budget_gib=auto
+AUTO_MIN_HEADROOM_GIB = 4.0
 
 
 def _dims(config):
@@ -84,12 +92,13 @@ class Plan:
     peak_gib: float  # estimated peak with `keep` layers un-checkpointed
     floor_gib: float  # estimated peak with every layer checkpointed
 
-    def describe(self, budget_gib: float, tokens: int) -> str:
+    def describe(self, budget: str, tokens: int) -> str:
+        """budget: the setting as the log names it ("24", "auto (70.3 GiB)")."""
         if self.keep == 0:
-            return (f"kernels.memory_budget_gib={budget_gib:g}: every decoder layer recomputes (estimated peak "
+            return (f"kernels.memory_budget_gib={budget}: every decoder layer recomputes (estimated peak "
                     f"{self.floor_gib:.1f} GiB with all {self.layers} checkpointed; each layer kept would add "
                     f"{self.per_layer_gib:.2f} GiB at {tokens:,} tokens a micro-batch)")
-        return (f"kernels.memory_budget_gib={budget_gib:g}: {self.keep} of {self.layers} decoder layers keep their "
+        return (f"kernels.memory_budget_gib={budget}: {self.keep} of {self.layers} decoder layers keep their "
                 f"activations ({self.per_layer_gib:.2f} GiB each at {tokens:,} tokens a micro-batch), "
                 f"{self.layers - self.keep} recompute; estimated peak {self.peak_gib:.1f} GiB")
 
@@ -110,13 +119,28 @@ def plan(config, *, budget_bytes: float, allocated_bytes: int, trainable_params:
     return Plan(keep, layers, per_layer / GIB, (floor + keep * per_layer) / GIB, floor / GIB)
 
 
-def budget_problem(budget_gib: float, checkpoint_every: int) -> Optional[str]:
-    if budget_gib < 0:
-        return f"kernels.memory_budget_gib={budget_gib:g} is negative; use 0 (off) or the GiB each GPU may use."
-    if budget_gib > 0 and checkpoint_every > 1:
+def is_auto(budget) -> bool:
+    return isinstance(budget, str) and budget.strip().lower() == AUTO
+
+
+def budget_problem(budget, checkpoint_every: int) -> Optional[str]:
+    """One sentence for a kernels.memory_budget_gib that is not a GiB count >= 0 or auto, or that
+    is combined with checkpoint_every > 1; None when it is fine."""
+    if not is_auto(budget):
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            return (f"kernels.memory_budget_gib={budget!r} is neither a number of GiB nor auto; use 0 (off), "
+                    "the GiB each GPU may use, or auto (what the GPU has free).")
+        if budget < 0:
+            return f"kernels.memory_budget_gib={budget:g} is negative; use 0 (off), the GiB each GPU may use, or auto."
+    if (is_auto(budget) or budget > 0) and checkpoint_every > 1:
         return ("kernels.memory_budget_gib and kernels.checkpoint_every both choose which layers recompute; "
                 "set one of them (memory_budget_gib=0 or checkpoint_every=1).")
     return None
+
+
+def auto_budget_bytes(free_bytes: int, total_bytes: int, allocated_bytes: int) -> float:
+    """memory_budget_gib=auto: allocated + free, less max(AUTO_HEADROOM of the card, AUTO_MIN_HEADROOM_GIB)."""
+    return allocated_bytes + free_bytes - max(AUTO_HEADROOM * total_bytes, AUTO_MIN_HEADROOM_GIB * GIB)
 
 
 def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
@@ -129,9 +153,10 @@ def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
     from train.ds_config import mixed_precision
 
     budget = cfg.kernels.memory_budget_gib
-    if budget <= 0:
+    auto = is_auto(budget)
+    if not auto and budget <= 0:
         return None
-    head = f"kernels.memory_budget_gib={budget:g}"
+    head = f"kernels.memory_budget_gib={AUTO if auto else f'{budget:g}'}"
     if not cfg.model.gradient_checkpointing:
         return f"{head} has no effect: model.gradient_checkpointing is off, so no layer recomputes anyway"
     why_not = None
@@ -147,14 +172,21 @@ def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
         try:
             tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
             no_fused = kernels.fused_ce_unsupported(model) if cfg.kernels.fused_ce else "off"
-            p = plan(model.config, budget_bytes=budget * GIB, allocated_bytes=torch.cuda.memory_allocated(dev),
+            allocated = torch.cuda.memory_allocated(dev)
+            if auto:
+                free, total = torch.cuda.mem_get_info(dev)
+                budget_bytes = auto_budget_bytes(free, total, allocated)
+                label = f"{AUTO} ({budget_bytes / GIB:.1f} GiB of this {total / GIB:.0f} GiB GPU)"
+            else:
+                budget_bytes, label = budget * GIB, f"{budget:g}"
+            p = plan(model.config, budget_bytes=budget_bytes, allocated_bytes=allocated,
                      trainable_params=sum(t.numel() for t in model.parameters() if t.requires_grad), tokens=tokens,
                      lora_dropout=cfg.peft.dropout if cfg.peft.method != "none" else 0.0, liger=liger,
                      fused_ce=not no_fused, ce_chunk_size=cfg.kernels.ce_chunk_size,
                      dtype_bytes=4 if mixed_precision(cfg) == "fp32" else 2,
                      reserved_bytes=2 * cfg.deepspeed.reduce_bucket_size * 4, masked=masked)
             kernels.checkpoint_layers(model, p.keep)
-            return p.describe(budget, tokens)
+            return p.describe(label, tokens)
         except (ValueError, AttributeError) as e:
             why_not = f"this model is not covered ({e})"
     return f"{head} not applied: {why_not}; every decoder layer recomputes"

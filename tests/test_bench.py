@@ -69,7 +69,9 @@ def test_which_parsing_and_row_order():
         ("int8", "hf"), ("int8", "dialtune"), ("int8", "dialtune:fused_ce=0:ckpt=2"),
         ("bf16", "hf"), ("bf16", "dialtune"), ("bf16", "dialtune:fused_ce=0:ckpt=2"), ("int8", "dialtune:fast_int8=0")]
     assert ("int8", "dialtune:fast_int8=0") not in [(q, label) for q, label, _, _ in plan_rows(which, ["bf16"])]
-    for bad in ("hf:liger=0", "dialtune:warp=1", "dialtune:liger=yes", "trl", "int4/dialtune", "bf16/hf:liger=0"):
+    assert parse_which("bf16/dialtune:budget=auto") == [("dialtune:budget=auto", "dialtune", {"budget": "auto"}, "bf16")]
+    for bad in ("hf:liger=0", "dialtune:warp=1", "dialtune:liger=yes", "trl", "int4/dialtune", "bf16/hf:liger=0",
+                "dialtune:ckpt=auto"):
         with pytest.raises(ValueError):
             parse_which(bad)
 

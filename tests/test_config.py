@@ -65,6 +65,8 @@ def test_unknown_key_is_rejected():
     (["train.micro_batch_size=0"], "at least 1"),
     (["kernels.memory_budget_gib=-1"], "kernels.memory_budget_gib=-1 is negative"),
     (["kernels.memory_budget_gib=24", "kernels.checkpoint_every=2"], "set one of them"),
+    (["kernels.memory_budget_gib=auto", "kernels.checkpoint_every=2"], "set one of them"),
+    (["kernels.memory_budget_gib=lots"], "kernels.memory_budget_gib='lots' is neither a number of GiB nor auto"),
     (["export.hub_repo_id='acme/support bot'"], "export.hub_repo_id"),
     (["export.hub_repo_id=a/b/c"], "namespace/repo_name"),
 ])
@@ -201,7 +203,7 @@ def test_resuming_with_other_hyperparameters_is_warned(tmp_path):
     del older["kernels"]["memory_budget_gib"]
     (tmp_path / "checkpoints" / tag / "config.yaml").write_text(OmegaConf.to_yaml(older))
     assert resume_changes(root, tag, _compose(["optim.lr=1e-4"])) is None
-    assert "kernels.memory_budget_gib None -> 20.0" in resume_changes(root, tag, _compose(["optim.lr=1e-4",
+    assert "kernels.memory_budget_gib None -> 20" in resume_changes(root, tag, _compose(["optim.lr=1e-4",
                                                                                         "kernels.memory_budget_gib=20"]))
     said = resume_changes(root, tag, _compose(["optim.lr=5e-3", "train.resume=auto", "data.seed=3"]))
     assert said.startswith(f"resuming {root}/{tag} with settings that differ from the checkpoint's: data.seed 1234 -> 3, optim.lr 0.0001 -> 0.005;"), said

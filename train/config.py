@@ -22,11 +22,12 @@ class ConfigError(ValueError):
     """A configuration a user can fix; the message is one sentence naming the field."""
 
 
-def doc(default: Any, help: str, **kw):
-    """A dataclass field with a one-line description."""
+def doc(default: Any, help: str, type_name: Optional[str] = None, **kw):
+    """A dataclass field with a one-line description (type_name: the type the docs show, for an Any field)."""
+    meta = {"help": help, **({"type": type_name} if type_name else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
@@ -172,7 +173,7 @@ class KernelsConfig:
     fast_int8: bool = doc(True, "quant=int8: dequantise the int8 weights per layer into 16-bit GEMMs instead of LLM.int8's int8 matmul with outlier decomposition (same int8 weight memory; the trained base is then exactly the dequantized one).")
     liger: bool = doc(True, "Liger RMSNorm/SwiGLU/RoPE kernels on Llama/Qwen2/Mistral when liger_kernel is importable and training on CUDA; otherwise a logged no-op.")
     checkpoint_every: int = doc(1, "With model.gradient_checkpointing: checkpoint every k-th decoder layer only (1: all; larger: less recompute, more memory).")
-    memory_budget_gib: float = doc(0.0, "With model.gradient_checkpointing on CUDA (ZeRO 0-2; LoRA/rsLoRA; int8 with fast_int8): GiB of PyTorch-allocated GPU memory per rank to fill (leave 3-4 GiB of the card free); as many decoder layers as fit keep their activations instead of recomputing them (estimated from the model shape and train.micro_batch_size x data.max_seq_len tokens; model/memory.py). 0: off (checkpoint_every decides).")
+    memory_budget_gib: Any = doc(0.0, "With model.gradient_checkpointing on CUDA (ZeRO 0-2; LoRA/rsLoRA; int8 with fast_int8): GiB of PyTorch-allocated GPU memory per rank to fill (leave 3-4 GiB of the card free), or auto (what the GPU has free once the model is loaded, less 10% of the card, at least 4 GiB); as many decoder layers as fit keep their activations instead of recomputing them (estimated from the model shape and train.micro_batch_size x data.max_seq_len tokens; model/memory.py). 0: off (checkpoint_every decides).", type_name="float or auto")
     compile: bool = doc(False, "torch.compile each decoder layer (regional compilation); packed rows are then padded to data.max_seq_len, so every batch has one shape (one graph).")
     packed_attention: str = doc("auto", "How packed rows (data.packing) keep documents apart: varlen (per-document attention via cu_seqlens: torch's FlashAttention varlen kernel on CUDA in bf16/fp16, causal SDPA per document elsewhere; no L x L mask), mask (4D block-diagonal mask through SDPA), auto (varlen, except on a GPU without the kernel, i.e. fp32: mask).")
     peak_tflops: float = doc(0.0, "Peak dense bf16 TFLOP/s per GPU for MFU; 0: looked up from the GPU name (train/flops.py), none on CPU.")
@@ -276,7 +277,7 @@ def iter_docs(cls=DialtuneConfig, prefix=""):
             yield from iter_docs(type(sub), key + ".")
             continue
         default = f.default if sub is None else sub
-        tname = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        tname = f.metadata.get("type") or (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)))
         yield key, tname, default, f.metadata.get("help", "")
         if key == "data.sources":
             yield from iter_docs(SourceConfig, key + "[].")
