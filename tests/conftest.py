@@ -18,24 +18,6 @@ TRAIN_PY = ROOT / "launch" / "train.py"
 TOKENIZER_DIR = ROOT / "model" / "tiny" / "tokenizer"
 
 
-# Expensive session fixtures: the files whose tests use one run on the same pytest-xdist worker.
-SHARED_SESSION_FIXTURES = ("peft_runs",)
-
-
-def pytest_collection_modifyitems(config, items):
-    """For `pytest -n N --dist loadgroup` (the README's test command): a test file runs on one
-    worker, so its module fixtures are built once, and the files that use an expensive session
-    fixture run together on one worker, so it is built once too."""
-    group = {}
-    for item in items:
-        shared = next((f for f in SHARED_SESSION_FIXTURES if f in getattr(item, "fixturenames", ())), None)
-        if shared or item.path not in group:
-            group[item.path] = shared or group.get(item.path) or item.path.name
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(group[item.path]))
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer

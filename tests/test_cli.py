@@ -123,23 +123,6 @@ def test_launcher_keeps_the_gpus_made_visible(monkeypatch, capsys):
     assert cmd[cmd.index("--num_gpus") + 1] == "2" and "--include" not in cmd
 
 
-def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
-    """resume=auto on a run that already finished (a requeued sweep, a resubmission) trains
-    nothing and keeps its summary (with the final eval) and its merged checkpoint."""
-    args = ["recipe=demo", "train.max_steps=2", "logger=none", "eval.every_n_steps=0", "eval.at_end=[lm]",
-            "export.eval_conversations=0", "run.name=done", "train.resume=auto"]
-    train(args, tmp_path)
-    run = tmp_path / "done"
-    before = json.loads((run / "summary.json").read_text())
-    assert "eval/loss" in before and before["finished"]
-    written = (run / "merged" / "export_summary.json").stat().st_mtime_ns
-    proc = train(args, tmp_path)
-    assert "already finished at step 2" in proc.stdout + proc.stderr
-    assert json.loads((run / "summary.json").read_text()) == before
-    assert (run / "merged" / "export_summary.json").stat().st_mtime_ns == written
-    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2]
-
-
 def test_srun_with_several_tasks_and_no_ranks_is_refused(tmp_path):
     """`srun -n 2 python launch/train.py` (no RANK/WORLD_SIZE) would be two separate trainings
     into one run directory: one sentence saying how to launch instead."""

@@ -102,14 +102,16 @@ def test_stopping_raises_for_a_signal_that_came_before_or_comes_during_the_block
             signal.signal(sig, signal.SIG_DFL)
 
 
-def test_sigusr1_during_the_final_merge_leaves_no_merge_and_the_requeued_job_writes_it(tmp_path):
+def test_sigusr1_during_the_final_merge_then_the_requeued_job_writes_it_and_a_third_keeps_everything(tmp_path):
     """The run finished and saved; SIGUSR1 while the merge runs (it can take minutes on a real
-    model) aborts the merge, leaves nothing half-written, and exits 85: the requeued job
-    (train.resume=auto) finds the finished run and writes the merge."""
+    model) aborts the merge, leaves nothing half-written, and exits 85. The requeued job
+    (train.resume=auto) finds the run finished: it trains nothing, keeps the summary (with the
+    final eval) and writes the merge. Once more (a resubmission, a requeued sweep): the merge is
+    kept too."""
     from tests.conftest import TRAIN_PY
 
     args = [f"run.root={tmp_path}", "train.progress_bar=false", "recipe=demo", "train.max_steps=2", "logger=none",
-            "eval.every_n_steps=0", "eval.at_end=[lm]", "data.eval_files=[]", "export.eval_conversations=64", "run.name=m"]
+            "eval.every_n_steps=0", "eval.at_end=[lm]", "run.name=m", "train.resume=auto"]
     run = tmp_path / "m"
     proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args], env=run_env(1), cwd=str(ROOT),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -125,9 +127,18 @@ def test_sigusr1_during_the_final_merge_leaves_no_merge_and_the_requeued_job_wri
            "the requeued job (train.resume=auto) writes it (exit 85)" in out
     assert "Traceback" not in out
     assert not (run / "merged").exists() and not (run / "merged.tmp").exists()
-    assert json.loads((run / "summary.json").read_text())["finished"]
-    proc = subprocess.run([sys.executable, str(TRAIN_PY), *args, "train.resume=auto"], env=run_env(1), cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (run / "merged" / "export_summary.json").is_file() and (run / "merged" / "model.safetensors").is_file()
-    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2]  # nothing trained twice
+    before = json.loads((run / "summary.json").read_text())
+    assert before["finished"] and "eval/loss" in before
+
+    def rerun():
+        proc = subprocess.run([sys.executable, str(TRAIN_PY), *args], env=run_env(1), cwd=str(ROOT),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "already finished at step 2" in proc.stdout + proc.stderr
+        assert json.loads((run / "summary.json").read_text()) == before
+        assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2]  # nothing trained twice
+        return (run / "merged" / "export_summary.json").stat().st_mtime_ns
+
+    written = rerun()
+    assert (run / "merged" / "model.safetensors").is_file()
+    assert rerun() == written
