@@ -58,9 +58,18 @@ def test_multirun_local_rank_and_plus_override(tmp_path):
 
 
 def test_model_override_with_a_local_path(tmp_path):
-    """model=<dir> (not a conf/model option) means that model: here the tiny base of a run."""
-    train(["run.name=first"] + QUICK + ["export.merge_at_end=false"], tmp_path)
+    """model=<dir> (not a conf/model option) means that model: here the tiny base, written as a run
+    writes it."""
+    from hydra import compose, initialize_config_dir
+
+    from model.loader import build_tiny, load_tokenizer
+    from train.config import CONF_DIR, register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        model_cfg = compose(config_name="train").model
     base = tmp_path / "first" / "base"
+    build_tiny(model_cfg, load_tokenizer(model_cfg), str(base))
     train([f"model={base}", "model.dtype=fp32", "model.gradient_checkpointing=true", "run.name=second",
            "kernels.memory_budget_gib=20", "export.merge_at_end=false"] + QUICK, tmp_path)
     cfg = (tmp_path / "second" / "config.yaml").read_text()

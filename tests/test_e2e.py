@@ -135,6 +135,9 @@ def test_token_weighted_loss_is_invariant_to_ranks_and_accumulation(demo_run, tm
               "eval.every_n_steps=0", "eval.at_end=[lm]", "data.eval_files=[]"]
     # one process, a Hydra multirun: micro 4 (accumulation 4) then micro 2 (accumulation 8)
     train(["-m"] + common + ["run.name=ab", "train.global_batch_size=16", "train.micro_batch_size=4,2"], tmp_path)
+    for job, gas in (("0", 4), ("1", 8)):  # train.global_batch_size derives the accumulation
+        s = json.loads((tmp_path / "ab-sweep" / job / "summary.json").read_text())
+        assert (s["grad_accum"], s["global_batch_size"]) == (gas, 16)
     ref = read_metrics(run_dir)
     for other in (read_metrics(tmp_path / "ab-sweep" / "0"), read_metrics(tmp_path / "ab-sweep" / "1")):
         for r, o in zip(ref, other):
@@ -147,18 +150,27 @@ def test_zero_stages_give_the_same_loss_curve(demo_run, tmp_path):
     """ZeRO 0/1/3 reproduce the ZeRO-2 run's per-step losses and gradient norms. Same math in fp32;
     only the reduction order differs (bucketed all-reduce vs reduce-scatter, partitioned
     optimizer steps), which moves results by ~1e-7 relative per step, so 12 Adam steps stay within
-    1e-5 relative (observed ~1e-6)."""
+    1e-5 relative (observed ~1e-6).
+    ZeRO-3 runs with a persistence threshold of 0, so every LoRA tensor is partitioned: its saved
+    adapter must still hold whole tensors (gathered before saving; an ungathered save writes
+    shape-(0,) ones)."""
+    from safetensors.torch import load_file
+
     run_dir, _ = demo_run
     ref = read_metrics(run_dir)
     # one 2-rank launch, a Hydra multirun over the stages (jobs 0, 1, 2 = ZeRO 0, 1, 3)
     train(["-m", "recipe=demo", f"train.max_steps={STEPS}", "logger=none", "export.merge_at_end=false", "eval.every_n_steps=0",
-           "eval.at_end=[lm]", "data.eval_files=[]", "deepspeed=zero0,zero1,zero3", "run.name=z"], tmp_path, nproc=2, via="torchrun")
+           "eval.at_end=[lm]", "data.eval_files=[]", "deepspeed=zero0,zero1,zero3", "deepspeed.stage3_param_persistence_threshold=0",
+           "run.name=z"], tmp_path, nproc=2, via="torchrun")
     for job, stage in enumerate((0, 1, 3)):
         assert f"stage: {stage}" in (tmp_path / "z-sweep" / str(job) / "config.yaml").read_text()
         for r, o in zip(ref, read_metrics(tmp_path / "z-sweep" / str(job))):
             assert o["step"] == r["step"]
             assert o["train/loss"] == pytest.approx(r["train/loss"], rel=1e-5), stage
             assert o["train/grad_norm"] == pytest.approx(r["train/grad_norm"], rel=1e-4), stage
+    tensors = load_file(str(tmp_path / "z-sweep" / "2" / "checkpoints" / f"step_{STEPS:07d}" / "adapter" / "adapter_model.safetensors"))
+    assert len(tensors) == 4 * 7 * 2  # A and B for the 7 linears of 4 layers
+    assert all(t.numel() > 0 and 16 in t.shape for t in tensors.values())  # rank 16
 
 
 def test_a_resumed_job_continues_its_wandb_run(tmp_path):
