@@ -174,6 +174,17 @@ def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int 
             f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{cpus_per_task}}} / {nproc} ))",
             "export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))",
         ]
+    else:
+        given = "the cluster's default: no --cpus-per-task" if cpus_per_task is None else f"--cpus-per-task {cpus_per_task}"
+        lines += [
+            "# GPU ranks: each needs a core of its own to keep its GPU fed (kernel launches, data loading).",
+            "cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-0}}",
+            f"if [ \"$cpus\" -gt 0 ] && [ \"$cpus\" -lt {nproc} ]; then",
+            f'    echo "dialtune: warning: $cpus CPU(s) for {nproc} GPU ranks on this node'
+            f' ({given});'
+            f' ranks that share a core leave their GPUs waiting: resubmit with --cpus-per-task {4 * nproc} or more" >&2',
+            "fi",
+        ]
     lines += [
         "export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1",
         f"export DIALTUNE_REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}",

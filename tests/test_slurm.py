@@ -58,7 +58,7 @@ def test_gpu_job_one_srun_task_per_node_with_gres():
                  "--account=proj-1", "--qos=high", "--mem=256G", "--job-name=big", "--requeue",
                  "--open-mode=append", "--signal=USR1@120", "--output=/logs/%x-%j.out"):
         assert want in d, (want, d)
-    assert not any(x.startswith("--cpus-per-task") for x in d)  # GPU: the cluster's default
+    assert not any(x.startswith("--cpus-per-task") for x in d)  # GPU: the cluster's default (warned when short)
     srun = [line for line in script.splitlines() if line.startswith("srun ")]
     assert len(srun) == 1 and "--ntasks-per-node=1" in srun[0] and "--gres=gpu:8" in srun[0]
     assert "--nproc_per_node 8 " in script  # one rank per GPU, --nproc-per-node ignored
@@ -225,6 +225,21 @@ def test_script_quoting_and_exit_codes(fake_cluster, rc):
         assert "asked to be requeued" in proc.stdout
     else:
         assert proc.returncode == rc and not any("requeue" in s for s in scontrol), (proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("cpus, warned", [("2", True), ("16", False)])
+def test_gpu_job_with_fewer_cpus_than_ranks_warns(fake_cluster, cpus, warned):
+    """4 GPU ranks on the cluster's default CPUs (often 1-2 per task): each rank's Python process
+    needs a core to keep its GPU busy, so the job log says so, with what to ask for."""
+    fc = fake_cluster
+    env = {k: v for k, v in fc["env"].items() if k != "SLURM_CPUS_PER_TASK"}
+    proc = subprocess.run(["bash", str(_script(fc, ["recipe=demo"], gpus_per_node=4))], env=dict(env, SLURM_CPUS_ON_NODE=cpus),
+                          capture_output=True, text=True, timeout=30, cwd=str(fc["tmp"]))
+    assert proc.returncode == 0, proc.stderr
+    warning = ("dialtune: warning: 2 CPU(s) for 4 GPU ranks on this node (the cluster's default: no --cpus-per-task); "
+               "ranks that share a core leave their GPUs waiting: resubmit with --cpus-per-task 16 or more")
+    assert (warning in proc.stderr) == warned, proc.stderr
+    assert "--nproc_per_node 4" in " ".join(_argv(fc["rec"] / "python_argv"))
 
 
 def test_batch_shell_forwards_usr1_to_the_step(fake_cluster):
