@@ -54,8 +54,8 @@ def resolve_checkpoint(path: str) -> Path:
 def run_system_prompt(path: str) -> Tuple[Optional[str], str]:
     """(prompt, note) for chatting with the checkpoint at path as it was trained: the system prompt
     that its run's training sources put first (data.sources[].system_prompt), when all of them set
-    the same one. The run is the directory that holds merged/ (else the one export_summary.json
-    names); the note says what was used or why nothing was, for stderr ("" when none was set)."""
+    the same one. The run is the one export_summary.json names (else the directory that holds
+    merged/); the note says what was used or why nothing was, for stderr ("" when none was set)."""
     import json
 
     from omegaconf import OmegaConf
@@ -63,10 +63,12 @@ def run_system_prompt(path: str) -> Tuple[Optional[str], str]:
     ckpt = resolve_checkpoint(path)
     run_dir = ckpt.parent
     summary = ckpt / "export_summary.json"
-    if not (run_dir / "config.yaml").is_file() and summary.is_file():  # merged with --out elsewhere
+    if summary.is_file():  # the run the merge came from, wherever it was written (--out)
         try:
-            run_dir = Path(json.loads(summary.read_text()).get("run_dir") or run_dir)
-        except (ValueError, OSError, AttributeError):
+            named = Path(json.loads(summary.read_text()).get("run_dir") or "")
+            if str(named) not in ("", ".") and (named / "config.yaml").is_file():
+                run_dir = named
+        except (ValueError, OSError, AttributeError, TypeError):
             pass
     if not (run_dir / "config.yaml").is_file():
         return None, ""

@@ -182,7 +182,7 @@ def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int 
             f"if [ \"$cpus\" -gt 0 ] && [ \"$cpus\" -lt {nproc} ]; then",
             f'    echo "dialtune: warning: $cpus CPU(s) for {nproc} GPU ranks on this node'
             f' ({given});'
-            f' ranks that share a core leave their GPUs waiting: resubmit with --cpus-per-task {4 * nproc} or more" >&2',
+            f' ranks that share a core leave their GPUs waiting: resubmit with --cpus-per-task {8 * nproc} or more" >&2',
             "fi",
         ]
     lines += [

@@ -121,18 +121,22 @@ def task(cfg) -> None:
                 from model.export import merge, merge_options
                 from train.signals import Stopped, ignore_further, stopping
 
+                written = os.path.join(merged_dir, "export_summary.json")
+                before = os.stat(written).st_mtime_ns if os.path.isfile(written) else None
                 try:
                     with stopping():
                         merge(summary["adapter"], merged_dir, base_path=summary["base"], run_dir=run_dir,
                               end_of_turn_token=cfg.model.end_of_turn_token, **merge_options(cfg.export))
                 except Stopped as e:
                     ignore_further()
-                    print_summary(summary)
-                    then = ("the requeued job (train.resume=auto) writes it" if e.signal_name == "SIGUSR1" else
-                            f"write it with `dialtune merge {run_dir}`")
-                    print(f"dialtune: {e.signal_name} after the last step: training is finished and saved, the merged checkpoint "
-                          f"was not written; {then} (exit {e.exit_code})", flush=True)
-                    sys.exit(e.exit_code)
+                    # a signal that came as the merge returned finds it written: nothing is left to do
+                    if not (os.path.isfile(written) and os.stat(written).st_mtime_ns != before):
+                        print_summary(summary)
+                        then = ("the requeued job (train.resume=auto) writes it" if e.signal_name == "SIGUSR1" else
+                                f"write it with `dialtune merge {run_dir}`")
+                        print(f"dialtune: {e.signal_name} after the last step: training is finished and saved, the merged "
+                              f"checkpoint was not written; {then} (exit {e.exit_code})", flush=True)
+                        sys.exit(e.exit_code)
                 summary["merged"] = merged_dir
                 summary["hub_repo_id"] = cfg.export.hub_repo_id
             print_summary(summary)

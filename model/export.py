@@ -239,6 +239,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
     if hub_repo_id and (problem := repo_id_problem(hub_repo_id)):
         raise ExportError(f"export.hub_repo_id={hub_repo_id!r}: {problem}.")
     run_dir = run_dir or find_run_dir(adapter_dir)
+    run_dir = os.path.abspath(run_dir) if run_dir else None  # export_summary.json names it for `dialtune chat` anywhere
     cfg = _load_run_cfg(run_dir)
     quant = cfg.quant.mode if cfg is not None else "none"
     note = None

@@ -31,10 +31,11 @@ against the 17.6 GiB measured without DeepSpeed (on the safe side), and the int8
 (12.3) against 11.1. Not covered (apply_budget says so and leaves every layer checkpointed):
 DoRA, LLM.int8's matmul (kernels.fast_int8=false), ZeRO-3, CPU.
 
-`kernels.memory_budget_gib=auto` fills the GPU: the budget is what is allocated when the plan is
-made plus what the device has free then, less a headroom of AUTO_HEADROOM of the card (at least
-AUTO_MIN_HEADROOM_GIB) for the CUDA context, the caching allocator's fragmentation (reserved over
-allocated) and what the estimate leaves out.
+`kernels.memory_budget_gib=auto` fills the GPU: the budget is what PyTorch holds when the plan is
+made (allocated, and cached for reuse) plus what the device has free then, less a headroom of
+AUTO_HEADROOM of the card (at least AUTO_MIN_HEADROOM_GIB) for the CUDA context, the caching
+allocator's fragmentation and what the estimate leaves out; the smallest over the ranks, so that
+every rank keeps the same layers.
 """
 from __future__ import annotations
 
@@ -130,17 +131,29 @@ def budget_problem(budget, checkpoint_every: int) -> Optional[str]:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             return (f"kernels.memory_budget_gib={budget!r} is neither a number of GiB nor auto; use 0 (off), "
                     "the GiB each GPU may use, or auto (what the GPU has free).")
-        if budget < 0:
-            return f"kernels.memory_budget_gib={budget:g} is negative; use 0 (off), the GiB each GPU may use, or auto."
+        if not math.isfinite(budget) or budget < 0:
+            return f"kernels.memory_budget_gib={budget:g} is not a GiB count >= 0; use 0 (off), the GiB each GPU may use, or auto."
     if (is_auto(budget) or budget > 0) and checkpoint_every > 1:
         return ("kernels.memory_budget_gib and kernels.checkpoint_every both choose which layers recompute; "
                 "set one of them (memory_budget_gib=0 or checkpoint_every=1).")
     return None
 
 
-def auto_budget_bytes(free_bytes: int, total_bytes: int, allocated_bytes: int) -> float:
-    """memory_budget_gib=auto: allocated + free, less max(AUTO_HEADROOM of the card, AUTO_MIN_HEADROOM_GIB)."""
-    return allocated_bytes + free_bytes - max(AUTO_HEADROOM * total_bytes, AUTO_MIN_HEADROOM_GIB * GIB)
+def auto_budget_bytes(free_bytes: int, total_bytes: int, reserved_bytes: int) -> float:
+    """memory_budget_gib=auto: what PyTorch holds (reserved) + what the device has free, less
+    max(AUTO_HEADROOM of the card, AUTO_MIN_HEADROOM_GIB)."""
+    return reserved_bytes + free_bytes - max(AUTO_HEADROOM * total_bytes, AUTO_MIN_HEADROOM_GIB * GIB)
+
+
+def _min_over_ranks(value: float, dev) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
 
 
 def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
@@ -175,7 +188,7 @@ def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
             allocated = torch.cuda.memory_allocated(dev)
             if auto:
                 free, total = torch.cuda.mem_get_info(dev)
-                budget_bytes = auto_budget_bytes(free, total, allocated)
+                budget_bytes = _min_over_ranks(auto_budget_bytes(free, total, torch.cuda.memory_reserved(dev)), dev)
                 label = f"{AUTO} ({budget_bytes / GIB:.1f} GiB of this {total / GIB:.0f} GiB GPU)"
             else:
                 budget_bytes, label = budget * GIB, f"{budget:g}"

@@ -179,6 +179,13 @@ def test_run_system_prompt_is_the_default_only_when_every_training_source_sets_i
     assert run_system_prompt(str(out))[0] == expected
     (out / "export_summary.json").unlink()
     assert run_system_prompt(str(out)) == (None, "")
+    # merged with --out into another run's directory: the run it came from still decides
+    other = tmp_path / "other"
+    (other / "merged").mkdir(parents=True)
+    (other / "config.yaml").write_text("data:\n  sources:\n  - {path: z.jsonl, system_prompt: Another run.}\n")
+    (other / "merged" / "config.json").write_text("{}")
+    (other / "merged" / "export_summary.json").write_text(json.dumps({"run_dir": str(run)}))
+    assert run_system_prompt(str(other / "merged"))[0] == expected
 
 
 def test_chat_uses_the_runs_system_prompt_unless_told_otherwise(peft_runs, tmp_path, monkeypatch, capsys):

@@ -63,7 +63,7 @@ def test_unknown_key_is_rejected():
     (["train.max_steps=0"], "nothing to train"),
     (["peft.method=lorax"], "peft.method"),
     (["train.micro_batch_size=0"], "at least 1"),
-    (["kernels.memory_budget_gib=-1"], "kernels.memory_budget_gib=-1 is negative"),
+    (["kernels.memory_budget_gib=-1"], "kernels.memory_budget_gib=-1 is not a GiB count >= 0"),
     (["kernels.memory_budget_gib=24", "kernels.checkpoint_every=2"], "set one of them"),
     (["kernels.memory_budget_gib=auto", "kernels.checkpoint_every=2"], "set one of them"),
     (["kernels.memory_budget_gib=lots"], "kernels.memory_budget_gib='lots' is neither a number of GiB nor auto"),

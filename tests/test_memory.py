@@ -141,19 +141,22 @@ def test_apply_budget_plans_on_cuda_and_says_why_not_elsewhere(monkeypatch):
 
 
 def test_auto_budget_is_what_the_gpu_has_free_less_the_headroom(monkeypatch):
-    """kernels.memory_budget_gib=auto: allocated + free, less 10% of the card (at least 4 GiB); on
-    an 80 GiB card with 9 GiB allocated and 70 free that is 71 GiB, and it plans with that."""
+    """kernels.memory_budget_gib=auto: what PyTorch holds (reserved) + what the device has free, less
+    10% of the card (at least 4 GiB); on an 80 GiB card with 9 GiB reserved and 70 free that is 71
+    GiB, and it plans with that."""
     assert memory.auto_budget_bytes(70 * GIB, 80 * GIB, 9 * GIB) == 71 * GIB
     assert memory.auto_budget_bytes(20 * GIB, 24 * GIB, 3 * GIB) == 19 * GIB  # small card: the 4 GiB floor
     assert memory.budget_problem("auto", 1) is None and memory.budget_problem(" Auto ", 1) is None
     assert memory.budget_problem(0, 1) is None and memory.budget_problem(24, 1) is None
     assert "neither" in memory.budget_problem("24GB", 1) and "neither" in memory.budget_problem(True, 1)
+    assert "not a GiB count" in memory.budget_problem(float("nan"), 1) and "not a GiB count" in memory.budget_problem(-1, 1)
     cuda = torch.device("cuda")
     model = _tiny(8)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 10 * 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 20 * 2**20)  # 10 MiB cached: reusable
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(4.45 * GIB), 5 * GIB))
     msg = memory.apply_budget(model, _cfg(kernels__memory_budget_gib="auto"), cuda, True, masked=False)
-    budget = 10 * 2**20 + 4.45 * GIB - 4 * GIB
+    budget = 20 * 2**20 + int(4.45 * GIB) - 4 * GIB
     p = memory.plan(model.config, budget_bytes=budget, allocated_bytes=10 * 2**20,
                     trainable_params=sum(t.numel() for t in model.parameters()), tokens=8192, lora_dropout=0.05,
                     liger=True, fused_ce=True, ce_chunk_size=1024, reserved_bytes=400_000_000)

@@ -82,6 +82,7 @@ def test_sigterm_before_training_starts_exits_at_once():
 def test_stopping_raises_for_a_signal_that_came_before_or_comes_during_the_block():
     from train import signals
 
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     flag = signals.install()
     try:
         flag(signal.SIGUSR1, None)  # arrived after the loop's last look (during the final eval or save)
@@ -98,8 +99,8 @@ def test_stopping_raises_for_a_signal_that_came_before_or_comes_during_the_block
         assert signal.getsignal(signal.SIGTERM) is flag and signal.getsignal(signal.SIGUSR1) is flag  # handlers restored
     finally:
         signals._installed = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def test_sigusr1_during_the_final_merge_then_the_requeued_job_writes_it_and_a_third_keeps_everything(tmp_path):
@@ -128,7 +129,11 @@ def test_sigusr1_during_the_final_merge_then_the_requeued_job_writes_it_and_a_th
     assert "Traceback" not in out
     assert not (run / "merged").exists() and not (run / "merged.tmp").exists()
     before = json.loads((run / "summary.json").read_text())
-    assert before["finished"] and "eval/loss" in before
+    assert before["finished"] and "eval/loss" in before and not before["preempted"]
+    # as a run signalled at its last step writes it (finished, and preempted there): a rerun must
+    # not ask to be requeued again (it would, job after job)
+    before.update(preempted=True, stop_signal="SIGUSR1")
+    (run / "summary.json").write_text(json.dumps(before, indent=2))
 
     def rerun():
         proc = subprocess.run([sys.executable, str(TRAIN_PY), *args], env=run_env(1), cwd=str(ROOT),

@@ -237,7 +237,7 @@ def test_gpu_job_with_fewer_cpus_than_ranks_warns(fake_cluster, cpus, warned):
                           capture_output=True, text=True, timeout=30, cwd=str(fc["tmp"]))
     assert proc.returncode == 0, proc.stderr
     warning = ("dialtune: warning: 2 CPU(s) for 4 GPU ranks on this node (the cluster's default: no --cpus-per-task); "
-               "ranks that share a core leave their GPUs waiting: resubmit with --cpus-per-task 16 or more")
+               "ranks that share a core leave their GPUs waiting: resubmit with --cpus-per-task 32 or more")
     assert (warning in proc.stderr) == warned, proc.stderr
     assert "--nproc_per_node 4" in " ".join(_argv(fc["rec"] / "python_argv"))
 

@@ -381,9 +381,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     summary_path = os.path.join(run_dir, "summary.json")
     if found and first_step > total_steps and os.path.isfile(summary_path):
         # resumed a finished run (a requeued sweep, a resubmission): its summary, with the final
-        # eval, stays as it was
+        # eval, stays as it was on disk; whether this job was stopped is this job's (a run signalled
+        # at its last step says preempted there, and must not ask to be requeued again and again)
         with open(summary_path) as f:
-            summary = {**json.load(f), "already_finished": True}
+            summary = {**json.load(f), "already_finished": True, "preempted": preempted, "stop_signal": stop_signal}
         if is_main:
             log.info("the run had already finished at step %d: nothing to train, its summary.json is kept", total_steps)
     elif is_main:

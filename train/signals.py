@@ -70,6 +70,8 @@ def stopping() -> Iterator[None]:
         raise Stopped("SIGUSR1" if _installed.usr1 else "SIGTERM")
 
     def stop(signum, frame):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):  # one-shot: a second signal must not break the cleanup
+            signal.signal(sig, signal.SIG_IGN)
         raise Stopped(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
