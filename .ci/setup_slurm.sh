@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bring up a real one-node SLURM cluster on this machine (for tests/test_slurm.py and for
+# Bring up a real one-node SLURM cluster on this machine (for tests/test_slurm_cluster.py and for
 # trying `dialtune slurm` locally). Idempotent: run it again and it reuses what is running.
 #
 #   bash .ci/setup_slurm.sh          # install if needed, configure, start, wait for the node
