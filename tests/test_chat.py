@@ -145,6 +145,8 @@ def _run_with_sources(tmp_path, data_yaml, merged_from=None):
     run = tmp_path / "run"
     if merged_from is not None:
         shutil.copytree(merged_from, run / "merged")
+        summary = run / "merged" / "export_summary.json"  # it names the run it came from: this one now
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "run_dir": str(run)}))
     else:
         (run / "merged").mkdir(parents=True)
         (run / "merged" / "config.json").write_text("{}")
