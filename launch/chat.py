@@ -66,7 +66,7 @@ def run_system_prompt(path: str) -> Tuple[Optional[str], str]:
     if summary.is_file():  # the run the merge came from, wherever it was written (--out)
         try:
             named = Path(json.loads(summary.read_text()).get("run_dir") or "")
-            if str(named) not in ("", ".") and (named / "config.yaml").is_file():
+            if str(named) != "." and (named / "config.yaml").is_file():  # Path("") is "."
                 run_dir = named
         except (ValueError, OSError, AttributeError, TypeError):
             pass

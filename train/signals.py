@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 
 REQUEUE_EXIT_CODE = 85
 TERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a process killed by SIGTERM reports
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # the two this module handles
 
 
 class StopFlag:
@@ -43,7 +44,7 @@ _installed: Optional[StopFlag] = None
 def install() -> StopFlag:
     global _installed
     flag = _installed = StopFlag()
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in SIGNALS:
         signal.signal(sig, flag)
     return flag
 
@@ -70,11 +71,10 @@ def stopping() -> Iterator[None]:
         raise Stopped("SIGUSR1" if _installed.usr1 else "SIGTERM")
 
     def stop(signum, frame):
-        for sig in (signal.SIGUSR1, signal.SIGTERM):  # one-shot: a second signal must not break the cleanup
-            signal.signal(sig, signal.SIG_IGN)
+        ignore_further()  # one-shot: a second signal must not break the cleanup
         raise Stopped(signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop) for sig in SIGNALS}
     try:
         yield
     finally:
@@ -84,5 +84,5 @@ def stopping() -> Iterator[None]:
 
 def ignore_further() -> None:
     """After the save a second signal must not kill the process before it exits 85."""
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
