@@ -111,7 +111,7 @@ def cmd_merge(args) -> int:
         if problem := repo_id_problem(args.hub_repo_id):
             print(f"dialtune: error: --hub-repo-id {args.hub_repo_id!r}: {problem}.", file=sys.stderr)
             return 2
-    from model.export import ExportError, merge, merge_options
+    from model.export import ExportError, export_checkpoint
     from omegaconf import OmegaConf
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the merge's phases, on stderr
@@ -133,27 +133,23 @@ def cmd_merge(args) -> int:
     if tag is None:
         latest = ckpt_root / "latest"
         if not latest.is_file():
-            steps = sorted(p.name for p in ckpt_root.glob("step_*") if (p / "adapter").is_dir())
+            steps = sorted(p.name for p in ckpt_root.glob("step_*") if (p / "trainer_state.json").is_file())
             print(f"dialtune: error: {ckpt_root} has no finished checkpoint yet; "
                   + (f"pass --checkpoint with one of: {', '.join(steps)}." if steps else "train longer (train.save_every, or run to the end)."),
                   file=sys.stderr)
             return 2
         tag = latest.read_text().strip()
-    adapter = ckpt_root / tag / "adapter"
-    if not adapter.is_dir():
-        print(f"dialtune: error: {adapter} does not exist; pass --checkpoint with one of: {', '.join(sorted(p.name for p in ckpt_root.glob('step_*')))}.", file=sys.stderr)
+    ckpt = ckpt_root / tag
+    needed = ckpt / ("trainer_state.json" if cfg.peft.method == "none" else "adapter")
+    if not needed.exists():
+        print(f"dialtune: error: {needed} does not exist; pass --checkpoint with one of: {', '.join(sorted(p.name for p in ckpt_root.glob('step_*')))}.", file=sys.stderr)
         return 2
     base = str(run_dir / "base") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
     out = args.out or str(run_dir / "merged")
     try:
-        opts = merge_options(cfg.export)
-        for key, value in (("dtype", args.dtype), ("base", args.base), ("eval_conversations", args.eval_conversations),
-                           ("tolerance", args.tolerance), ("dequantize_error", args.dequantize_error),
-                           ("hub_repo_id", args.hub_repo_id), ("license", args.license)):
-            if value is not None:
-                opts[key] = value
-        summary = merge(str(adapter), out, base_path=base, run_dir=str(run_dir),
-                        end_of_turn_token=cfg.model.end_of_turn_token, **opts)
+        summary = export_checkpoint(cfg, str(ckpt), out, base_path=base, run_dir=str(run_dir), dtype=args.dtype, base=args.base,
+                                    eval_conversations=args.eval_conversations, tolerance=args.tolerance,
+                                    dequantize_error=args.dequantize_error, hub_repo_id=args.hub_repo_id, license=args.license)
     except ExportError as e:
         print(f"dialtune: error: {e}", file=sys.stderr)
         return 2
@@ -190,7 +186,7 @@ def main(argv=None) -> int:
     t.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. recipe=qlora_nf4 model=<hub id>")
     t.set_defaults(fn=cmd_train)
 
-    m = sub.add_parser("merge", help="merge a run's adapter into its full-precision base")
+    m = sub.add_parser("merge", help="merge a run's adapter into its full-precision base (a full fine-tune: export its weights)")
     m.add_argument("run_dir")
     m.add_argument("--out", default=None, help="output directory (default: <run_dir>/merged)")
     m.add_argument("--checkpoint", default=None, help="checkpoint tag, e.g. step_0000020 (default: latest)")

@@ -4,6 +4,7 @@
 - a run directory: the adapter of its latest checkpoint on the run's base (base vs fine-tuned
   held-out loss with the adapter disabled), with the run's data and eval settings;
 - a checkpoint directory (<run_dir>/checkpoints/step_N): that checkpoint's adapter;
+- a full fine-tune's run directory (peft=none): its merged/ (what `dialtune merge` wrote);
 - a merged checkpoint (config.json): the merged model alone; its run's settings when it lies in
   a run directory (<run_dir>/merged), else the default config (the bundled sample data).
 Overrides are `key=value` pairs on that config, e.g. `eval.intent_files=[intents.jsonl]
@@ -87,7 +88,9 @@ def resolve(path: str, overrides: List[str]):
             except (HydraException, OmegaConfBaseException) as e:
                 raise EvalError(compose_problem(e, overrides)) from None
         return cfg, "merged", p, None, None, (run_dir / "eval" if run_dir else p / "eval")
-    if (p / "adapter").is_dir() and (p.parent.parent / "config.yaml").is_file():
+    if (p / "config.yaml").is_file() and (p / "merged" / "config.json").is_file() and _run_config(p, overrides).peft.method == "none":
+        return resolve(str(p / "merged"), overrides)  # a full fine-tune: its weights are what `dialtune merge` wrote
+    if ((p / "adapter").is_dir() or (p / "trainer_state.json").is_file()) and (p.parent.parent / "config.yaml").is_file():
         run_dir, adapter = p.parent.parent, p / "adapter"
     elif (p / "config.yaml").is_file():
         run_dir = p
@@ -98,8 +101,11 @@ def resolve(path: str, overrides: List[str]):
     else:
         raise EvalError(f"{path} is neither a dialtune run directory (config.yaml), a checkpoint (adapter/) nor a merged checkpoint (config.json).")
     cfg = _run_config(run_dir, overrides)
-    if cfg.peft.method == "none" or not adapter.is_dir():
-        raise EvalError(f"{adapter} holds no adapter (peft=none runs save no adapter); merge or pass the merged checkpoint.")
+    if cfg.peft.method == "none":
+        raise EvalError(f"{run_dir} is a full fine-tune (peft=none): its checkpoints hold DeepSpeed's weights, not an adapter; "
+                        f"write them as a model with `dialtune merge {run_dir}` and evaluate {run_dir / 'merged'}.")
+    if not adapter.is_dir():
+        raise EvalError(f"{adapter} does not exist; pass a checkpoint directory that holds adapter/, or the merged checkpoint.")
     base = str(run_dir / "base") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
     return cfg, "adapter", adapter, adapter, base, run_dir / "eval"
 

@@ -117,16 +117,15 @@ def task(cfg) -> None:
             merged_dir = os.path.join(run_dir, "merged")
             if summary.get("already_finished") and os.path.isfile(os.path.join(merged_dir, "export_summary.json")):
                 summary["merged"] = merged_dir  # merged when the run finished; `dialtune merge` redoes it on purpose
-            elif cfg.export.merge_at_end and cfg.peft.method != "none" and summary["finished"]:
-                from model.export import merge, merge_options
+            elif cfg.export.merge_at_end and summary["finished"]:
+                from model.export import export_checkpoint
                 from train.signals import Stopped, ignore_further, stopping
 
                 written = os.path.join(merged_dir, "export_summary.json")
                 before = os.stat(written).st_mtime_ns if os.path.isfile(written) else None
                 try:
                     with stopping():
-                        merge(summary["adapter"], merged_dir, base_path=summary["base"], run_dir=run_dir,
-                              end_of_turn_token=cfg.model.end_of_turn_token, **merge_options(cfg.export))
+                        export_checkpoint(cfg, summary["checkpoint"], merged_dir, base_path=summary["base"], run_dir=run_dir)
                 except Stopped as e:
                     ignore_further()
                     # a signal that came as the merge returned finds it written: nothing is left to do

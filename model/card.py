@@ -33,7 +33,7 @@ def sample_license_notice() -> str:
 # the formats a merged transformers checkpoint never has)
 GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for pattern in (
     "*.safetensors", "*.bin", "*.pt", "*.pth", "*.model", "*.gguf", "tokenizer.json"))
-_PATH_KEYS = ("base", "adapter", "run_dir")
+_PATH_KEYS = ("base", "adapter", "run_dir", "checkpoint")
 
 
 def repo_id_problem(repo_id: str) -> Optional[str]:
@@ -89,17 +89,21 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional
     name = hub_repo_id or os.path.basename(os.path.normpath(out_dir))
     if cfg is not None and name == "merged":
         name = f"{cfg.run.name} (merged)"
-    method = cfg.peft.method if cfg is not None else ("dora" if getattr(peft_cfg, "use_dora", False) else
-                                                        "rslora" if getattr(peft_cfg, "use_rslora", False) else "lora")
-    lines = [front_matter(summary, cfg, method, license), f"# {name}", "", "Merged checkpoint written by dialtune (`dialtune merge`): the fine-tuned adapter is folded "
-             "into the base weights, so it loads with plain transformers (no PEFT, no bitsandbytes).", ""]
+    full = peft_cfg is None  # a full fine-tune (peft=none): its trained weights, no adapter
+    method = ("full" if full else cfg.peft.method if cfg is not None else
+              "dora" if getattr(peft_cfg, "use_dora", False) else "rslora" if getattr(peft_cfg, "use_rslora", False) else "lora")
+    what = ("Full fine-tune written by dialtune (`dialtune merge`): every weight of the base was trained; the weights come from "
+            "a DeepSpeed checkpoint of the run (below)" if full else
+            "Merged checkpoint written by dialtune (`dialtune merge`): the fine-tuned adapter is folded into the base weights")
+    lines = [front_matter(summary, cfg, method, license), f"# {name}", "", f"{what}, so it loads with plain transformers "
+             "(no PEFT, no bitsandbytes).", ""]
     if cfg is not None and cfg.model.name_or_path == "tiny":
         base_desc = f"embedded tiny random Llama (`model=tiny`, seed {cfg.model.tiny.seed}), written to `{show(summary['base'])}`"
     else:
         base_desc = f"`{show(cfg.model.name_or_path if cfg is not None else summary['base'])}`"
         if cfg is not None and cfg.model.revision:
             base_desc += f" (revision `{cfg.model.revision}`)"
-    targets = peft_cfg.target_modules
+    targets = None if full else peft_cfg.target_modules
     targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
     quant = summary["quant"]
     if cfg is not None and quant == "int8":
@@ -110,18 +114,24 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional
         qdesc = "none"
     merged_into = ("the dequantized (quantize -> dequantize round trip) base the adapter was trained against"
                    if summary["merge_base"] == "dequantized" else "the original full-precision base")
+    if full:
+        trained = ["| training | full fine-tuning (`peft=none`), every parameter trained |",
+                   f"| weights from | `{show(summary['checkpoint'])}` |"]
+    else:
+        trained = [f"| adapter | {method}, rank {peft_cfg.r}, alpha {peft_cfg.lora_alpha}, dropout {peft_cfg.lora_dropout} |",
+                   f"| adapter targets | {', '.join(f'`{t}`' for t in targets) if isinstance(targets, list) else f'`{targets}`'} |",
+                   f"| base quantization during training | {qdesc} |",
+                   f"| merged into | {merged_into} (`{summary['merge_base']}`) |"]
     lines += ["## Model", "",
               "| | |", "|---|---|",
               f"| base model | {base_desc} |",
-              f"| adapter | {method}, rank {peft_cfg.r}, alpha {peft_cfg.lora_alpha}, dropout {peft_cfg.lora_dropout} |",
-              f"| adapter targets | {', '.join(f'`{t}`' for t in targets) if isinstance(targets, list) else f'`{targets}`'} |",
-              f"| base quantization during training | {qdesc} |",
-              f"| merged into | {merged_into} (`{summary['merge_base']}`) |",
+              *trained,
               f"| weights dtype | {summary['dtype']} |",
               (f"| verification | max \\|logit difference\\| {summary['verify_max_abs_logit_diff']:.3g} vs {summary['verify_reference']} (tolerance {summary['verify_tolerance']:.3g}) |"
                if summary["verify_max_abs_logit_diff"] is not None else f"| verification | {summary['verify_reference']} |"),
               *([f"| as written ({summary['as_written']['dtype']}) | max \\|logit difference\\| {summary['as_written']['max_abs_logit_diff']:.3g} "
-                 "vs the same reference (the cast's rounding; the check above is in fp32) |"] if summary.get("as_written") else []),
+                 + ("vs the trained fp32 weights (the cast's rounding) |" if full else
+                    "vs the same reference (the cast's rounding; the check above is in fp32) |")] if summary.get("as_written") else []),
               f"| resolved config sha256 | `{summary.get('config_sha256') or 'unknown'}` |"]
     check = summary.get("dequantize_check")
     if check and summary["merge_base"] == "dequantized":
@@ -149,7 +159,8 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional
     if summary.get("eval_loss"):
         ev = summary["eval"]
         labels = {"adapter": f"adapter on the base as trained ({quant if quant != 'none' else cfg.model.dtype})",
-                  "merged_original": "merged into the original base", "merged_dequantized": "merged into the dequantized base"}
+                  "merged_original": "merged into the original base", "merged_dequantized": "merged into the dequantized base",
+                  "full": "the fine-tuned model as written", "training": "the same, measured by the training run (its final eval)"}
         lines += ["## Held-out loss", "",
                   f"Token-weighted cross-entropy over the assistant tokens of the first {ev['conversations']} conversations "
                   f"of the run's eval set ({ev['target_tokens']} target tokens); merged models in {summary['dtype']}.", "",

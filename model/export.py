@@ -395,6 +395,21 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
     return summary
 
 
+def export_checkpoint(cfg, ckpt_dir: str, out_dir: str, base_path: str, run_dir: str, **overrides) -> Dict:
+    """The run's export of one checkpoint (<run_dir>/checkpoints/step_N) with its `export`
+    settings (overrides that are not None win): its adapter merged into the base, or for a full
+    fine-tune (peft=none) its trained weights (model/full_export.py)."""
+    opts = merge_options(cfg.export)
+    opts.update({k: v for k, v in overrides.items() if v is not None})
+    if cfg.peft.method == "none":
+        from .full_export import export_full
+
+        return export_full(ckpt_dir, out_dir, base_path=base_path, run_dir=run_dir,
+                           end_of_turn_token=cfg.model.end_of_turn_token, **opts)
+    return merge(os.path.join(ckpt_dir, "adapter"), out_dir, base_path=base_path, run_dir=run_dir,
+                 end_of_turn_token=cfg.model.end_of_turn_token, **opts)
+
+
 def merge_options(export_cfg) -> Dict:
     """merge() keyword arguments from a run's `export` config section."""
     get = lambda key, default: export_cfg.get(key, default) if hasattr(export_cfg, "get") else getattr(export_cfg, key, default)  # noqa: E731

@@ -36,6 +36,10 @@ def test_recipes_set_what_they_promise():
     assert _compose(["recipe=qlora_nf4"]).quant.mode == "nf4"
     cfg = _compose(["recipe=lora_bf16"])
     assert (cfg.quant.mode, cfg.model.dtype, cfg.peft.method) == ("none", "bf16", "lora")
+    cfg = _compose(["recipe=full_zero3_offload"])
+    assert (cfg.peft.method, cfg.deepspeed.stage, cfg.deepspeed.offload_param, cfg.deepspeed.offload_optimizer, cfg.optim.name) == (
+        "none", 3, "cpu", "cpu", "cpu_adam")
+    validate(cfg, cuda_available=True)
     # a command-line group choice beats the recipe's default
     assert _compose(["recipe=lora_int8", "deepspeed=zero1"]).deepspeed.stage == 1
 

@@ -1,6 +1,7 @@
 """Checkpoints: DeepSpeed engine state (trainable parameters only) + the PEFT adapter + loop state.
 
-Layout: <run_dir>/checkpoints/step_0000040/{adapter/, trainer_state.json (+ code version), config.yaml,\nrng_rank<N>.pt, <deepspeed files>}
+Layout: <run_dir>/checkpoints/step_0000040/{adapter/ (full fine-tunes: tokenizer/), trainer_state.json (+ code version),
+config.yaml, rng_rank<N>.pt, <deepspeed files>}
 and <run_dir>/checkpoints/latest (the newest complete one; replaced atomically after every rank saved).
 """
 from __future__ import annotations
@@ -111,6 +112,8 @@ def save(engine, ckpt_root: str, step: int, state: Dict[str, Any], is_main: bool
     torch.save(rng, os.path.join(tmp, f"rng_rank{_rank()}.pt"))
     if hasattr(engine.module, "peft_config"):
         save_adapter(engine.module, os.path.join(tmp, "adapter"), is_main, zero_stage, tokenizer)
+    elif is_main and tokenizer is not None:  # a full fine-tune: the weights are DeepSpeed's; the export needs the tokenizer as trained
+        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     if is_main:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({**state, "code_version": code_version()}, f, indent=2)

@@ -371,7 +371,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "finished": state["step"] == total_steps, "preempted": preempted, "stop_signal": stop_signal, "world_size": world,
                "nonfinite_stop_step": nonfinite_stop, "skipped_steps": skipped, "grad_accum": gas,
                "global_batch_size": mb * gas * world,
-               "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter"),
+               "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter") if cfg.peft.method != "none" else None,
                "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
                "fast_int8_layers": fast_int8, "fused_ce": not no_fused, "checkpointed_layers": recomputed,
                "packed_attention": layout["path"] if packs is not None else None, "peak_tflops": peak / 1e12 if peak else None,

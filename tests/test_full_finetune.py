@@ -1,0 +1,100 @@
+"""Full fine-tuning (peft=none) end to end, 2 ranks: every weight trains under ZeRO-3 (partitioned)
+and ZeRO-0; a run stopped at step 2 and resumed reproduces the uninterrupted one; the end of
+training writes merged/ from the final checkpoint's weights (ZeRO-3: reassembled from both
+ranks' partitions), which loads with from_pretrained and scores the held-out loss the training
+run measured; `dialtune merge` redoes it; `dialtune eval` of the run directory reads merged/."""
+import json
+
+import pytest
+import torch
+
+from tests.conftest import read_metrics, train
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory):
+    """Two launches of a 4-job multirun (ZeRO-3 / ZeRO-0 x uninterrupted / stopped after step 2):
+    the first trains, the second resumes the stopped jobs (and finds the others finished)."""
+    from omegaconf import OmegaConf
+
+    root = tmp_path_factory.mktemp("full")
+    sweep = ["-m", "recipe=demo", "peft=none", f"train.max_steps={STEPS}", "logger=none", "eval.every_n_steps=0",
+             "eval.at_end=[lm]", "train.save_every=0", "export.eval_conversations=1000", "deepspeed=zero3,zero0",
+             "deepspeed.stage3_param_persistence_threshold=0", "train.stop_after_steps=0,2", "run.name=full"]
+    train(sweep, root, nproc=2, via="torchrun")
+    stopped = {}
+    for job in sorted(p for p in (root / "full-sweep").iterdir() if p.is_dir()):
+        s = json.loads((job / "summary.json").read_text())
+        stopped[job.name] = not s["finished"]
+        assert s["steps"] == (2 if stopped[job.name] else STEPS) and s["adapter"] is None
+        assert (job / "merged").is_dir() != stopped[job.name]  # finished runs export; stopped ones wait
+    train(sweep + ["train.resume=auto"], root, nproc=2, via="torchrun")
+    jobs = {}
+    for job in sorted(p for p in (root / "full-sweep").iterdir() if p.is_dir()):
+        jobs[(OmegaConf.load(job / "config.yaml").deepspeed.stage, stopped[job.name])] = job
+    assert sorted(jobs) == [(0, False), (0, True), (3, False), (3, True)]
+    return jobs
+
+
+def _weights(merged):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(merged.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_resumed_full_finetune_reproduces_the_uninterrupted_run(full_runs):
+    for stage in (0, 3):
+        whole, resumed = (read_metrics(full_runs[(stage, s)]) for s in (False, True))
+        steps = [r for r in whole if "train/loss" in r]
+        assert [r["step"] for r in steps] == [r["step"] for r in resumed if "train/loss" in r] == list(range(1, STEPS + 1))
+        for a, b in zip(steps, [r for r in resumed if "train/loss" in r]):
+            assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6), stage
+            assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], abs=1e-6), stage
+        assert steps[-1]["train/loss"] < steps[0]["train/loss"]
+        a, b = (_weights(full_runs[(stage, s)] / "merged") for s in (False, True))
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, stage
+    # ZeRO-0 and ZeRO-3 (the same math, another reduction order) train the same model
+    for a, b in zip(read_metrics(full_runs[(0, False)]), read_metrics(full_runs[(3, False)])):
+        if "train/loss" in a:
+            assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+
+
+def test_the_export_holds_every_trained_weight_and_scores_the_training_runs_loss(full_runs):
+    from transformers import AutoModelForCausalLM
+
+    for (stage, _), run_dir in sorted(full_runs.items()):
+        merged = run_dir / "merged"
+        summary = json.loads((merged / "export_summary.json").read_text())
+        assert summary["merge_base"] == "full" and summary["verify_max_abs_logit_diff"] <= 1e-4
+        assert summary["checkpoint"] == str(run_dir / "checkpoints" / f"step_{STEPS:07d}")
+        # the written model's held-out loss is the one the engine measured at the last step
+        assert summary["eval_loss"]["full"] == pytest.approx(summary["eval_loss"]["training"], rel=1e-5), stage
+        trained, base = _weights(merged), _weights(run_dir / "base")
+        assert trained.keys() == base.keys()
+        assert all(trained[k].shape == base[k].shape for k in base)  # whole tensors, not ZeRO-3 partitions
+        moved = [k for k in base if not torch.equal(trained[k], base[k])]
+        assert len(moved) == len(base), set(base) - set(moved)  # every weight trained (norms included)
+        model = AutoModelForCausalLM.from_pretrained(str(merged))
+        assert not any("lora" in n for n, _ in model.named_parameters())
+        card = (merged / "README.md").read_text()
+        assert "full fine-tuning (`peft=none`)" in card and "| the fine-tuned model as written |" in card
+        assert (run_dir / "checkpoints" / f"step_{STEPS:07d}" / "tokenizer" / "tokenizer_config.json").is_file()
+
+
+def test_merge_and_eval_commands_take_a_full_finetune(full_runs, tmp_path):
+    from launch.cli import main
+    from launch.evaluate import resolve
+
+    run_dir = full_runs[(3, False)]
+    assert main(["merge", str(run_dir), "--checkpoint", f"step_{STEPS:07d}", "--out", str(tmp_path / "again")]) == 0
+    a, b = _weights(run_dir / "merged"), _weights(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg, kind, model_dir, adapter, _, _ = resolve(str(run_dir), [])
+    assert (kind, model_dir, adapter) == ("merged", run_dir / "merged", None)
+    assert cfg.peft.method == "none"
