@@ -64,10 +64,10 @@ def trained_state_dict(ckpt_dir: str, zero_stage: int) -> Dict[str, torch.Tensor
 
 def load_trained(base_path: str, tokenizer, cfg, state: Dict[str, torch.Tensor], ckpt_dir: str):
     """The base architecture holding the trained weights (fp32, CPU)."""
-    model = load_fp32_base(base_path, tokenizer, cfg)
-    emb = state.get("model.embed_tokens.weight")
-    if emb is not None and emb.shape[0] != model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(emb.shape[0])
+    model = load_fp32_base(base_path, tokenizer, cfg)  # embeddings sized to the tokenizer, as training resized them
+    in_key = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+    if in_key in state and state[in_key].shape[0] != model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(state[in_key].shape[0])
     tied = model.config.get_text_config().tie_word_embeddings if hasattr(model.config, "get_text_config") else False
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     out_key = next((n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight), None) \

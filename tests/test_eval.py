@@ -198,7 +198,7 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
            "train.log_every=5", f"eval.intent_files=[{intents}]",
            "eval.intent_max_examples=5", "eval.intent_labels=[card_arrival,cash_withdrawal_charge,lost_or_stolen_card]",
            "eval.response_conversations=3", "eval.decoding=[greedy,sampled]", "eval.max_new_tokens=6",
-           "eval.samples=2", "export.eval_conversations=4", "logger=wandb"],
+           "eval.samples=2", "export.eval_conversations=4", "logger=wandb", "eval.lm_max_batches=0"],
           tmp_path, nproc=2, via="torchrun")
     run_dir = tmp_path / "demo"
     rows = {r["step"]: r for r in read_metrics(run_dir)}

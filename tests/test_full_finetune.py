@@ -22,7 +22,7 @@ def full_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("full")
     sweep = ["-m", "recipe=demo", "peft=none", f"train.max_steps={STEPS}", "logger=none", "eval.every_n_steps=0",
-             "eval.at_end=[lm]", "train.save_every=0", "export.eval_conversations=1000", "deepspeed=zero3,zero0",
+             "eval.at_end=[lm]", "train.save_every=0", "export.eval_conversations=1000", "eval.lm_max_batches=0", "deepspeed=zero3,zero0",
              "deepspeed.stage3_param_persistence_threshold=0", "train.stop_after_steps=0,2", "run.name=full"]
     train(sweep, root, nproc=2, via="torchrun")
     stopped = {}
@@ -98,3 +98,30 @@ def test_merge_and_eval_commands_take_a_full_finetune(full_runs, tmp_path):
     cfg, kind, model_dir, adapter, _, _ = resolve(str(run_dir), [])
     assert (kind, model_dir, adapter) == ("merged", run_dir / "merged", None)
     assert cfg.peft.method == "none"
+
+
+def test_trained_weights_fill_a_tied_architecture_and_a_mismatch_is_one_sentence(tmp_path):
+    """A tied output layer takes the trained embedding (zero_to_fp32 lists it as a shared
+    parameter, or not at all); weights of another architecture are refused by name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    from model.export import ExportError
+    from model.full_export import load_trained
+    from tests.conftest import TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / "base"))
+    trained = AutoModelForCausalLM.from_config(cfg)  # other random weights: "the trained ones"
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    for with_head in (True, False):
+        sd = dict(state) if with_head else {k: v for k, v in state.items() if k != "lm_head.weight"}
+        model = load_trained(str(tmp_path / "base"), tok, None, sd, "ckpt")
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"])
+        assert all(torch.equal(p, state[n]) for n, p in model.named_parameters())
+    del state["model.norm.weight"]
+    state["model.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ExportError, match="does not fit the architecture of .*missing model.norm.weight; unexpected model.extra.weight"):
+        load_trained(str(tmp_path / "base"), tok, None, state, "ckpt")
