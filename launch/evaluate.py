@@ -140,6 +140,16 @@ def _step_of(model_dir: Path) -> Optional[int]:
     return None
 
 
+def _run_world_size(model_dir: Path) -> int:
+    """How many ranks trained the run that model_dir belongs to (its summary.json), else 1."""
+    for d in list(Path(model_dir).parents)[:3]:
+        try:
+            return int(json.loads((d / "summary.json").read_text())["world_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return 1
+
+
 def cmd_eval(args) -> int:
 
     from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
@@ -155,6 +165,13 @@ def cmd_eval(args) -> int:
         if bad:
             raise EvalError(f"--parts has {bad[0]!r}; parts are {', '.join(suite.PARTS)}.")
         validate_eval(cfg.eval)
+        world = _run_world_size(model_dir)
+        if "lm" in parts and cfg.eval.lm_max_batches and world > 1 and not any(
+                o.lstrip("+").startswith("eval.lm_max_batches=") for o in args.overrides):
+            # per rank in training: the run's ranks read its first lm_max_batches x world micro-batches; so does this one process
+            print(f"dialtune: eval.lm_max_batches={cfg.eval.lm_max_batches} per rank over the run's {world} ranks: reading the same "
+                  f"first {cfg.eval.lm_max_batches * world} micro-batches", file=sys.stderr)
+            cfg.eval.lm_max_batches *= world
         from launch.chat import _first_line, pick_device
 
         try:

@@ -198,7 +198,7 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
            "train.log_every=5", f"eval.intent_files=[{intents}]",
            "eval.intent_max_examples=5", "eval.intent_labels=[card_arrival,cash_withdrawal_charge,lost_or_stolen_card]",
            "eval.response_conversations=3", "eval.decoding=[greedy,sampled]", "eval.max_new_tokens=6",
-           "eval.samples=2", "export.eval_conversations=4", "logger=wandb", "eval.lm_max_batches=0"],
+           "eval.samples=2", "export.eval_conversations=4", "logger=wandb"],
           tmp_path, nproc=2, via="torchrun")
     run_dir = tmp_path / "demo"
     rows = {r["step"]: r for r in read_metrics(run_dir)}
@@ -222,7 +222,9 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
     assert cli(["eval", str(run_dir), "--parts", "lm,intent", "--out", str(out), "eval.intent_modes=[loglik]",
                 "eval.intent_max_examples=3"]) == 0
     again = json.loads((out / "results.json").read_text())
-    # the same adapter, data and loss as the end of training (fp32 here as there)
+    assert "over the run's 2 ranks: reading the same first 4 micro-batches" in capsys.readouterr().err
+    # the same adapter, data and loss as the end of training (fp32 here as there), from the same
+    # micro-batches: eval.lm_max_batches=2 (tests/conftest.py) per rank of the 2 that trained
     assert [r["loss"] for r in again["lm"]["rows"]] == pytest.approx([r["loss"] for r in res["lm"]["rows"]], rel=1e-4)
     assert cli(["eval", str(run_dir / "merged"), "--parts", "lm", "--out", str(tmp_path / "merged_eval")]) == 0
     merged = json.loads((tmp_path / "merged_eval" / "results.json").read_text())["lm"]["rows"]
