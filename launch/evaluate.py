@@ -102,8 +102,9 @@ def resolve(path: str, overrides: List[str]):
         raise EvalError(f"{path} is neither a dialtune run directory (config.yaml), a checkpoint (adapter/) nor a merged checkpoint (config.json).")
     cfg = _run_config(run_dir, overrides)
     if cfg.peft.method == "none":
+        which = f" --checkpoint {adapter.parent.name} --out {adapter.parent / 'merged'}" if p != run_dir else ""
         raise EvalError(f"{run_dir} is a full fine-tune (peft=none): its checkpoints hold DeepSpeed's weights, not an adapter; "
-                        f"write them as a model with `dialtune merge {run_dir}` and evaluate {run_dir / 'merged'}.")
+                        f"write them as a model with `dialtune merge {run_dir}{which}` and evaluate {adapter.parent / 'merged' if which else run_dir / 'merged'}.")
     if not adapter.is_dir():
         raise EvalError(f"{adapter} does not exist; pass a checkpoint directory that holds adapter/, or the merged checkpoint.")
     base = str(run_dir / "base") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path

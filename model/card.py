@@ -89,7 +89,7 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional
     name = hub_repo_id or os.path.basename(os.path.normpath(out_dir))
     if cfg is not None and name == "merged":
         name = f"{cfg.run.name} (merged)"
-    full = peft_cfg is None  # a full fine-tune (peft=none): its trained weights, no adapter
+    full = summary["merge_base"] == "full"  # a full fine-tune (peft=none): its trained weights, no adapter
     method = ("full" if full else cfg.peft.method if cfg is not None else
               "dora" if getattr(peft_cfg, "use_dora", False) else "rslora" if getattr(peft_cfg, "use_rslora", False) else "lora")
     what = ("Full fine-tune written by dialtune (`dialtune merge`): every weight of the base was trained; the weights come from "

@@ -284,8 +284,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
                 raise ExportError(f"{name} merge: merged logits differ from {ref_name} by {diff:.3g} > export.verify_tolerance={tolerance}; "
                                   f"the merged checkpoint was not written (re-run `dialtune merge <run_dir> --tolerance X` to accept it).")
             verified = {"reference": ref_name, "max_abs_logit_diff": diff}
-        for param in merged.parameters():  # not .to(): buffers (RoPE's inv_freq) stay fp32, as from_pretrained keeps them
-            param.data = param.data.to(out_dtype)
+        cast_(merged, out_dtype)
         if name == base and out_dtype != torch.float32:  # what the cast to the written dtype costs, measured
             verified["as_written"] = {"dtype": dtype, "max_abs_logit_diff": _max_diff(ref, _logits(merged, batch), mask)}
         if eval_set is not None:
@@ -370,28 +369,42 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
             summary["max_abs_logit_diff_vs_quantized"] = vs_quantized
             summary["mean_abs_logit_diff_vs_quantized"] = vs_quantized_mean
             summary["quantized_logit_std"] = logit_std
-        if eval_set is not None:
-            summary["eval"] = {"set": eval_set["path"], "conversations": eval_set["conversations"],
-                               "target_tokens": eval_set["target_tokens"]}
-            summary["eval_loss"] = losses
-            summary["eval_ppl"] = {k: math.exp(min(v, 50)) for k, v in losses.items()}
-        if run_dir:
-            summary["config_sha256"] = _sha256(os.path.join(run_dir, "config.yaml"))
-        if note:
-            summary["note"] = note
-        if hub_repo_id:
-            summary = public_summary({**summary, "hub_repo_id": hub_repo_id})
-            with open(os.path.join(tmp, ".gitattributes"), "w") as f:
-                f.write(GITATTRIBUTES)
-        with open(os.path.join(tmp, "export_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(summary, cfg, peft_cfg, out_dir, hub_repo_id=hub_repo_id, license=license))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        summary = write_export(tmp, out_dir, summary, cfg, peft_cfg, run_dir, eval_set, losses, note, hub_repo_id, license)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return summary
+
+
+def cast_(model, dtype) -> None:
+    for param in model.parameters():  # not .to(): buffers (RoPE's inv_freq) stay fp32, as from_pretrained keeps them
+        param.data = param.data.to(dtype)
+
+
+def write_export(tmp: str, out_dir: str, summary: Dict, cfg, peft_cfg, run_dir: Optional[str], eval_set, losses: Dict[str, float],
+                 note: Optional[str], hub_repo_id: Optional[str], license: Optional[str]) -> Dict:
+    """Complete the summary (held-out losses, config hash, note), write it and the model card next
+    to the weights in tmp (push-ready with hub_repo_id), then put tmp in out_dir's place; returns
+    the summary as written."""
+    if eval_set is not None and losses:
+        summary["eval"] = {"set": eval_set["path"], "conversations": eval_set["conversations"],
+                           "target_tokens": eval_set["target_tokens"]}
+        summary["eval_loss"] = losses
+        summary["eval_ppl"] = {k: math.exp(min(v, 50)) for k, v in losses.items()}
+    if run_dir:
+        summary["config_sha256"] = _sha256(os.path.join(run_dir, "config.yaml"))
+    if note:
+        summary["note"] = note
+    if hub_repo_id:
+        summary = public_summary({**summary, "hub_repo_id": hub_repo_id})
+        with open(os.path.join(tmp, ".gitattributes"), "w") as f:
+            f.write(GITATTRIBUTES)
+    with open(os.path.join(tmp, "export_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card(summary, cfg, peft_cfg, out_dir, hub_repo_id=hub_repo_id, license=license))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
     return summary
 
 

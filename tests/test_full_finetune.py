@@ -1,5 +1,5 @@
-"""Full fine-tuning (peft=none) end to end, 2 ranks: every weight trains under ZeRO-3 (partitioned)
-and ZeRO-0; a run stopped at step 2 and resumed reproduces the uninterrupted one; the end of
+"""Full fine-tuning (peft=none) end to end, 2 ranks: every weight trains under ZeRO-3 (partitioned),
+ZeRO-2 and ZeRO-0; a run stopped at step 2 and resumed reproduces the uninterrupted one; the end of
 training writes merged/ from the final checkpoint's weights (ZeRO-3: reassembled from both
 ranks' partitions), which loads with from_pretrained and scores the held-out loss the training
 run measured; `dialtune merge` redoes it; `dialtune eval` of the run directory reads merged/."""
@@ -16,13 +16,13 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory):
-    """Two launches of a 4-job multirun (ZeRO-3 / ZeRO-0 x uninterrupted / stopped after step 2):
+    """Two launches of a 6-job multirun (ZeRO-3 / 2 / 0 x uninterrupted / stopped after step 2):
     the first trains, the second resumes the stopped jobs (and finds the others finished)."""
     from omegaconf import OmegaConf
 
     root = tmp_path_factory.mktemp("full")
     sweep = ["-m", "recipe=demo", "peft=none", f"train.max_steps={STEPS}", "logger=none", "eval.every_n_steps=0",
-             "eval.at_end=[lm]", "train.save_every=0", "export.eval_conversations=1000", "eval.lm_max_batches=0", "deepspeed=zero3,zero0",
+             "eval.at_end=[lm]", "train.save_every=0", "export.eval_conversations=1000", "eval.lm_max_batches=0", "deepspeed=zero3,zero2,zero0",
              "deepspeed.stage3_param_persistence_threshold=0", "train.stop_after_steps=0,2", "run.name=full"]
     train(sweep, root, nproc=2, via="torchrun")
     stopped = {}
@@ -35,7 +35,7 @@ def full_runs(tmp_path_factory):
     jobs = {}
     for job in sorted(p for p in (root / "full-sweep").iterdir() if p.is_dir()):
         jobs[(OmegaConf.load(job / "config.yaml").deepspeed.stage, stopped[job.name])] = job
-    assert sorted(jobs) == [(0, False), (0, True), (3, False), (3, True)]
+    assert sorted(jobs) == [(stage, stopped) for stage in (0, 2, 3) for stopped in (False, True)]
     return jobs
 
 
@@ -49,7 +49,7 @@ def _weights(merged):
 
 
 def test_resumed_full_finetune_reproduces_the_uninterrupted_run(full_runs):
-    for stage in (0, 3):
+    for stage in (0, 2, 3):
         whole, resumed = (read_metrics(full_runs[(stage, s)]) for s in (False, True))
         steps = [r for r in whole if "train/loss" in r]
         assert [r["step"] for r in steps] == [r["step"] for r in resumed if "train/loss" in r] == list(range(1, STEPS + 1))
@@ -59,10 +59,11 @@ def test_resumed_full_finetune_reproduces_the_uninterrupted_run(full_runs):
         assert steps[-1]["train/loss"] < steps[0]["train/loss"]
         a, b = (_weights(full_runs[(stage, s)] / "merged") for s in (False, True))
         assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, stage
-    # ZeRO-0 and ZeRO-3 (the same math, another reduction order) train the same model
-    for a, b in zip(read_metrics(full_runs[(0, False)]), read_metrics(full_runs[(3, False)])):
-        if "train/loss" in a:
-            assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+    # ZeRO-0, 2 and 3 (the same math, another reduction order) train the same model
+    for stage in (2, 3):
+        for a, b in zip(read_metrics(full_runs[(0, False)]), read_metrics(full_runs[(stage, False)])):
+            if "train/loss" in a:
+                assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5), stage
 
 
 def test_the_export_holds_every_trained_weight_and_scores_the_training_runs_loss(full_runs):
@@ -88,6 +89,11 @@ def test_the_export_holds_every_trained_weight_and_scores_the_training_runs_loss
 
 
 def test_merge_and_eval_commands_take_a_full_finetune(full_runs, tmp_path):
+    """`dialtune merge` of the last checkpoint writes what training wrote; of step 2 (its tokenizer/
+    removed, as checkpoints written before dialtune kept it: rebuilt as training builds it) the
+    weights of step 2, without the training run's loss (measured at step 4)."""
+    import shutil
+
     from launch.cli import main
     from launch.evaluate import resolve
 
@@ -95,6 +101,16 @@ def test_merge_and_eval_commands_take_a_full_finetune(full_runs, tmp_path):
     assert main(["merge", str(run_dir), "--checkpoint", f"step_{STEPS:07d}", "--out", str(tmp_path / "again")]) == 0
     a, b = _weights(run_dir / "merged"), _weights(tmp_path / "again")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = full_runs[(3, True)]
+    shutil.rmtree(resumed / "checkpoints" / "step_0000002" / "tokenizer")
+    assert main(["merge", str(resumed), "--checkpoint", "step_0000002", "--out", str(tmp_path / "step2")]) == 0
+    early = _weights(tmp_path / "step2")
+    assert not all(torch.equal(a[k], early[k]) for k in a)
+    summary = json.loads((tmp_path / "step2" / "export_summary.json").read_text())
+    assert set(summary["eval_loss"]) == {"full"} and summary["eval_loss"]["full"] > json.loads(
+        (run_dir / "merged" / "export_summary.json").read_text())["eval_loss"]["full"]
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        assert (tmp_path / "step2" / name).read_text() == (run_dir / "merged" / name).read_text()
     cfg, kind, model_dir, adapter, _, _ = resolve(str(run_dir), [])
     assert (kind, model_dir, adapter) == ("merged", run_dir / "merged", None)
     assert cfg.peft.method == "none"
@@ -121,6 +137,12 @@ def test_trained_weights_fill_a_tied_architecture_and_a_mismatch_is_one_sentence
         assert model.lm_head.weight is model.model.embed_tokens.weight
         assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"])
         assert all(torch.equal(p, state[n]) for n, p in model.named_parameters())
+    # a run that added tokens trained larger embeddings: the architecture takes their size
+    grown = {**state, "model.embed_tokens.weight": torch.randn(len(tok) + 2, 32)}
+    grown["lm_head.weight"] = grown["model.embed_tokens.weight"]
+    model = load_trained(str(tmp_path / "base"), tok, None, grown, "ckpt")
+    assert model.lm_head.weight.shape[0] == len(tok) + 2 and model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, grown["model.embed_tokens.weight"])
     del state["model.norm.weight"]
     state["model.extra.weight"] = torch.zeros(1)
     with pytest.raises(ExportError, match="does not fit the architecture of .*missing model.norm.weight; unexpected model.extra.weight"):

@@ -214,7 +214,7 @@ class ExportConfig:
     merge_at_end: bool = doc(True, "Write a merged checkpoint (<run_dir>/merged; a full fine-tune: its trained weights) when training ends.")
     dtype: str = doc("auto", "Dtype of the merged weights: auto (the base's training dtype, fp32 for quantized bases: bf16), fp32, bf16 or fp16.")
     max_shard_size: str = doc("2GB", "Largest safetensors shard of the merged checkpoint.")
-    verify_tolerance: float = doc(1e-4, "Largest |logit difference| (fp32) allowed between the merged model and its base (original or dequantized) + adapter; above fails the export.")
+    verify_tolerance: float = doc(1e-4, "Largest |logit difference| (fp32) allowed between the merged model and its base (original or dequantized) + adapter (a full fine-tune: between the checkpoint as written and its trained weights); above fails the export.")
     base: str = doc("original", "Base the adapter is merged into: original (full-precision base) or dequantized (quantize->dequantize round trip of the quantized base the run trained against).")
     verify_dequantize_error: float = doc(0.05, "base=dequantized: largest relative output error of a dequantized layer against its quantized original (random input); above fails the export. The logits' distance to the quantized model as trained is reported, not checked.")
     eval_conversations: int = doc(64, "Eval-set conversations whose held-out loss export_summary.json reports for the adapter and each merge; 0 skips.")
