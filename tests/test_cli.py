@@ -44,14 +44,26 @@ def test_a_bad_intent_file_stops_before_training(tmp_path):
 
 
 def test_multirun_local_rank_and_plus_override(tmp_path):
-    """`-m` sweeps, the launcher's --local_rank=N, and `+key=value` all go through Hydra."""
+    """`-m` sweeps, the launcher's --local_rank=N, and `+key=value` all go through Hydra. The runs
+    are sized by epochs (train.max_steps=-1, the default): 10 conversations, micro-batches of 2,
+    2 epochs = 10 optimizer steps, the learning rate decayed to its floor at the last."""
+    from tests.conftest import ROOT
+
+    small = tmp_path / "ten.jsonl"
+    small.write_text("".join((ROOT / "data_pipeline" / "sample_data" / "train.jsonl").read_text().splitlines(True)[:10]))
     train(["-m", "--local_rank=0", "optim.lr=1e-3,2e-3", "+deepspeed.extra.steps_per_print=1000",
-                  "export.merge_at_end=false", "data.eval_files=[]", "run.name=sweep"] + QUICK, tmp_path)
+           "export.merge_at_end=false", "data.eval_files=[]", "run.name=sweep"] + QUICK
+          + ["train.max_steps=-1", "train.epochs=2", f"data.train_files=[{small}]", "optim.warmup_steps=0", "optim.warmup_ratio=0"],
+          tmp_path)
     lrs = []
     for job in ("0", "1"):
         run_dir = tmp_path / "sweep-sweep" / job
         rows = read_metrics(run_dir)
-        assert [r["step"] for r in rows] == [1, 2]
+        assert [r["step"] for r in rows] == list(range(1, 11))
+        assert [r["train/epoch"] for r in rows][4::5] == [1.0, 2.0]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["finished"] and summary["total_steps"] == 10
+        assert rows[-1]["train/lr"] < rows[0]["train/lr"] / 5  # cosine over the 10 steps the epochs make
         lrs.append((run_dir / "config.yaml").read_text())
     assert "lr: 0.001" in lrs[0] and "lr: 0.002" in lrs[1]
     assert "steps_per_print: 1000" in lrs[0]
