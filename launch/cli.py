@@ -140,6 +140,10 @@ def cmd_merge(args) -> int:
             return 2
         tag = latest.read_text().strip()
     ckpt = ckpt_root / tag
+    latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else None
+    if args.out is None and latest and tag != latest:
+        print(f"dialtune: note: {run_dir / 'merged'} will hold {tag}, not the run's latest checkpoint {latest}: `dialtune chat/eval "
+              f"{run_dir}` read it (--out writes elsewhere)", file=sys.stderr)
     needed = ckpt / ("trainer_state.json" if cfg.peft.method == "none" else "adapter")
     if not needed.exists():
         print(f"dialtune: error: {needed} does not exist; pass --checkpoint with one of: {', '.join(sorted(p.name for p in ckpt_root.glob('step_*')))}.", file=sys.stderr)

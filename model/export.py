@@ -408,6 +408,30 @@ def write_export(tmp: str, out_dir: str, summary: Dict, cfg, peft_cfg, run_dir: 
     return summary
 
 
+def exported_from(out_dir: str) -> Optional[str]:
+    """The checkpoint directory (<run_dir>/checkpoints/step_N) the export in out_dir was written
+    from, as its export_summary.json names it; None when there is no export there."""
+    try:
+        with open(os.path.join(out_dir, "export_summary.json")) as f:
+            summary = json.load(f)
+        return summary.get("checkpoint") or os.path.dirname(os.path.normpath(summary["adapter"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def is_export_of(out_dir: str, ckpt_dir: str) -> bool:
+    """Whether out_dir holds an export of ckpt_dir. A push-ready export names its checkpoint by its
+    last path component only (the name is compared then), a push-ready merge not at all (yes)."""
+    src = exported_from(out_dir)
+    if src is None:
+        return False
+    if not src:
+        return True
+    if os.path.exists(src) and os.path.exists(ckpt_dir):
+        return os.path.samefile(src, ckpt_dir)
+    return os.path.basename(os.path.normpath(src)) == os.path.basename(os.path.normpath(ckpt_dir))
+
+
 def export_checkpoint(cfg, ckpt_dir: str, out_dir: str, base_path: str, run_dir: str, **overrides) -> Dict:
     """The run's export of one checkpoint (<run_dir>/checkpoints/step_N) with its `export`
     settings (overrides that are not None win): its adapter merged into the base, or for a full

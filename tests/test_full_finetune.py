@@ -147,3 +147,24 @@ def test_trained_weights_fill_a_tied_architecture_and_a_mismatch_is_one_sentence
     state["model.extra.weight"] = torch.zeros(1)
     with pytest.raises(ExportError, match="does not fit the architecture of .*missing model.norm.weight; unexpected model.extra.weight"):
         load_trained(str(tmp_path / "base"), tok, None, state, "ckpt")
+
+
+def test_which_checkpoint_an_export_holds(tmp_path):
+    """A rerun of a finished run keeps merged/ only when it is the export of the final checkpoint
+    (`dialtune merge --checkpoint <earlier step>` may have replaced it)."""
+    from model.export import exported_from, is_export_of
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in ("step_0000002", "step_0000004"):
+        (ckpts / step / "adapter").mkdir(parents=True)
+    out = tmp_path / "run" / "merged"
+    assert exported_from(str(out)) is None and not is_export_of(str(out), str(ckpts / "step_0000004"))
+    out.mkdir()
+    for summary, final in (({"checkpoint": str(ckpts / "step_0000004"), "adapter": None}, True),  # full fine-tune
+                           ({"adapter": str(ckpts / "step_0000004" / "adapter")}, True),  # adapter merge
+                           ({"adapter": str(ckpts / "step_0000002" / "adapter")}, False),
+                           ({"checkpoint": "step_0000002", "adapter": None}, False),  # push-ready: names only
+                           ({"checkpoint": "step_0000004", "adapter": None}, True),
+                           ({"adapter": "adapter"}, True)):  # push-ready merge: cannot tell, keep it
+        (out / "export_summary.json").write_text(json.dumps(summary))
+        assert is_export_of(str(out), str(ckpts / "step_0000004")) == final, summary
