@@ -59,6 +59,19 @@ def test_resumed_full_finetune_reproduces_the_uninterrupted_run(full_runs):
         assert steps[-1]["train/loss"] < steps[0]["train/loss"]
         a, b = (_weights(full_runs[(stage, s)] / "merged") for s in (False, True))
         assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, stage
+    # the base comparison of a full fine-tune: measured before step 1 (the resumed job reads it back)
+    from transformers import AutoModelForCausalLM
+
+    from model.export import eval_loss, load_eval_batches
+
+    for stage in (0, 2, 3):
+        whole, resumed = (json.loads((full_runs[(stage, s)] / "summary.json").read_text()) for s in (False, True))
+        assert resumed["eval_base/loss"] == pytest.approx(whole["eval_base/loss"], abs=1e-6)
+        assert whole["eval_base/loss"] > whole["eval/loss"], stage
+    run_dir = full_runs[(3, False)]
+    base = AutoModelForCausalLM.from_pretrained(str(run_dir / "base")).eval()
+    assert eval_loss(base, load_eval_batches(str(run_dir), base.config.pad_token_id, 1000)) == pytest.approx(
+        whole["eval_base/loss"], rel=1e-5)
     # ZeRO-0, 2 and 3 (the same math, another reduction order) train the same model
     for stage in (2, 3):
         for a, b in zip(read_metrics(full_runs[(0, False)]), read_metrics(full_runs[(stage, False)])):

@@ -185,7 +185,7 @@ class EvalConfig:
     during_training: List[str] = doc(["lm"], "Parts run every every_n_steps: lm (held-out loss per source; cheap), intent, response.")
     at_end: List[str] = doc(["lm", "intent", "response"], "Parts run when training ends (parts without data are skipped); `dialtune eval` runs them too unless --parts says otherwise.")
     lm_max_batches: int = doc(0, "Cap on held-out LM micro-batches per rank: training reads the eval set's first cap x ranks micro-batches, and `dialtune eval` of the run the same ones; 0: the whole eval set.")
-    base_comparison: bool = doc(True, "At the end, also measure the held-out loss with the adapter disabled (the base model), for the base vs fine-tuned table.")
+    base_comparison: bool = doc(True, "At the end, also measure the held-out loss with the adapter disabled (the base model), for the base vs fine-tuned table; a full fine-tune (peft=none) measures its base before the first step.")
     intent_files: List[str] = doc([], "Labelled utterances ({'text','label'}; JSONL/JSON/CSV/Parquet) for intent accuracy, rendered like data.intent records; empty: no intent eval.")
     intent_labels: List[str] = doc([], "The label set the classifier chooses from (utterances with other labels are left out); empty: every label found in intent_files.")
     intent_modes: List[str] = doc(["loglik", "generate"], "loglik: pick the label with the highest log-likelihood (constrained choice); generate: greedy generation matched to a label (else counted unknown).")

@@ -327,8 +327,10 @@ def source_names(paths: Sequence[str]) -> List[str]:
 def run_suite(parts: Sequence[str], *, model, forward: Callable, tokenizer, eot: int, cfg, eval_ds, sources: List[str],
               conversations: List[Dict], pad_id: int, micro_batch_size: int, max_len: int, world: int, rank: int, dev,
               synced: bool = False, base_ctx: Optional[Callable] = None, fast=None, progress: bool = False,
-              intent_cfg=None) -> Dict:
-    """Run the asked parts; the results dict that results.json holds (identical on every rank)."""
+              intent_cfg=None, base_rows: Optional[List[Dict]] = None) -> Dict:
+    """Run the asked parts; the results dict that results.json holds (identical on every rank).
+    The base model's held-out LM rows come from running the model under base_ctx (an adapter
+    switched off), or as base_rows, measured earlier (a full fine-tune's base, before step 1)."""
     was_training = model.training
     model.eval()
     res: Dict[str, Any] = {}
@@ -341,7 +343,7 @@ def run_suite(parts: Sequence[str], *, model, forward: Callable, tokenizer, eot:
                     per = lm_eval(forward, eval_ds, sources, pad_id, micro_batch_size, world, rank, dev,
                                   cfg.lm_max_batches, progress)
                 rows += [{"model": name, "source": src, **v} for src, v in per.items()]
-            res["lm"] = {"rows": rows}
+            res["lm"] = {"rows": rows + list(base_rows or [])}
         if "intent" in parts and cfg.intent_files:
             examples, labels = load_intents(cfg.intent_files, intent_cfg, cfg.intent_max_examples, cfg.intent_labels)
             labels = list(cfg.intent_labels) or labels

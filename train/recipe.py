@@ -233,15 +233,35 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     eval_texts = eval_conversations(data_path) if eval_ds is not None else []
     eval_sources = suite.source_names([s["path"] for s in sources_of(cfg.data)])
 
-    def run_eval(parts, step, final):
-        base = final and ev.base_comparison and cfg.peft.method != "none"
+    def suite_result(parts, base_ctx=None, base_rows=None):
         with attention.standard(engine.module), kernels.eager(kc.compile):
-            res = suite.run_suite(parts, model=engine.module, forward=engine, tokenizer=tokenizer, eot=eot, cfg=ev,
-                                  eval_ds=eval_ds, sources=eval_sources, conversations=eval_texts, pad_id=pad_id,
-                                  micro_batch_size=mb, max_len=cfg.data.max_seq_len, world=world, rank=rank, dev=dev,
-                                  synced=cfg.deepspeed.stage == 3 and world > 1, intent_cfg=cfg.data.intent,
-                                  base_ctx=engine.module.disable_adapter if base else None,
-                                  progress=is_main and t.progress_bar)
+            return suite.run_suite(parts, model=engine.module, forward=engine, tokenizer=tokenizer, eot=eot, cfg=ev,
+                                   eval_ds=eval_ds, sources=eval_sources, conversations=eval_texts, pad_id=pad_id,
+                                   micro_batch_size=mb, max_len=cfg.data.max_seq_len, world=world, rank=rank, dev=dev,
+                                   synced=cfg.deepspeed.stage == 3 and world > 1, intent_cfg=cfg.data.intent,
+                                   base_ctx=base_ctx, base_rows=base_rows, progress=is_main and t.progress_bar)
+
+    # a full fine-tune has no adapter to switch off for the base comparison: its base is measured
+    # before the first step (kept in eval/base_lm.json for resumed jobs)
+    full_base_rows = None
+    if cfg.peft.method == "none" and ev.base_comparison and "lm" in ev.at_end and eval_ds is not None:
+        base_path_json = os.path.join(run_dir, "eval", "base_lm.json")
+        if os.path.isfile(base_path_json):
+            with open(base_path_json) as f:
+                full_base_rows = json.load(f)
+        elif state["step"] == 0:
+            if is_main:
+                log.info("base comparison: the held-out loss of the base, before the first step")
+            full_base_rows = [{**row, "model": "base"} for row in suite_result(["lm"]).get("lm", {}).get("rows", [])]
+            if is_main:
+                os.makedirs(os.path.dirname(base_path_json), exist_ok=True)
+                with open(base_path_json, "w") as f:
+                    json.dump(full_base_rows, f, indent=2)
+
+    def run_eval(parts, step, final):
+        base = final and ev.base_comparison
+        res = suite_result(parts, base_ctx=engine.module.disable_adapter if base and cfg.peft.method != "none" else None,
+                           base_rows=full_base_rows if base else None)
         if is_main and res:
             suite.write(res, os.path.join(run_dir, "eval"), step, os.path.join(ckpt_root, checkpoint.tag_for(step)))
             metrics.table("eval/samples", res.get("samples", []), step)
