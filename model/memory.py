@@ -156,6 +156,34 @@ def _min_over_ranks(value: float, dev) -> float:
     return float(t.item())
 
 
+def full_finetune_state_bytes(params: int, *, weight_bytes: int, stage: int, world: int, offload_optimizer: bool,
+                              offload_param: bool) -> float:
+    """Per GPU, what full fine-tuning holds besides activations: the weights (partitioned by
+    ZeRO-3, or in CPU memory with parameter offload), their gradients (partitioned from ZeRO-2),
+    and Adam's fp32 master weights and two moments, 12 bytes a parameter (partitioned from ZeRO-1,
+    or in CPU memory with optimizer offload)."""
+    weights = 0.0 if offload_param else params * weight_bytes / (world if stage == 3 else 1)
+    grads = params * weight_bytes / (world if stage >= 2 else 1)
+    optimizer = 0.0 if offload_optimizer else params * 12 / (world if stage >= 1 else 1)
+    return weights + grads + optimizer
+
+
+def full_finetune_problem(cfg, params: int, world: int, card_bytes: int) -> Optional[str]:
+    """One sentence when a full fine-tune's weights, gradients and optimizer states alone would not
+    fit on the GPU (the first step would run out of memory), else None."""
+    from train.ds_config import mixed_precision
+
+    ds = cfg.deepspeed
+    need = full_finetune_state_bytes(params, weight_bytes=4 if mixed_precision(cfg) == "fp32" else 2, stage=ds.stage,
+                                     world=world, offload_optimizer=ds.offload_optimizer == "cpu",
+                                     offload_param=ds.offload_param == "cpu")
+    if need <= 0.9 * card_bytes:
+        return None
+    return (f"full fine-tuning (peft=none) of {params / 1e9:.2f} B parameters needs ~{need / GIB:.0f} GiB per GPU for weights, "
+            f"gradients and Adam states under ZeRO-{ds.stage} on {world} GPU(s), more than this {card_bytes / GIB:.0f} GiB GPU has; "
+            f"use recipe=full_zero3_offload (ZeRO-3, states in CPU memory), more GPUs, or an adapter (peft=lora)")
+
+
 def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
     """kernels.memory_budget_gib for the recipe: plan and apply which decoder layers recompute;
     returns the sentence to log (None when the budget is off). Never raises: a model or setting

@@ -164,3 +164,29 @@ def test_auto_budget_is_what_the_gpu_has_free_less_the_headroom(monkeypatch):
     assert 0 < p.keep < 8 and f"{p.keep} of 8 decoder layers keep their activations" in msg
     assert kernels.checkpointed_count(model) == 8 - p.keep
     assert "CUDA only" in memory.apply_budget(model, _cfg(kernels__memory_budget_gib="auto"), torch.device("cpu"), True, masked=False)
+
+
+def test_full_finetune_states_say_when_they_cannot_fit():
+    """Weights + gradients + Adam (12 bytes) per GPU by ZeRO stage and offload, and the sentence
+    that stops a full fine-tune that could only run out of memory."""
+    from omegaconf import OmegaConf
+
+    from model.memory import GIB, full_finetune_problem, full_finetune_state_bytes
+
+    p = 8_030_000_000  # Llama-3-8B
+    one = full_finetune_state_bytes(p, weight_bytes=2, stage=2, world=1, offload_optimizer=False, offload_param=False)
+    assert one == p * 16
+    eight = full_finetune_state_bytes(p, weight_bytes=2, stage=2, world=8, offload_optimizer=False, offload_param=False)
+    assert eight == p * (2 + 2 / 8 + 12 / 8)
+    assert full_finetune_state_bytes(p, weight_bytes=2, stage=3, world=8, offload_optimizer=True, offload_param=True) == p * 2 / 8
+    assert full_finetune_state_bytes(p, weight_bytes=2, stage=0, world=8, offload_optimizer=False, offload_param=False) == p * 16
+
+    def cfg(stage, opt="none", param="none"):
+        return OmegaConf.create({"model": {"dtype": "bf16"}, "quant": {"mode": "none"},
+                                 "deepspeed": {"stage": stage, "offload_optimizer": opt, "offload_param": param}})
+
+    card = 80 * GIB
+    problem = full_finetune_problem(cfg(2), p, 1, card)
+    assert problem.startswith("full fine-tuning (peft=none) of 8.03 B parameters needs ~120 GiB per GPU") and "recipe=full_zero3_offload" in problem
+    assert full_finetune_problem(cfg(2), p, 8, card) is None
+    assert full_finetune_problem(cfg(3, "cpu", "cpu"), p, 1, card) is None

@@ -155,6 +155,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     kc = cfg.kernels
     liger = kc.liger and kernels.apply_liger(model)
     model = loader.attach_adapter(model, cfg)
+    if cfg.peft.method == "none" and dev.type == "cuda" and (
+            too_big := memory.full_finetune_problem(cfg, sum(p.numel() for p in model.parameters()), world,
+                                                    torch.cuda.get_device_properties(dev).total_memory)):
+        raise ConfigError(too_big)  # before DeepSpeed allocates the states: one sentence, not a CUDA OOM
     fast_int8 = kernels.dequantize_int8_linears(model) if dequantize.fast_int8(cfg) else 0
     if packs is not None:
         try:
