@@ -141,7 +141,7 @@ def cmd_merge(args) -> int:
         tag = latest.read_text().strip()
     ckpt = ckpt_root / tag
     latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else None
-    if args.out is None and latest and tag != latest:
+    if args.out is None and latest and os.path.basename(os.path.normpath(tag)) != latest:
         print(f"dialtune: note: {run_dir / 'merged'} will hold {tag}, not the run's latest checkpoint {latest}: `dialtune chat/eval "
               f"{run_dir}` read it (--out writes elsewhere)", file=sys.stderr)
     needed = ckpt / ("trainer_state.json" if cfg.peft.method == "none" else "adapter")

@@ -236,6 +236,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
 
     if base not in BASES:
         raise ExportError(f"export.base={base!r} is not one of {', '.join(BASES)}.")
+    check_out_dir(out_dir)
     if hub_repo_id and (problem := repo_id_problem(hub_repo_id)):
         raise ExportError(f"export.hub_repo_id={hub_repo_id!r}: {problem}.")
     run_dir = run_dir or find_run_dir(adapter_dir)
@@ -353,7 +354,8 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
 
         tokenizer.save_pretrained(tmp)
         eos = _write_generation_config(tmp, tokenizer, end_of_turn_token)
-        summary = {"base": base_path, "adapter": adapter_dir, "run_dir": run_dir, "merge_base": base, "quant": quant,
+        summary = {"base": base_path, "adapter": os.path.abspath(adapter_dir),
+                   "checkpoint": os.path.dirname(os.path.abspath(adapter_dir)), "run_dir": run_dir, "merge_base": base, "quant": quant,
                    "dtype": dtype, "verify_reference": verified["reference"],
                    "verify_max_abs_logit_diff": verified["max_abs_logit_diff"], "verify_tolerance": tolerance,
                    "eos_token_id": eos}
@@ -374,6 +376,14 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def check_out_dir(out_dir: str) -> None:
+    """An export replaces out_dir as a whole: refuse a directory that holds anything but an earlier
+    export (e.g. `--out .` or `--out <run_dir>` would delete the checkpoints)."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "export_summary.json")):
+        raise ExportError(f"{out_dir} exists and holds other files than an export (no export_summary.json), which writing the "
+                          f"export there would delete; pass a new or empty directory (--out).")
 
 
 def cast_(model, dtype) -> None:
@@ -403,6 +413,7 @@ def write_export(tmp: str, out_dir: str, summary: Dict, cfg, peft_cfg, run_dir: 
         json.dump(summary, f, indent=2)
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(model_card(summary, cfg, peft_cfg, out_dir, hub_repo_id=hub_repo_id, license=license))
+    check_out_dir(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return summary

@@ -35,7 +35,7 @@ import torch
 
 from .card import repo_id_problem
 from .export import (ORIGINAL_TOLERANCE, ExportError, _held_out_batch, _load_run_cfg, _logits, _max_diff,
-                     _training_dtype, _write_generation_config, cast_, default_probe, eval_loss, load_eval_batches,
+                     _training_dtype, _write_generation_config, cast_, check_out_dir, default_probe, eval_loss, load_eval_batches,
                      write_export)
 from .loader import DTYPES
 
@@ -135,6 +135,7 @@ def export_full(ckpt_dir: str, out_dir: str, base_path: str, run_dir: Optional[s
 
     if hub_repo_id and (problem := repo_id_problem(hub_repo_id)):
         raise ExportError(f"export.hub_repo_id={hub_repo_id!r}: {problem}.")
+    check_out_dir(out_dir)
     run_dir = os.path.abspath(run_dir or os.path.join(ckpt_dir, "..", ".."))
     cfg = _load_run_cfg(run_dir)
     if cfg is None:

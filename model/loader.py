@@ -84,6 +84,18 @@ def quantization_config(quant_cfg):
     return None
 
 
+def parameter_count(cfg, path: str) -> int:
+    """How many parameters the model at path has, from its config alone (built on the meta device)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code,
+                                        revision=cfg.model.revision if path == cfg.model.name_or_path else None)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
 def load_base(cfg, path: str, device: torch.device, dtype: Optional[torch.dtype] = None, quantize: bool = True):
     """AutoModelForCausalLM from a hub id or directory, optionally bitsandbytes-quantized."""
     from transformers import AutoModelForCausalLM

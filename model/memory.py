@@ -158,30 +158,39 @@ def _min_over_ranks(value: float, dev) -> float:
 
 def full_finetune_state_bytes(params: int, *, weight_bytes: int, stage: int, world: int, offload_optimizer: bool,
                               offload_param: bool) -> float:
-    """Per GPU, what full fine-tuning holds besides activations: the weights (partitioned by
-    ZeRO-3, or in CPU memory with parameter offload), their gradients (partitioned from ZeRO-2),
-    and Adam's fp32 master weights and two moments, 12 bytes a parameter (partitioned from ZeRO-1,
-    or in CPU memory with optimizer offload)."""
+    """Per GPU, what full fine-tuning holds besides activations (a lower bound): the weights
+    (partitioned by ZeRO-3, or in CPU memory with parameter offload), their gradients (partitioned
+    from ZeRO-2; with optimizer offload ZeRO-2/3 keep them in CPU memory), and Adam's state: two
+    fp32 moments, plus fp32 master weights when training in 16 bits (partitioned from ZeRO-1, or in
+    CPU memory with optimizer offload)."""
     weights = 0.0 if offload_param else params * weight_bytes / (world if stage == 3 else 1)
-    grads = params * weight_bytes / (world if stage >= 2 else 1)
-    optimizer = 0.0 if offload_optimizer else params * 12 / (world if stage >= 1 else 1)
+    grads = 0.0 if offload_optimizer and stage >= 2 else params * weight_bytes / (world if stage >= 2 else 1)
+    adam = 8 if weight_bytes == 4 else 12
+    optimizer = 0.0 if offload_optimizer else params * adam / (world if stage >= 1 else 1)
     return weights + grads + optimizer
 
 
 def full_finetune_problem(cfg, params: int, world: int, card_bytes: int) -> Optional[str]:
-    """One sentence when a full fine-tune's weights, gradients and optimizer states alone would not
-    fit on the GPU (the first step would run out of memory), else None."""
+    """One sentence when a full fine-tune cannot fit on the GPU, else None: every rank loads the
+    whole model before DeepSpeed partitions it, then holds its share of weights, gradients and
+    optimizer states (the first step would run out of memory)."""
     from train.ds_config import mixed_precision
 
     ds = cfg.deepspeed
-    need = full_finetune_state_bytes(params, weight_bytes=4 if mixed_precision(cfg) == "fp32" else 2, stage=ds.stage,
-                                     world=world, offload_optimizer=ds.offload_optimizer == "cpu",
-                                     offload_param=ds.offload_param == "cpu")
+    weight_bytes = 4 if mixed_precision(cfg) == "fp32" else 2
+    what = f"full fine-tuning (peft=none) of {params / 1e9:.2f} B parameters"
+    if params * weight_bytes > 0.9 * card_bytes:
+        return (f"{what}: its {params * weight_bytes / GIB:.0f} GiB of weights do not fit on this {card_bytes / GIB:.0f} GiB GPU, and "
+                f"every rank loads the whole model before ZeRO partitions it; use GPUs that hold it, or an adapter on a quantized "
+                f"base (recipe=lora_int8 or qlora_nf4)")
+    need = full_finetune_state_bytes(params, weight_bytes=weight_bytes, stage=ds.stage, world=world,
+                                     offload_optimizer=ds.offload_optimizer == "cpu", offload_param=ds.offload_param == "cpu")
     if need <= 0.9 * card_bytes:
         return None
-    return (f"full fine-tuning (peft=none) of {params / 1e9:.2f} B parameters needs ~{need / GIB:.0f} GiB per GPU for weights, "
-            f"gradients and Adam states under ZeRO-{ds.stage} on {world} GPU(s), more than this {card_bytes / GIB:.0f} GiB GPU has; "
-            f"use recipe=full_zero3_offload (ZeRO-3, states in CPU memory), more GPUs, or an adapter (peft=lora)")
+    # (ZeRO-3 with both offloads keeps none of it on the GPU: the advice below is always a change)
+    return (f"{what} needs ~{need / GIB:.0f} GiB per GPU for weights, gradients and Adam states under ZeRO-{ds.stage} on "
+            f"{world} GPU(s), more than this {card_bytes / GIB:.0f} GiB GPU has; use recipe=full_zero3_offload (ZeRO-3, "
+            f"states in CPU memory), more GPUs, or an adapter (peft=lora)")
 
 
 def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:

@@ -46,7 +46,7 @@ def test_a_bad_intent_file_stops_before_training(tmp_path):
 def test_multirun_local_rank_and_plus_override(tmp_path):
     """`-m` sweeps, the launcher's --local_rank=N, and `+key=value` all go through Hydra. The runs
     are sized by epochs (train.max_steps=-1, the default): 10 conversations, micro-batches of 2,
-    2 epochs = 10 optimizer steps, the learning rate decayed to its floor at the last."""
+    2 epochs = 10 optimizer steps, the cosine schedule run over those 10."""
     from tests.conftest import ROOT
 
     small = tmp_path / "ten.jsonl"

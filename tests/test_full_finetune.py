@@ -24,6 +24,11 @@ def full_runs(tmp_path_factory):
     sweep = ["-m", "recipe=demo", "peft=none", f"train.max_steps={STEPS}", "logger=none", "eval.every_n_steps=0",
              "eval.at_end=[lm]", "train.save_every=0", "export.eval_conversations=1000", "eval.lm_max_batches=0", "deepspeed=zero3,zero2,zero0",
              "deepspeed.stage3_param_persistence_threshold=0", "train.stop_after_steps=0,2", "run.name=full"]
+    # an earlier run's base comparison in job 0's directory (ZeRO-3, uninterrupted): a fresh start
+    # measures its own (test_resumed_... checks it against the base model)
+    stale = root / "full-sweep" / "0" / "eval" / "base_lm.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps([{"model": "base", "source": "all", "loss": 99.0, "ppl": 1.0, "target_tokens": 1}]))
     train(sweep, root, nproc=2, via="torchrun")
     stopped = {}
     for job in sorted(p for p in (root / "full-sweep").iterdir() if p.is_dir()):
@@ -69,6 +74,7 @@ def test_resumed_full_finetune_reproduces_the_uninterrupted_run(full_runs):
         assert resumed["eval_base/loss"] == pytest.approx(whole["eval_base/loss"], abs=1e-6)
         assert whole["eval_base/loss"] > whole["eval/loss"], stage
     run_dir = full_runs[(3, False)]
+    assert run_dir.name == "0"  # the job whose directory held a stale base_lm.json
     base = AutoModelForCausalLM.from_pretrained(str(run_dir / "base")).eval()
     assert eval_loss(base, load_eval_batches(str(run_dir), base.config.pad_token_id, 1000)) == pytest.approx(
         whole["eval_base/loss"], rel=1e-5)
@@ -111,6 +117,8 @@ def test_merge_and_eval_commands_take_a_full_finetune(full_runs, tmp_path):
     from launch.evaluate import resolve
 
     run_dir = full_runs[(3, False)]
+    assert main(["merge", str(run_dir), "--out", str(run_dir / "checkpoints")]) == 2  # would delete them: refused
+    assert (run_dir / "checkpoints" / "latest").is_file()
     assert main(["merge", str(run_dir), "--checkpoint", f"step_{STEPS:07d}", "--out", str(tmp_path / "again")]) == 0
     a, b = _weights(run_dir / "merged"), _weights(tmp_path / "again")
     assert all(torch.equal(a[k], b[k]) for k in a)

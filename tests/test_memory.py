@@ -178,8 +178,12 @@ def test_full_finetune_states_say_when_they_cannot_fit():
     assert one == p * 16
     eight = full_finetune_state_bytes(p, weight_bytes=2, stage=2, world=8, offload_optimizer=False, offload_param=False)
     assert eight == p * (2 + 2 / 8 + 12 / 8)
-    assert full_finetune_state_bytes(p, weight_bytes=2, stage=3, world=8, offload_optimizer=True, offload_param=True) == p * 2 / 8
+    # offloaded: ZeRO-3 keeps nothing of it on the GPU, ZeRO-2 the weights
+    assert full_finetune_state_bytes(p, weight_bytes=2, stage=3, world=1, offload_optimizer=True, offload_param=True) == 0
+    assert full_finetune_state_bytes(p, weight_bytes=2, stage=2, world=1, offload_optimizer=True, offload_param=False) == p * 2
     assert full_finetune_state_bytes(p, weight_bytes=2, stage=0, world=8, offload_optimizer=False, offload_param=False) == p * 16
+    # fp32 training has no separate master copy: weights, gradients, two moments
+    assert full_finetune_state_bytes(p, weight_bytes=4, stage=0, world=1, offload_optimizer=False, offload_param=False) == p * 16
 
     def cfg(stage, opt="none", param="none"):
         return OmegaConf.create({"model": {"dtype": "bf16"}, "quant": {"mode": "none"},
@@ -190,3 +194,23 @@ def test_full_finetune_states_say_when_they_cannot_fit():
     assert problem.startswith("full fine-tuning (peft=none) of 8.03 B parameters needs ~120 GiB per GPU") and "recipe=full_zero3_offload" in problem
     assert full_finetune_problem(cfg(2), p, 8, card) is None
     assert full_finetune_problem(cfg(3, "cpu", "cpu"), p, 1, card) is None
+    assert full_finetune_problem(cfg(2, "cpu"), p, 1, card) is None  # zero2_offload: the 16 GiB of weights
+    # 70 B: its weights alone do not fit where each rank loads the whole model, offloaded or not
+    big = full_finetune_problem(cfg(3, "cpu", "cpu"), 70_600_000_000, 8, card)
+    assert "its 132 GiB of weights do not fit on this 80 GiB GPU" in big and "recipe=lora_int8 or qlora_nf4" in big
+
+
+
+def test_parameter_count_from_the_config_alone(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoModelForCausalLM
+
+    from model.loader import build_tiny, load_tokenizer, parameter_count
+    from train.config import CONF_DIR, register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train")
+    build_tiny(cfg.model, load_tokenizer(cfg.model), str(tmp_path / "tiny"))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "tiny"))
+    assert parameter_count(cfg, str(tmp_path / "tiny")) == sum(p.numel() for p in model.parameters()) > 0

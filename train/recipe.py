@@ -146,6 +146,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     pad_id = tokenizer.pad_token_id
 
     # ---- model --------------------------------------------------------------------------------
+    if cfg.peft.method == "none" and dev.type == "cuda" and (too_big := memory.full_finetune_problem(
+            cfg, loader.parameter_count(cfg, base_path), world, torch.cuda.get_device_properties(dev).total_memory)):
+        raise ConfigError(too_big)  # before loading and before DeepSpeed allocates the states: one sentence, not a CUDA OOM
     model = loader.load_base(cfg, base_path, dev)
     if is_main and (too_long := loader.context_problem(model.config, cfg.data.max_seq_len)):
         log.warning(too_long)
@@ -155,10 +158,6 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     kc = cfg.kernels
     liger = kc.liger and kernels.apply_liger(model)
     model = loader.attach_adapter(model, cfg)
-    if cfg.peft.method == "none" and dev.type == "cuda" and (
-            too_big := memory.full_finetune_problem(cfg, sum(p.numel() for p in model.parameters()), world,
-                                                    torch.cuda.get_device_properties(dev).total_memory)):
-        raise ConfigError(too_big)  # before DeepSpeed allocates the states: one sentence, not a CUDA OOM
     fast_int8 = kernels.dequantize_int8_linears(model) if dequantize.fast_int8(cfg) else 0
     if packs is not None:
         try:
@@ -246,21 +245,27 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                                    base_ctx=base_ctx, base_rows=base_rows, progress=is_main and t.progress_bar)
 
     # a full fine-tune has no adapter to switch off for the base comparison: its base is measured
-    # before the first step (kept in eval/base_lm.json for resumed jobs)
+    # before the first step, kept in eval/base_lm.json for the jobs that resume this run
     full_base_rows = None
     if cfg.peft.method == "none" and ev.base_comparison and "lm" in ev.at_end and eval_ds is not None:
-        base_path_json = os.path.join(run_dir, "eval", "base_lm.json")
-        if os.path.isfile(base_path_json):
-            with open(base_path_json) as f:
-                full_base_rows = json.load(f)
-        elif state["step"] == 0:
+        base_json = os.path.join(run_dir, "eval", "base_lm.json")
+        if state["step"] == 0:  # a fresh start measures (a file there is an earlier run's)
             if is_main:
                 log.info("base comparison: the held-out loss of the base, before the first step")
             full_base_rows = [{**row, "model": "base"} for row in suite_result(["lm"]).get("lm", {}).get("rows", [])]
             if is_main:
-                os.makedirs(os.path.dirname(base_path_json), exist_ok=True)
-                with open(base_path_json, "w") as f:
+                os.makedirs(os.path.dirname(base_json), exist_ok=True)
+                with open(base_json + ".tmp", "w") as f:
                     json.dump(full_base_rows, f, indent=2)
+                os.replace(base_json + ".tmp", base_json)
+        else:
+            try:
+                with open(base_json) as f:
+                    full_base_rows = json.load(f)
+            except (OSError, ValueError):
+                if is_main:
+                    log.warning("no base comparison at the end: %s was not written before this run's first step "
+                                "(it started before dialtune measured a full fine-tune's base, or without eval.base_comparison)", base_json)
 
     def run_eval(parts, step, final):
         base = final and ev.base_comparison
