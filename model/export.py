@@ -414,8 +414,14 @@ def write_export(tmp: str, out_dir: str, summary: Dict, cfg, peft_cfg, run_dir: 
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(model_card(summary, cfg, peft_cfg, out_dir, hub_repo_id=hub_repo_id, license=license))
     check_out_dir(out_dir)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    # the earlier export moves aside in one rename and goes after the new one is in place: a crash
+    # leaves out_dir whole (old or new), never half-deleted
+    old = out_dir.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(out_dir):
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return summary
 
 

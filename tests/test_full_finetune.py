@@ -189,3 +189,28 @@ def test_which_checkpoint_an_export_holds(tmp_path):
                            ({"adapter": "adapter"}, True)):  # push-ready merge: cannot tell, keep it
         (out / "export_summary.json").write_text(json.dumps(summary))
         assert is_export_of(str(out), str(ckpts / "step_0000004")) == final, summary
+
+
+def test_an_export_replaces_an_earlier_one_whole_and_refuses_other_directories(tmp_path):
+    from model.export import ExportError, write_export
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "export_summary.json").write_text("{}")
+    (out / "model.safetensors").write_text("old")
+    tmp = tmp_path / "merged.tmp"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_text("new")
+    summary = write_export(str(tmp), str(out), {"merge_base": "full", "checkpoint": "step_0000004", "base": "b", "quant": "none",
+                                                "dtype": "fp32", "verify_reference": "r", "verify_max_abs_logit_diff": 0.0,
+                                                "verify_tolerance": 1e-4},
+                           None, None, None, None, {}, None, None, None)
+    assert (out / "model.safetensors").read_text() == "new" and json.loads((out / "export_summary.json").read_text()) == summary
+    assert not tmp.exists() and not (tmp_path / "merged.old").exists() and (out / "README.md").is_file()
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    tmp.mkdir()
+    with pytest.raises(ExportError, match="holds other files than an export"):
+        write_export(str(tmp), str(other), dict(summary), None, None, None, None, {}, None, None, None)
+    assert (other / "keep.txt").read_text() == "mine"
