@@ -74,23 +74,15 @@ def _input_embedding_key(model) -> Optional[str]:
 
 def load_trained(base_path: str, tokenizer, cfg, state: Dict[str, torch.Tensor], ckpt_dir: str):
     """The base architecture holding the trained weights (fp32, CPU); no base weights are read."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .loader import empty_model, model_config
 
-    remote = bool(cfg is not None and cfg.model.trust_remote_code)
-    revision = cfg.model.revision if cfg is not None and base_path == cfg.model.name_or_path else None
-    config = AutoConfig.from_pretrained(base_path, trust_remote_code=remote, revision=revision)
-
-    def build():
-        with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (RoPE) computed as usual
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=remote)
-
-    model = build()
+    config = model_config(cfg, base_path)
+    model = empty_model(cfg, config)
     key = _input_embedding_key(model)
     rows = state[key].shape[0] if key in state else None
     if rows is not None and rows != model.get_input_embeddings().num_embeddings:  # training resized them (new tokens)
         config.get_text_config().vocab_size = rows
-        model = build()
+        model = empty_model(cfg, config)
     if rows is not None and len(tokenizer) > rows:
         raise ExportError(f"the run's tokenizer has {len(tokenizer)} tokens but the checkpoint {ckpt_dir} embeds {rows}: "
                           "it belongs to another run or tokenizer.")

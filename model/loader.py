@@ -84,16 +84,29 @@ def quantization_config(quant_cfg):
     return None
 
 
-def parameter_count(cfg, path: str) -> int:
-    """How many parameters the model at path has, from its config alone (built on the meta device)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(cfg, path: str):
+    """The transformers config of the model at path (the run's revision and remote-code setting)."""
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code,
-                                        revision=cfg.model.revision if path == cfg.model.name_or_path else None)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    return sum(p.numel() for p in model.parameters())
+    remote = bool(cfg is not None and cfg.model.trust_remote_code)
+    revision = cfg.model.revision if cfg is not None and path == cfg.model.name_or_path else None
+    return AutoConfig.from_pretrained(path, trust_remote_code=remote, revision=revision)
+
+
+def empty_model(cfg, config):
+    """The architecture of config, fp32, its parameters on the meta device (no memory, no init);
+    buffers (RoPE's inverse frequencies) are computed as usual."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                trust_remote_code=bool(cfg is not None and cfg.model.trust_remote_code))
+
+
+def parameter_count(cfg, path: str) -> int:
+    """How many parameters the model at path has, from its config alone."""
+    return sum(p.numel() for p in empty_model(cfg, model_config(cfg, path)).parameters())
 
 
 def load_base(cfg, path: str, device: torch.device, dtype: Optional[torch.dtype] = None, quantize: bool = True):
