@@ -125,7 +125,21 @@ def load_base(cfg, path: str, device: torch.device, dtype: Optional[torch.dtype]
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if qconfig is None:
         model.to(device)
+    portable_cpu_4bit(model)
     return model
+
+
+def portable_cpu_4bit(model) -> int:
+    """Keep bitsandbytes' portable 4-bit layout on CPUs with AVX512-BF16: there, a Linear4bit's
+    first no-grad eval forward repacks its weight in place into a layout only that CPU kernel reads
+    (and that asserts out_features % 32 == 0), so evaluation, merges and exports would depend on
+    the machine and fail on small models. Returns how many layers it set."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def _target_modules(peft_cfg):

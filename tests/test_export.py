@@ -5,7 +5,7 @@ moves the logits by ~1 (the comparisons below would prove nothing if it left the
 - lora / dora / rslora: the merged checkpoint equals fp32 base + adapter (<= 1e-4);
 - int8 / nf4 with export.base=dequantized: every dequantized layer reproduces its quantized
   original (a wrong dequantization is refused), the merged checkpoint equals fp32 dequantized
-  base + adapter (<= 1e-4), lands within 0.05 of the adapter on the quantized base as trained
+  base + adapter (<= 1e-4), lands within TINY_AS_TRAINED_BOUND (bf16 rounding outliers; the mean within 0.005) of the adapter on the quantized base as trained
   (this tiny model's bound; reported, not checked, by the export) and closer to it than the merge
   into the original base (`dialtune merge --base original`);
 - `--hub-repo-id`: a push-ready directory (Hub metadata, no local paths, LFS attributes);
@@ -27,8 +27,12 @@ from tests.conftest import PEFTS, ROOT, run_env, sweep_runs, train
 pytestmark = pytest.mark.slow
 
 # max |logit difference| of the dequantized merge from the adapter on the quantized base, as
-# measured on this tiny model (0.004-0.010 over seeds and methods; model/export.py's docstring)
-TINY_AS_TRAINED_BOUND = 0.05
+# measured on this tiny model (0.004-0.010 over seeds and methods; model/export.py's docstring) on
+# one CPU, 0.094 (int8; mean 0.0017, 99th percentile 0.007) on another with AVX512-BF16, whose
+# bf16 kernels round differently: the bound is on the outliers of bf16 rounding; the mean's
+# bound and the comparison with the original-base merge are the tight checks
+TINY_AS_TRAINED_BOUND = 0.15
+TINY_AS_TRAINED_MEAN_BOUND = 0.005
 QUANTS = ["int8", "nf4"]
 
 
@@ -160,6 +164,7 @@ def test_dequantized_merge_matches_the_quantized_base(quant_runs, quant, tmp_pat
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from model.export import DEQUANTIZE_ERROR
+    from model.loader import portable_cpu_4bit
 
     run_dir = quant_runs[quant]
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -175,6 +180,7 @@ def test_dequantized_merge_matches_the_quantized_base(quant_runs, quant, tmp_pat
     mask = batch["attention_mask"].bool()
     base = AutoModelForCausalLM.from_pretrained(run_dir / "base", dtype=torch.bfloat16, quantization_config=bnb,
                                                 device_map={"": "cpu"})
+    portable_cpu_4bit(base)  # as loader.load_base does
     model = PeftModel.from_pretrained(base, _adapter(run_dir)).eval()
     if quant == "int8":  # the recipe trains int8 through bf16 GEMMs of the dequantized weights
         from model.kernels import dequantize_int8_linears
@@ -205,7 +211,7 @@ def test_dequantized_merge_matches_the_quantized_base(quant_runs, quant, tmp_pat
     orig = _merged_logits(tmp_path / "original", batch)
 
     d_deq, d_orig = (want - deq).abs()[mask], (want - orig).abs()[mask]
-    assert d_deq.max().item() <= TINY_AS_TRAINED_BOUND
+    assert d_deq.max().item() <= TINY_AS_TRAINED_BOUND and d_deq.mean().item() <= TINY_AS_TRAINED_MEAN_BOUND
     assert d_deq.mean().item() < d_orig.mean().item(), (d_deq.mean().item(), d_orig.mean().item())
     vs = summary["max_abs_logit_diff_vs_quantized"]  # reported
     assert vs["dequantized"] <= TINY_AS_TRAINED_BOUND and summary["quantized_logit_std"] > 0
