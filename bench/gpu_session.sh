@@ -34,10 +34,12 @@ WARMUP=${WARMUP:-2}
 DEADLINE=${DEADLINE:-550}
 # hf and dialtune for each quantization, then one row per lever changed (QUANT/ITEM: that quant only),
 # in this order, as long as --time-budget lasts (bench/run.py skips a row that would not fit)
-# (2026-11-28 on an H200 measured hf, dialtune and the varlen/fast_int8/liger/fused_ce/ckpt=2 rows;
-# still to measure: the memory budget at 24 GiB for int8/nf4, budget=auto (on an H200 every layer fits:
-# no recompute at all, and the auto budget's first real run), compile)
-WHICH=${WHICH:-hf,dialtune,int8/dialtune:budget=24,nf4/dialtune:budget=24,bf16/dialtune:budget=auto,bf16/dialtune:budget=40,bf16/dialtune:compile=1,bf16/dialtune:varlen=0,int8/dialtune:fast_int8=0,bf16/dialtune:liger=0}
+# (2026-11-28, three H200 calls: hf, dialtune, the varlen/fast_int8/liger/fused_ce/ckpt=2 levers, the
+# memory budget at 24 GiB and auto with the first fused-LoRA version; bench/RESULTS.md. Next: the fused
+# LoRA branch as it now is (kernels.fused_lora, off by default until measured) against PEFT's modules,
+# budget=auto with PEFT's modules, the int8 default, compile. The hf rows are in bench/RESULTS.md:
+# put `hf,dialtune,` in front to measure them and the defaults again, ~210 s)
+WHICH=${WHICH:-int8/dialtune:budget=24:fused_lora=1,nf4/dialtune:budget=24:fused_lora=1,bf16/dialtune:ckpt=2:fused_lora=1,bf16/dialtune:budget=auto,nf4/dialtune:budget=auto:fused_lora=1,bf16/dialtune:budget=auto:fused_lora=1,int8/dialtune:budget=24,nf4/dialtune:budget=24,int8/dialtune,bf16/dialtune:compile=1}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
        WANDB_MODE=disabled

@@ -181,7 +181,7 @@ def main(argv=None):
     ap.add_argument("--shape", choices=sorted(SHAPES))
     ap.add_argument("--quant", default="int8,nf4,bf16", help=f"comma list of {', '.join(QUANTS)}")
     ap.add_argument("--which", default="hf,dialtune", help="comma list: hf, dialtune, dialtune:LEVER=V[:LEVER=V] "
-                    "(levers: packing varlen fused_ce fast_int8 liger compile 0/1, varlen 2, ckpt 0/1/k = every "
+                    "(levers: packing varlen fused_ce fast_int8 fused_lora liger compile 0/1, varlen 2, ckpt 0/1/k = every "
                     "k-th layer, budget GiB or auto for kernels.memory_budget_gib); QUANT/ITEM runs ITEM for that quant only, after the rest")
     ap.add_argument("--steps", type=int, default=10, help="measured steps per row")
     ap.add_argument("--warmup", type=int, default=2, help="steps run before measuring (>= 1)")

@@ -16,6 +16,8 @@ Liger's kernels run:
   down LoRA input: dropout(act) + mask          1.5 i       (dropout 0: act: i)
   without Liger: each HF RMSNorm keeps an fp32 copy of its input instead (+h each) and SiLU
   its output (+i)
+  fused LoRA (kernels.fused_lora, model/kernels.py): the LoRA inputs are kept as with dropout 0,
+  whatever the dropout (the masks are redrawn in backward)
 
 in elements of the training dtype (h hidden, i intermediate, kv = key/value heads x head dim).
 Measured on an H200 (Llama-3-8B shape, LoRA r16 dropout 0.05 on all 7 projections, Liger, bf16,
@@ -231,7 +233,8 @@ def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
                 budget_bytes, label = budget * GIB, f"{budget:g}"
             p = plan(model.config, budget_bytes=budget_bytes, allocated_bytes=allocated,
                      trainable_params=sum(t.numel() for t in model.parameters() if t.requires_grad), tokens=tokens,
-                     lora_dropout=cfg.peft.dropout if cfg.peft.method != "none" else 0.0, liger=liger,
+                     lora_dropout=cfg.peft.dropout if cfg.peft.method != "none" and not kernels.lora_fused(model) else 0.0,
+                     liger=liger,
                      fused_ce=not no_fused, ce_chunk_size=cfg.kernels.ce_chunk_size,
                      dtype_bytes=4 if mixed_precision(cfg) == "fp32" else 2,
                      reserved_bytes=2 * cfg.deepspeed.reduce_bucket_size * 4, masked=masked)

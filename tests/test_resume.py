@@ -1,6 +1,6 @@
 """Exact resume: a 2-process run of N steps equals N/2 steps, stop, resume to N — per-step
-losses and gradient norms identical (≤ 1e-6), for ZeRO-2 and ZeRO-3, with LoRA dropout on (so
-the RNG state must come back too). (The ZeRO-3 adapter save of whole tensors: test_e2e.)"""
+losses and gradient norms identical (≤ 1e-6), for ZeRO-2 (with kernels.fused_lora) and ZeRO-3, with
+LoRA dropout on (so the RNG state must come back too). (The ZeRO-3 adapter save of whole tensors: test_e2e.)"""
 import json
 
 import pytest
@@ -9,7 +9,8 @@ from tests.conftest import read_metrics, train
 
 pytestmark = pytest.mark.slow
 COMMON = ["recipe=demo", "train.max_steps=6", "logger=none", "export.merge_at_end=false", "eval.every_n_steps=0", "eval.at_end=[lm]",
-          "data.eval_files=[]", "peft.dropout=0.1", "train.save_every=0"]
+          "data.eval_files=[]", "peft.dropout=0.1", "train.save_every=0",
+          "kernels.fused_lora=true"]  # ZeRO-2: the fused LoRA branch, whose dropout replays a saved random state
 
 
 def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -45,5 +46,7 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path):
             assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6), stage
             assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], abs=1e-6), stage
             assert b["train/lr"] == a["train/lr"]
-        assert json.loads((part_dir / "summary.json").read_text())["finished"]
+        summary = json.loads((part_dir / "summary.json").read_text())
+        assert summary["finished"]
+        assert summary["fused_lora_layers"] == (4 * 7 if stage == 2 else 0), stage  # 4 layers x 7 projections; PEFT's under ZeRO-3
 

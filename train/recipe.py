@@ -159,6 +159,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     liger = kc.liger and kernels.apply_liger(model)
     model = loader.attach_adapter(model, cfg)
     fast_int8 = kernels.dequantize_int8_linears(model) if dequantize.fast_int8(cfg) else 0
+    fused_lora = kernels.fuse_lora(model) if kc.fused_lora and cfg.deepspeed.stage < 3 else 0
+    if is_main and kc.fused_lora and cfg.peft.method != "none":
+        log.info("fused LoRA: %s", f"{fused_lora} layers" if cfg.deepspeed.stage < 3 else "off under ZeRO-3 (PEFT's modules gather the partitioned adapter)")
     if packs is not None:
         try:
             layout["path"], why, layout["attn"], layout["window"] = attention.packed_layout(
@@ -402,7 +405,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "global_batch_size": mb * gas * world,
                "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter") if cfg.peft.method != "none" else None,
                "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
-               "fast_int8_layers": fast_int8, "fused_ce": not no_fused, "checkpointed_layers": recomputed,
+               "fast_int8_layers": fast_int8, "fused_lora_layers": fused_lora, "fused_ce": not no_fused, "checkpointed_layers": recomputed,
                "packed_attention": layout["path"] if packs is not None else None, "peak_tflops": peak / 1e12 if peak else None,
                "params_trainable": n_trainable, "params_total": n_total, **eval_result}
     metrics.summary(eval_result)
