@@ -115,13 +115,13 @@ def task(cfg) -> None:
         summary = recipe.run(cfg, run_dir)
         if rank() == 0:
             merged_dir = os.path.join(run_dir, "merged")
-            from model.export import exported_from, is_export_of
+            from model.export_io import exported_from, is_export_of
 
             if summary.get("already_finished") and is_export_of(merged_dir, summary["checkpoint"]):
                 summary["merged"] = merged_dir  # merged when the run finished; `dialtune merge` redoes it on purpose
             elif cfg.export.merge_at_end and summary["finished"]:
-                if summary.get("already_finished") and exported_from(merged_dir):  # e.g. `dialtune merge --checkpoint <earlier step>`
-                    print(f"dialtune: {merged_dir} holds an export of {exported_from(merged_dir)}, not of the final checkpoint: "
+                if summary.get("already_finished") and (other := exported_from(merged_dir)):  # e.g. `dialtune merge --checkpoint <earlier step>`
+                    print(f"dialtune: {merged_dir} holds an export of {other}, not of the final checkpoint: "
                           "writing it again", flush=True)
                 from model.export import export_checkpoint
                 from train.signals import Stopped, ignore_further, stopping

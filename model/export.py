@@ -48,18 +48,16 @@ generation_config whose eos_token_id includes the end-of-turn token) go `export_
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
-import math
 import os
-import shutil
 from typing import Dict, List, Optional
 
 import torch
 
-from .card import GITATTRIBUTES, model_card, public_summary, repo_id_problem
+from .card import repo_id_problem
 from .dequantize import dequantize_, fast_int8
+from .export_io import ExportError, cast_, check_out_dir, export_tmp, write_export, write_generation_config
 from .loader import DTYPES
 
 log = logging.getLogger("dialtune")
@@ -67,10 +65,6 @@ ORIGINAL, DEQUANTIZED = "original", "dequantized"
 BASES = (ORIGINAL, DEQUANTIZED)
 ORIGINAL_TOLERANCE = 1e-4
 DEQUANTIZE_ERROR = 0.05  # largest relative output error of a dequantized layer, see the module docstring
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def _held_out_batch(tokenizer, texts: List[List[Dict[str, str]]], max_len: int = 256):
@@ -102,13 +96,6 @@ def _load_run_cfg(run_dir: Optional[str]):
     from omegaconf import OmegaConf
 
     return OmegaConf.load(os.path.join(run_dir, "config.yaml"))
-
-
-def _sha256(path: str) -> Optional[str]:
-    if not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def eval_set_path(run_dir: Optional[str]) -> Optional[str]:
@@ -273,8 +260,6 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
     losses: Dict[str, float] = {}
     vs_quantized: Dict[str, float] = {}
     vs_quantized_mean: Dict[str, float] = {}
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     verified = dequantized = None
 
     def finish(merged, name: str, diff: float, ref_name: str, ref):
@@ -294,7 +279,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
             log.info("merge: %s merge verified (max |logit diff| %.2g against %s); writing it in %s", name, diff, ref_name, dtype)
             merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
 
-    try:
+    with export_tmp(out_dir) as tmp:  # (finish writes there too)
         if stream:  # too large to hold: tensor by tensor, no logits check
             log.info("merge: the %.0f GB fp32 base is merged tensor by tensor into %s", size_gb, tmp)
             try:
@@ -353,7 +338,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
             gc.collect()
 
         tokenizer.save_pretrained(tmp)
-        eos = _write_generation_config(tmp, tokenizer, end_of_turn_token)
+        eos = write_generation_config(tmp, tokenizer, end_of_turn_token)
         summary = {"base": base_path, "adapter": os.path.abspath(adapter_dir),
                    "checkpoint": os.path.dirname(os.path.abspath(adapter_dir)), "run_dir": run_dir, "merge_base": base, "quant": quant,
                    "dtype": dtype, "verify_reference": verified["reference"],
@@ -372,81 +357,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
             summary["mean_abs_logit_diff_vs_quantized"] = vs_quantized_mean
             summary["quantized_logit_std"] = logit_std
         summary = write_export(tmp, out_dir, summary, cfg, peft_cfg, run_dir, eval_set, losses, note, hub_repo_id, license)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
-
-
-def check_out_dir(out_dir: str) -> None:
-    """An export replaces out_dir as a whole: refuse a directory that holds anything but an earlier
-    export (e.g. `--out .` or `--out <run_dir>` would delete the checkpoints)."""
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "export_summary.json")):
-        raise ExportError(f"{out_dir} exists and holds other files than an export (no export_summary.json), which writing the "
-                          f"export there would delete; pass a new or empty directory (--out).")
-
-
-def cast_(model, dtype) -> None:
-    for param in model.parameters():  # not .to(): buffers (RoPE's inv_freq) stay fp32, as from_pretrained keeps them
-        param.data = param.data.to(dtype)
-
-
-def write_export(tmp: str, out_dir: str, summary: Dict, cfg, peft_cfg, run_dir: Optional[str], eval_set, losses: Dict[str, float],
-                 note: Optional[str], hub_repo_id: Optional[str], license: Optional[str]) -> Dict:
-    """Complete the summary (held-out losses, config hash, note), write it and the model card next
-    to the weights in tmp (push-ready with hub_repo_id), then put tmp in out_dir's place; returns
-    the summary as written."""
-    if eval_set is not None and losses:
-        summary["eval"] = {"set": eval_set["path"], "conversations": eval_set["conversations"],
-                           "target_tokens": eval_set["target_tokens"]}
-        summary["eval_loss"] = losses
-        summary["eval_ppl"] = {k: math.exp(min(v, 50)) for k, v in losses.items()}
-    if run_dir:
-        summary["config_sha256"] = _sha256(os.path.join(run_dir, "config.yaml"))
-    if note:
-        summary["note"] = note
-    if hub_repo_id:
-        summary = public_summary({**summary, "hub_repo_id": hub_repo_id})
-        with open(os.path.join(tmp, ".gitattributes"), "w") as f:
-            f.write(GITATTRIBUTES)
-    with open(os.path.join(tmp, "export_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(model_card(summary, cfg, peft_cfg, out_dir, hub_repo_id=hub_repo_id, license=license))
-    check_out_dir(out_dir)
-    # the earlier export moves aside in one rename and goes after the new one is in place: a crash
-    # leaves out_dir whole (old or new), never half-deleted
-    old = out_dir.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return summary
-
-
-def exported_from(out_dir: str) -> Optional[str]:
-    """The checkpoint directory (<run_dir>/checkpoints/step_N) the export in out_dir was written
-    from, as its export_summary.json names it; None when there is no export there."""
-    try:
-        with open(os.path.join(out_dir, "export_summary.json")) as f:
-            summary = json.load(f)
-        return summary.get("checkpoint") or os.path.dirname(os.path.normpath(summary["adapter"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def is_export_of(out_dir: str, ckpt_dir: str) -> bool:
-    """Whether out_dir holds an export of ckpt_dir. A push-ready export names its checkpoint by its
-    last path component only (the name is compared then), a push-ready merge not at all (yes)."""
-    src = exported_from(out_dir)
-    if src is None:
-        return False
-    if not src:
-        return True
-    if os.path.exists(src) and os.path.exists(ckpt_dir):
-        return os.path.samefile(src, ckpt_dir)
-    return os.path.basename(os.path.normpath(src)) == os.path.basename(os.path.normpath(ckpt_dir))
 
 
 def export_checkpoint(cfg, ckpt_dir: str, out_dir: str, base_path: str, run_dir: str, **overrides) -> Dict:
@@ -472,19 +383,6 @@ def merge_options(export_cfg) -> Dict:
                 dequantize_error=get("verify_dequantize_error", DEQUANTIZE_ERROR),
                 eval_conversations=get("eval_conversations", 64), stream_above_gb=get("stream_above_gb", 12.0),
                 hub_repo_id=get("hub_repo_id", None), license=get("license", None))
-
-
-def _write_generation_config(out: str, tokenizer, end_of_turn_token: Optional[str]) -> List[int]:
-    from transformers import GenerationConfig
-
-    from data_pipeline.chat import end_of_turn_id
-
-    eot = end_of_turn_id(tokenizer, end_of_turn_token)
-    eos = sorted({i for i in (tokenizer.eos_token_id, eot) if i is not None})
-    gen = GenerationConfig(eos_token_id=eos if len(eos) > 1 else eos[0], pad_token_id=tokenizer.pad_token_id,
-                           bos_token_id=tokenizer.bos_token_id, do_sample=False)
-    gen.save_pretrained(out)
-    return eos
 
 
 def _training_dtype(adapter_dir: str, cfg=None) -> str:

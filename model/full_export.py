@@ -28,15 +28,14 @@ import io
 import json
 import logging
 import os
-import shutil
 from typing import Dict, Optional
 
 import torch
 
 from .card import repo_id_problem
-from .export import (ORIGINAL_TOLERANCE, ExportError, _held_out_batch, _load_run_cfg, _logits, _max_diff,
-                     _training_dtype, _write_generation_config, cast_, check_out_dir, default_probe, eval_loss, load_eval_batches,
-                     write_export)
+from .export import (ORIGINAL_TOLERANCE, _held_out_batch, _load_run_cfg, _logits, _max_diff, _training_dtype, default_probe,
+                     eval_loss, load_eval_batches)
+from .export_io import ExportError, cast_, check_out_dir, export_tmp, write_export, write_generation_config
 from .loader import DTYPES
 
 log = logging.getLogger("dialtune")
@@ -142,9 +141,7 @@ def export_full(ckpt_dir: str, out_dir: str, base_path: str, run_dir: Optional[s
     batch = _held_out_batch(tokenizer, probe or default_probe())
     mask = batch["attention_mask"].bool()
     eval_set = load_eval_batches(run_dir, tokenizer.pad_token_id, eval_conversations)
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with export_tmp(out_dir) as tmp:
         log.info("export: the trained weights of %s (ZeRO-%d checkpoint)", ckpt_dir, cfg.deepspeed.stage)
         model = load_trained(base_path, tokenizer, cfg, trained_state_dict(ckpt_dir, cfg.deepspeed.stage), ckpt_dir)
         ref = _logits(model, batch) if out_dtype != torch.float32 else None
@@ -155,7 +152,7 @@ def export_full(ckpt_dir: str, out_dir: str, base_path: str, run_dir: Optional[s
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         del model
         tokenizer.save_pretrained(tmp)
-        eos = _write_generation_config(tmp, tokenizer, end_of_turn_token)
+        eos = write_generation_config(tmp, tokenizer, end_of_turn_token)
         log.info("export: loading it back to check its logits")
         written = AutoModelForCausalLM.from_pretrained(tmp, dtype=out_dtype, low_cpu_mem_usage=True,
                                                        trust_remote_code=cfg.model.trust_remote_code).eval()
@@ -173,9 +170,6 @@ def export_full(ckpt_dir: str, out_dir: str, base_path: str, run_dir: Optional[s
         if eval_set is not None and (trained := _training_eval_loss(run_dir, ckpt_dir, eval_set)) is not None:
             losses["training"] = trained
         return write_export(tmp, out_dir, summary, cfg, None, run_dir, eval_set, losses, note, hub_repo_id, license)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _training_eval_loss(run_dir: str, ckpt_dir: str, eval_set) -> Optional[float]:

@@ -235,6 +235,7 @@ def test_a_wrong_dequantization_is_refused(quant_runs, tmp_path, monkeypatch):
         merge(str(_adapter(run_dir)), str(tmp_path / "never"), base_path=str(run_dir / "base"), base="dequantized",
               eval_conversations=0)
     assert "\n" not in str(e.value) and not (tmp_path / "never").exists()
+    assert not (tmp_path / "never.tmp").exists()  # the half-built export is removed (export_io.export_tmp)
 
 
 def test_export_summary_has_the_three_losses(quant_runs):

@@ -173,7 +173,7 @@ def test_trained_weights_fill_a_tied_architecture_and_a_mismatch_is_one_sentence
 def test_which_checkpoint_an_export_holds(tmp_path):
     """A rerun of a finished run keeps merged/ only when it is the export of the final checkpoint
     (`dialtune merge --checkpoint <earlier step>` may have replaced it)."""
-    from model.export import exported_from, is_export_of
+    from model.export_io import exported_from, is_export_of
 
     ckpts = tmp_path / "run" / "checkpoints"
     for step in ("step_0000002", "step_0000004"):
@@ -192,7 +192,7 @@ def test_which_checkpoint_an_export_holds(tmp_path):
 
 
 def test_an_export_replaces_an_earlier_one_whole_and_refuses_other_directories(tmp_path):
-    from model.export import ExportError, write_export
+    from model.export_io import ExportError, write_export
 
     out = tmp_path / "merged"
     out.mkdir()
