@@ -53,24 +53,28 @@ def quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
-def shape_config(shape: str):
+def shape_config(shape: str, layers: Optional[int] = None):
+    """The shape's config; layers: that many decoder layers instead of the shape's (a shallow model
+    of the same width: per-layer costs, measured in seconds)."""
     import transformers
 
     cls, kw = SHAPES[shape]
+    if layers:
+        kw = {**kw, "num_hidden_layers": layers}
     return getattr(transformers, cls)(**kw, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 # ---- the random base model, saved once per shape ----------------------------------------------
 
 
-def prepare_model_dir(shape: str, cache_root: str, device: torch.device) -> str:
+def prepare_model_dir(shape: str, cache_root: str, device: torch.device, layers: Optional[int] = None) -> str:
     """A random-init model of the shape as safetensors under cache_root (reused when present):
     built in bf16 directly on the GPU (seconds for 8B; fp32 on CPU), then saved, so that every
     run loads the same weights with `from_pretrained` and int8/nf4 quantize on load, as in real use.
     For 8B: ~16 GB written once; each later load reads it from the page cache."""
     from transformers import AutoModelForCausalLM
 
-    cfg = shape_config(shape)
+    cfg = shape_config(shape, layers)
     key = hashlib.sha256(cfg.to_json_string().encode()).hexdigest()[:10]
     path = os.path.join(cache_root, f"{shape}-{key}")
     if os.path.isfile(os.path.join(path, "config.json")):

@@ -13,7 +13,9 @@
 # What it does, writing everything under $OUT (it comes back with the call):
 #   1. installs the carried wheels into /tmp/site;
 #   2. runs the gpu-marked tests (python -m pytest -m gpu): pytest_gpu.log (GPU_TESTS=0: skipped);
-#   3. benchmarks SHAPE (default llama3-8b) for int8, nf4 and bf16, the hand-written HF recipe and
+#   3. (DIAG=1, the default) per-layer costs on a 4-layer model of SHAPE's width: diag.log, and an
+#      entry in RESULTS.md;
+#   4. benchmarks SHAPE (default llama3-8b) for int8, nf4 and bf16, the hand-written HF recipe and
 #      dialtune, STEPS measured steps after WARMUP: bench.log, bench.jsonl, and RESULTS.md = this
 #      tree's bench/RESULTS.md with the new entry appended (copy it over bench/RESULTS.md);
 #      PROFILE=1: one more step per dialtune row under torch.profiler, its top kernels in profile.txt.
@@ -65,6 +67,15 @@ if [ "${GPU_TESTS:-1}" = 1 ]; then
 fi
 
 cp bench/RESULTS.md "$OUT/RESULTS.md"
+# per-layer costs on a 4-layer model of the shape's width (~75 s; DIAG=0 skips it): what one
+# recomputed layer costs in int8 against bf16 (int8 with every layer recomputed ran far slower than
+# the layer count explains, 2026-11-28), and the fused LoRA branch against PEFT's modules
+if [ "${DIAG:-1}" = 1 ]; then
+    python3 bench/run.py --shape "$SHAPE" --layers 4 --quant int8,bf16 --which "dialtune,dialtune:ckpt=0,bf16/dialtune:ckpt=0:fused_lora=1" \
+        --steps 10 --warmup 3 --time-budget 120 --append-results --results-file "$OUT/RESULTS.md" --jsonl "$OUT/diag.jsonl" \
+        $([ "${PROFILE:-0}" = 1 ] && echo --profile "$OUT/profile_diag.txt") 2>&1 | tee "$OUT/diag.log"
+    echo "per-layer diagnosis done at $((SECONDS - t0)) s"
+fi
 budget=$((DEADLINE - (SECONDS - t0) - 20))
 [ "$budget" -gt 30 ] || budget=30  # (0 would mean no limit)
 python3 bench/run.py --shape "$SHAPE" --quant int8,nf4,bf16 --which "$WHICH" --steps "$STEPS" --warmup "$WARMUP" \

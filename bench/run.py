@@ -168,7 +168,8 @@ def versions() -> str:
 
 def append_results(path, args, text, device_name):
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in args.argv)
-    entry = (f"\n## {datetime.date.today().isoformat()} · {device_name} · {args.shape}\n\n{versions()}\n\n"
+    shape = f"{args.shape}, {args.layers} layers" if args.layers else args.shape
+    entry = (f"\n## {datetime.date.today().isoformat()} · {device_name} · {shape}\n\n{versions()}\n\n"
              f"```bash\n{command}\n```\n\n{text}\n")
     with open(path, "a") as f:
         f.write(entry)
@@ -179,6 +180,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's); e.g. 4: a shallow "
+                    "model of the shape's width, for per-layer costs (recompute, kernels) in seconds")
     ap.add_argument("--quant", default="int8,nf4,bf16", help=f"comma list of {', '.join(QUANTS)}")
     ap.add_argument("--which", default="hf,dialtune", help="comma list: hf, dialtune, dialtune:LEVER=V[:LEVER=V] "
                     "(levers: packing varlen fused_ce fast_int8 fused_lora liger compile 0/1, varlen 2, ckpt 0/1/k = every "
@@ -217,6 +220,8 @@ def main(argv=None):
         ap.error(f"--quant {','.join(bad)}: choose from {', '.join(QUANTS)}")
     if args.warmup < 1 or args.steps < 1:
         ap.error("--warmup and --steps must be >= 1")
+    if args.layers is not None and args.layers < 1:
+        ap.error("--layers must be >= 1")
     try:
         which = parse_which(args.which)
     except ValueError as e:
@@ -237,7 +242,7 @@ def main(argv=None):
         "single process per row, no DeepSpeed")
     results, longest, no_base = [], {}, None
     try:
-        model_dir = prepare_model_dir(args.shape, args.model_cache, device)
+        model_dir = prepare_model_dir(args.shape, args.model_cache, device, args.layers)
     except Exception as e:  # every row says why, and the table still comes out
         traceback.print_exc()
         model_dir, no_base = None, f"failed: building the {args.shape} base: {type(e).__name__}: {e}"[:200]

@@ -14,7 +14,7 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n")
     rows = tmp_path / "rows.jsonl"
-    args = ["--shape", "tiny", "--device", "cpu", "--quant", "fp32", "--which", "hf,dialtune,dialtune:varlen=0", "--steps", "1",
+    args = ["--shape", "tiny", "--layers", "1", "--device", "cpu", "--quant", "fp32", "--which", "hf,dialtune,dialtune:varlen=0", "--steps", "1",
             "--warmup", "1", "--tokens-per-batch", "512", "--batch-size", "4", "--model-cache", str(tmp_path / "models"),
             "--append-results", "--results-file", str(results), "--jsonl", str(rows),
             "--profile", str(tmp_path / "profile.txt")]
@@ -34,8 +34,10 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     assert recorded[2]["loss_first"] == pytest.approx(recorded[1]["loss_first"], rel=1e-5)
     assert all(r["real_tok_s"] > 0 and 0 < r["target_tok_s"] < r["real_tok_s"] <= r["padded_tok_s"] for r in recorded)
     text = results.read_text()
-    assert "· CPU · tiny" in text and "transformers " in text and "peft " in text
-    assert "python bench/run.py --shape tiny --device cpu" in text and hf_row in text and dt_row in text
+    assert "· CPU · tiny, 1 layers" in text and "transformers " in text and "peft " in text
+    assert "python bench/run.py --shape tiny --layers 1 --device cpu" in text and hf_row in text and dt_row in text
+    # --layers: a shallow model of the shape, written beside (not over) the full-depth one
+    assert [json.loads((d / "config.json").read_text())["num_hidden_layers"] for d in (tmp_path / "models").iterdir()] == [1]
     # --profile: one extra step per dialtune row, outside the measured ones, its top ops written down
     profile = (tmp_path / "profile.txt").read_text()
     assert profile.count("## dialtune") == 2 and "aten::mm" in profile
