@@ -252,9 +252,9 @@ class _LoraBranch(torch.autograd.Function):
     and the random generator's state before the dropout; backward sets that state again and
     replays the same dropout on the same x, which redraws the same mask. PEFT's modules save each
     projection's dropped input and its mask instead: three copies and three masks for q/k/v, two
-    for gate/up. The dropout is torch's own (native_dropout, what nn.Dropout runs in training on a
-    GPU), drawn from the default generator at the same point of the forward: on a GPU the masks,
-    and so the function and its gradients, are PEFT's."""
+    for gate/up. The dropout is torch's own (native_dropout, what nn.Dropout runs in training),
+    drawn from the default generator at the same point of the forward: the masks, and so the
+    function, its gradients and the random state after a step, are PEFT's (tests/test_fused_lora.py)."""
 
     @staticmethod
     def forward(ctx, x, a, b, p, scaling):
@@ -307,36 +307,55 @@ def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float, sca
 
 class _FusedLora:
     """Mixed into a PEFT LoRA linear layer's class by fuse_lora: the fused branch in the plain case
-    (one active LoRA adapter, not merged, no DoRA or other variant, no bias on lora_B); PEFT's own
-    forward otherwise, decided per call (the base comparison disables the adapter, merge merges)."""
+    (one active LoRA adapter, not merged, no DoRA or other variant, no bias on lora_B, the input in
+    the adapter's dtype, no autocast, on a CPU or CUDA device); PEFT's own forward otherwise,
+    decided per call (the base comparison disables the adapter, merge merges)."""
 
     def forward(self, x, *args, **kwargs):
         active = self.active_adapters
         if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or len(active) != 1
-                or active[0] not in self.lora_A or active[0] in getattr(self, "lora_variant", {})
-                or getattr(self, "use_dora", {}).get(active[0])):  # (older PEFT marks DoRA here)
+                or not _plain_lora(self, active[0]) or x.device.type not in ("cpu", "cuda")
+                or torch.is_autocast_enabled(x.device.type)):  # autocast: backward would run in other dtypes
             return super().forward(x, *args, **kwargs)
         name = active[0]
         lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        if not isinstance(lora_a, nn.Linear) or not isinstance(lora_b, nn.Linear) or lora_b.bias is not None:
-            return super().forward(x, *args, **kwargs)
+        if x.dtype != lora_a.weight.dtype or lora_b.weight.dtype != lora_a.weight.dtype:
+            return super().forward(x, *args, **kwargs)  # a cast copy per projection would share nothing
         result = self.base_layer(x, *args, **kwargs)
         p = float(getattr(dropout, "p", 0.0)) if dropout.training else 0.0
-        xa = x if x.dtype == lora_a.weight.dtype else x.to(lora_a.weight.dtype)
-        return result + lora_branch(xa, lora_a.weight, lora_b.weight, p, float(self.scaling[name])).to(result.dtype)
+        return result + lora_branch(x, lora_a.weight, lora_b.weight, p, float(self.scaling[name])).to(result.dtype)
 
 
-_FUSED_CLASSES: dict = {}
+def _plain_lora(layer, name: str) -> bool:
+    """Whether adapter `name` of a PEFT LoRA layer is plain LoRA (two bias-free nn.Linear, no DoRA
+    or other variant), which the fused branch computes."""
+    a, b = layer.lora_A[name] if name in layer.lora_A else None, layer.lora_B[name] if name in layer.lora_B else None
+    return (isinstance(a, nn.Linear) and isinstance(b, nn.Linear) and a.bias is None and b.bias is None
+            and name not in getattr(layer, "lora_variant", {}) and not getattr(layer, "use_dora", {}).get(name))
+
+
 LORA_LINEAR_CLASSES = ("Linear", "Linear8bitLt", "Linear4bit")  # peft.tuners.lora's layer.Linear and bnb wrappers
 
 
+def _fused_class(cls):
+    """The fused subclass of a PEFT LoRA layer class, named Fused<name> and kept in this module
+    (so a pickled model finds it: torch.save of the whole module)."""
+    name = f"Fused{cls.__name__}"
+    known = globals().get(name)
+    if known is None or cls not in known.__bases__:
+        if known is not None:  # another class of the same name (another PEFT module): a distinct name
+            name = f"Fused{cls.__module__.replace('.', '_')}_{cls.__name__}"
+        known = globals().get(name) or type(name, (_FusedLora, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = known
+    return known
+
+
 def fuse_lora(model) -> int:
-    """Give every PEFT LoRA linear layer the fused adapter branch (lora_branch); returns how many.
-    Same function and same gradients as PEFT's path (on a GPU the same dropout masks too); the
-    activations a layer keeps for backward drop by a third with dropout (Llama-3-8B: 211 -> 139 KB
-    a token, model/memory.py; measured on an H200: 0.27 GiB less per un-checkpointed layer at 4,096
-    tokens). Not for ZeRO-3, whose partitioned adapter weights are gathered by hooks on the
-    lora_A/lora_B modules' own forwards."""
+    """Give every PEFT LoRA linear layer whose adapters are all plain LoRA the fused adapter branch
+    (lora_branch); returns how many layers have it. Same function and same gradients as PEFT's path,
+    drawing the same dropout masks; the activations a layer keeps for backward drop by a third with
+    dropout (Llama-3-8B: 211 -> 139 KB a token, model/memory.py). Not for ZeRO-3, whose partitioned
+    adapter weights are gathered by hooks on the lora_A/lora_B modules' own forwards."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -346,11 +365,10 @@ def fuse_lora(model) -> int:
         cls = type(m)
         if isinstance(m, _FusedLora):
             n += 1
-        elif isinstance(m, LoraLayer) and isinstance(m, nn.Module) and cls.__name__ in LORA_LINEAR_CLASSES \
-                and isinstance(getattr(m, "lora_A", None), nn.ModuleDict):
-            if cls not in _FUSED_CLASSES:  # same name, so logs and reprs read as before
-                _FUSED_CLASSES[cls] = type(cls.__name__, (_FusedLora, cls), {"__module__": cls.__module__})
-            m.__class__ = _FUSED_CLASSES[cls]
+        elif (isinstance(m, LoraLayer) and isinstance(m, nn.Module) and cls.__name__ in LORA_LINEAR_CLASSES
+              and isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and len(m.lora_A) > 0
+              and all(_plain_lora(m, name) for name in m.lora_A)):
+            m.__class__ = _fused_class(cls)
             n += 1
     return n
 

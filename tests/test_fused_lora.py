@@ -68,11 +68,13 @@ def test_fused_branch_with_dropout_is_the_gradient_of_its_forward(device="cpu", 
     torch.manual_seed(11)
     out = kernels.lora_branch(x, a, b, p, scaling)
     after_forward = gen.get_state()
+    torch.rand(7, device=device)  # something else draws before the backward
+    before_backward = gen.get_state()
     (out * w).sum().backward()
-    assert torch.equal(gen.get_state(), after_forward)  # backward leaves the generator as it was
+    assert torch.equal(gen.get_state(), before_backward)  # backward leaves the generator as it found it
     torch.manual_seed(11)  # the mask the forward drew
     keep = torch.native_dropout(x.detach(), p, True)[1]
-    assert torch.equal(gen.get_state(), after_forward)
+    assert torch.equal(gen.get_state(), after_forward)  # the forward drew one dropout's worth
     assert 0.6 < keep.float().mean() < 0.9  # ~1 - p of the inputs kept
     x2, a2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
     ref = ((x2 * keep / (1 - p)) @ a2.t() @ b2.t()) * scaling  # inverted dropout
@@ -87,29 +89,73 @@ def test_fused_branch_with_dropout_is_the_gradient_of_its_forward(device="cpu", 
     assert not torch.allclose(again, out)
 
 
-def test_fused_lora_with_dropout_under_checkpointing_redraws_the_same_masks():
-    """Activation checkpointing restores the RNG before recomputing a layer, so the recomputed
-    forward draws the seeds of the first one: the gradients equal those without checkpointing."""
-    plain = _lora(_tiny_llama(), dropout=0.2)
-    ckpt = _lora(_tiny_llama(), dropout=0.2)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ckpt.enable_input_require_grads()
-    for m in (plain, ckpt):
-        kernels.fuse_lora(m)
-        m.train()
-    loss_a, grads_a = _step(plain, IDS, seed=7)
-    loss_b, grads_b = _step(ckpt, IDS, seed=7)
-    torch.testing.assert_close(loss_b, loss_a)
-    for n in grads_a:
-        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-5, atol=1e-6, msg=n)
-    # and dropout is on: another seed gives another loss
-    assert not torch.allclose(_step(plain, IDS, seed=8)[0], loss_a)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_lora_with_dropout_equals_peft_masks_included(checkpointing):
+    """With dropout, the fused branch draws PEFT's masks (torch's dropout from the same generator at
+    the same points; activation checkpointing restores the state before recomputing a layer): the
+    same loss, gradients and random state after the step as PEFT's modules."""
+    def model():
+        m = _lora(_tiny_llama(), dropout=0.2)
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.enable_input_require_grads()
+        return m.train()
+
+    peft_model, fused = model(), model()
+    assert kernels.fuse_lora(fused) == 2 * 7
+    want_loss, want = _step(peft_model, IDS, seed=7)
+    want_state = torch.get_rng_state()
+    got_loss, got = _step(fused, IDS, seed=7)
+    assert torch.equal(torch.get_rng_state(), want_state)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+    # dropout is on: another seed gives another loss
+    assert not torch.allclose(_step(fused, IDS, seed=8)[0], got_loss)
+
+
+def test_fused_lora_hands_other_cases_to_peft():
+    """Merged adapters, several active adapters, autocast and a LoRA bias run PEFT's own forward."""
+    import io
+
+    from peft import LoraConfig, get_peft_model
+
+    model = _lora(_tiny_llama(), dropout=0.0).eval()
+    kernels.fuse_lora(model)
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+        model.merge_adapter()  # the delta is in the base weights now: not added a second time
+        torch.testing.assert_close(model(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # no crash, PEFT's result
+            auto = model(input_ids=IDS).logits
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()  # fp32 adapter, bf16 autocast forward, backward outside it (as usual): runs
+    assert (auto.float() - want).abs().max() < 0.1
+    # two adapters active at once
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    model.base_model.set_adapter(["default", "second"])
+    fused_two = kernels.fuse_lora(model)
+    with torch.no_grad():
+        two = model(input_ids=IDS).logits
+    assert fused_two == 2 * 7 and torch.isfinite(two).all()
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the fused classes pickle (whole-module saves)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, two)
+    # a LoRA bias is not the plain branch: those layers stay PEFT's
+    biased = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True))
+    assert kernels.fuse_lora(biased) == 0 and not kernels.lora_fused(biased)
 
 
 def test_fused_lora_leaves_dora_to_peft():
     model = _lora(_tiny_llama(), dropout=0.0, method="dora")
     want_loss, want = _step(model, IDS)
-    kernels.fuse_lora(model)
+    assert kernels.fuse_lora(model) == 0  # nothing fused, nothing reported fused
     got_loss, got = _step(model, IDS)
     torch.testing.assert_close(got_loss, want_loss)
     for n in want:

@@ -159,9 +159,12 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     liger = kc.liger and kernels.apply_liger(model)
     model = loader.attach_adapter(model, cfg)
     fast_int8 = kernels.dequantize_int8_linears(model) if dequantize.fast_int8(cfg) else 0
-    fused_lora = kernels.fuse_lora(model) if kc.fused_lora and cfg.deepspeed.stage < 3 else 0
+    why_not_fused = ("off under ZeRO-3 (PEFT's modules gather the partitioned adapter)" if cfg.deepspeed.stage == 3 else
+                     "off with kernels.compile (saving the random state breaks the compiled graph at every LoRA call)"
+                     if kc.compile else None)
+    fused_lora = kernels.fuse_lora(model) if kc.fused_lora and not why_not_fused else 0
     if is_main and kc.fused_lora and cfg.peft.method != "none":
-        log.info("fused LoRA: %s", f"{fused_lora} layers" if cfg.deepspeed.stage < 3 else "off under ZeRO-3 (PEFT's modules gather the partitioned adapter)")
+        log.info("fused LoRA: %s", why_not_fused or f"{fused_lora} layers")
     if packs is not None:
         try:
             layout["path"], why, layout["attn"], layout["window"] = attention.packed_layout(
