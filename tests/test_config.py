@@ -33,6 +33,9 @@ def test_every_group_option_composes(group, option):
 
 def test_recipes_set_what_they_promise():
     assert _compose(["recipe=lora_int8"]).quant.mode == "int8"
+    # the GPU LoRA recipes fill the GPU's free memory with kept activations (a number or 0 overrides it)
+    assert all(_compose([f"recipe={r}"]).kernels.memory_budget_gib == "auto" for r in ("lora_int8", "qlora_nf4", "lora_bf16"))
+    assert _compose(["recipe=lora_int8", "kernels.memory_budget_gib=20"]).kernels.memory_budget_gib == 20
     assert _compose(["recipe=qlora_nf4"]).quant.mode == "nf4"
     cfg = _compose(["recipe=lora_bf16"])
     assert (cfg.quant.mode, cfg.model.dtype, cfg.peft.method) == ("none", "bf16", "lora")
