@@ -57,7 +57,9 @@ from typing import Optional, Sequence
 
 REQUEUE_EXIT_CODE = 85
 """Exit code of a training process that saved a checkpoint after SIGUSR1/SIGTERM and wants
-its SLURM job requeued (the batch script runs `scontrol requeue` and exits 0)."""
+its SLURM job requeued (the batch script runs `scontrol requeue` and exits 0). The same as
+train/signals.py's (tests/test_preemption.py checks): run as a script, this file cannot import the
+`train` package (launch/train.py shadows it on sys.path)."""
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
