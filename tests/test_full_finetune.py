@@ -135,6 +135,18 @@ def test_merge_and_eval_commands_take_a_full_finetune(full_runs, tmp_path):
     cfg, kind, model_dir, adapter, _, _ = resolve(str(run_dir), [])
     assert (kind, model_dir, adapter) == ("merged", run_dir / "merged", None)
     assert cfg.peft.method == "none"
+    # `dialtune eval` of the run: the written model's held-out loss next to the base's, which
+    # training measured before its first step (the same tokens: the run's cap over its 2 ranks)
+    trained = json.loads((run_dir / "summary.json").read_text())
+    assert main(["eval", str(run_dir), "--parts", "lm", "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
+    rows = {(r["model"], r["source"]): r for r in json.loads((tmp_path / "ev" / "results.json").read_text())["lm"]["rows"]}
+    assert rows[("base", "all")]["loss"] == pytest.approx(trained["eval_base/loss"], rel=1e-6)
+    assert rows[("fine-tuned", "all")]["loss"] == pytest.approx(trained["eval/loss"], rel=1e-4)
+    assert rows[("base", "all")]["target_tokens"] == rows[("fine-tuned", "all")]["target_tokens"]
+    # another cap reads other tokens: no base row then
+    assert main(["eval", str(run_dir), "--parts", "lm", "--out", str(tmp_path / "ev1"), "--device", "cpu",
+                 "eval.lm_max_batches=1"]) == 0
+    assert {r["model"] for r in json.loads((tmp_path / "ev1" / "results.json").read_text())["lm"]["rows"]} == {"fine-tuned"}
 
 
 def test_trained_weights_fill_a_tied_architecture_and_a_mismatch_is_one_sentence(tmp_path):
