@@ -201,7 +201,7 @@ def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
     the estimate does not cover keeps every layer checkpointed, and the sentence says why."""
     import torch
 
-    from model import kernels
+    from model import fused_lora, kernels
     from train.ds_config import mixed_precision
 
     budget = cfg.kernels.memory_budget_gib
@@ -233,7 +233,7 @@ def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
                 budget_bytes, label = budget * GIB, f"{budget:g}"
             p = plan(model.config, budget_bytes=budget_bytes, allocated_bytes=allocated,
                      trainable_params=sum(t.numel() for t in model.parameters() if t.requires_grad), tokens=tokens,
-                     lora_dropout=cfg.peft.dropout if cfg.peft.method != "none" and not kernels.lora_fused(model) else 0.0,
+                     lora_dropout=cfg.peft.dropout if cfg.peft.method != "none" and not fused_lora.lora_fused(model) else 0.0,
                      liger=liger,
                      fused_ce=not no_fused, ce_chunk_size=cfg.kernels.ce_chunk_size,
                      dtype_bytes=4 if mixed_precision(cfg) == "fp32" else 2,

@@ -1,9 +1,9 @@
-"""kernels.fuse_lora: PEFT's LoRA branch as one autograd function that keeps the layer input once
+"""model/fused_lora.py (kernels.fused_lora): PEFT's LoRA branch as one autograd function that keeps the layer input once
 and redraws the dropout mask in backward. Same function and gradients as PEFT's path; less memory."""
 import pytest
 import torch
 
-from model import kernels, memory
+from model import fused_lora, memory
 from tests.test_kernels import _tiny_llama, cuda
 
 
@@ -35,8 +35,8 @@ IDS = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(3))
 def test_fused_lora_equals_peft_without_dropout_and_in_eval():
     model = _lora(_tiny_llama(), dropout=0.0)
     want_loss, want = _step(model, IDS)
-    assert kernels.fuse_lora(model) == 2 * 7 and kernels.lora_fused(model)
-    assert kernels.fuse_lora(model) == 2 * 7  # idempotent
+    assert fused_lora.fuse_lora(model) == 2 * 7 and fused_lora.lora_fused(model)
+    assert fused_lora.fuse_lora(model) == 2 * 7  # idempotent
     got_loss, got = _step(model, IDS)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
     assert set(got) == set(want) and len(got) == 2 * 7 * 2
@@ -48,7 +48,7 @@ def test_fused_lora_equals_peft_without_dropout_and_in_eval():
         want_logits = drop(input_ids=IDS).logits
         with drop.disable_adapter():
             base_logits = drop(input_ids=IDS).logits
-        kernels.fuse_lora(drop)
+        fused_lora.fuse_lora(drop)
         torch.testing.assert_close(drop(input_ids=IDS).logits, want_logits)
         with drop.disable_adapter():
             torch.testing.assert_close(drop(input_ids=IDS).logits, base_logits)
@@ -64,9 +64,9 @@ def test_fused_branch_with_dropout_is_the_gradient_of_its_forward(device="cpu", 
     b = torch.randn(8, 4, generator=g).to(device, dtype).requires_grad_(True)
     w = torch.randn(3, 5, 8, generator=g).to(device, dtype)
     p, scaling = 0.25, 2.0
-    gen = kernels._generator(x.device)
+    gen = fused_lora._generator(x.device)
     torch.manual_seed(11)
-    out = kernels.lora_branch(x, a, b, p, scaling)
+    out = fused_lora.lora_branch(x, a, b, p, scaling)
     after_forward = gen.get_state()
     torch.rand(7, device=device)  # something else draws before the backward
     before_backward = gen.get_state()
@@ -85,7 +85,7 @@ def test_fused_branch_with_dropout_is_the_gradient_of_its_forward(device="cpu", 
         else:  # bf16: the reference scales by 1/(1 - p) at another point, so the roundings differ
             torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=2e-2 * want.float().abs().max().item())
     # the generator moved on: the next call draws another mask (q, k and v are not dropped alike)
-    again = kernels.lora_branch(x, a, b, p, scaling)
+    again = fused_lora.lora_branch(x, a, b, p, scaling)
     assert not torch.allclose(again, out)
 
 
@@ -102,7 +102,7 @@ def test_fused_lora_with_dropout_equals_peft_masks_included(checkpointing):
         return m.train()
 
     peft_model, fused = model(), model()
-    assert kernels.fuse_lora(fused) == 2 * 7
+    assert fused_lora.fuse_lora(fused) == 2 * 7
     want_loss, want = _step(peft_model, IDS, seed=7)
     want_state = torch.get_rng_state()
     got_loss, got = _step(fused, IDS, seed=7)
@@ -121,7 +121,7 @@ def test_fused_lora_hands_other_cases_to_peft():
     from peft import LoraConfig, get_peft_model
 
     model = _lora(_tiny_llama(), dropout=0.0).eval()
-    kernels.fuse_lora(model)
+    fused_lora.fuse_lora(model)
     with torch.no_grad():
         want = model(input_ids=IDS).logits
         model.merge_adapter()  # the delta is in the base weights now: not added a second time
@@ -137,7 +137,7 @@ def test_fused_lora_hands_other_cases_to_peft():
     # two adapters active at once
     model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
     model.base_model.set_adapter(["default", "second"])
-    fused_two = kernels.fuse_lora(model)
+    fused_two = fused_lora.fuse_lora(model)
     with torch.no_grad():
         two = model(input_ids=IDS).logits
     assert fused_two == 2 * 7 and torch.isfinite(two).all()
@@ -149,13 +149,13 @@ def test_fused_lora_hands_other_cases_to_peft():
         torch.testing.assert_close(loaded(input_ids=IDS).logits, two)
     # a LoRA bias is not the plain branch: those layers stay PEFT's
     biased = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True))
-    assert kernels.fuse_lora(biased) == 0 and not kernels.lora_fused(biased)
+    assert fused_lora.fuse_lora(biased) == 0 and not fused_lora.lora_fused(biased)
 
 
 def test_fused_lora_leaves_dora_to_peft():
     model = _lora(_tiny_llama(), dropout=0.0, method="dora")
     want_loss, want = _step(model, IDS)
-    assert kernels.fuse_lora(model) == 0  # nothing fused, nothing reported fused
+    assert fused_lora.fuse_lora(model) == 0  # nothing fused, nothing reported fused
     got_loss, got = _step(model, IDS)
     torch.testing.assert_close(got_loss, want_loss)
     for n in want:
@@ -192,7 +192,7 @@ def test_fused_lora_keeps_the_activations_memory_py_counts():
             torch.manual_seed(0)
             m = _lora(LlamaForCausalLM(cfg), dropout).train()
             if fused:
-                kernels.fuse_lora(m)
+                fused_lora.fuse_lora(m)
             totals.append(_saved_bytes(m, ids))
         return (totals[1] - totals[0]) / ids.numel()
 
@@ -220,7 +220,7 @@ def test_gpu_fused_lora_equals_peft_in_bf16(dropout):
     model = _lora(_tiny_llama(), dropout=dropout).cuda().bfloat16().train()
     ids = IDS.cuda()
     want_loss, want = _step(model, ids)
-    kernels.fuse_lora(model)
+    fused_lora.fuse_lora(model)
     got_loss, got = _step(model, ids)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-2, atol=1e-2)
     for n in want:

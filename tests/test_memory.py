@@ -221,6 +221,8 @@ def test_apply_budget_counts_fused_lora_layers_as_dropout_free(monkeypatch):
     the smaller per-layer figure (more layers kept), as the H200 measured (0.56 GiB a layer)."""
     from peft import LoraConfig, get_peft_model
 
+    from model.fused_lora import fuse_lora
+
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 10 * 2**20)
     model = get_peft_model(_tiny(8), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear"))
@@ -234,6 +236,6 @@ def test_apply_budget_counts_fused_lora_layers_as_dropout_free(monkeypatch):
     assert planned(0.0) > planned(0.05)
     msg = memory.apply_budget(model, _cfg(kernels__memory_budget_gib=0.45), cuda, True, masked=False)
     assert f"{planned(0.05)} of 8 decoder layers keep" in msg
-    kernels.fuse_lora(model)
+    fuse_lora(model)
     msg = memory.apply_budget(model, _cfg(kernels__memory_budget_gib=0.45), cuda, True, masked=False)
     assert f"{planned(0.0)} of 8 decoder layers keep" in msg
