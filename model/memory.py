@@ -16,7 +16,7 @@ Liger's kernels run:
   down LoRA input: dropout(act) + mask          1.5 i       (dropout 0: act: i)
   without Liger: each HF RMSNorm keeps an fp32 copy of its input instead (+h each) and SiLU
   its output (+i)
-  fused LoRA (kernels.fused_lora, model/kernels.py): the LoRA inputs are kept as with dropout 0,
+  fused LoRA (kernels.fused_lora, model/fused_lora.py): the LoRA inputs are kept as with dropout 0,
   whatever the dropout (the masks are redrawn in backward)
 
 in elements of the training dtype (h hidden, i intermediate, kv = key/value heads x head dim).
