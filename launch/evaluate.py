@@ -177,6 +177,7 @@ def cmd_eval(args) -> int:
 
     from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
     from data_pipeline.dataset import eval_conversations, prepare_cached, sources_of
+    from train import eval_results
     from train import evaluate as suite
     from train.config import ConfigError
     from train.validate import validate_data, validate_eval
@@ -236,8 +237,8 @@ def cmd_eval(args) -> int:
         print("dialtune: error: nothing to evaluate: no eval set (data.eval_files / data.eval_fraction) and no "
               "eval.intent_files; pass one of them as an override.", file=sys.stderr)
         return 2
-    paths = suite.write(res, str(args.out or out), _step_of(model_dir), str(model_dir))
-    print(suite.tables_text(res))
+    paths = eval_results.write(res, str(args.out or out), _step_of(model_dir), str(model_dir))
+    print(eval_results.tables_text(res))
     print(f"dialtune: eval results written to {paths['results']}")
     return 0
 

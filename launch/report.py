@@ -134,7 +134,7 @@ def _data_section(stats: dict) -> list:
 
 def _eval_section(res: dict) -> list:
     blocks = [("p", f"Checkpoint {res.get('checkpoint', '?')}" + (f" (step {res['step']})." if res.get("step") is not None else "."))]
-    from train.evaluate import lm_rows
+    from train.eval_results import lm_rows
 
     lm = lm_rows(res)
     if lm:

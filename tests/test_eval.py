@@ -8,6 +8,7 @@ import torch
 from data_pipeline.chat import DataError, end_of_turn_id, tokenize_conversation
 from tests.conftest import ROOT, read_metrics, train
 from tests.wandb_history import history
+from train import eval_results
 from train import evaluate as suite
 from train.eval_metrics import classification_report, repeats, text_metrics
 
@@ -157,16 +158,16 @@ def test_response_scores_samples_and_files(tokenizer, intent_model, tmp_path):
                            world=1, rank=0, dev=CPU)
     assert res2["samples"] == res["samples"] and model.generation_config.repetition_penalty == 50.0
     model.generation_config.repetition_penalty, model.generation_config.top_k = 1.0, None
-    paths = suite.write(res, str(tmp_path), 7, "ckpt")
+    paths = eval_results.write(res, str(tmp_path), 7, "ckpt")
     body = json.loads(open(paths["results"]).read())
     assert body["step"] == 7 and "greedy" in body["response"] and "samples" not in body
     rows = [json.loads(line) for line in open(paths["samples"])]
     assert rows[0]["reference"] == "refund_request" and rows[0]["generation"] == "refund_request"
     assert "**Generation**" in open(paths["samples_md"]).read()
-    assert suite.scalars(res)["eval/response/greedy/chrf"] == pytest.approx(100.0)
+    assert eval_results.scalars(res)["eval/response/greedy/chrf"] == pytest.approx(100.0)
     md = open(paths["samples_md"]).read()
     assert "```text\nrefund_request\n```" in md
-    suite.write({"lm": {"rows": []}}, str(tmp_path), 8, "ckpt")  # no samples this time: none of the old ones stay
+    eval_results.write({"lm": {"rows": []}}, str(tmp_path), 8, "ckpt")  # no samples this time: none of the old ones stay
     assert not (tmp_path / "samples.jsonl").exists() and not (tmp_path / "samples.md").exists()
 
 
@@ -247,9 +248,9 @@ def test_scalars_name_sources_only_when_there_are_several():
     def row(model, source, loss):
         return {"model": model, "source": source, "loss": loss, "ppl": 1.0, "target_tokens": 10}
 
-    one = suite.scalars({"lm": {"rows": [row("fine-tuned", "all", 1.0), row("fine-tuned", "a", 1.0)]}})
+    one = eval_results.scalars({"lm": {"rows": [row("fine-tuned", "all", 1.0), row("fine-tuned", "a", 1.0)]}})
     assert one == {"eval/loss": 1.0, "eval/ppl": 1.0, "eval/target_tokens": 10}
-    two = suite.scalars({"lm": {"rows": [row("fine-tuned", "all", 1.5), row("fine-tuned", "a", 1.0), row("fine-tuned", "b", 2.0),
+    two = eval_results.scalars({"lm": {"rows": [row("fine-tuned", "all", 1.5), row("fine-tuned", "a", 1.0), row("fine-tuned", "b", 2.0),
                                          row("base", "all", 3.0), row("base", "a", 2.5), row("base", "b", 3.5)]}})
     assert two["eval/loss/a"] == 1.0 and two["eval/loss/b"] == 2.0 and two["eval_base/loss/b"] == 3.5
 

@@ -17,7 +17,6 @@ generate runs with synced_gpus there), and results are gathered on every rank.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from contextlib import contextmanager, nullcontext
@@ -30,7 +29,7 @@ from data_pipeline import batching
 from data_pipeline.chat import IGNORE, DataError, tokenize_conversation
 
 from . import distributed
-from .eval_metrics import classification_report, md_fence, normalise_label, repeats, text_metrics
+from .eval_metrics import classification_report, normalise_label, repeats, text_metrics
 
 PARTS = ("lm", "intent", "response")
 
@@ -360,76 +359,3 @@ def run_suite(parts: Sequence[str], *, model, forward: Callable, tokenizer, eot:
     finally:
         model.train(was_training)
     return res
-
-
-def lm_rows(res: Dict) -> List[Dict]:
-    """The held-out LM rows to show: with a single eval source its row repeats "all" and goes."""
-    rows = (res.get("lm") or {}).get("rows") or []
-    if sum(1 for r in rows if r["model"] == "fine-tuned") == 2:
-        rows = [r for r in rows if r["source"] == "all"]
-    return rows
-
-
-def scalars(res: Dict) -> Dict[str, float]:
-    """The metrics.jsonl / W&B scalars of a suite result (eval/loss keeps its historic name)."""
-    out = {}
-    for row in lm_rows(res):
-        prefix = "eval" if row["model"] == "fine-tuned" else "eval_base"
-        suffix = "" if row["source"] == "all" else f"/{row['source']}"
-        out[f"{prefix}/loss{suffix}"] = row["loss"]
-        if row["source"] == "all":
-            out[f"{prefix}/ppl"] = row["ppl"]
-            out[f"{prefix}/target_tokens"] = row["target_tokens"]
-    for mode, r in res.get("intent", {}).items():
-        out.update({f"eval/intent/{mode}/accuracy": r["accuracy"], f"eval/intent/{mode}/macro_f1": r["macro_f1"],
-                    f"eval/intent/{mode}/unknown": r["unknown"]})
-    for dec, r in res.get("response", {}).items():
-        out.update({f"eval/response/{dec}/{k}": v for k, v in r.items() if k != "n"})
-    return out
-
-
-def write(res: Dict, out_dir: str, step: Optional[int], checkpoint: str) -> Dict[str, str]:
-    """results.json, samples.jsonl and samples.md under out_dir (rank 0 calls this)."""
-    os.makedirs(out_dir, exist_ok=True)
-    samples = res.get("samples", [])
-    body = {"step": step, "checkpoint": checkpoint, **{k: v for k, v in res.items() if k != "samples"}}
-    paths = {"results": os.path.join(out_dir, "results.json")}
-    tmp = paths["results"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(body, f, indent=2)
-    os.replace(tmp, paths["results"])
-    if not samples:  # no response part this time: the previous samples would pass for this result's
-        for name in ("samples.jsonl", "samples.md"):
-            if os.path.isfile(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
-    else:
-        paths["samples"] = os.path.join(out_dir, "samples.jsonl")
-        with open(paths["samples"], "w", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps(s, ensure_ascii=False) + "\n")
-        paths["samples_md"] = os.path.join(out_dir, "samples.md")
-        with open(paths["samples_md"], "w", encoding="utf-8") as f:
-            f.write(f"# Eval samples (step {step})\n\n")
-            for k, s in enumerate(samples, 1):
-                f.write(f"## {k}. {s['decoding']}{'' if s['stopped'] else ' (did not stop)'}\n\n"
-                        f"**Context**\n\n{md_fence(s['context'])}\n\n**Reference**\n\n{md_fence(s['reference'])}\n\n"
-                        f"**Generation**\n\n{md_fence(s['generation'])}\n\n")
-    return paths
-
-
-def tables_text(res: Dict) -> str:
-    """Plain-text tables of a suite result, for the terminal."""
-    lines = []
-    if "lm" in res:
-        lines.append("held-out LM (target tokens):")
-        lines.append(f"  {'model':<11} {'source':<32} {'loss':>8} {'ppl':>10} {'tokens':>9}")
-        for r in lm_rows(res):
-            lines.append(f"  {r['model']:<11} {r['source'][:32]:<32} {r['loss']:>8.4f} {r['ppl']:>10.2f} {r['target_tokens']:>9}")
-    for mode, r in res.get("intent", {}).items():
-        lines.append(f"intent ({mode}): accuracy {r['accuracy']:.3f}, macro-F1 {r['macro_f1']:.3f}, n {r['n']}, unknown {r['unknown']}")
-        worst = sorted(((c, v) for c, v in r["per_class"].items() if v["support"]), key=lambda kv: kv[1]["f1"])[:5]
-        lines += ["  lowest F1:"] * bool(worst) + [f"    {c[:40]:<40} P {v['precision']:.2f} R {v['recall']:.2f} F1 {v['f1']:.2f} (n {v['support']})" for c, v in worst]
-    for dec, r in res.get("response", {}).items():
-        lines.append(f"response ({dec}): chrF {r['chrf']:.1f}, BLEU {r['bleu']:.1f}, ROUGE-L {r['rougeL']:.1f}, "
-                     f"stopped {r['stopped_share']:.0%}, looping {r['repetition_share']:.0%}, {r['mean_words']:.1f} words, n {r['n']}")
-    return "\n".join(lines)

@@ -27,7 +27,7 @@ from data_pipeline.dataset import eval_conversations, prepare_cached, sources_of
 from data_pipeline.packing import collate_packed
 from model import attention, dequantize, fused_lora, kernels, loader, memory
 
-from . import checkpoint, distributed, flops, optim, signals
+from . import checkpoint, distributed, eval_results, flops, optim, signals
 from . import evaluate as suite
 from .config import ConfigError, flatten
 from .ds_config import lr_lambda, mixed_precision, render
@@ -278,10 +278,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         res = suite_result(parts, base_ctx=engine.module.disable_adapter if base and cfg.peft.method != "none" else None,
                            base_rows=full_base_rows if base else None)
         if is_main and res:
-            suite.write(res, os.path.join(run_dir, "eval"), step, os.path.join(ckpt_root, checkpoint.tag_for(step)))
+            eval_results.write(res, os.path.join(run_dir, "eval"), step, os.path.join(ckpt_root, checkpoint.tag_for(step)))
             metrics.table("eval/samples", res.get("samples", []), step)
-            log.info("eval at step %d:\n%s", step, suite.tables_text(res))
-        return suite.scalars(res)
+            log.info("eval at step %d:\n%s", step, eval_results.tables_text(res))
+        return eval_results.scalars(res)
 
     bar = None
     if is_main and t.progress_bar:
