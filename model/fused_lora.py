@@ -150,5 +150,9 @@ def fuse_lora(model) -> int:
 
 
 def lora_fused(model) -> bool:
-    """Whether fuse_lora gave this model's LoRA layers the fused branch."""
-    return any(isinstance(m, _FusedLora) for m in causal_lm(model).modules())
+    """Whether fuse_lora gave every LoRA layer of this model the fused branch (a model with some
+    layers left to PEFT keeps their dropped copies: the memory budget must count those)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in causal_lm(model).modules() if isinstance(m, LoraLayer)]
+    return bool(layers) and all(isinstance(m, _FusedLora) for m in layers)

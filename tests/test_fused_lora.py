@@ -150,6 +150,11 @@ def test_fused_lora_hands_other_cases_to_peft():
     # a LoRA bias is not the plain branch: those layers stay PEFT's
     biased = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True))
     assert fused_lora.fuse_lora(biased) == 0 and not fused_lora.lora_fused(biased)
+    # some layers fused, others PEFT's: not counted as fused (the memory budget keeps their dropped copies)
+    mixed = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     lora_dropout=0.1))
+    mixed.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].bias = torch.nn.Parameter(torch.zeros(32))
+    assert fused_lora.fuse_lora(mixed) == 2 * 2 - 1 and not fused_lora.lora_fused(mixed)
 
 
 def test_fused_lora_leaves_dora_to_peft():
