@@ -151,16 +151,6 @@ def _run_world_size(model_dir: Path) -> int:
     return 1
 
 
-def _full_finetune_base_rows(run_dir: Path) -> Optional[List[Dict]]:
-    """A full fine-tune's base rows (held-out loss of the base, measured by training before its
-    first step: eval/base_lm.json), or None when the run has none."""
-    try:
-        rows = json.loads((run_dir / "eval" / "base_lm.json").read_text())
-        return [r for r in rows if isinstance(r, dict) and r.get("model") == "base"] or None
-    except (OSError, ValueError):
-        return None
-
-
 def _same_tokens_only(rows: List[Dict]) -> List[Dict]:
     """The LM rows with a base row only where it read the tokens this evaluation read (same source,
     same target-token count): training measured the base on its eval set with its own cap; another
@@ -221,7 +211,8 @@ def cmd_eval(args) -> int:
             _, eval_ds, _, _, data_path = prepare_cached(cfg.data, tokenizer, eot, log=lambda m: print(m, file=sys.stderr))
             texts = eval_conversations(data_path) if eval_ds is not None else []
             names = suite.source_names([s["path"] for s in sources_of(cfg.data)])
-        base_rows = (_full_finetune_base_rows(model_dir.parent)
+        # a full fine-tune's base, measured by training before its first step
+        base_rows = (eval_results.read_base_rows(str(model_dir.parent / "eval"))
                      if kind == "merged" and cfg.peft.method == "none" and cfg.eval.base_comparison else None)
         res = suite.run_suite(parts, model=model, forward=model, tokenizer=tokenizer, eot=eot, cfg=cfg.eval,
                               eval_ds=eval_ds, sources=names, conversations=texts, pad_id=tokenizer.pad_token_id,

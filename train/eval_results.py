@@ -7,6 +7,8 @@ import json
 import os
 from typing import Dict, List, Optional
 
+BASE_LM = "base_lm.json"  # a full fine-tune's base rows, measured before its first step
+
 from .eval_metrics import md_fence
 
 
@@ -81,3 +83,22 @@ def tables_text(res: Dict) -> str:
         lines.append(f"response ({dec}): chrF {r['chrf']:.1f}, BLEU {r['bleu']:.1f}, ROUGE-L {r['rougeL']:.1f}, "
                      f"stopped {r['stopped_share']:.0%}, looping {r['repetition_share']:.0%}, {r['mean_words']:.1f} words, n {r['n']}")
     return "\n".join(lines)
+
+
+def write_base_rows(eval_dir: str, rows: List[Dict]) -> None:
+    """A full fine-tune's base LM rows (measured before step 1) to <eval_dir>/base_lm.json, atomically."""
+    path = os.path.join(eval_dir, BASE_LM)
+    os.makedirs(eval_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(rows, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def read_base_rows(eval_dir: str) -> Optional[List[Dict]]:
+    """The base LM rows write_base_rows left in eval_dir; None when there are none (or unreadable)."""
+    try:
+        with open(os.path.join(eval_dir, BASE_LM)) as f:
+            rows = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return [r for r in rows if isinstance(r, dict) and r.get("model") == "base"] if isinstance(rows, list) else None

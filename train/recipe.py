@@ -254,24 +254,17 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     # before the first step, kept in eval/base_lm.json for the jobs that resume this run
     full_base_rows = None
     if cfg.peft.method == "none" and ev.base_comparison and "lm" in ev.at_end and eval_ds is not None:
-        base_json = os.path.join(run_dir, "eval", "base_lm.json")
+        eval_dir = os.path.join(run_dir, "eval")
         if state["step"] == 0:  # a fresh start measures (a file there is an earlier run's)
             if is_main:
                 log.info("base comparison: the held-out loss of the base, before the first step")
             full_base_rows = [{**row, "model": "base"} for row in suite_result(["lm"]).get("lm", {}).get("rows", [])]
             if is_main:
-                os.makedirs(os.path.dirname(base_json), exist_ok=True)
-                with open(base_json + ".tmp", "w") as f:
-                    json.dump(full_base_rows, f, indent=2)
-                os.replace(base_json + ".tmp", base_json)
-        else:
-            try:
-                with open(base_json) as f:
-                    full_base_rows = json.load(f)
-            except (OSError, ValueError):
-                if is_main:
-                    log.warning("no base comparison at the end: %s was not written before this run's first step "
-                                "(it started before dialtune measured a full fine-tune's base, or without eval.base_comparison)", base_json)
+                eval_results.write_base_rows(eval_dir, full_base_rows)
+        elif (full_base_rows := eval_results.read_base_rows(eval_dir)) is None and is_main:
+            log.warning("no base comparison at the end: %s was not written before this run's first step (it started before "
+                        "dialtune measured a full fine-tune's base, or without eval.base_comparison)",
+                        os.path.join(eval_dir, eval_results.BASE_LM))
 
     def run_eval(parts, step, final):
         base = final and ev.base_comparison
