@@ -110,9 +110,9 @@ def run(spec: Dict, peak) -> Dict:
     if quant == "int8" and levers["fast_int8"]:
         notes.append(f"fast int8 x{kernels.dequantize_int8_linears(model)}")
     if levers["fused_lora"]:
-        from model.fused_lora import fuse_lora
+        from model.fused_lora import describe, fuse_lora
 
-        notes.append(f"fused LoRA x{fuse_lora(model)}")
+        notes.append(f"fused LoRA x{fuse_lora(model, liger=liger)} ({describe(model)})")
     fused = bool(levers["fused_ce"])
     why_not = kernels.fused_ce_unsupported(model) if fused else None
     if why_not:

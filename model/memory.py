@@ -17,7 +17,10 @@ Liger's kernels run:
   without Liger: each HF RMSNorm keeps an fp32 copy of its input instead (+h each) and SiLU
   its output (+i)
   fused LoRA (kernels.fused_lora, model/fused_lora.py): the LoRA inputs are kept as with dropout 0,
-  whatever the dropout (the masks are redrawn in backward)
+  whatever the dropout (the masks are redrawn in backward); q/k/v's and gate/up's input, the
+  norms' outputs, are recomputed from the norms' inputs, which the norms keep anyway (0 instead of
+  h each); a gated-SiLU MLP keeps gate and up only: down_proj's input is recomputed from them (0
+  instead of i; without Liger no SiLU output either). Llama-3-8B: 4 h + 2 kv + 2 i = 94 KB a token
 
 in elements of the training dtype (h hidden, i intermediate, kv = key/value heads x head dim).
 Measured on an H200 (Llama-3-8B shape, LoRA r16 dropout 0.05 on all 7 projections, Liger, bf16,
@@ -71,17 +74,28 @@ def _dims(config):
 
 
 def layer_activation_bytes(config, tokens: int, *, lora_dropout: float, liger: bool, dtype_bytes: int = 2,
-                           masked: bool = False) -> int:
+                           masked: bool = False, fused: frozenset = frozenset()) -> int:
     """Bytes one decoder layer keeps for its backward pass when it is not checkpointed (the table
     in the module docstring), times MARGIN. masked: attention through SDPA with a mask (padded
-    batches, packed_attention=mask), which repeats k and v to every head."""
+    batches, packed_attention=mask), which repeats k and v to every head. fused: what
+    kernels.fused_lora changed in every layer (model/fused_lora.py fused_parts): "lora" (the LoRA
+    inputs kept as with dropout 0), "norms" (q/k/v's and gate/up's input recomputed from the norm's
+    input), "swiglu" (down_proj's input recomputed from gate and up, no SiLU output)."""
     h, i, kv, _ = _dims(config)
-    if lora_dropout > 0:
-        per_token = h + 4.5 * h + 2 * h + 2 * kv + 1.5 * h + h + 3 * h + 2 * i + 1.5 * i
-    else:
-        per_token = h + h + 2 * h + 2 * kv + h + h + 2 * i + i
+    drop = lora_dropout > 0 and "lora" not in fused
+    norms, swiglu = "norms" in fused, "swiglu" in fused
+    per_token = (h  # layer input (RMSNorm)
+                 + (0 if norms else 4.5 * h if drop else h)  # q/k/v LoRA input
+                 + 2 * h + 2 * kv  # attention q, k, v, out
+                 + (1.5 * h if drop else 0)  # o LoRA input
+                 + h  # post-attention RMSNorm input
+                 + (0 if norms else 3 * h if drop else h)  # gate/up LoRA input
+                 + 2 * i  # SwiGLU gate and up
+                 + (0 if swiglu else 1.5 * i if drop else i))  # down LoRA input
     if not liger:
-        per_token += 2 * h + i
+        per_token += 2 * h + (0 if swiglu else i)
+        if norms and dtype_bytes < 4:  # HF's RMSNorm keeps an fp32 copy, not the 16-bit input the branches keep
+            per_token += 2 * h
     if masked:
         per_token += 2 * (h - kv)
     return int(per_token * dtype_bytes * tokens * MARGIN)
@@ -108,12 +122,12 @@ class Plan:
 
 def plan(config, *, budget_bytes: float, allocated_bytes: int, trainable_params: int, tokens: int, lora_dropout: float,
          liger: bool, fused_ce: bool, ce_chunk_size: int, dtype_bytes: int = 2, reserved_bytes: int = 0,
-         masked: bool = False) -> Plan:
+         masked: bool = False, fused: frozenset = frozenset()) -> Plan:
     """The most decoder layers that can skip recomputation with the estimated peak (see the module
     docstring) within budget_bytes."""
     h, _, _, layers = _dims(config)
     per_layer = layer_activation_bytes(config, tokens, lora_dropout=lora_dropout, liger=liger, dtype_bytes=dtype_bytes,
-                                       masked=masked)
+                                       masked=masked, fused=fused)
     vocab = getattr(config, "vocab_size", 0)
     ce = (min(ce_chunk_size, tokens) if fused_ce else tokens) * vocab * CE_BYTES
     floor = (allocated_bytes + trainable_params * OPTIMIZER_BYTES + layers * tokens * h * dtype_bytes
@@ -233,11 +247,12 @@ def apply_budget(model, cfg, dev, liger: bool, masked: bool) -> Optional[str]:
                 budget_bytes, label = budget * GIB, f"{budget:g}"
             p = plan(model.config, budget_bytes=budget_bytes, allocated_bytes=allocated,
                      trainable_params=sum(t.numel() for t in model.parameters() if t.requires_grad), tokens=tokens,
-                     lora_dropout=cfg.peft.dropout if cfg.peft.method != "none" and not fused_lora.lora_fused(model) else 0.0,
+                     lora_dropout=cfg.peft.dropout if cfg.peft.method != "none" else 0.0,
                      liger=liger,
                      fused_ce=not no_fused, ce_chunk_size=cfg.kernels.ce_chunk_size,
                      dtype_bytes=4 if mixed_precision(cfg) == "fp32" else 2,
-                     reserved_bytes=2 * cfg.deepspeed.reduce_bucket_size * 4, masked=masked)
+                     reserved_bytes=2 * cfg.deepspeed.reduce_bucket_size * 4, masked=masked,
+                     fused=fused_lora.fused_parts(model))
             kernels.checkpoint_layers(model, p.keep)
             return p.describe(label, tokens)
         except (ValueError, AttributeError) as e:

@@ -217,10 +217,11 @@ def test_parameter_count_from_the_config_alone(tmp_path):
 
 
 def test_apply_budget_counts_fused_lora_layers_as_dropout_free(monkeypatch):
-    """kernels.fused_lora keeps each LoRA input once whatever the dropout: the budget plans with
-    the smaller per-layer figure (more layers kept), as the H200 measured (0.56 GiB a layer)."""
+    """kernels.fused_lora keeps each LoRA input once whatever the dropout, and its SwiGLU keeps no
+    down_proj input: the budget plans with the smaller per-layer figure (more layers kept)."""
     from peft import LoraConfig, get_peft_model
 
+    from model import fused_lora
     from model.fused_lora import fuse_lora
 
     cuda = torch.device("cuda")
@@ -228,14 +229,14 @@ def test_apply_budget_counts_fused_lora_layers_as_dropout_free(monkeypatch):
     model = get_peft_model(_tiny(8), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear"))
     trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
 
-    def planned(dropout):
+    def planned(dropout, fused=frozenset()):
         return memory.plan(model.config, budget_bytes=0.45 * GIB, allocated_bytes=10 * 2**20, trainable_params=trainable,
                            tokens=8192, lora_dropout=dropout, liger=True, fused_ce=True, ce_chunk_size=1024,
-                           reserved_bytes=400_000_000).keep
+                           reserved_bytes=400_000_000, fused=fused).keep
 
-    assert planned(0.0) > planned(0.05)
+    assert planned(0.05, fused_lora.ALL_PARTS) > planned(0.05, {"lora"}) == planned(0.0) > planned(0.05)
     msg = memory.apply_budget(model, _cfg(kernels__memory_budget_gib=0.45), cuda, True, masked=False)
     assert f"{planned(0.05)} of 8 decoder layers keep" in msg
     fuse_lora(model)
     msg = memory.apply_budget(model, _cfg(kernels__memory_budget_gib=0.45), cuda, True, masked=False)
-    assert f"{planned(0.0)} of 8 decoder layers keep" in msg
+    assert f"{planned(0.05, fused_lora.ALL_PARTS)} of 8 decoder layers keep" in msg

@@ -49,4 +49,5 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path):
         summary = json.loads((part_dir / "summary.json").read_text())
         assert summary["finished"]
         assert summary["fused_lora_layers"] == (4 * 7 if stage == 2 else 0), stage  # 4 layers x 7 projections; PEFT's under ZeRO-3
+        assert summary["fused_lora_parts"] == (["lora", "norms", "swiglu"] if stage == 2 else []), stage
 

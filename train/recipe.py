@@ -162,9 +162,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     why_not_fused = ("off under ZeRO-3 (PEFT's modules gather the partitioned adapter)" if cfg.deepspeed.stage == 3 else
                      "off with kernels.compile (saving the random state breaks the compiled graph at every LoRA call)"
                      if kc.compile else None)
-    fused_layers = fused_lora.fuse_lora(model) if kc.fused_lora and not why_not_fused else 0
+    fused_layers = fused_lora.fuse_lora(model, liger=liger) if kc.fused_lora and not why_not_fused else 0
     if is_main and kc.fused_lora and cfg.peft.method != "none":
-        log.info("fused LoRA: %s", why_not_fused or f"{fused_layers} layers")
+        log.info("fused LoRA: %s", why_not_fused or f"{fused_layers} layers ({fused_lora.describe(model)})")
     if packs is not None:
         try:
             layout["path"], why, layout["attn"], layout["window"] = attention.packed_layout(
@@ -401,7 +401,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "global_batch_size": mb * gas * world,
                "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter") if cfg.peft.method != "none" else None,
                "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
-               "fast_int8_layers": fast_int8, "fused_lora_layers": fused_layers, "fused_ce": not no_fused, "checkpointed_layers": recomputed,
+               "fast_int8_layers": fast_int8, "fused_lora_layers": fused_layers,
+               "fused_lora_parts": sorted(fused_lora.fused_parts(model)) if fused_layers else [], "fused_ce": not no_fused, "checkpointed_layers": recomputed,
                "packed_attention": layout["path"] if packs is not None else None, "peak_tflops": peak / 1e12 if peak else None,
                "params_trainable": n_trainable, "params_total": n_total, **eval_result}
     metrics.summary(eval_result)
