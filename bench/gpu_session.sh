@@ -38,10 +38,12 @@ DEADLINE=${DEADLINE:-550}
 # in this order, as long as --time-budget lasts (bench/run.py skips a row that would not fit)
 # (2026-11-28, three H200 calls: hf, dialtune, the varlen/fast_int8/liger/fused_ce/ckpt=2 levers, the
 # memory budget at 24 GiB and auto with the first fused-LoRA version; bench/RESULTS.md. Next: the fused
-# LoRA branch as it now is (kernels.fused_lora, off by default until measured) against PEFT's modules,
-# budget=auto with PEFT's modules, the int8 default, compile. The hf rows are in bench/RESULTS.md:
+# LoRA branch as it now is (kernels.fused_lora: shared inputs, recomputed norm outputs and SwiGLU
+# input, 0.38 GiB a layer by the estimate: every layer should fit 24 GiB for int8 and nf4) against
+# PEFT's modules at the same settings, compile (skipped for time in every call so far), the int8
+# default. The hf rows are in bench/RESULTS.md:
 # put `hf,dialtune,` in front to measure them and the defaults again, ~210 s)
-WHICH=${WHICH:-int8/dialtune:budget=24:fused_lora=1,nf4/dialtune:budget=24:fused_lora=1,bf16/dialtune:ckpt=2:fused_lora=1,bf16/dialtune:budget=auto,nf4/dialtune:budget=auto:fused_lora=1,bf16/dialtune:budget=auto:fused_lora=1,int8/dialtune:budget=24,nf4/dialtune:budget=24,int8/dialtune,bf16/dialtune:compile=1}
+WHICH=${WHICH:-int8/dialtune:budget=24:fused_lora=1,nf4/dialtune:budget=24:fused_lora=1,bf16/dialtune:budget=auto:fused_lora=1,bf16/dialtune:budget=auto,bf16/dialtune:compile=1,bf16/dialtune:ckpt=2:fused_lora=1,int8/dialtune:budget=24,nf4/dialtune:budget=24,nf4/dialtune:budget=auto:fused_lora=1,int8/dialtune}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
        WANDB_MODE=disabled
