@@ -14,8 +14,8 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n")
     rows = tmp_path / "rows.jsonl"
-    args = ["--shape", "tiny", "--layers", "1", "--device", "cpu", "--quant", "fp32", "--which", "hf,dialtune,dialtune:varlen=0", "--steps", "1",
-            "--warmup", "1", "--tokens-per-batch", "512", "--batch-size", "4", "--model-cache", str(tmp_path / "models"),
+    args = ["--shape", "tiny", "--layers", "1", "--device", "cpu", "--quant", "fp32", "--which", "hf,dialtune,dialtune:varlen=0,dialtune:fused_lora=1",
+            "--steps", "1", "--warmup", "1", "--tokens-per-batch", "512", "--batch-size", "4", "--model-cache", str(tmp_path / "models"),
             "--append-results", "--results-file", str(results), "--jsonl", str(rows),
             "--profile", str(tmp_path / "profile.txt")]
     # one thread: two OpenMP threads on a shared 2-core machine run tiny matmuls 50x slower
@@ -28,10 +28,13 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     assert hf_row.startswith("| hf | fp32 |") and hf_row.endswith("| 1.00 |")
     assert dt_row.startswith("| dialtune | fp32 |") and "Single process, no DeepSpeed" in proc.stdout
     recorded = [json.loads(line) for line in rows.read_text().splitlines()]
-    assert [r["label"] for r in recorded] == ["hf", "dialtune", "dialtune:varlen=0"]
+    assert [r["label"] for r in recorded] == ["hf", "dialtune", "dialtune:varlen=0", "dialtune:fused_lora=1"]
     # the same packed rows through per-document varlen (auto on CPU) and the mask: the same loss
     assert "varlen attention" in recorded[1]["notes"] and "mask attention" in recorded[2]["notes"]
     assert recorded[2]["loss_first"] == pytest.approx(recorded[1]["loss_first"], rel=1e-5)
+    # the fused LoRA branch: PEFT's masks and function, less kept
+    assert "fused LoRA x7 (every LoRA input kept once; q/k/v's" in recorded[3]["notes"]
+    assert recorded[3]["loss_first"] == pytest.approx(recorded[1]["loss_first"], rel=1e-5)
     assert all(r["real_tok_s"] > 0 and 0 < r["target_tok_s"] < r["real_tok_s"] <= r["padded_tok_s"] for r in recorded)
     text = results.read_text()
     assert "· CPU · tiny, 1 layers" in text and "transformers " in text and "peft " in text
@@ -40,7 +43,7 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     assert [json.loads((d / "config.json").read_text())["num_hidden_layers"] for d in (tmp_path / "models").iterdir()] == [1]
     # --profile: one extra step per dialtune row, outside the measured ones, its top ops written down
     profile = (tmp_path / "profile.txt").read_text()
-    assert profile.count("## dialtune") == 2 and "aten::mm" in profile
+    assert profile.count("## dialtune") == 3 and "aten::mm" in profile
 
 
 
