@@ -8,7 +8,9 @@ state (tests/test_fused_lora.py):
 - q/k/v's and gate/up's input is a decoder layer's RMSNorm output: the branches keep the norm's
   input (which the norm keeps itself) and run the norm again in backward;
 - in a gated-SiLU MLP the SwiGLU and down_proj's branch are one function that keeps gate and up
-  (what the SwiGLU keeps anyway) and recomputes down_proj's input from them.
+  (what the SwiGLU keeps anyway) and recomputes down_proj's input from them;
+- B's product, the scaling and the addition to the base projection's output are one GEMM
+  (add_lora), where PEFT runs three kernels over an output-sized tensor (and one more backward).
 
 Llama-3-8B, LoRA on all 7 projections with dropout: 211 -> 94 KB a token per un-checkpointed
 decoder layer (model/memory.py), so kernels.memory_budget_gib keeps twice the layers. fuse_lora()
@@ -32,75 +34,93 @@ def _generator(device: torch.device) -> torch.Generator:
     return torch.default_generator
 
 
-class _LoraBranch(torch.autograd.Function):
-    """scaling * B(A(dropout(x))) that saves x (the very tensor the other projections of the same
-    input save: one copy for q, k and v, one for gate and up), the rank-r product A(dropout(x))
-    and the random generator's state before the dropout; backward sets that state again and
-    replays the same dropout on the same x, which redraws the same mask. PEFT's modules save each
-    projection's dropped input and its mask instead: three copies and three masks for q/k/v, two
-    for gate/up. The dropout is torch's own (native_dropout, what nn.Dropout runs in training),
-    drawn from the default generator at the same point of the forward: the masks, and so the
-    function, its gradients and the random state after a step, are PEFT's (tests/test_fused_lora.py)."""
+class _LoraA(torch.autograd.Function):
+    """A(dropout(x)), the rank-r half of PEFT's LoRA branch, saving x (the very tensor the other
+    projections of the same input save: one copy for q, k and v, one for gate and up) and the
+    random generator's state before the dropout; backward sets that state again and replays the
+    same dropout on the same x, which redraws the same mask. PEFT's modules save each projection's
+    dropped input and its mask instead: three copies and three masks for q/k/v, two for gate/up.
+    The dropout is torch's own (native_dropout, what nn.Dropout runs in training), drawn from the
+    default generator at the same point of the forward: the masks, and so the function, its
+    gradients and the random state after a step, are PEFT's (tests/test_fused_lora.py). When
+    x = norm(norm_in), it saves norm_in instead (which the norm keeps itself) and runs the norm
+    again in backward."""
 
     @staticmethod
-    def forward(ctx, x, a, b, p, scaling, norm=None, norm_in=None):
+    def forward(ctx, x, a, p, norm=None, norm_in=None):
         state = None
         if p > 0:
-            gen = _generator(x.device)
-            state = gen.get_state()
+            state = _generator(x.device).get_state()
             xd = torch.native_dropout(x, p, True)[0]
         else:
             xd = x
-        h = xd @ a.t()
-        del xd
-        # x = norm(norm_in): keep the norm's input, which the norm keeps itself, and recompute x
-        ctx.save_for_backward(x if norm is None else norm_in, a, b, h)
-        ctx.p, ctx.scaling, ctx.state, ctx.norm = p, scaling, state, norm
-        return (h @ b.t()) * scaling
+        ctx.save_for_backward(x if norm is None else norm_in, a)
+        ctx.p, ctx.state, ctx.norm = p, state, norm
+        return xd @ a.t()
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, a, b, h = ctx.saved_tensors
+    def backward(ctx, grad_r):
+        x, a = ctx.saved_tensors
         if ctx.norm is not None:  # the same kernel on the same input: the forward's x, bit for bit
             x = ctx.norm.forward(x)
         p = ctx.p
-        g = grad_out * ctx.scaling
-        grad_b = g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[2] else None
-        gh = g @ b  # d loss / d A(dropout(x))
         # the forward's mask, redrawn from the forward's state; the generator is left as it was
         xd, mask = _replayed_dropout(x, p, ctx.state) if p > 0 else (x, None)
         del x
-        grad_a = gh.reshape(-1, gh.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_a = _wgrad(grad_r, xd) if ctx.needs_input_grad[1] else None
         del xd
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gh @ a
+            grad_x = grad_r @ a
             if mask is not None:
                 grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - p))
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, None, None, None
 
 
-def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float, scaling: float) -> torch.Tensor:
-    """scaling * (dropout_p(x) @ a.T) @ b.T with the memory of _LoraBranch. Activation
-    checkpointing restores the random state before recomputing a layer, so the recompute draws the
-    forward's masks, as it does for nn.Dropout. When x is the output of a decoder layer's RMSNorm
-    that fuse_lora marked (NORMS), the branch keeps the norm's input instead of x (the norm keeps
-    that input itself: x costs nothing) and runs the norm again in backward."""
-    normed = getattr(x, NORMED, None)
-    if normed is not None:
-        return _LoraBranch.apply(x, a, b, p, scaling, *normed)
-    return _LoraBranch.apply(x, a, b, p, scaling)
+def _wgrad(grad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """grad^T @ inp over every token: a linear layer's weight gradient."""
+    return grad.reshape(-1, grad.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
+
+
+def add_lora(result: torch.Tensor, r: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """result + scaling * r @ b.T as one GEMM that reads the base projection's output as its C
+    (torch.addmm, alpha = scaling): no separate product, scaling and addition over the output, as
+    PEFT's lora_B, `* scaling` and `+` run (four passes over an output-sized tensor fewer forward,
+    one backward). Autograd keeps r and b (rank-sized) and hands the gradient to `result` as is."""
+    if result.dtype != r.dtype or b.dtype != r.dtype:
+        return result + ((r @ b.t()) * scaling).to(result.dtype)
+    n = result.shape[-1]
+    return torch.addmm(result.reshape(-1, n), r.reshape(-1, r.shape[-1]), b.t(), alpha=scaling).view(result.shape)
+
+
+def lora_branch(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float,
+                scaling: float) -> torch.Tensor:
+    """result + scaling * (dropout_p(x) @ a.T) @ b.T (result: the base projection of x) with the
+    memory of _LoraA. Activation checkpointing restores the random state before recomputing a
+    layer, so the recompute draws the forward's masks, as it does for nn.Dropout. When x is the
+    output of a decoder layer's RMSNorm that fuse_lora marked (NORMS), the branch keeps the norm's
+    input instead of x (the norm keeps that input itself: x costs nothing) and runs the norm again
+    in backward."""
+    return add_lora(result, _LoraA.apply(x, a, p, *_norm_of(x)), b, scaling)
 
 
 # decoder-layer norms whose output feeds LoRA projections (q/k/v; gate/up) in the Llama family
 NORMS = ("input_layernorm", "post_attention_layernorm")
-NORMED = "_dialtune_normed"  # attribute of a marked norm's output: (norm module, its input)
+NORM_LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+NORMED = "_dialtune_normed"  # attribute of a marked norm's output: (norm module, its input, output version)
 
 
 def _mark_normed(module, args, output):
-    """Forward hook on a NORMS module: tag its output with (module, input) for lora_branch."""
+    """Forward hook on a NORMS module: tag its output with (module, input, the output's version)
+    for lora_branch (a changed version, an in-place change since, voids the tag)."""
     if isinstance(output, torch.Tensor) and args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():
-        setattr(output, NORMED, (module, args[0]))
+        setattr(output, NORMED, (module, args[0], output._version))
+
+
+def _norm_of(x: torch.Tensor):
+    """(norm, norm input) when x is a marked norm's output, unchanged since; else ()."""
+    tag = getattr(x, NORMED, None)
+    return tag[:2] if tag is not None and tag[2] == x._version else ()
 
 
 def _replayed_dropout(x, p, state):
@@ -120,12 +140,9 @@ def _silu_mul(g, u):
 
 
 def _silu_mul_backward(g, u, dh):
-    """(d/d gate, d/d up) of silu(gate) * up, in fp32 whatever the dtype (as Liger's kernel)."""
-    gf = g.float()
-    sig = torch.sigmoid(gf)
-    silu = gf * sig
-    dh = dh.float()
-    return (dh * u.float() * (silu * (1 - sig) + sig)).to(g.dtype), (dh * silu).to(u.dtype)
+    """(d/d gate, d/d up) of silu(gate) * up: the kernels autograd runs for LlamaMLP's act_fn(gate)
+    * up (the same gradients, bit for bit, and no fp32 temporaries)."""
+    return torch.ops.aten.silu_backward(dh * u, g), dh * F.silu(g)
 
 
 def _swiglu_kernels(device: torch.device, liger: bool):
@@ -144,15 +161,15 @@ def _swiglu_kernels(device: torch.device, liger: bool):
 
 
 class _SwiGLULora(torch.autograd.Function):
-    """h = silu(gate) * up and down_proj's LoRA branch on it, scaling * B(A(dropout(h))), in one
-    function that keeps only gate and up (what the SwiGLU's own backward needs anyway) and
+    """h = silu(gate) * up and the rank-r half of down_proj's LoRA branch on it, A(dropout(h)), in
+    one function that keeps only gate and up (what the SwiGLU's own backward needs anyway) and
     recomputes h (one elementwise kernel) and its dropout in backward. PEFT's modules keep h, or
     its dropped copy and the mask, for lora_A's gradient on top: the largest activation of a
-    decoder layer (intermediate size), a fifth of what a Llama layer keeps. Returns (h, branch):
-    the caller runs the frozen base projection on h, which keeps nothing of it."""
+    decoder layer (intermediate size), a fifth of what a Llama layer keeps. Returns (h, A(dropout(h)));
+    the caller runs the frozen base projection on h, which keeps nothing of it, and add_lora."""
 
     @staticmethod
-    def forward(ctx, g, u, a, b, p, scaling, liger):
+    def forward(ctx, g, u, a, p, liger):
         fwd, _ = _swiglu_kernels(g.device, liger)
         h = fwd(g, u)
         state = None
@@ -163,33 +180,49 @@ class _SwiGLULora(torch.autograd.Function):
             hd = h
         r = hd @ a.t()
         del hd
-        ctx.save_for_backward(g, u, a, b, r)
-        ctx.p, ctx.scaling, ctx.state, ctx.liger = p, scaling, state, liger
-        return h, (r @ b.t()) * scaling
+        ctx.save_for_backward(g, u, a)
+        ctx.p, ctx.state, ctx.liger = p, state, liger
+        return h, r
 
     @staticmethod
-    def backward(ctx, grad_h, grad_out):
-        g, u, a, b, r = ctx.saved_tensors
+    def backward(ctx, grad_h, grad_r):
+        g, u, a = ctx.saved_tensors
         fwd, bwd = _swiglu_kernels(g.device, ctx.liger)
+        if bwd is not _silu_mul_backward:  # Liger's backward writes into gate's and up's storage
+            if getattr(ctx, "spent", False):
+                raise RuntimeError("the fused SwiGLU with Liger's kernels supports one backward pass per forward "
+                                   "(retain_graph: set kernels.fused_lora=false)")
+            ctx.spent = True
         p = ctx.p
-        go = grad_out * ctx.scaling
-        grad_b = go.reshape(-1, go.shape[-1]).t() @ r.reshape(-1, r.shape[-1]) if ctx.needs_input_grad[3] else None
-        gr = go @ b
         h = fwd(g, u)
         hd, mask = _replayed_dropout(h, p, ctx.state) if p > 0 else (h, None)
         del h
-        grad_a = gr.reshape(-1, gr.shape[-1]).t() @ hd.reshape(-1, hd.shape[-1]) if ctx.needs_input_grad[2] else None
+        grad_a = _wgrad(grad_r, hd) if ctx.needs_input_grad[2] else None
         del hd
-        dh = gr @ a
+        dh = grad_r @ a
         if mask is not None:
             dh = torch.ops.aten.native_dropout_backward(dh, mask, 1.0 / (1.0 - p))
         if grad_h is not None:
             dh = dh.add_(grad_h)
         grad_g, grad_u = bwd(g, u, dh) if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else (None, None)
-        return grad_g, grad_u, grad_a, grad_b, None, None, None
+        return grad_g, grad_u, grad_a, None, None
 
 
-class _FusedLora:
+class _Fused:
+    """Pickles (torch.save of a whole model, deepcopy) as its base class and mixin, so that any
+    process rebuilds the Fused<name> class (it exists only once fuse_lora made it)."""
+
+    def __reduce_ex__(self, protocol):
+        mixin, base = type(self).__bases__[:2]
+        return (_new_fused, (base, mixin.__name__)) + tuple(super().__reduce_ex__(protocol)[2:])
+
+
+def _new_fused(base, mixin: str):
+    cls = _fused_class(base, {"_FusedLora": _FusedLora, "_FusedSwiGLU": _FusedSwiGLU}[mixin])
+    return cls.__new__(cls)
+
+
+class _FusedLora(_Fused):
     """Mixed into a PEFT LoRA linear layer's class by fuse_lora: the fused branch in the plain case
     (one active LoRA adapter, not merged, no DoRA or other variant, no bias on lora_B, the input in
     the adapter's dtype, no autocast, on a CPU or CUDA device); PEFT's own forward otherwise,
@@ -215,14 +248,13 @@ class _FusedLora:
         branch = self._branch_args(x) if kwargs.get("adapter_names") is None else None
         if branch is None:
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        return result + lora_branch(x, *branch).to(result.dtype)
+        return lora_branch(self.base_layer(x, *args, **kwargs), x, *branch)
 
 
 SWIGLU_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")  # down_proj(act_fn(gate_proj(x)) * up_proj(x))
 
 
-class _FusedSwiGLU:
+class _FusedSwiGLU(_Fused):
     """Mixed into a gated-SiLU MLP (SWIGLU_MLP_CLASSES) whose down_proj has the fused branch, by
     fuse_lora: the SwiGLU and down_proj's LoRA branch run as _SwiGLULora, which recomputes
     down_proj's input from gate and up in backward instead of keeping it (with Liger's kernels
@@ -234,12 +266,24 @@ class _FusedSwiGLU:
     def forward(self, x):
         g, u = self.gate_proj(x), self.up_proj(x)
         down = self.down_proj
-        branch = down._branch_args(g) if isinstance(down, _FusedLora) and g.dtype == u.dtype else None
+        branch = (down._branch_args(g) if isinstance(down, _FusedLora) and g.dtype == u.dtype and not _hooked(down)
+                  else None)  # hooks on down_proj (PEFT's adapter_names, ...) need its own call
         if branch is None:
             return down(self.act_fn(g) * u)
-        h, lora = _SwiGLULora.apply(g, u, *branch, self._dialtune_liger)
-        result = down.base_layer(h)
-        return result + lora.to(result.dtype)
+        a, b, p, scaling = branch
+        h, r = _SwiGLULora.apply(g, u, a, p, self._dialtune_liger)
+        return add_lora(down.base_layer(h), r, b, scaling)
+
+
+def _hooked(module: nn.Module) -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(module._forward_pre_hooks or module._forward_hooks or m._global_forward_pre_hooks or m._global_forward_hooks)
+
+
+def _liger_forward(bound) -> bool:
+    """Whether a forward bound to an MLP instance is Liger's SwiGLU (LigerSwiGLUMLP.forward)."""
+    return getattr(getattr(bound, "__func__", bound), "__qualname__", "").startswith("Liger")
 
 
 def _silu(act) -> bool:
@@ -294,14 +338,18 @@ def fuse_lora(model, liger: bool = False) -> int:
             m.__class__ = _fused_class(cls)
             n += 1
     for m in model.modules():
+        bound = m.__dict__.get("forward")  # Liger binds its SwiGLU forward (and name) to the instance
         if ((isinstance(m, _FusedSwiGLU) or type(m).__name__ in SWIGLU_MLP_CLASSES)
-                and isinstance(getattr(m, "down_proj", None), _FusedLora) and _silu(getattr(m, "act_fn", None))):
-            for bound in ("forward", "_get_name"):  # Liger binds its SwiGLU forward (and name) to the instance
-                m.__dict__.pop(bound, None)
+                and isinstance(getattr(m, "down_proj", None), _FusedLora) and _silu(getattr(m, "act_fn", None))
+                and (bound is None or _liger_forward(bound))):  # another bound forward: left as it is
+            for name in ("forward", "_get_name"):
+                m.__dict__.pop(name, None)
             if not isinstance(m, _FusedSwiGLU):
                 m.__class__ = _fused_class(type(m), _FusedSwiGLU)
             m._dialtune_liger = bool(liger)
     for layer in _layers(model):
+        if type(layer).__name__ not in NORM_LAYER_CLASSES:  # e.g. Gemma's MLP reads another norm
+            continue
         for name in NORMS:  # only where the branches keep the input: elsewhere a tag would keep it alive for nothing
             norm = getattr(layer, name, None)
             if isinstance(norm, nn.Module) and _consumers_fused(layer, name) and not norm.__dict__.get(HOOKED):
@@ -341,7 +389,7 @@ def fused_parts(model) -> frozenset:
     if not layers or not lora_fused(model):
         return frozenset()
     parts = {"lora"}
-    if all(isinstance(getattr(layer, "mlp", None), _FusedSwiGLU) for layer in layers):
+    if all(isinstance(getattr(layer, "mlp", None), _FusedSwiGLU) and "forward" not in layer.mlp.__dict__ for layer in layers):
         parts.add("swiglu")
 
     if all(getattr(getattr(layer, norm, None), "__dict__", {}).get(HOOKED) and _consumers_fused(layer, norm)

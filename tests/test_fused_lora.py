@@ -56,17 +56,19 @@ def test_fused_lora_equals_peft_without_dropout_and_in_eval():
 
 
 def test_fused_branch_with_dropout_is_the_gradient_of_its_forward(device="cpu", dtype=torch.float32):
-    """The branch against autograd through an explicit dropout with the same mask, and the random
-    state it leaves: one dropout's worth consumed by the forward, nothing by the backward."""
+    """The branch (added to the base projection's output in one GEMM) against autograd through an
+    explicit dropout with the same mask, and the random state it leaves: one dropout's worth
+    consumed by the forward, nothing by the backward."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 16, generator=g).to(device, dtype).requires_grad_(True)
+    base = torch.randn(3, 5, 8, generator=g).to(device, dtype).requires_grad_(True)
     a = torch.randn(4, 16, generator=g).to(device, dtype).requires_grad_(True)
     b = torch.randn(8, 4, generator=g).to(device, dtype).requires_grad_(True)
     w = torch.randn(3, 5, 8, generator=g).to(device, dtype)
     p, scaling = 0.25, 2.0
     gen = fused_lora._generator(x.device)
     torch.manual_seed(11)
-    out = fused_lora.lora_branch(x, a, b, p, scaling)
+    out = fused_lora.lora_branch(base, x, a, b, p, scaling)
     after_forward = gen.get_state()
     torch.rand(7, device=device)  # something else draws before the backward
     before_backward = gen.get_state()
@@ -76,16 +78,16 @@ def test_fused_branch_with_dropout_is_the_gradient_of_its_forward(device="cpu", 
     keep = torch.native_dropout(x.detach(), p, True)[1]
     assert torch.equal(gen.get_state(), after_forward)  # the forward drew one dropout's worth
     assert 0.6 < keep.float().mean() < 0.9  # ~1 - p of the inputs kept
-    x2, a2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
-    ref = ((x2 * keep / (1 - p)) @ a2.t() @ b2.t()) * scaling  # inverted dropout
+    x2, a2, b2, base2 = (t.detach().clone().requires_grad_(True) for t in (x, a, b, base))
+    ref = base2 + ((x2 * keep / (1 - p)) @ a2.t() @ b2.t()) * scaling  # inverted dropout
     (ref * w).sum().backward()
-    for got, want in ((out, ref), (x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad)):
+    for got, want in ((out, ref), (x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad), (base.grad, base2.grad)):
         if dtype == torch.float32:
             torch.testing.assert_close(got, want)
         else:  # bf16: the reference scales by 1/(1 - p) at another point, so the roundings differ
             torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=2e-2 * want.float().abs().max().item())
     # the generator moved on: the next call draws another mask (q, k and v are not dropped alike)
-    again = fused_lora.lora_branch(x, a, b, p, scaling)
+    again = fused_lora.lora_branch(base, x, a, b, p, scaling)
     assert not torch.allclose(again, out)
 
 
@@ -103,7 +105,9 @@ def test_fused_swiglu_is_the_gradient_of_its_forward(device="cpu", dtype=torch.f
     p, scaling = 0.25, 2.0
     gen = fused_lora._generator(gate.device)
     torch.manual_seed(11)
-    h, out = fused_lora._SwiGLULora.apply(gate, up, a, b, p, scaling, liger)
+    base = torch.randn(3, 5, 8, generator=g).to(device, dtype)
+    h, r = fused_lora._SwiGLULora.apply(gate, up, a, p, liger)
+    out = fused_lora.add_lora(base, r, b, scaling)
     after_forward = gen.get_state()
     ((h * w_h).sum() + (out * w_out).sum()).backward()
     assert torch.equal(gen.get_state(), after_forward)
@@ -111,7 +115,7 @@ def test_fused_swiglu_is_the_gradient_of_its_forward(device="cpu", dtype=torch.f
     h2 = F.silu(gate2) * up2
     torch.manual_seed(11)
     keep = torch.native_dropout(h2.detach(), p, True)[1]
-    out2 = ((h2 * keep / (1 - p)) @ a2.t() @ b2.t()) * scaling
+    out2 = base + ((h2 * keep / (1 - p)) @ a2.t() @ b2.t()) * scaling
     ((h2 * w_h).sum() + (out2 * w_out).sum()).backward()
     for got, want in ((h, h2), (out, out2), (gate.grad, gate2.grad), (up.grad, up2.grad), (a.grad, a2.grad),
                       (b.grad, b2.grad)):
@@ -121,21 +125,85 @@ def test_fused_swiglu_is_the_gradient_of_its_forward(device="cpu", dtype=torch.f
             torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=2e-2 * want.float().abs().max().item())
 
 
+class LigerSwiGLUMLP:  # stands in for liger_kernel's class: fuse_lora knows Liger's forward by its name
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
 def test_fuse_lora_replaces_a_swiglu_forward_bound_to_the_instance():
     """Liger binds its SwiGLU forward (and name) to each MLP instance; the fused SwiGLU must run
-    instead (same function), else down_proj's input would be kept after all."""
+    instead (same function), else down_proj's input would be kept after all. Another forward bound
+    there (someone else's wrapper) is left alone, and that MLP not counted as fused."""
     model = _lora(_tiny_llama(), dropout=0.0)
     with torch.no_grad():
         want = model(input_ids=IDS).logits
     mlps = [layer.mlp for layer in model.base_model.model.model.layers]
     for mlp in mlps:
-        mlp.__dict__["forward"] = (lambda self, x: self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))).__get__(mlp)
+        mlp.__dict__["forward"] = LigerSwiGLUMLP.forward.__get__(mlp)
         mlp.__dict__["_get_name"] = (lambda self: "LigerSwiGLUMLP").__get__(mlp)
+    other = lambda x: mlps[1].down_proj(mlps[1].act_fn(mlps[1].gate_proj(x)) * mlps[1].up_proj(x))  # noqa: E731
+    mlps[1].__dict__["forward"] = other
     fused_lora.fuse_lora(model, liger=True)  # on the CPU: torch's SwiGLU ops all the same
-    assert "swiglu" in fused_lora.fused_parts(model)
-    assert all("forward" not in mlp.__dict__ and type(mlp).__name__ == "FusedLlamaMLP" and mlp._dialtune_liger for mlp in mlps)
+    assert "forward" not in mlps[0].__dict__ and type(mlps[0]).__name__ == "FusedLlamaMLP" and mlps[0]._dialtune_liger
+    assert mlps[1].__dict__["forward"] is other and type(mlps[1]).__name__ == "LlamaMLP"
+    assert fused_lora.fused_parts(model) == {"lora", "norms"}
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=IDS).logits, want)
+
+
+def test_fused_model_pickles_for_another_process(tmp_path):
+    """torch.save of a whole fused model loads in a fresh process (the Fused<name> classes exist only
+    once fuse_lora made them: they pickle as base class + mixin), with the same logits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = _lora(_tiny_llama(), dropout=0.0).eval()
+    fused_lora.fuse_lora(model)
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+    torch.save({"model": model, "ids": IDS, "logits": want}, tmp_path / "m.pt")
+    code = ("import torch, sys; d = torch.load(sys.argv[1], weights_only=False); m = d['model']\n"
+            "from model import fused_lora\n"
+            "assert type(m.base_model.model.model.layers[0].mlp).__name__ == 'FusedLlamaMLP'\n"
+            "assert fused_lora.fused_parts(m) == {'lora', 'norms', 'swiglu'}\n"
+            "with torch.no_grad(): torch.testing.assert_close(m(input_ids=d['ids']).logits, d['logits'])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt")], cwd=str(Path(__file__).parent.parent),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fused_mlp_hands_a_hooked_down_proj_its_own_call():
+    """PEFT's adapter_names (a batch mixing adapters, at inference) reaches each LoRA layer through
+    a forward pre-hook: the fused MLP must call down_proj itself then."""
+    model = _lora(_tiny_llama(), dropout=0.0).eval()
+    with torch.no_grad():
+        want = model(input_ids=IDS, adapter_names=["default", "__base__"]).logits
+        fused_lora.fuse_lora(model)
+        got = model(input_ids=IDS, adapter_names=["default", "__base__"]).logits
+        with model.disable_adapter():
+            base = model(input_ids=IDS).logits
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got[1], base[1])
+
+
+def test_an_in_place_change_voids_the_norm_tag():
+    """The branch recomputes its input from the norm's input only while the norm's output is as the
+    norm wrote it; after an in-place change it keeps the tensor itself (the right gradient)."""
+    norm = torch.nn.LayerNorm(16)
+    norm.register_forward_hook(fused_lora._mark_normed)
+    inp = torch.randn(2, 3, 16, requires_grad=True)
+    a = torch.randn(4, 16, requires_grad=True)
+    b = torch.randn(8, 4, requires_grad=True)
+    x = norm(inp)
+    assert fused_lora._norm_of(x)[0] is norm
+    x.mul_(3)
+    assert fused_lora._norm_of(x) == ()
+    out = fused_lora.lora_branch(torch.zeros(2, 3, 8), x, a, b, 0.0, 2.0)
+    out.sum().backward()
+    a2 = a.detach().clone().requires_grad_(True)
+    ((x.detach() @ a2.t() @ b.detach().t()) * 2.0).sum().backward()
+    torch.testing.assert_close(a.grad, a2.grad)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
