@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 
 class EvalError(Exception):
@@ -151,18 +151,6 @@ def _run_world_size(model_dir: Path) -> int:
     return 1
 
 
-def _same_tokens_only(rows: List[Dict]) -> List[Dict]:
-    """The LM rows with a base row only where it read the tokens this evaluation read (same source,
-    same target-token count): training measured the base on its eval set with its own cap; another
-    cap or eval set here would compare different tokens."""
-    tuned = {r["source"]: r.get("target_tokens") for r in rows if r.get("model") == "fine-tuned"}
-    kept = [r for r in rows if r.get("model") != "base" or tuned.get(r.get("source")) == r.get("target_tokens")]
-    if len(kept) < len(rows):
-        print("dialtune: the base rows measured before training read other tokens than this evaluation (another eval "
-              "set or eval.lm_max_batches) and are left out", file=sys.stderr)
-    return kept
-
-
 def cmd_eval(args) -> int:
 
     from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
@@ -219,8 +207,6 @@ def cmd_eval(args) -> int:
                               micro_batch_size=cfg.train.micro_batch_size, max_len=cfg.data.max_seq_len, world=1, rank=0,
                               dev=dev, base_ctx=model.disable_adapter if adapter is not None and cfg.eval.base_comparison else None,
                               intent_cfg=cfg.data.intent, progress=sys.stderr.isatty(), base_rows=base_rows)
-        if base_rows and "lm" in res:
-            res["lm"]["rows"] = _same_tokens_only(res["lm"]["rows"])
     except (EvalError, ConfigError, DataError) as e:
         print(f"dialtune: error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ generate runs with synced_gpus there), and results are gathered on every rank.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from contextlib import contextmanager, nullcontext
@@ -323,13 +324,26 @@ def source_names(paths: Sequence[str]) -> List[str]:
     return names
 
 
+def _same_tokens_only(rows: List[Dict], base_rows: List[Dict]) -> List[Dict]:
+    """The base rows measured earlier that read the tokens this evaluation read (same source, same
+    target-token count): another eval set or eval.lm_max_batches would compare different tokens."""
+    tuned = {r["source"]: r.get("target_tokens") for r in rows if r.get("model") == "fine-tuned"}
+    kept = [r for r in base_rows if tuned.get(r.get("source")) == r.get("target_tokens")]
+    if len(kept) < len(base_rows):
+        logging.getLogger("dialtune").warning(
+            "the base rows measured before training read other tokens than this evaluation (another eval set or "
+            "eval.lm_max_batches) and are left out")
+    return kept
+
+
 def run_suite(parts: Sequence[str], *, model, forward: Callable, tokenizer, eot: int, cfg, eval_ds, sources: List[str],
               conversations: List[Dict], pad_id: int, micro_batch_size: int, max_len: int, world: int, rank: int, dev,
               synced: bool = False, base_ctx: Optional[Callable] = None, fast=None, progress: bool = False,
               intent_cfg=None, base_rows: Optional[List[Dict]] = None) -> Dict:
     """Run the asked parts; the results dict that results.json holds (identical on every rank).
     The base model's held-out LM rows come from running the model under base_ctx (an adapter
-    switched off), or as base_rows, measured earlier (a full fine-tune's base, before step 1)."""
+    switched off), or as base_rows, measured earlier (a full fine-tune's base, before step 1; kept
+    where they read the same tokens)."""
     was_training = model.training
     model.eval()
     res: Dict[str, Any] = {}
@@ -342,7 +356,7 @@ def run_suite(parts: Sequence[str], *, model, forward: Callable, tokenizer, eot:
                     per = lm_eval(forward, eval_ds, sources, pad_id, micro_batch_size, world, rank, dev,
                                   cfg.lm_max_batches, progress)
                 rows += [{"model": name, "source": src, **v} for src, v in per.items()]
-            res["lm"] = {"rows": rows + list(base_rows or [])}
+            res["lm"] = {"rows": rows + _same_tokens_only(rows, base_rows or [])}
         if "intent" in parts and cfg.intent_files:
             examples, labels = load_intents(cfg.intent_files, intent_cfg, cfg.intent_max_examples, cfg.intent_labels)
             labels = list(cfg.intent_labels) or labels
