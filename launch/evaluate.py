@@ -63,8 +63,9 @@ def _key_problem(e) -> str:
     return f"{key} has an invalid value ({str(e).splitlines()[0]})"
 
 
-def resolve(path: str, overrides: List[str]):
-    """(cfg, kind, model_dir, adapter_dir, base_path, out_dir) for what the user pointed at."""
+def resolve(path: str, overrides: List[str], run_cfg=None):
+    """(cfg, kind, model_dir, adapter_dir, base_path, out_dir) for what the user pointed at.
+    run_cfg: the run's config when the caller read it already (each config.yaml is read once)."""
     p = Path(path)
     if not p.exists():
         raise EvalError(f"{path} does not exist; pass a run directory, a checkpoint directory or a merged checkpoint.")
@@ -76,7 +77,7 @@ def resolve(path: str, overrides: List[str]):
             raise EvalError(problem)
         run_dir = p.parent if (p.parent / "config.yaml").is_file() else None
         if run_dir is not None:
-            cfg = _run_config(run_dir, overrides)
+            cfg = run_cfg if run_cfg is not None else _run_config(run_dir, overrides)
         else:
             from hydra.errors import HydraException
             from omegaconf.errors import OmegaConfBaseException
@@ -88,19 +89,20 @@ def resolve(path: str, overrides: List[str]):
             except (HydraException, OmegaConfBaseException) as e:
                 raise EvalError(compose_problem(e, overrides)) from None
         return cfg, "merged", p, None, None, (run_dir / "eval" if run_dir else p / "eval")
-    if (p / "config.yaml").is_file() and (p / "merged" / "config.json").is_file() and _run_config(p, overrides).peft.method == "none":
-        return resolve(str(p / "merged"), overrides)  # a full fine-tune: its weights are what `dialtune merge` wrote
     if ((p / "adapter").is_dir() or (p / "trainer_state.json").is_file()) and (p.parent.parent / "config.yaml").is_file():
         run_dir, adapter = p.parent.parent, p / "adapter"
     elif (p / "config.yaml").is_file():
         run_dir = p
+        cfg = _run_config(run_dir, overrides)
+        if (p / "merged" / "config.json").is_file() and cfg.peft.method == "none":
+            return resolve(str(p / "merged"), overrides, cfg)  # a full fine-tune: its weights are what `dialtune merge` wrote
         latest = p / "checkpoints" / "latest"
         if not latest.is_file():
             raise EvalError(f"run directory {p} has no finished checkpoint yet; train longer or pass a checkpoint directory.")
         adapter = p / "checkpoints" / latest.read_text().strip() / "adapter"
     else:
         raise EvalError(f"{path} is neither a dialtune run directory (config.yaml), a checkpoint (adapter/) nor a merged checkpoint (config.json).")
-    cfg = _run_config(run_dir, overrides)
+    cfg = cfg if run_dir == p else _run_config(run_dir, overrides)
     if cfg.peft.method == "none":
         which = f" --checkpoint {adapter.parent.name} --out {adapter.parent / 'merged'}" if p != run_dir else ""
         raise EvalError(f"{run_dir} is a full fine-tune (peft=none): its checkpoints hold DeepSpeed's weights, not an adapter; "
