@@ -20,6 +20,8 @@ PEFT's own forward.
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,14 +63,16 @@ class _LoraA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_r):
         x, a = ctx.saved_tensors
-        if ctx.norm is not None:  # the same kernel on the same input: the forward's x, bit for bit
-            x = ctx.norm.forward(x)
         p = ctx.p
-        # the forward's mask, redrawn from the forward's state; the generator is left as it was
-        xd, mask = _replayed_dropout(x, p, ctx.state) if p > 0 else (x, None)
-        del x
-        grad_a = _wgrad(grad_r, xd) if ctx.needs_input_grad[1] else None
-        del xd
+        grad_a, mask = None, None
+        if ctx.needs_input_grad[1] or p > 0:  # (a frozen A without dropout needs no x)
+            if ctx.norm is not None:  # the same kernel on the same input: the forward's x, bit for bit
+                x = ctx.norm.forward(x)
+            # the forward's mask, redrawn from the forward's state; the generator is left as it was
+            xd, mask = _replayed_dropout(x, p, ctx.state) if p > 0 else (x, None)
+            del x
+            grad_a = _wgrad(grad_r, xd) if ctx.needs_input_grad[1] else None
+            del xd
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_r @ a
@@ -83,11 +87,12 @@ def _wgrad(grad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
 
 
 def add_lora(result: torch.Tensor, r: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """result + scaling * r @ b.T as one GEMM that reads the base projection's output as its C
-    (torch.addmm, alpha = scaling): no separate product, scaling and addition over the output, as
-    PEFT's lora_B, `* scaling` and `+` run (four passes over an output-sized tensor fewer forward,
-    one backward). Autograd keeps r and b (rank-sized) and hands the gradient to `result` as is."""
-    if result.dtype != r.dtype or b.dtype != r.dtype:
+    """result + scaling * r @ b.T as one GEMM that takes the base projection's output as its C
+    (torch.addmm, alpha = scaling; a new output: C is copied in first), where PEFT's lora_B,
+    `* scaling` and `+` each pass over an output-sized tensor: two such passes fewer forward, one
+    backward (grad * scaling). Autograd keeps r and b (rank-sized), applies alpha on rank-sized
+    tensors and hands the gradient to `result` as is. (r and b share a dtype: fuse_lora's calls.)"""
+    if result.dtype != r.dtype:
         return result + ((r @ b.t()) * scaling).to(result.dtype)
     n = result.shape[-1]
     return torch.addmm(result.reshape(-1, n), r.reshape(-1, r.shape[-1]), b.t(), alpha=scaling).view(result.shape)
@@ -213,8 +218,11 @@ class _Fused:
     process rebuilds the Fused<name> class (it exists only once fuse_lora made it)."""
 
     def __reduce_ex__(self, protocol):
+        reduced = super().__reduce_ex__(protocol)
+        if globals().get(type(self).__name__) is not type(self):  # a subclass of a fused class: pickled as usual
+            return reduced
         mixin, base = type(self).__bases__[:2]
-        return (_new_fused, (base, mixin.__name__)) + tuple(super().__reduce_ex__(protocol)[2:])
+        return (_new_fused, (base, mixin.__name__)) + tuple(reduced[2:])
 
 
 def _new_fused(base, mixin: str):
@@ -276,14 +284,20 @@ class _FusedSwiGLU(_Fused):
 
 
 def _hooked(module: nn.Module) -> bool:
-    from torch.nn.modules import module as m
+    """Whether a module has hooks of its own (PEFT's adapter_names is a forward pre-hook that lives
+    for one call), which only a call of the module runs. Global hooks (profilers, FLOP counters)
+    are not asked: they see the fused MLP's call instead."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)
 
-    return bool(module._forward_pre_hooks or module._forward_hooks or m._global_forward_pre_hooks or m._global_forward_hooks)
 
-
-def _liger_forward(bound) -> bool:
-    """Whether a forward bound to an MLP instance is Liger's SwiGLU (LigerSwiGLUMLP.forward)."""
-    return getattr(getattr(bound, "__func__", bound), "__qualname__", "").startswith("Liger")
+def _liger_forward(module: nn.Module, bound) -> bool:
+    """Whether a forward bound to this MLP instance is Liger's SwiGLU (liger_kernel's
+    LigerSwiGLUMLP.forward bound as a method, not a wrapper around it)."""
+    func = getattr(bound, "__func__", None)
+    return (isinstance(bound, types.MethodType) and bound.__self__ is module and not hasattr(bound, "__wrapped__")
+            and getattr(func, "__module__", "").startswith("liger_kernel")
+            and getattr(func, "__qualname__", "").startswith("Liger"))
 
 
 def _silu(act) -> bool:
@@ -320,8 +334,8 @@ def fuse_lora(model, liger: bool = False) -> int:
     (lora_branch), and every gated-SiLU MLP whose down_proj got it the fused SwiGLU (_SwiGLULora;
     liger: with Liger's SwiGLU kernels on CUDA); returns how many linear layers have the branch.
     Same function and same gradients as PEFT's path, drawing the same dropout masks; a decoder
-    layer keeps a third less for backward with dropout, a fifth less without (Llama-3-8B: 211 ->
-    111 KB a token, model/memory.py). Not for ZeRO-3, whose partitioned adapter weights are
+    layer keeps less than half for backward (Llama-3-8B with dropout: 211 -> 94 KB a token,
+    model/memory.py). Not for ZeRO-3, whose partitioned adapter weights are
     gathered by hooks on the lora_A/lora_B modules' own forwards."""
     try:
         from peft.tuners.lora import LoraLayer
@@ -341,7 +355,7 @@ def fuse_lora(model, liger: bool = False) -> int:
         bound = m.__dict__.get("forward")  # Liger binds its SwiGLU forward (and name) to the instance
         if ((isinstance(m, _FusedSwiGLU) or type(m).__name__ in SWIGLU_MLP_CLASSES)
                 and isinstance(getattr(m, "down_proj", None), _FusedLora) and _silu(getattr(m, "act_fn", None))
-                and (bound is None or _liger_forward(bound))):  # another bound forward: left as it is
+                and (bound is None or _liger_forward(m, bound))):  # another bound forward: left as it is
             for name in ("forward", "_get_name"):
                 m.__dict__.pop(name, None)
             if not isinstance(m, _FusedSwiGLU):
@@ -389,7 +403,8 @@ def fused_parts(model) -> frozenset:
     if not layers or not lora_fused(model):
         return frozenset()
     parts = {"lora"}
-    if all(isinstance(getattr(layer, "mlp", None), _FusedSwiGLU) and "forward" not in layer.mlp.__dict__ for layer in layers):
+    if all(isinstance(getattr(layer, "mlp", None), _FusedSwiGLU) and "forward" not in layer.mlp.__dict__
+           and not _hooked(layer.mlp.down_proj) for layer in layers):
         parts.add("swiglu")
 
     if all(getattr(getattr(layer, norm, None), "__dict__", {}).get(HOOKED) and _consumers_fused(layer, norm)

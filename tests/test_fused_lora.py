@@ -127,9 +127,12 @@ def test_fused_swiglu_is_the_gradient_of_its_forward(device="cpu", dtype=torch.f
             torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=2e-2 * want.float().abs().max().item())
 
 
-class LigerSwiGLUMLP:  # stands in for liger_kernel's class: fuse_lora knows Liger's forward by its name
+class LigerSwiGLUMLP:  # stands in for liger_kernel's class: fuse_lora knows Liger's forward by its module and name
     def forward(self, x):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+LigerSwiGLUMLP.forward.__module__ = "liger_kernel.transformers.swiglu"
 
 
 def test_fuse_lora_replaces_a_swiglu_forward_bound_to_the_instance():
@@ -187,6 +190,24 @@ def test_fused_mlp_hands_a_hooked_down_proj_its_own_call():
             base = model(input_ids=IDS).logits
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got[1], base[1])
+    # a global hook (a profiler's, a FLOP counter's) sees the MLP's call and leaves the fused SwiGLU on
+    model.train()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        loss = model(input_ids=IDS, labels=IDS).loss
+    finally:
+        handle.remove()
+    assert "_SwiGLULoraBackward" in _graph_nodes(loss) and "swiglu" in fused_lora.fused_parts(model)
+
+
+def _graph_nodes(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return {type(n).__name__ for n in seen}
 
 
 def test_an_in_place_change_voids_the_norm_tag():
@@ -353,10 +374,23 @@ def test_gpu_fused_lora_equals_peft_in_bf16(dropout):
     want_loss, want = _step(model, ids)
     fused_lora.fuse_lora(model)
     got_loss, got = _step(model, ids)
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-2, atol=1e-2)
+    _close_in_bf16(got_loss, want_loss, got, want)
+    if dropout == 0:  # about as close to the fp32 result as PEFT's bf16 path (one rounding where PEFT has three)
+        ref = _lora(_tiny_llama(), dropout=0.0).cuda().train()
+        ref_loss, ref_grads = _step(ref, ids)
+        for n in want:
+            err = lambda g: ((g[n].float() - ref_grads[n]).norm() / ref_grads[n].norm()).item()  # noqa: E731
+            assert err(got) <= 2 * err(want) + 2e-3, n
+
+
+def _close_in_bf16(got_loss, want_loss, got, want):
+    """Two bf16 paths of the same function: the loss to 1e-2, each gradient norm-wise to 5e-2
+    (elementwise, bf16's 8 bits leave single entries far apart)."""
+    torch.testing.assert_close(got_loss.float(), want_loss.float(), rtol=1e-2, atol=1e-2)
+    assert set(got) == set(want)
     for n in want:
-        torch.testing.assert_close(got[n].float(), want[n].float(), rtol=5e-2, atol=2e-3 * want[n].float().abs().max().item(),
-                                   msg=n)
+        rel = ((got[n].float() - want[n].float()).norm() / want[n].float().norm()).item()
+        assert rel < 5e-2, (n, rel)
 
 
 @pytest.mark.gpu
@@ -383,7 +417,4 @@ def test_gpu_fused_lora_with_liger_equals_peft_with_liger():
     fused_lora.fuse_lora(model, liger=True)
     assert "swiglu" in fused_lora.fused_parts(model)
     got_loss, got = _step(model, ids)
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-2, atol=1e-2)
-    for n in want:
-        torch.testing.assert_close(got[n].float(), want[n].float(), rtol=5e-2, atol=2e-3 * want[n].float().abs().max().item(),
-                                   msg=n)
+    _close_in_bf16(got_loss, want_loss, got, want)
