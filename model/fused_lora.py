@@ -50,12 +50,7 @@ class _LoraA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, p, norm=None, norm_in=None):
-        state = None
-        if p > 0:
-            state = _generator(x.device).get_state()
-            xd = torch.native_dropout(x, p, True)[0]
-        else:
-            xd = x
+        xd, state = _dropout_noting_state(x, p)
         ctx.save_for_backward(x if norm is None else norm_in, a)
         ctx.p, ctx.state, ctx.norm = p, state, norm
         return xd @ a.t()
@@ -128,6 +123,15 @@ def _norm_of(x: torch.Tensor):
     return tag[:2] if tag is not None and tag[2] == x._version else ()
 
 
+def _dropout_noting_state(x, p):
+    """(dropout_p(x) as nn.Dropout draws it in training, the generator's state before the draw);
+    (x, None) at p = 0."""
+    if p <= 0:
+        return x, None
+    state = _generator(x.device).get_state()
+    return torch.native_dropout(x, p, True)[0], state
+
+
 def _replayed_dropout(x, p, state):
     """(dropped x, mask) as native_dropout drew them from generator state `state`; the generator
     is left as it was."""
@@ -177,12 +181,7 @@ class _SwiGLULora(torch.autograd.Function):
     def forward(ctx, g, u, a, p, liger):
         fwd, _ = _swiglu_kernels(g.device, liger)
         h = fwd(g, u)
-        state = None
-        if p > 0:
-            state = _generator(h.device).get_state()
-            hd = torch.native_dropout(h, p, True)[0]
-        else:
-            hd = h
+        hd, state = _dropout_noting_state(h, p)
         r = hd @ a.t()
         del hd
         ctx.save_for_backward(g, u, a)
