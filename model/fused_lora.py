@@ -316,8 +316,8 @@ LORA_LINEAR_CLASSES = ("Linear", "Linear8bitLt", "Linear4bit")  # peft.tuners.lo
 
 def _fused_class(cls, mixin=_FusedLora):
     """The fused subclass (mixin first) of a PEFT LoRA layer class or an MLP class, named
-    Fused<name> and kept in this module (so a pickled model finds it: torch.save of the whole
-    module)."""
+    Fused<name> and kept in this module, made once per class (a pickled model rebuilds it through
+    _Fused.__reduce_ex__)."""
     name = f"Fused{cls.__name__}"
     known = globals().get(name)
     if known is None or cls not in known.__bases__:
