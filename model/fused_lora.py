@@ -377,10 +377,13 @@ NORM_CONSUMERS = {"input_layernorm": ("self_attn", ("q_proj", "k_proj", "v_proj"
 
 
 def _consumers_fused(layer, norm: str) -> bool:
-    """Whether every projection that reads this decoder layer's `norm` has the fused branch."""
+    """Whether the projections that read this decoder layer's `norm` are there, some with the fused
+    branch and none with PEFT's (a frozen projection without an adapter keeps nothing of its input:
+    LoRA on q and v only gets the saving too)."""
     block, projections = NORM_CONSUMERS[norm]
-    block = getattr(layer, block, None)
-    return all(isinstance(getattr(block, proj, None), _FusedLora) for proj in projections)
+    mods = [getattr(getattr(layer, block, None), proj, None) for proj in projections]
+    return (all(isinstance(m, nn.Module) and (isinstance(m, _FusedLora) or not hasattr(m, "lora_A")) for m in mods)
+            and any(isinstance(m, _FusedLora) for m in mods))
 
 
 def _layers(model):

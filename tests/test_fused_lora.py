@@ -356,6 +356,30 @@ def test_fused_lora_keeps_the_activations_memory_py_counts():
     assert fused == pytest.approx(fused_est, rel=0.2)
 
 
+def test_lora_on_q_and_v_only_recomputes_the_norm_output_too():
+    """k_proj without an adapter keeps nothing of its input: LoRA on q and v alone still keeps the
+    norm's input instead of its output (one hidden-size tensor less per layer)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=224, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    ids = torch.randint(1, 64, (1, 256), generator=torch.Generator().manual_seed(0))
+
+    def per_layer(fused):
+        totals = []
+        for layers in (2, 3):
+            cfg.num_hidden_layers = layers
+            torch.manual_seed(0)
+            m = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).train()
+            if fused:
+                fused_lora.fuse_lora(m)
+            totals.append(_saved_bytes(m, ids))
+        return (totals[1] - totals[0]) / ids.numel()
+
+    assert per_layer(False) - per_layer(True) == cfg.hidden_size * 4  # fp32
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
