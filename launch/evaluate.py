@@ -91,6 +91,7 @@ def resolve(path: str, overrides: List[str], run_cfg=None):
         return cfg, "merged", p, None, None, (run_dir / "eval" if run_dir else p / "eval")
     if ((p / "adapter").is_dir() or (p / "trainer_state.json").is_file()) and (p.parent.parent / "config.yaml").is_file():
         run_dir, adapter = p.parent.parent, p / "adapter"
+        cfg = _run_config(run_dir, overrides)
     elif (p / "config.yaml").is_file():
         run_dir = p
         cfg = _run_config(run_dir, overrides)
@@ -102,7 +103,6 @@ def resolve(path: str, overrides: List[str], run_cfg=None):
         adapter = p / "checkpoints" / latest.read_text().strip() / "adapter"
     else:
         raise EvalError(f"{path} is neither a dialtune run directory (config.yaml), a checkpoint (adapter/) nor a merged checkpoint (config.json).")
-    cfg = cfg if run_dir == p else _run_config(run_dir, overrides)
     if cfg.peft.method == "none":
         which = f" --checkpoint {adapter.parent.name} --out {adapter.parent / 'merged'}" if p != run_dir else ""
         raise EvalError(f"{run_dir} is a full fine-tune (peft=none): its checkpoints hold DeepSpeed's weights, not an adapter; "
