@@ -3,8 +3,8 @@ and redraws the dropout mask in backward. Same function and gradients as PEFT's 
 import pytest
 import torch
 
-from model import fused_lora, memory
-from tests.test_kernels import _tiny_llama, cuda
+from model import fused_lora, lora_autograd, memory
+from tests.model_helpers import cuda, tiny_llama
 
 
 def _lora(model, dropout, method="lora"):
@@ -33,7 +33,7 @@ IDS = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
 def test_fused_lora_equals_peft_without_dropout_and_in_eval():
-    model = _lora(_tiny_llama(), dropout=0.0)
+    model = _lora(tiny_llama(), dropout=0.0)
     want_loss, want = _step(model, IDS)
     assert fused_lora.fuse_lora(model) == 2 * 7 and fused_lora.fused_parts(model) == {"lora", "norms", "swiglu"}
     assert fused_lora.fuse_lora(model) == 2 * 7  # idempotent
@@ -43,7 +43,7 @@ def test_fused_lora_equals_peft_without_dropout_and_in_eval():
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
     # with dropout, eval mode is the plain product, and the disabled adapter is the base
-    drop = _lora(_tiny_llama(), dropout=0.3).eval()
+    drop = _lora(tiny_llama(), dropout=0.3).eval()
     with torch.no_grad():
         want_logits = drop(input_ids=IDS).logits
         with drop.disable_adapter():
@@ -66,9 +66,9 @@ def test_fused_branch_with_dropout_is_the_gradient_of_its_forward(device="cpu", 
     b = torch.randn(8, 4, generator=g).to(device, dtype).requires_grad_(True)
     w = torch.randn(3, 5, 8, generator=g).to(device, dtype)
     p, scaling = 0.25, 2.0
-    gen = fused_lora._generator(x.device)
+    gen = lora_autograd.dropout_generator(x.device)
     torch.manual_seed(11)
-    out = fused_lora.lora_branch(base, x, a, b, p, scaling)
+    out = lora_autograd.lora_branch(base, x, a, b, p, scaling)
     after_forward = gen.get_state()
     torch.rand(7, device=device)  # something else draws before the backward
     before_backward = gen.get_state()
@@ -87,7 +87,7 @@ def test_fused_branch_with_dropout_is_the_gradient_of_its_forward(device="cpu", 
         else:  # bf16: the reference scales by 1/(1 - p) at another point, so the roundings differ
             torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=2e-2 * want.float().abs().max().item())
     # the generator moved on: the next call draws another mask (q, k and v are not dropped alike)
-    again = fused_lora.lora_branch(base, x, a, b, p, scaling)
+    again = lora_autograd.lora_branch(base, x, a, b, p, scaling)
     assert not torch.allclose(again, out)
 
 
@@ -103,13 +103,13 @@ def test_fused_swiglu_is_the_gradient_of_its_forward(device="cpu", dtype=torch.f
     b = torch.randn(8, 4, generator=g).to(device, dtype).requires_grad_(True)
     w_h, w_out = torch.randn(3, 5, 24, generator=g).to(device, dtype), torch.randn(3, 5, 8, generator=g).to(device, dtype)
     p, scaling = 0.25, 2.0
-    gen = fused_lora._generator(gate.device)
+    gen = lora_autograd.dropout_generator(gate.device)
     torch.manual_seed(11)
     base = torch.randn(3, 5, 8, generator=g).to(device, dtype)
     # through copies, as in a model (gate and up are projections' outputs): Liger's backward writes
     # the gradients into the storage of the tensors it was given
-    h, r = fused_lora._SwiGLULora.apply(gate.clone(), up.clone(), a, p, liger)
-    out = fused_lora.add_lora(base, r, b, scaling)
+    h, r = lora_autograd.SwiGLULora.apply(gate.clone(), up.clone(), a, p, liger)
+    out = lora_autograd.add_lora(base, r, b, scaling)
     after_forward = gen.get_state()
     ((h * w_h).sum() + (out * w_out).sum()).backward()
     assert torch.equal(gen.get_state(), after_forward)
@@ -139,7 +139,7 @@ def test_fuse_lora_replaces_a_swiglu_forward_bound_to_the_instance():
     """Liger binds its SwiGLU forward (and name) to each MLP instance; the fused SwiGLU must run
     instead (same function), else down_proj's input would be kept after all. Another forward bound
     there (someone else's wrapper) is left alone, and that MLP not counted as fused."""
-    model = _lora(_tiny_llama(), dropout=0.0)
+    model = _lora(tiny_llama(), dropout=0.0)
     with torch.no_grad():
         want = model(input_ids=IDS).logits
     mlps = [layer.mlp for layer in model.base_model.model.model.layers]
@@ -163,7 +163,7 @@ def test_fused_model_pickles_for_another_process(tmp_path):
     import sys
     from pathlib import Path
 
-    model = _lora(_tiny_llama(), dropout=0.0).eval()
+    model = _lora(tiny_llama(), dropout=0.0).eval()
     fused_lora.fuse_lora(model)
     with torch.no_grad():
         want = model(input_ids=IDS).logits
@@ -181,7 +181,7 @@ def test_fused_model_pickles_for_another_process(tmp_path):
 def test_fused_mlp_hands_a_hooked_down_proj_its_own_call():
     """PEFT's adapter_names (a batch mixing adapters, at inference) reaches each LoRA layer through
     a forward pre-hook: the fused MLP must call down_proj itself then."""
-    model = _lora(_tiny_llama(), dropout=0.0).eval()
+    model = _lora(tiny_llama(), dropout=0.0).eval()
     with torch.no_grad():
         want = model(input_ids=IDS, adapter_names=["default", "__base__"]).logits
         fused_lora.fuse_lora(model)
@@ -197,7 +197,7 @@ def test_fused_mlp_hands_a_hooked_down_proj_its_own_call():
         loss = model(input_ids=IDS, labels=IDS).loss
     finally:
         handle.remove()
-    assert "_SwiGLULoraBackward" in _graph_nodes(loss) and "swiglu" in fused_lora.fused_parts(model)
+    assert "SwiGLULoraBackward" in _graph_nodes(loss) and "swiglu" in fused_lora.fused_parts(model)
 
 
 def _graph_nodes(t):
@@ -214,15 +214,15 @@ def test_an_in_place_change_voids_the_norm_tag():
     """The branch recomputes its input from the norm's input only while the norm's output is as the
     norm wrote it; after an in-place change it keeps the tensor itself (the right gradient)."""
     norm = torch.nn.LayerNorm(16)
-    norm.register_forward_hook(fused_lora._mark_normed)
+    norm.register_forward_hook(lora_autograd.mark_normed)
     inp = torch.randn(2, 3, 16, requires_grad=True)
     a = torch.randn(4, 16, requires_grad=True)
     b = torch.randn(8, 4, requires_grad=True)
     x = norm(inp)
-    assert fused_lora._norm_of(x)[0] is norm
+    assert lora_autograd.norm_of(x)[0] is norm
     x.mul_(3)
-    assert fused_lora._norm_of(x) == ()
-    out = fused_lora.lora_branch(torch.zeros(2, 3, 8), x, a, b, 0.0, 2.0)
+    assert lora_autograd.norm_of(x) == ()
+    out = lora_autograd.lora_branch(torch.zeros(2, 3, 8), x, a, b, 0.0, 2.0)
     out.sum().backward()
     a2 = a.detach().clone().requires_grad_(True)
     ((x.detach() @ a2.t() @ b.detach().t()) * 2.0).sum().backward()
@@ -235,7 +235,7 @@ def test_fused_lora_with_dropout_equals_peft_masks_included(checkpointing):
     the same points; activation checkpointing restores the state before recomputing a layer): the
     same loss, gradients and random state after the step as PEFT's modules."""
     def model():
-        m = _lora(_tiny_llama(), dropout=0.2)
+        m = _lora(tiny_llama(), dropout=0.2)
         if checkpointing:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             m.enable_input_require_grads()
@@ -260,7 +260,7 @@ def test_fused_lora_hands_other_cases_to_peft():
 
     from peft import LoraConfig, get_peft_model
 
-    model = _lora(_tiny_llama(), dropout=0.0).eval()
+    model = _lora(tiny_llama(), dropout=0.0).eval()
     fused_lora.fuse_lora(model)
     with torch.no_grad():
         want = model(input_ids=IDS).logits
@@ -288,17 +288,17 @@ def test_fused_lora_hands_other_cases_to_peft():
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=IDS).logits, two)
     # a LoRA bias is not the plain branch: those layers stay PEFT's
-    biased = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True))
+    biased = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True))
     assert fused_lora.fuse_lora(biased) == 0 and not fused_lora.lora_fused(biased)
     # some layers fused, others PEFT's: not counted as fused (the memory budget keeps their dropped copies)
-    mixed = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    mixed = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                      lora_dropout=0.1))
     mixed.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].bias = torch.nn.Parameter(torch.zeros(32))
     assert fused_lora.fuse_lora(mixed) == 2 * 2 - 1 and not fused_lora.lora_fused(mixed)
 
 
 def test_fused_lora_leaves_dora_to_peft():
-    model = _lora(_tiny_llama(), dropout=0.0, method="dora")
+    model = _lora(tiny_llama(), dropout=0.0, method="dora")
     want_loss, want = _step(model, IDS)
     assert fused_lora.fuse_lora(model) == 0  # nothing fused, nothing reported fused
     got_loss, got = _step(model, IDS)
@@ -393,14 +393,14 @@ def test_gpu_fused_branch_redraws_its_mask_on_cuda(dtype):
 def test_gpu_fused_lora_equals_peft_in_bf16(dropout):
     """On a GPU nn.Dropout runs native_dropout, as the fused branch does, from the same generator
     at the same points: with dropout too, the same masks, loss and gradients as PEFT."""
-    model = _lora(_tiny_llama(), dropout=dropout).cuda().bfloat16().train()
+    model = _lora(tiny_llama(), dropout=dropout).cuda().bfloat16().train()
     ids = IDS.cuda()
     want_loss, want = _step(model, ids)
     fused_lora.fuse_lora(model)
     got_loss, got = _step(model, ids)
     _close_in_bf16(got_loss, want_loss, got, want)
     if dropout == 0:  # about as close to the fp32 result as PEFT's bf16 path (one rounding where PEFT has three)
-        ref = _lora(_tiny_llama(), dropout=0.0).cuda().train()
+        ref = _lora(tiny_llama(), dropout=0.0).cuda().train()
         ref_loss, ref_grads = _step(ref, ids)
         for n in want:
             err = lambda g: ((g[n].float() - ref_grads[n]).norm() / ref_grads[n].norm()).item()  # noqa: E731
@@ -434,7 +434,7 @@ def test_gpu_fused_lora_with_liger_equals_peft_with_liger():
     pytest.importorskip("liger_kernel")
     from model import kernels
 
-    model = _lora(_tiny_llama(), dropout=0.1).cuda().bfloat16().train()
+    model = _lora(tiny_llama(), dropout=0.1).cuda().bfloat16().train()
     assert kernels.apply_liger(model)
     ids = IDS.cuda()
     want_loss, want = _step(model, ids)
