@@ -1,4 +1,4 @@
-"""The cache-build lock of data_pipeline/dataset.py: one builder per cache key, and a killed
+"""The cache-build lock of data_pipeline/cache.py: one builder per cache key, and a killed
 builder blocks nobody (flock, released by the kernel however its holder exits; an O_EXCL file
 with dead-pid takeover on filesystems without flock)."""
 from __future__ import annotations

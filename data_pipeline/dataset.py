@@ -1,12 +1,7 @@
-"""Sources -> validated conversations -> tokenized, weighted, packed Arrow datasets, cached.
-
-The cache key hashes everything that shaped the result: the bytes of every source file, the
-tokenizer (its full JSON and chat template), the data config and DATA_VERSION. One process per
-cache directory builds (the local rank 0 that wins an flock on the key's lock file: one per node
-for a node-local cache, one per job for a shared one; the kernel drops it when the builder dies,
-so a killed build blocks nobody); the others poll the filesystem for the result, so no
-collective times out while a large corpus is prepared. Everything is streamed: records go from
-the readers through a generator into Arrow files on disk, which are memory-mapped.
+"""Sources -> validated conversations -> tokenized, weighted, packed Arrow datasets (build), and
+what the data lost or leaks (data_warnings). Everything is streamed: records go from the readers
+through a generator into Arrow files on disk, which are memory-mapped. data_pipeline/cache.py
+keys, caches and shares the result.
 """
 from __future__ import annotations
 
@@ -15,13 +10,11 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import unicodedata
 from typing import Dict, List
 
 import numpy as np
 
-from .cache_lock import read_holder, take_lock
 from .chat import DataError, encode
 from .packing import fill_ratio, pack
 from .records import Problem, read_records, to_messages
@@ -39,33 +32,6 @@ def sources_of(d) -> List[Dict]:
         fmt = s.format if s.format != "auto" else d.format
         out.append(dict(path=s.path, weight=float(s.weight), format=fmt, system_prompt=s.system_prompt, split=s.split))
     return out
-
-
-def _digest_path(h, path: str) -> None:
-    paths = [path] if os.path.isfile(path) else sorted(
-        os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
-    for p in paths:
-        h.update(p.encode() if p != path else b"")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-
-
-def cache_key(d, tokenizer, eot_id: int) -> str:
-    from omegaconf import OmegaConf
-
-    h = hashlib.sha256(f"dialtune-data-v{DATA_VERSION}".encode())
-    for s in sources_of(d):
-        h.update(json.dumps(s, sort_keys=True).encode())
-        _digest_path(h, s["path"])
-    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer).encode())
-    h.update((tokenizer.chat_template or "").encode())
-    h.update(json.dumps([tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, eot_id]).encode())
-    cfg = OmegaConf.to_container(d, resolve=True)
-    for k in ("cache_dir", "num_proc", "on_error", "max_errors_shown", "fast_tokenization"):  # don't change the result
-        cfg.pop(k, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:20]
 
 
 def content_hash(messages: List[Dict[str, str]]) -> int:
@@ -86,7 +52,7 @@ def _in_eval(content: int, seed: int, fraction: float) -> bool:
     return x / 2**64 < fraction
 
 
-def _conversations(d, report: Report):
+def validated_conversations(d, report: Report):
     """Generator of validated conversations from every source (one streaming pass)."""
     from types import SimpleNamespace
 
@@ -201,11 +167,11 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
 
     report = Report(d.on_error, d.max_errors_shown)
     srcs = sources_of(d)
-    # named after the key, so the next builder of that key can tell a dead build's folder (_clean_dead)
+    # named after the key, so the next builder of that key can tell a dead build's folder (cache._clean_dead)
     work = tempfile.mkdtemp(prefix=f"dialtune-data-{os.path.basename(out_dir)}-", dir=os.path.dirname(out_dir))
     try:
         try:
-            raw = Dataset.from_generator(_conversations, gen_kwargs={"d": d, "report": report},
+            raw = Dataset.from_generator(validated_conversations, gen_kwargs={"d": d, "report": report},
                                          cache_dir=os.path.join(work, "gen"), keep_in_memory=False)
         except DataError:
             raise
@@ -333,108 +299,3 @@ def data_warnings(stats: Dict) -> List[str]:
                    f"(eval: {', '.join(o['eval_files'])}; train: {', '.join(o['train_files'])}), so the eval loss on them is "
                    "in-sample; remove them from one side.")
     return out
-
-
-def load(path: str):
-    from datasets import load_from_disk
-
-    def opt(name):
-        p = os.path.join(path, name)
-        return load_from_disk(p) if os.path.isdir(p) else None
-
-    with open(os.path.join(path, "stats.json")) as f:
-        stats = json.load(f)
-    return opt("train"), opt("eval"), opt("train_packs"), stats
-
-
-def eval_conversations(cache_path: str) -> List[Dict]:
-    """[{"messages", "source"}] of the eval split, in the order of its tokenized rows ([] if none)."""
-    path = os.path.join(cache_path, EVAL_MESSAGES)
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def _job_token() -> str:
-    return os.environ.get("TORCHELASTIC_RUN_ID") or f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:{os.getppid()}"
-
-
-def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dialtune", "data")
-
-
-def _clean_dead(root: str, key: str) -> None:
-    """Work folders a killed build of this key left behind (build() itself clears its .part); the
-    caller holds the key's lock, so no live process uses them."""
-    for name in os.listdir(root):
-        if name.startswith(f"dialtune-data-{key}-"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _stop_as_strict(d, path: str, stats: Dict) -> None:
-    """A cache that a lenient run built without the records it skipped, hit by a strict run:
-    one validation pass raises the same `file:line` errors a build would."""
-    for _ in _conversations(d, Report("strict", d.max_errors_shown)):
-        pass
-    skipped = stats["validation"]["skipped"]
-    raise DataError(f"{path} was prepared with data.on_error=lenient, which skipped {sum(skipped.values())} records "
-                    f"({skipped}); fix them, or set data.on_error=lenient to train without them.")
-
-
-def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, poll_s: float = 1.0):
-    """(train, eval, train_packs, stats, path): a cache hit loads; otherwise one process per
-    cache directory builds while the others wait on the filesystem. Either way the stats'
-    warnings (data_warnings) are logged."""
-    sources = sources_of(d)
-    trained = {os.path.realpath(s["path"]) for s in sources if s["split"] == "train"}
-    for s in sources:
-        if s["split"] == "eval" and os.path.realpath(s["path"]) in trained:
-            log(f"warning: held-out file {s['path']} is also a training file: the eval loss will be in-sample")
-    root = d.cache_dir or default_cache_dir()
-    os.makedirs(root, exist_ok=True)
-    key = cache_key(d, tokenizer, eot_id)
-    path = os.path.join(root, key)
-    done, lock, failed = os.path.join(path, "stats.json"), path + ".lock", path + ".failed"
-    waited, last_note = time.time(), 0.0
-    while not os.path.isfile(done):
-        if local_rank == 0:
-            release = take_lock(lock)
-            if release is not None:
-                try:
-                    if os.path.isfile(done):
-                        break  # finished between our look and the lock
-                    _clean_dead(root, key)
-                    if os.path.exists(failed):
-                        os.remove(failed)
-                    log(f"data: preparing {key} in {root}")
-                    stats = build(d, tokenizer, eot_id, path, log)
-                    stats["cache"] = {"key": key, "path": path, "hit": False}
-                    for line in data_warnings(stats):
-                        log(line)
-                    return (*load(path)[:3], stats, path)
-                except DataError as e:
-                    with open(failed, "w") as f:
-                        json.dump({"token": _job_token(), "message": str(e)}, f)
-                    raise
-                finally:
-                    release()
-        if os.path.isfile(failed):
-            with open(failed) as f:
-                info = json.load(f)
-            if info.get("token") == _job_token():
-                raise DataError(info["message"])
-        if time.time() - last_note > 60:
-            excl = lock + ".excl"
-            holder = read_holder(excl) or read_holder(lock) or "another process"
-            log(f"data: waiting for {holder} to prepare {path} ({time.time() - waited:.0f} s so far"
-                + (f"; if that process died, delete {excl})" if os.path.isfile(excl) else ")"))
-            last_note = time.time()
-        time.sleep(poll_s)
-    train, evals, packs, stats = load(path)
-    stats["cache"] = {"key": key, "path": path, "hit": True}
-    if d.on_error == "strict" and stats["validation"]["skipped"]:
-        _stop_as_strict(d, path, stats)
-    for line in data_warnings(stats):
-        log(line)
-    return train, evals, packs, stats, path

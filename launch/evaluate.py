@@ -156,7 +156,8 @@ def _run_world_size(model_dir: Path) -> int:
 def cmd_eval(args) -> int:
 
     from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
-    from data_pipeline.dataset import eval_conversations, prepare_cached, sources_of
+    from data_pipeline.cache import eval_conversations, prepare_cached
+    from data_pipeline.dataset import sources_of
     from train import eval_results
     from train import evaluate as suite
     from train.config import ConfigError

@@ -71,7 +71,7 @@ def report_text(stats) -> str:
 
 def main(overrides) -> int:
     from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
-    from data_pipeline.dataset import prepare_cached
+    from data_pipeline.cache import prepare_cached
     from model import loader
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from data_pipeline.chat import IGNORE, DataError, TEMPLATES, encode, end_of_turn_id, tokenize_conversation, _tokenize_by_prefix
-from data_pipeline.dataset import build, prepare_cached
+from data_pipeline.cache import prepare_cached
+from data_pipeline.dataset import build
 from data_pipeline.records import read_records, to_messages
 from tests.data_helpers import A, BAD, GOOD, LONG, U, conv, dcfg, jsonl, tiny_tok
 

@@ -10,7 +10,8 @@ import textwrap
 import pytest
 
 from data_pipeline.chat import TEMPLATES, DataError
-from data_pipeline.dataset import build, cache_key, prepare_cached
+from data_pipeline.cache import cache_key, prepare_cached
+from data_pipeline.dataset import build
 from tests.conftest import ROOT, run_env
 from tests.data_helpers import BAD, GOOD, LONG, conv, dcfg, jsonl, tiny_tok
 
@@ -93,7 +94,7 @@ def test_prepare_once_across_processes(tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         from omegaconf import OmegaConf
         from tests.data_helpers import dcfg, tiny_tok
-        from data_pipeline.dataset import prepare_cached
+        from data_pipeline.cache import prepare_cached
         from pathlib import Path
         d = dcfg(Path({str(tmp_path)!r}), train_files=[{path!r}])
         train, _, _, stats, where = prepare_cached(d, *tiny_tok(), local_rank=0, log=lambda m: print("LOG", m), poll_s=0.2)
@@ -150,7 +151,7 @@ def test_eval_conversations_that_also_occur_in_training_are_warned(tmp_path):
 
 
 def test_eval_split_is_the_same_under_any_spelling_of_the_path(tmp_path, monkeypatch):
-    from data_pipeline.dataset import eval_conversations
+    from data_pipeline.cache import eval_conversations
 
     (tmp_path / "sub").mkdir()
     jsonl(tmp_path / "a.jsonl", [conv(i, f"q{i}", f"a{i}") for i in range(40)])
@@ -173,6 +174,7 @@ def test_a_killed_build_does_not_block_the_next_prepare(tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
         import data_pipeline.dataset as ds
+        from data_pipeline.cache import prepare_cached
         from tests.data_helpers import dcfg, tiny_tok
 
         def stuck(d, report):  # the build is under way (lock taken, work folder made) and hangs
@@ -180,8 +182,8 @@ def test_a_killed_build_does_not_block_the_next_prepare(tmp_path):
             time.sleep(600)
             yield from ()
 
-        ds._conversations = stuck
-        ds.prepare_cached(dcfg(Path({str(tmp_path)!r}), train_files=[{path!r}]), *tiny_tok(), log=lambda m: None)
+        ds.validated_conversations = stuck
+        prepare_cached(dcfg(Path({str(tmp_path)!r}), train_files=[{path!r}]), *tiny_tok(), log=lambda m: None)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env=run_env(1), stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
     try:

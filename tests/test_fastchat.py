@@ -101,7 +101,8 @@ def test_tiktoken_conversion_llama3_style_split_and_non_byte_level(tmp_path):
 def test_build_gives_identical_datasets_with_and_without_the_fast_path(tmp_path):
     from omegaconf import OmegaConf
 
-    from data_pipeline.dataset import build, cache_key
+    from data_pipeline.cache import cache_key
+    from data_pipeline.dataset import build
     from train.config import DataConfig
 
     tok = _tok()

@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 
 from data_pipeline import batching
 from data_pipeline.chat import IGNORE, apply_named_template, end_of_turn_id
-from data_pipeline.dataset import eval_conversations, prepare_cached, sources_of
+from data_pipeline.cache import eval_conversations, prepare_cached
+from data_pipeline.dataset import sources_of
 from data_pipeline.packing import collate_packed
 from model import attention, dequantize, fused_lora, kernels, loader, memory
 
