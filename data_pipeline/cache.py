@@ -17,7 +17,8 @@ from typing import Dict, List
 
 from .cache_lock import read_holder, take_lock
 from .chat import DataError
-from .dataset import DATA_VERSION, EVAL_MESSAGES, validated_conversations, build, data_warnings, sources_of
+from .dataset import DATA_VERSION, EVAL_MESSAGES, build, data_warnings, sources_of, validated_conversations
+from .records import is_bundled_sample
 from .validate import Report
 
 
@@ -104,6 +105,11 @@ def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, po
     for s in sources:
         if s["split"] == "eval" and os.path.realpath(s["path"]) in trained:
             log(f"warning: held-out file {s['path']} is also a training file: the eval loss will be in-sample")
+    held_out = [s["path"] for s in sources if s["split"] == "eval"]
+    if held_out and all(is_bundled_sample(p) for p in held_out) and not any(is_bundled_sample(p) for p in trained):
+        log(f"warning: the held-out set is the bundled sample's ({held_out[0]}, from the default data=sample), not held "
+            "out from your data: set data.eval_files=[your held-out file], or data.eval_files=[] with "
+            "data.eval_fraction=0.02 to hold out 2% of your conversations")
     root = d.cache_dir or default_cache_dir()
     os.makedirs(root, exist_ok=True)
     key = cache_key(d, tokenizer, eot_id)

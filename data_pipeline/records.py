@@ -22,7 +22,18 @@ import io
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
+
+SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"  # the bundled slice (conf/data/sample.yaml)
+
+
+def is_bundled_sample(path: str) -> bool:
+    """Whether a data file is one of the bundled sample's (data_pipeline/sample_data)."""
+    try:
+        return Path(path).resolve().parent == SAMPLE_DATA
+    except OSError:
+        return False
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "intent")
 

@@ -9,17 +9,9 @@ stores the weights and the tokenizer with Git LFS, so the directory can be uploa
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Dict, Optional
 
-SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data_pipeline" / "sample_data"
-
-
-def _is_sample(path: str) -> bool:
-    try:
-        return Path(path).resolve().parent == SAMPLE_DATA
-    except OSError:
-        return False
+from data_pipeline.records import SAMPLE_DATA, is_bundled_sample
 
 
 def sample_license_notice() -> str:
@@ -151,7 +143,7 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional
         lines += [f"- `{show(f)}`" for f in files]
         if held_out:
             lines += ["", "Held out: " + ", ".join(f"`{show(f)}`" for f in held_out)]
-        if any(_is_sample(f) for f in files + held_out):
+        if any(is_bundled_sample(f) for f in files + held_out):
             lines += ["", "The bundled dialtune sample (`data_pipeline/sample_data/`) was used. Its license notice "
                       "(full license texts in `data_pipeline/sample_data/LICENSES/`):", ""]
             lines += ["> " + l if l else ">" for l in sample_license_notice().splitlines()]

@@ -9,6 +9,7 @@ from train.config import CONF_DIR, ConfigError, iter_docs, register
 from train.validate import validate
 
 register()
+OWN = Path(__file__).resolve().parent.parent / "pyproject.toml"  # an existing file that is not the bundled sample
 GROUPS = ["model", "peft", "quant", "data", "deepspeed", "optim", "logger", "recipe"]
 
 
@@ -76,6 +77,12 @@ def test_unknown_key_is_rejected():
     (["kernels.memory_budget_gib=lots"], "kernels.memory_budget_gib='lots' is neither a number of GiB nor auto"),
     (["export.hub_repo_id='acme/support bot'"], "export.hub_repo_id"),
     (["export.hub_repo_id=a/b/c"], "namespace/repo_name"),
+    # the default data=sample left beside the user's sources: the sample would be trained on
+    ([f"data.sources=[{{path: {OWN}}}]"], r"the bundled sample \(.*train.jsonl, from the default data=sample\) would be "
+                                            r"trained on beside your data \(.*pyproject.toml\): start from data=custom"),
+    (["data.eval_fraction=0.1"], r"data.eval_fraction=0.1 holds out .*/eval.jsonl is one .*from the default data=sample\)"),
+    (["data=custom", f"data.train_files=[{OWN}]", f"data.eval_files=[{OWN}]", "data.eval_fraction=0.1"],
+     r"data.eval_fraction=0.1 holds out part of the training data only when no held-out files are given, and \S*pyproject"),
 ])
 def test_validation_rejects(overrides, fragment):
     cfg = _compose(overrides)
@@ -87,6 +94,11 @@ def test_validation_rejects(overrides, fragment):
 def test_default_config_is_valid():
     validate(_compose(), cuda_available=False)
     validate(_compose(["recipe=demo"]), cuda_available=False)
+    # your data alone: data=custom, or the sample's files replaced
+    validate(_compose(["data=custom", f"data.sources=[{{path: {OWN}}}]", "data.eval_fraction=0.1"]), cuda_available=False)
+    validate(_compose([f"data.train_files=[{OWN}]", "data.eval_files=[]", "data.eval_fraction=0.1"]), cuda_available=False)
+    with pytest.raises(ConfigError, match="no training data"):
+        validate(_compose(["data=custom"]), cuda_available=False)
 
 
 def test_every_field_is_documented():

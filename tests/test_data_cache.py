@@ -53,6 +53,24 @@ def test_an_eval_file_that_is_also_trained_on_is_flagged(tmp_path):
     assert not any("in-sample" in m for m in said)
 
 
+def test_training_on_your_data_against_the_samples_held_out_set_is_warned(tmp_path):
+    """data.train_files=[yours] leaves the default data=sample's eval file in place: the eval loss
+    would measure the bundled sample, so every prepare says so (and not when both are the sample's)."""
+    from data_pipeline.records import SAMPLE_DATA
+
+    tok, eot = tiny_tok()
+    path = jsonl(tmp_path / "a.jsonl", GOOD)
+    sample_eval = str(SAMPLE_DATA / "eval.jsonl")
+    said = []
+    prepare_cached(dcfg(tmp_path, train_files=[str(path)], eval_files=[sample_eval]), tok, eot, log=said.append)
+    assert any(m.startswith(f"warning: the held-out set is the bundled sample's ({sample_eval}") and "data.eval_files=[" in m
+               for m in said), said
+    said.clear()
+    prepare_cached(dcfg(tmp_path, train_files=[str(SAMPLE_DATA / "train.jsonl")], eval_files=[sample_eval]), tok, eot,
+                   log=said.append)
+    assert not any("bundled sample" in m for m in said), said
+
+
 def test_no_training_conversation_left_says_why_and_names_the_file(tmp_path):
 
     tok, eot = tiny_tok()

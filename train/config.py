@@ -13,8 +13,9 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from data_pipeline.records import SAMPLE_DATA
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_DATA = REPO_ROOT / "data_pipeline" / "sample_data"
 CONF_DIR = REPO_ROOT / "conf"
 
 

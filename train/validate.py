@@ -7,6 +7,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from data_pipeline.records import is_bundled_sample
 from model.memory import budget_problem
 
 from .config import ConfigError, DialtuneConfig, iter_docs
@@ -186,5 +187,30 @@ def validate_data(d) -> None:
             raise ConfigError(f"data.sources[{i}].format={s.format!r} is not one of {', '.join(_CHOICES['data.format'])}.")
         if s.split not in ("train", "eval"):
             raise ConfigError(f"data.sources[{i}].split={s.split!r} must be train or eval.")
+    if problem := data_mix_problem(d):
+        raise ConfigError(problem)
     if d.max_message_chars < 1 or d.max_errors_shown < 1 or d.num_proc < 1:
         raise ConfigError("data.max_message_chars, data.max_errors_shown and data.num_proc must be at least 1.")
+
+
+def _split_paths(d, split: str) -> list:
+    return list(d[f"{split}_files"]) + [s.path for s in d.sources if s.split == split]
+
+
+def data_mix_problem(d) -> Optional[str]:
+    """The default data group's bundled sample left beside the user's own training data (sources
+    add to data.train_files), or a data.eval_fraction that held-out files would silently override;
+    one sentence, or None."""
+    train = _split_paths(d, "train")
+    sample, own = [p for p in train if is_bundled_sample(p)], [p for p in train if not is_bundled_sample(p)]
+    if sample and own:
+        return (f"the bundled sample ({sample[0]}, from the default data=sample) would be trained on beside your data "
+                f"({own[0]}): start from data=custom (no files), or set data.train_files=[] (or to your files only).")
+    held_out = _split_paths(d, "eval")
+    if d.eval_fraction > 0 and held_out:
+        return (f"data.eval_fraction={d.eval_fraction} holds out part of the training data only when no held-out files "
+                f"are given, and {held_out[0]} is one (data.eval_files, or a source with split: eval"
+                + (", from the default data=sample" if any(is_bundled_sample(p) for p in held_out) else "")
+                + "): set data.eval_files=[] (or start from data=custom), or drop data.eval_fraction.")
+    return None
+
