@@ -69,6 +69,14 @@ def _positive(**given) -> Optional[str]:
     return None
 
 
+def _config_problem(overrides) -> Optional[str]:
+    """What is wrong with the config, found before the deepspeed launcher starts ranks whose
+    start-up lines would bury the sentence."""
+    from launch.prepare import override_problem
+
+    return override_problem(overrides, validate=True)
+
+
 def cmd_demo(args) -> int:
     if problem := _positive(steps=args.steps, nproc=args.nproc):
         print(f"dialtune: error: {problem}", file=sys.stderr)
@@ -80,6 +88,9 @@ def cmd_demo(args) -> int:
     overrides = ["recipe=demo", f"run.root={args.root}", *args.overrides]
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
+    if problem := _config_problem(overrides):
+        print(f"dialtune: error: {problem}", file=sys.stderr)
+        return 2
     print(f"dialtune demo: fine-tuning the embedded tiny model on the bundled customer-service sample "
           f"with {args.nproc} DeepSpeed processes (ZeRO-2) on {'GPU' if _cuda_count() else 'CPU'}", flush=True)
     try:
@@ -96,6 +107,9 @@ def cmd_train(args) -> int:
         print(f"dialtune: error: {problem}", file=sys.stderr)
         return 2
     nproc = args.nproc if args.nproc is not None else max(1, _cuda_count())
+    if nproc > 1 and (problem := _config_problem(args.overrides)):  # one process says it as clearly itself
+        print(f"dialtune: error: {problem}", file=sys.stderr)
+        return 2
     try:
         cmd = launch_command(args.overrides, nproc)
     except LaunchError as e:

@@ -2,7 +2,9 @@
 ahead of (or instead of) the first training job, and print the dataset report."""
 from __future__ import annotations
 
+import re
 import sys
+from typing import Optional
 
 
 def compose(overrides):
@@ -45,6 +47,37 @@ def compose_problem(e: Exception, overrides) -> str:
     more = f" ({(rest[0] + ' ' + ', '.join(rest[1:])).strip()})" if rest else ""
     return (f"cannot compose the config from {' '.join(overrides) or 'the defaults'}: {first.rstrip('.')}{more}; "
             "check the override's key, value and syntax (key=value).")
+
+
+# a Hydra sweep value (choice/range/glob/interval, or a comma list outside quotes): not composable alone
+SWEEP = re.compile(r"^[^=]+=(?:(?:range|choice|glob|interval)\(|[^'\"]*,)")
+
+
+def plain_overrides(overrides) -> list:
+    """The overrides without -m/--multirun and sweep values: one job's config, composable alone."""
+    return [o for o in overrides if o not in ("-m", "--multirun") and not SWEEP.match(o)]
+
+
+def override_problem(overrides, validate: bool = False) -> Optional[str]:
+    """compose_problem's sentence when the overrides (sweeps aside) do not compose, and with
+    validate, train/validate.py's when the config cannot run; else None. None too when Hydra flags
+    other than -m are given (--cfg, --help, -cn ...: Hydra's own business)."""
+    from train.config import ConfigError
+    from train.validate import validate as validate_config
+
+    if any(o.startswith("-") and o not in ("-m", "--multirun") for o in overrides):
+        return None
+    plain = plain_overrides(overrides)
+    try:
+        cfg = compose(plain)
+    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf composition errors: one sentence
+        return compose_problem(e, plain)
+    if validate:
+        try:
+            validate_config(cfg)
+        except ConfigError as e:
+            return str(e)
+    return None
 
 
 def report_text(stats) -> str:

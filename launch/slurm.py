@@ -339,17 +339,14 @@ def _split_options(args: argparse.Namespace) -> list:
     return (["-m"] if args.multirun else []) + [o for o in overrides if o != "--"]
 
 
-_SWEEP = re.compile(r"^[^=]+=(?:(?:range|choice|glob|interval)\(|[^'\"]*,)")
-
-
 def pinned_run_name(overrides: Sequence[str], now: Optional[float] = None) -> str:
     """The run name the config gives these overrides, plus the submission time: one run
     directory per submission (the job's requeues keep it; see the module docstring)."""
     import time as _time
 
-    from launch.prepare import compose
+    from launch.prepare import compose, plain_overrides
 
-    plain = [o for o in overrides if o not in ("-m", "--multirun") and not _SWEEP.match(o)]  # a sweep: its first job's name
+    plain = plain_overrides(overrides)  # a sweep: its first job's name
     try:
         name = compose(plain).run.name
     except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf errors: one sentence, before anything is queued

@@ -19,9 +19,30 @@ def _one_sentence_error(proc, fragment):
 @pytest.mark.parametrize("overrides,fragment", [
     (["quant=int8", "deepspeed=zero3"], "ZeRO-3"),
     (["data.train_files=[/no/such/file.jsonl]"], "data.train_files[0]: file '/no/such/file.jsonl' does not exist"),
+    # a mistyped key without `+`: the nearest real key, not Hydra's advice to add it with `+`
+    (["train.max_stepz=3"], "train.max_stepz is not a config key (did you mean train.max_steps?)"),
+    (["recipe=lora_fp16"], "Could not find 'recipe/lora_fp16' (Available options in 'recipe': demo,"),
+    (["model=/no/such/model"], "model.name_or_path='/no/such/model' is not a directory"),
+    (["model=acme/not-in-any-cache"], "model.name_or_path='acme/not-in-any-cache' is not in the local Hugging Face cache "
+                                      "and HF_HUB_OFFLINE=1 forbids downloading it"),
 ])
 def test_impossible_config_exits_with_one_sentence(tmp_path, overrides, fragment):
     _one_sentence_error(train(overrides + QUICK, tmp_path, check=False), fragment)
+
+
+@pytest.mark.parametrize("command", ["demo", "train"])
+def test_the_launching_commands_say_a_config_error_before_starting_ranks(tmp_path, command):
+    """`dialtune demo` and `dialtune train --nproc 2` check the config before the deepspeed
+    launcher starts: the sentence alone, not under the launcher's and every rank's start-up lines."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, run_env
+
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", command, "--nproc", "2", "train.max_stepz=3",
+                           f"run.root={tmp_path}"], env=run_env(1), capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    _one_sentence_error(proc, "train.max_stepz is not a config key (did you mean train.max_steps?)")
+    assert "deepspeed" not in proc.stdout.lower() + proc.stderr.lower() and not list(tmp_path.iterdir())
 
 
 def test_bad_data_names_file_and_line(tmp_path):

@@ -60,9 +60,10 @@ def unknown_key_problem(cfg) -> Optional[str]:
     return None
 
 
-def model_dir_problem(path: str, tok: Optional[str] = None, what: str = "model.name_or_path") -> Optional[str]:
-    """What a local model directory (and model.tokenizer's) lacks, as one sentence; None for a
-    complete one or a hub id."""
+def model_dir_problem(path: str, tok: Optional[str] = None, what: str = "model.name_or_path",
+                      revision: Optional[str] = None) -> Optional[str]:
+    """What a local model directory (and model.tokenizer's) lacks, or a source that is neither a
+    directory nor a usable hub id (hub_id_problem), as one sentence; None for a complete one."""
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     if os.path.isdir(path):
@@ -74,12 +75,37 @@ def model_dir_problem(path: str, tok: Optional[str] = None, what: str = "model.n
             return f"{what}={path!r} has no tokenizer (tokenizer.json / tokenizer_config.json); set model.tokenizer=<its directory or hub id>."
     if tok and os.path.isdir(tok) and not any(os.path.isfile(os.path.join(tok, t)) for t in tokenizer_files):
         return f"model.tokenizer={tok!r} is a directory without a tokenizer (tokenizer.json / tokenizer_config.json)."
+    for key, value in ((what, path), ("model.tokenizer", tok)):
+        if value and value != "tiny" and not os.path.isdir(value) and (problem := hub_id_problem(key, value, revision)):
+            return problem
+    return None
+
+
+def hub_id_problem(key: str, value: str, revision: Optional[str] = None) -> Optional[str]:
+    """A model/tokenizer source that is no directory: one sentence when it is no hub id either (a
+    mistyped path), or when the hub is off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) and the id is
+    not in the local cache; None otherwise (online, the hub answers at load time)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return (f"{key}={value!r} is not a directory (relative paths are taken from {os.getcwd()}) nor a hub id "
+                "(namespace/name); check the path.")
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if offline and not isinstance(try_to_load_from_cache(value, "config.json" if key != "model.tokenizer" else "tokenizer_config.json",
+                                                         revision=revision or None), str):
+        return (f"{key}={value!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it: "
+                f"download it first (`hf download {value}`) or point {key} at a saved model directory.")
     return None
 
 
 def validate(cfg, cuda_available: Optional[bool] = None) -> None:
     """Raise ConfigError (one sentence) for a config that cannot run."""
-    problem = unknown_key_problem(cfg) or model_dir_problem(cfg.model.name_or_path, cfg.model.tokenizer)
+    problem = unknown_key_problem(cfg) or model_dir_problem(cfg.model.name_or_path, cfg.model.tokenizer,
+                                                           revision=cfg.model.revision)
     if problem:
         raise ConfigError(problem)
     for key, allowed in _CHOICES.items():
