@@ -19,7 +19,7 @@ from .cache_lock import read_holder, take_lock
 from .chat import DataError
 from .dataset import DATA_VERSION, EVAL_MESSAGES, build, data_warnings, sources_of, validated_conversations
 from .records import is_bundled_sample
-from .validate import Report
+from .validate import Report, counts_text
 
 
 def _digest_path(h, path: str) -> None:
@@ -93,7 +93,8 @@ def _stop_as_strict(d, path: str, stats: Dict) -> None:
         pass
     skipped = stats["validation"]["skipped"]
     raise DataError(f"{path} was prepared with data.on_error=lenient, which skipped {sum(skipped.values())} records "
-                    f"({skipped}); fix them, or set data.on_error=lenient to train without them.")
+                    f"({counts_text(skipped)}); fix them, or set data.on_error=lenient "
+                    "to train without them.")
 
 
 def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, poll_s: float = 1.0):

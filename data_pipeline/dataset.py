@@ -18,7 +18,7 @@ import numpy as np
 from .chat import DataError, encode
 from .packing import fill_ratio, pack
 from .records import Problem, read_records, to_messages
-from .validate import Report, clean
+from .validate import Report, clean, counts_text
 
 EVAL_MESSAGES = "eval_messages.jsonl"
 DATA_VERSION = 4  # 4: eval_fraction split by content (not by the path's spelling); overlap stats
@@ -280,9 +280,8 @@ def data_warnings(stats: Dict) -> List[str]:
     v, t, max_len = stats["validation"], stats["truncation"], stats["max_seq_len"]
     skipped, read = sum(v["skipped"].values()), v["records_read"]
     if skipped:
-        reasons = ", ".join(f"{n} {r}" for r, n in sorted(v["skipped"].items(), key=lambda x: -x[1]))
         out.append(f"warning: {skipped} of {read} records ({skipped / max(1, read):.1%}) were skipped as invalid "
-                   f"({reasons}; data.on_error=lenient); fix them, or run with data.on_error=strict to list each with file:line.")
+                   f"({counts_text(v['skipped'])}; data.on_error=lenient); fix them, or run with data.on_error=strict to list each with file:line.")
     n = v["records_kept"]  # every kept record is tokenized
     if t["dropped"]:
         out.append(f"warning: {t['dropped']} of {n} conversations ({t['dropped'] / max(1, n):.1%}) were dropped as longer than "
@@ -291,7 +290,7 @@ def data_warnings(stats: Dict) -> List[str]:
                    + "); raise data.max_seq_len" + (" or use data.truncation=keep_recent." if t["policy"] == "drop" else "."))
     if t["truncated_share"] > TRUNCATED_WARN_SHARE:
         out.append(f"warning: {t['truncated']} of {n} conversations ({t['truncated_share']:.1%}) were truncated to "
-                   f"data.max_seq_len={max_len} tokens (data.truncation={t['policy']}), so their cut turns are not trained on; "
+                   f"data.max_seq_len={max_len} tokens (data.truncation={t['policy']}), so the turns cut from them count in neither training nor the held-out loss; "
                    "raise data.max_seq_len, or set data.truncation=drop to leave them out.")
     o = stats.get("overlap") or {}
     if o.get("eval_in_train"):

@@ -107,3 +107,8 @@ class Report:
     def as_dict(self) -> Dict:
         return {"records_read": self.read, "records_kept": self.kept, "skipped": dict(self.counts),
                 "skipped_examples": dict(self.examples), "repaired": dict(self.fixes)}
+
+
+def counts_text(by_reason: Dict[str, int]) -> str:
+    """{"invalid_json": 3, "no_assistant": 1} as "3 invalid_json, 1 no_assistant", most first."""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items(), key=lambda x: -x[1]))

@@ -46,6 +46,9 @@ def resolve_checkpoint(path: str) -> Path:
         return p
     if (p / "merged" / "config.json").is_file():
         return p / "merged"
+    if (p / "trainer_state.json").is_file():  # <run>/checkpoints/step_N
+        raise ChatError(f"{path} is a training checkpoint (adapter and optimizer state), not a merged model; write one with "
+                        f"`dialtune merge {path} --out {p.parent.parent / ('merged-' + p.name)}` and chat with that.")
     if (p / "config.yaml").is_file():
         raise ChatError(f"run directory {path} has no merged checkpoint yet; write one with `dialtune merge {path}`.")
     raise ChatError(f"{path} is neither a merged checkpoint (no config.json) nor a dialtune run directory with merged/.")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -107,13 +106,13 @@ def cmd_train(args) -> int:
         print(f"dialtune: error: {problem}", file=sys.stderr)
         return 2
     nproc = args.nproc if args.nproc is not None else max(1, _cuda_count())
-    if nproc > 1 and (problem := _config_problem(args.overrides)):  # one process says it as clearly itself
-        print(f"dialtune: error: {problem}", file=sys.stderr)
-        return 2
     try:
         cmd = launch_command(args.overrides, nproc)
     except LaunchError as e:
         print(f"dialtune: error: {e}", file=sys.stderr)
+        return 2
+    if nproc > 1 and (problem := _config_problem(args.overrides)):  # one process says it as clearly itself
+        print(f"dialtune: error: {problem}", file=sys.stderr)
         return 2
     return subprocess.call(cmd, env=launch_env(nproc))
 
@@ -132,12 +131,18 @@ def cmd_merge(args) -> int:
     logging.getLogger("dialtune").setLevel(logging.INFO)
 
     run_dir = Path(args.run_dir)
+    if (run_dir / "trainer_state.json").is_file() and (run_dir.parent.parent / "config.yaml").is_file():
+        if args.checkpoint not in (None, run_dir.name):  # <run>/checkpoints/step_N: that run's checkpoint N
+            print(f"dialtune: error: {run_dir} is checkpoint {run_dir.name}, but --checkpoint says {args.checkpoint}; "
+                  "pass one of the two.", file=sys.stderr)
+            return 2
+        run_dir, args.checkpoint = run_dir.parent.parent, run_dir.name
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         hint = "pass the directory training wrote"
         if (run_dir.parent / "config.yaml").is_file():  # <run>/merged
             hint = f"it lies inside the run directory {run_dir.parent}: pass that"
-        elif (run_dir.parent.parent / "config.yaml").is_file():  # <run>/checkpoints/step_N
+        elif (run_dir.parent.parent / "config.yaml").is_file():  # <run>/checkpoints/step_N, unfinished
             hint = f"pass its run directory and the checkpoint: dialtune merge {run_dir.parent.parent} --checkpoint {run_dir.name}"
         print(f"dialtune: error: {run_dir} is not a dialtune run directory (no config.yaml); {hint}.", file=sys.stderr)
         return 2
@@ -154,15 +159,15 @@ def cmd_merge(args) -> int:
             return 2
         tag = latest.read_text().strip()
     ckpt = ckpt_root / tag
-    latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else None
-    if args.out is None and latest and os.path.basename(os.path.normpath(tag)) != latest:
-        print(f"dialtune: note: {run_dir / 'merged'} will hold {tag}, not the run's latest checkpoint {latest}: `dialtune chat/eval "
-              f"{run_dir}` read it (--out writes elsewhere)", file=sys.stderr)
     needed = ckpt / ("trainer_state.json" if cfg.peft.method == "none" else "adapter")
     if not needed.exists():
         print(f"dialtune: error: {needed} does not exist; pass --checkpoint with one of: {', '.join(sorted(p.name for p in ckpt_root.glob('step_*')))}.", file=sys.stderr)
         return 2
-    base = str(run_dir / "base") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
+    latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else None
+    if args.out is None and latest and os.path.basename(os.path.normpath(tag)) != latest:
+        print(f"dialtune: note: {run_dir / 'merged'} will hold {tag}, not the run's latest checkpoint {latest}: `dialtune chat/eval "
+              f"{run_dir}` read it (--out writes elsewhere)", file=sys.stderr)
+    base = os.path.abspath(run_dir / "base") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
     out = args.out or str(run_dir / "merged")
     try:
         summary = export_checkpoint(cfg, str(ckpt), out, base_path=base, run_dir=str(run_dir), dtype=args.dtype, base=args.base,
@@ -171,8 +176,13 @@ def cmd_merge(args) -> int:
     except ExportError as e:
         print(f"dialtune: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
-    print(f"dialtune: merged checkpoint written to {out}")
+    diff = summary.get("verify_max_abs_logit_diff")
+    if diff is not None:
+        print(f"dialtune: verified: max |logit difference| {diff:.2e} against {summary.get('verify_reference')} "
+              f"(tolerance {summary.get('verify_tolerance')})")
+    if summary.get("eval_loss"):
+        print("dialtune: held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval_loss"].items()))
+    print(f"dialtune: merged checkpoint written to {out} (everything measured: {os.path.join(out, 'export_summary.json')})")
     if summary.get("hub_repo_id"):
         print(f"dialtune: push-ready; upload with: hf upload {summary['hub_repo_id']} {out} .")
     return 0

@@ -81,10 +81,12 @@ def override_problem(overrides, validate: bool = False) -> Optional[str]:
 
 
 def report_text(stats) -> str:
+    from data_pipeline.validate import counts_text
+
     lines = []
     v = stats["validation"]
     lines.append(f"records read {v['records_read']}, kept {v['records_kept']}, skipped {sum(v['skipped'].values())}"
-                 + (f" {v['skipped']}" if v["skipped"] else "") + (f", repaired {v['repaired']}" if v["repaired"] else ""))
+                 + (f" ({counts_text(v['skipped'])})" if v["skipped"] else "") + (f", repaired {counts_text(v['repaired'])}" if v["repaired"] else ""))
     t = stats["truncation"]
     lines.append(f"truncation ({t['policy']}): {t['truncated']} truncated ({t['truncated_share']:.1%}), {t['dropped']} dropped")
     for split in ("train", "eval"):

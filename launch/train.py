@@ -95,7 +95,26 @@ def print_summary(summary: dict) -> None:
         lines.append(f"  load it: AutoModelForCausalLM.from_pretrained({summary['merged']!r})")
     if summary.get("merged") and summary.get("hub_repo_id"):
         lines.append(f"  push-ready; upload it: hf upload {summary['hub_repo_id']} {summary['merged']} .")
+    run_dir = summary.get("run_dir")
+    if run_dir and os.path.isdir(os.path.join(run_dir, "eval")):
+        lines.append(f"  {'eval suite results':<34} {os.path.join(run_dir, 'eval')}")
+    if run_dir and done:
+        lines.append(f"  plots and a one-page report: dialtune report {run_dir}")
     print("\n".join(lines), flush=True)
+
+
+def note_merged(run_dir: str, merged_dir: str) -> None:
+    """Add the merged checkpoint to summary.json, which the recipe wrote before the merge."""
+    import json
+
+    path = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            data = json.load(f)
+        data["merged"] = merged_dir
+        with open(path + ".tmp", "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def task(cfg) -> None:
@@ -143,6 +162,7 @@ def task(cfg) -> None:
                         sys.exit(e.exit_code)
                 summary["merged"] = merged_dir
                 summary["hub_repo_id"] = cfg.export.hub_repo_id
+                note_merged(run_dir, merged_dir)
             print_summary(summary)
         if summary.get("nonfinite_stop_step"):
             if rank() == 0:

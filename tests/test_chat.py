@@ -27,15 +27,18 @@ def test_chat_prompt_mode(peft_runs):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("what", ["missing", "no_merged", "not_a_checkpoint"])
+@pytest.mark.parametrize("what", ["missing", "no_merged", "not_a_checkpoint", "training_checkpoint"])
 def test_chat_bad_checkpoint_is_one_sentence(peft_runs, tmp_path, what):
-    path = {"missing": tmp_path / "nope", "no_merged": tmp_path, "not_a_checkpoint": tmp_path}[what]
+    ckpt = sorted((peft_runs["lora"] / "checkpoints").glob("step_*"))[0]
+    path = {"missing": tmp_path / "nope", "no_merged": tmp_path, "not_a_checkpoint": tmp_path, "training_checkpoint": ckpt}[what]
     if what == "no_merged":
         (tmp_path / "config.yaml").write_text("model: {}\n")
     proc = _cli(path, "--prompt", "hi", timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("dialtune: error:")]
     assert len(errors) == 1, proc.stderr
+    if what == "training_checkpoint":  # the merge it suggests is one that works (tests/test_export.py)
+        assert f"is a training checkpoint (adapter and optimizer state), not a merged model; write one with `dialtune merge {ckpt} --out" in errors[0]
 
 
 def test_generation_stops_at_end_of_turn(peft_runs):

@@ -91,6 +91,13 @@ def test_validation_rejects(overrides, fragment):
     assert "\n" not in str(e.value)
 
 
+def test_customer_service_data_without_its_folder_names_the_variable(monkeypatch, tmp_path):
+    monkeypatch.delenv("DIALTUNE_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # where ../shared/data is not
+    with pytest.raises(ConfigError, match=r"data=customer_service reads the full public files from \$DIALTUNE_DATA_DIR, which is not set"):
+        validate(_compose(["data=customer_service"]), cuda_available=False)
+
+
 def test_default_config_is_valid():
     validate(_compose(), cuda_available=False)
     validate(_compose(["recipe=demo"]), cuda_available=False)

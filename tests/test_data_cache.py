@@ -231,7 +231,7 @@ def test_truncated_dropped_and_skipped_data_is_warned_on_build_and_hit(tmp_path)
     rows = GOOD + [{"id": f"long{i}", "messages": LONG} for i in range(2)]
     path = jsonl(tmp_path / "a.jsonl", None, raw="".join(json.dumps(r) + "\n" for r in rows) + BAD["unknown_role"][0] + "\n")
     for policy, want in [("keep_recent", "warning: 2 of 8 conversations (25.0%) were truncated to data.max_seq_len=120 tokens "
-                                         "(data.truncation=keep_recent), so their cut turns are not trained on; raise "
+                                         "(data.truncation=keep_recent), so the turns cut from them count in neither training nor the held-out loss; raise "
                                          "data.max_seq_len, or set data.truncation=drop to leave them out."),
                          ("drop", "warning: 2 of 8 conversations (25.0%) were dropped as longer than data.max_seq_len=120 "
                                   "tokens (data.truncation=drop); raise data.max_seq_len or use data.truncation=keep_recent.")]:
@@ -258,7 +258,7 @@ def test_prepare_cli_config_errors_are_one_sentence(capsys):
         ("+data.max_seq_lenn=3", "dialtune: error: data.max_seq_lenn is not a config key (did you mean data.max_seq_len?); "
                                  "`dialtune config-doc` lists them all."),
         ("data=nonexistent", "dialtune: error: cannot compose the config from data=nonexistent: In 'train': Could not find "
-                             "'data/nonexistent' (Available options in 'data': customer_service, sample); check the override's "
+                             "'data/nonexistent' (Available options in 'data': custom, customer_service, sample); check the override's "
                              "key, value and syntax (key=value)."),
     ]:
         assert main([override]) == 2

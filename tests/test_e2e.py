@@ -44,6 +44,7 @@ def test_two_ranks_ran_and_loss_goes_down(demo_run):
     evals = [r["eval/loss"] for r in read_metrics(run_dir) if "eval/loss" in r]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert "training finished" in proc.stdout and str(run_dir / "merged") in proc.stdout
+    assert f"dialtune report {run_dir}" in proc.stdout
 
 
 def test_no_shared_memory_left_behind(demo_run):

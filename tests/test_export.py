@@ -17,6 +17,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,6 +314,25 @@ def test_push_ready_card_names_a_hub_base():
     assert "nf4-trained" in meta["tags"] and "license" not in meta
     assert "/home/someone" not in text and "- `support.jsonl`\n- `faq.jsonl`" in text and "Held out: `dev.jsonl`" in text
     assert "No license id was set" in text
+
+
+def test_summary_json_names_the_merged_checkpoint(peft_runs):
+    """The end of training merges after the recipe wrote summary.json: the file names merged/ too."""
+    run = peft_runs["lora"]
+    assert Path(json.loads((run / "summary.json").read_text())["merged"]).resolve() == (run / "merged").resolve()
+
+
+def test_merge_takes_a_checkpoint_directory(peft_runs, tmp_path):
+    """`dialtune merge <run>/checkpoints/step_N` is `dialtune merge <run> --checkpoint step_N` (what
+    `dialtune chat` suggests for a checkpoint); a --checkpoint that names another step is refused."""
+    ckpt = sorted((peft_runs["lora"] / "checkpoints").glob("step_*"))[0]
+    proc = _cli("merge", ckpt, "--out", tmp_path / "m", "--eval-conversations", "0", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _summary(tmp_path / "m")["checkpoint"] == str(ckpt.resolve())
+    proc = _cli("merge", ckpt, "--checkpoint", "step_9999999", "--out", tmp_path / "n", timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dialtune: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "--checkpoint says step_9999999" in errors[0], proc.stderr
+    assert not (tmp_path / "n").exists()
 
 
 def test_bad_hub_repo_id_is_one_sentence(peft_runs, tmp_path):

@@ -214,7 +214,7 @@ class LoggerConfig:
 @dataclass
 class ExportConfig:
     merge_at_end: bool = doc(True, "Write a merged checkpoint (<run_dir>/merged; a full fine-tune: its trained weights) when training ends.")
-    dtype: str = doc("auto", "Dtype of the merged weights: auto (the base's training dtype, fp32 for quantized bases: bf16), fp32, bf16 or fp16.")
+    dtype: str = doc("auto", "Dtype of the merged weights: auto (the run's model.dtype; bf16 for an int8/nf4 base; fp32 when the run's config is missing), fp32, bf16 or fp16.")
     max_shard_size: str = doc("2GB", "Largest safetensors shard of the merged checkpoint.")
     verify_tolerance: float = doc(1e-4, "Largest |logit difference| (fp32) allowed between the merged model and its base (original or dequantized) + adapter (a full fine-tune: between the checkpoint as written and its trained weights); above fails the export.")
     base: str = doc("original", "Base the adapter is merged into: original (full-precision base) or dequantized (quantize->dequantize round trip of the quantized base the run trained against).")

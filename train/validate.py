@@ -12,6 +12,8 @@ from model.memory import budget_problem
 
 from .config import ConfigError, DialtuneConfig, iter_docs
 
+DATA_DIR_DEFAULT = "../shared/data"  # conf/data/customer_service.yaml's folder when DIALTUNE_DATA_DIR is not set
+
 _CHOICES = {
     "model.dtype": ("fp32", "bf16", "fp16"),
     "peft.method": ("lora", "dora", "rslora", "none"),
@@ -203,6 +205,10 @@ def validate_data(d) -> None:
     for key in ("train_files", "eval_files"):
         for i, path in enumerate(d[key]):
             if not os.path.exists(path):
+                if DATA_DIR_DEFAULT in path and "DIALTUNE_DATA_DIR" not in os.environ:  # conf/data/customer_service.yaml
+                    raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist: data=customer_service reads the full "
+                                      "public files from $DIALTUNE_DATA_DIR, which is not set; set it to the folder that "
+                                      "holds them (the datasets data_pipeline/sample_data/README.md names).")
                 raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist; check the path (relative paths are taken from {os.getcwd()}).")
     for i, s in enumerate(d.sources):
         if not os.path.exists(s.path):
