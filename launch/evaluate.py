@@ -217,6 +217,8 @@ def cmd_eval(args) -> int:
         print("dialtune: error: nothing to evaluate: no eval set (data.eval_files / data.eval_fraction) and no "
               "eval.intent_files; pass one of them as an override.", file=sys.stderr)
         return 2
+    if kept := eval_results.keep_earlier(str(args.out or out)):
+        print(f"dialtune: note: the results this replaces are kept in {kept}", file=sys.stderr)
     paths = eval_results.write(res, str(args.out or out), _step_of(model_dir), str(model_dir))
     print(eval_results.tables_text(res))
     print(f"dialtune: eval results written to {paths['results']}")

@@ -200,7 +200,7 @@ def build_blocks(run_dir: Path, rows: list, plots: dict, notes: list, max_sample
     res = _load_json(run_dir / "eval" / "results.json", notes)
     if isinstance(res, dict):
         try:
-            blocks += [("h2", "Final evaluation"), *_eval_section(res)]
+            blocks += [("h2", "Latest evaluation"), *_eval_section(res)]
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             notes.append(f"eval/results.json has an unexpected shape ({type(e).__name__}: {e}); its tables are left out.")
     samples_path = run_dir / "eval" / "samples.jsonl"

@@ -2,6 +2,7 @@
 log-likelihood and by generation, stop tokens, response scoring, the files it writes, and the
 suite inside a 2-process ZeRO-3 run plus `dialtune eval` / `dialtune report` on its output."""
 import json
+import os
 import pytest
 import torch
 
@@ -169,6 +170,11 @@ def test_response_scores_samples_and_files(tokenizer, intent_model, tmp_path):
     assert "```text\nrefund_request\n```" in md
     eval_results.write({"lm": {"rows": []}}, str(tmp_path), 8, "ckpt")  # no samples this time: none of the old ones stay
     assert not (tmp_path / "samples.jsonl").exists() and not (tmp_path / "samples.md").exists()
+    # `dialtune eval` into a run's eval/ keeps what it replaces (the end of training's results)
+    os.utime(paths["results"], (0, 86400 * 500))  # mid-May 1971 in any time zone
+    kept = eval_results.keep_earlier(str(tmp_path))
+    assert os.path.basename(kept).startswith("earlier-1971") and json.loads(open(os.path.join(kept, "results.json")).read())["step"] == 8
+    assert not (tmp_path / "results.json").exists() and eval_results.keep_earlier(str(tmp_path)) is None
 
 
 def test_source_names_never_take_the_overall_rows_name():

@@ -135,5 +135,5 @@ def test_metrics_without_eval_or_anything_else(tmp_path):
     assert set(written) == {"loss", "lr", "throughput", "memory", "markdown", "html"}  # no MFU column: no mfu.png
     _assert_png_not_blank(run / "report" / "loss.png")
     md = (run / "report" / "report.md").read_text()
-    assert "| last logged step | 10 |" in md and "Held-out eval" not in md and "Final evaluation" not in md
+    assert "| last logged step | 10 |" in md and "Held-out eval" not in md and "Latest evaluation" not in md
     assert "No summary.json" in md and "1 unreadable line(s) of metrics.jsonl were skipped." in md

@@ -85,6 +85,23 @@ def tables_text(res: Dict) -> str:
     return "\n".join(lines)
 
 
+def keep_earlier(out_dir: str) -> Optional[str]:
+    """Move the results already in out_dir (results.json, samples.jsonl/.md; e.g. the end of
+    training's, which `dialtune eval` would replace) into out_dir/earlier-<their time>/; returns
+    that folder, or None when there were none."""
+    results = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(results):
+        return None
+    import time
+
+    kept = os.path.join(out_dir, "earlier-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(results))))
+    os.makedirs(kept, exist_ok=True)
+    for name in ("results.json", "samples.jsonl", "samples.md"):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.replace(os.path.join(out_dir, name), os.path.join(kept, name))
+    return kept
+
+
 def write_base_rows(eval_dir: str, rows: List[Dict]) -> None:
     """A full fine-tune's base LM rows (measured before step 1) to <eval_dir>/base_lm.json, atomically."""
     path = os.path.join(eval_dir, BASE_LM)
