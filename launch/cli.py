@@ -199,6 +199,10 @@ def cmd_config_doc(args) -> int:
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(HERE.parent))
+    from launch.train import QUIET_LOGGERS
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     p = argparse.ArgumentParser(prog="dialtune", description="Fine-tune causal LMs on conversation data.")
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -23,6 +23,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "launch
 sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)  # warns at import that it cannot fetch an optional CPU kernel
+for _name in QUIET_LOGGERS:  # from the hub (kernels-community): nothing is downloaded here, and CPU 4-bit runs without it
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 from train.config import CONF_DIR, register  # noqa: E402
 
