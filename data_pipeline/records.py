@@ -108,7 +108,10 @@ def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:
             try:
                 items = json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file must hold one JSON array of records.") from None
+                lines_hint = ("; it reads as one JSON object per line: that is JSON Lines, name the file .jsonl"
+                              if e.msg == "Extra data" and text.lstrip().startswith("{") else "")
+                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file must hold one JSON array of "
+                                f"records{lines_hint}.") from None
             if not isinstance(items, list):
                 raise DataError(f"{path}: a .json file must hold a JSON array of records (use .jsonl for one record per line).")
             for i, item in enumerate(items):

@@ -41,6 +41,15 @@ def compose_problem(e: Exception, overrides) -> str:
                 problem = unknown_key_problem(OmegaConf.from_dotlist([f"{key}=0"]))
             except Exception:  # not a plain dotted key
                 problem = None
+            if not named:  # a list item's field (data.sources=[{...}]): the nearest field of such items
+                import difflib
+
+                from train.config import iter_docs
+
+                fields = sorted({k.split("[].", 1)[1] for k, *_ in iter_docs() if "[]." in k})
+                near = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+                if near:
+                    problem = f"{key} is not a field of a list item here (did you mean {near[0]}?); `dialtune config-doc` lists them all."
         return where + (problem or f"{_key_problem(cause)}; `dialtune config-doc` lists every key with its type.")
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     rest = [ln.strip() for ln in str(e).split("Config search path")[0].splitlines()[1:] if ln.strip()]

@@ -63,6 +63,18 @@ def test_every_file_kind_reads_the_same(tmp_path):
     assert wheres[1].endswith("a.jsonl.gz:2")
 
 
+def test_a_json_file_that_holds_json_lines_is_named_as_such(tmp_path):
+    lines = tmp_path / "a.json"
+    lines.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps(GOOD[1]) + "\n")
+    with pytest.raises(DataError, match=rf"^{lines}:2: not valid JSON \(Extra data\); a .json file must hold one JSON array of "
+                                        r"records; it reads as one JSON object per line: that is JSON Lines, name the file .jsonl.$"):
+        list(read_records(str(lines)))
+    broken = tmp_path / "b.json"
+    broken.write_text('[{"prompt": "p", ')
+    with pytest.raises(DataError, match=r"a .json file must hold one JSON array of records.$"):  # no JSON Lines hint
+        list(read_records(str(broken)))
+
+
 def test_reading_is_streaming(tmp_path):
     """The reader yields the first record before it has looked at the (broken) rest."""
     path = tmp_path / "big.jsonl"

@@ -257,6 +257,8 @@ def test_prepare_cli_config_errors_are_one_sentence(capsys):
                                 "`dialtune config-doc` lists them all."),
         ("+data.max_seq_lenn=3", "dialtune: error: data.max_seq_lenn is not a config key (did you mean data.max_seq_len?); "
                                  "`dialtune config-doc` lists them all."),
+        ("data.sources=[{path: a.jsonl, wieght: 2}]", "dialtune: error: data.sources=[{path: a.jsonl, wieght: 2}]: wieght is not "
+                                                       "a field of a list item here (did you mean weight?); `dialtune config-doc` lists them all."),
         ("data=nonexistent", "dialtune: error: cannot compose the config from data=nonexistent: In 'train': Could not find "
                              "'data/nonexistent' (Available options in 'data': custom, customer_service, sample); check the override's "
                              "key, value and syntax (key=value)."),
