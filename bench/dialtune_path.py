@@ -30,9 +30,8 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from bench.common import DTYPES, IGNORE, LORA_TARGETS, Meter, batch_counts, conversations, reset_peak, say, sync
+from bench.common import DTYPES, LORA_TARGETS, Meter, batch_counts, conversations, reset_peak, say, sync
 from model.kernels import DEFAULT_CHUNK
 
 LEVERS = {"packing": 1, "varlen": 1, "fused_ce": 1, "fast_int8": 1, "fused_lora": 0, "liger": 1, "ckpt": 1, "compile": 0, "budget": 0}
@@ -161,14 +160,12 @@ def _step(model, opt, b, device, fused, layout):
     labels = b["labels"].to(device, non_blocking=True)
     inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()
               if k not in ("labels", "lengths")}
-    inputs["use_cache"] = False  # as train.recipe.model_inputs: no KV cache in training forwards
+    inputs["use_cache"] = False  # as data_pipeline.batching.model_inputs: no KV cache in training forwards
     with attention.packed_forward() if layout == "varlen" else contextlib.nullcontext():
         if fused:
             ce = kernels.fused_ce_sum(model, labels, **inputs)
         else:
-            logits = model(**inputs).logits  # train.recipe.token_ce_sum (not imported: it needs omegaconf)
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                 ignore_index=IGNORE, reduction="sum")
+            ce = kernels.token_ce_sum(model(**inputs).logits, labels)
     counts = batch_counts(b["input_ids"], b["labels"], b.get("attention_mask"), b.get("lengths"))
     (ce / max(counts["target"], 1)).backward()
     opt.step()

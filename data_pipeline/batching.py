@@ -27,6 +27,23 @@ def epoch_micro_batches(n: int, micro_batch_size: int, world: int, rank: int, se
     return out
 
 
+class MicroBatchStream:
+    """Endless, resumable stream of this rank's micro-batches (epoch_micro_batches, epoch after
+    epoch): (epoch, position) is the state a checkpoint keeps."""
+
+    def __init__(self, n, mb, world, rank, seed, epoch=0, pos=0):
+        self.args = (n, mb, world, rank, seed)
+        self.epoch, self.pos = epoch, pos
+        self._plan = epoch_micro_batches(*self.args, epoch)
+
+    def next(self):
+        if self.pos >= len(self._plan):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._plan = epoch_micro_batches(*self.args, self.epoch)
+        self.pos += 1
+        return self._plan[self.pos - 1]
+
+
 def eval_micro_batches(n: int, micro_batch_size: int, world: int, rank: int) -> List[List[int]]:
     """Every example exactly once across ranks; -1 marks padding slots so all ranks run the
     same number of forwards."""
@@ -65,3 +82,13 @@ def fetch(ds, indices: Sequence[int]) -> List[Dict]:
 def target_tokens(batch: Dict[str, torch.Tensor]) -> int:
     """Tokens that are predicted (labels shifted by one), i.e. what the loss is summed over."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def model_inputs(batch, dev) -> dict:
+    """A training batch's forward kwargs on `dev`, without labels and with use_cache=False: a
+    model whose config keeps use_cache=True (any run without gradient checkpointing) would
+    otherwise build a KV cache in every training forward, which nothing reads and whose state
+    torch.compile guards on (recompiling layer by layer)."""
+    inputs = {key: v.to(dev) if torch.is_tensor(v) else v for key, v in batch.items() if key != "labels"}
+    inputs["use_cache"] = False
+    return inputs

@@ -3,7 +3,7 @@ kernels, selective activation checkpointing and regional torch.compile (the fuse
 model/fused_lora.py).
 
 Each lever is a plain function the recipe calls when its config switch is on; each returns what
-it did, so the caller can log it. The losses are the same sums `train.recipe.token_ce_sum`
+it did, so the caller can log it. The losses are the same sums `token_ce_sum`
 computes (shifted next-token CE over target positions), so switching a lever on never changes
 the loss normalisation.
 """
@@ -148,6 +148,13 @@ def hidden_states_as_logits(model) -> Iterator[torch.Tensor]:
             del head.forward
         else:
             head.forward = shadowed
+
+
+def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over target positions (labels != IGNORE): logits[:, t]
+    predicts labels[:, t + 1]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
 
 
 def fused_ce_sum(model, labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK, **inputs) -> torch.Tensor:

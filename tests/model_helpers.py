@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from model import kernels
-from train.recipe import token_ce_sum
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -38,6 +37,6 @@ def loss_and_grads(model, fused, labels, **inputs):
     if fused:
         ce = kernels.fused_ce_sum(model, labels, chunk_size=16, **inputs)
     else:
-        ce = token_ce_sum(model(**inputs).logits, labels)
+        ce = kernels.token_ce_sum(model(**inputs).logits, labels)
     ce.backward()
     return ce.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

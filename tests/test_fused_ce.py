@@ -8,7 +8,6 @@ from data_pipeline.batching import collate, target_tokens
 from data_pipeline.packing import collate_packed
 from model import kernels
 from tests.model_helpers import cuda, loss_and_grads, tiny_llama, with_lora
-from train.recipe import token_ce_sum
 
 IGNORE = -100
 
@@ -21,7 +20,7 @@ def _labels(B, T, V, share=0.5, seed=0):
 
 
 def _reference(hidden, weight, labels):
-    return token_ce_sum(hidden @ weight.t(), labels)
+    return kernels.token_ce_sum(hidden @ weight.t(), labels)
 
 
 def _both(hidden, weight, labels, chunk_size):
@@ -134,7 +133,7 @@ def _packed_and_padded_losses(dtype, device="cpu", layout="sdpa"):
     docs = _conversations()
     with torch.no_grad():
         padded = {k: v.to(device) for k, v in collate(docs, pad_id=0).items()}
-        ref = token_ce_sum(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
+        ref = kernels.token_ce_sum(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
                            padded["labels"])
         packed = {k: v.to(device) if torch.is_tensor(v) else v
                   for k, v in collate_packed([docs[:3], docs[3:]], pad_id=0, attn_implementation=layout, dtype=dtype).items()}

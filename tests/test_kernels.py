@@ -13,7 +13,6 @@ import torch
 from model import kernels
 from tests.conftest import ROOT
 from tests.model_helpers import cuda, loss_and_grads, tiny_llama, with_lora
-from train.recipe import token_ce_sum
 
 
 # ---- int8 ------------------------------------------------------------------------------------
@@ -78,7 +77,7 @@ def test_int8_llama_with_lora_trains_on_the_dequantised_path(tmp_path):
         bnb_logits = model(input_ids=ids).logits
     assert kernels.dequantize_int8_linears(model) == 2 * 7
     assert kernels.dequantize_int8_linears(model) == 0
-    ce = token_ce_sum(model(input_ids=ids).logits, ids)
+    ce = kernels.token_ce_sum(model(input_ids=ids).logits, ids)
     ce.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert len(grads) == 2 * 7 * 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
@@ -215,9 +214,9 @@ def test_gpu_apply_liger_keeps_the_loss():
 
 
 def test_training_forwards_build_no_kv_cache():
-    """train.recipe.model_inputs passes use_cache=False: a model whose config keeps use_cache
+    """data_pipeline.batching.model_inputs passes use_cache=False: a model whose config keeps use_cache
     (no gradient checkpointing) would otherwise fill a KV cache in every training forward."""
-    from train.recipe import model_inputs
+    from data_pipeline.batching import model_inputs
 
     model = with_lora(tiny_llama()).train()
     assert model.config.use_cache

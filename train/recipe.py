@@ -18,11 +18,10 @@ import time
 from typing import Any, Dict
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from data_pipeline import batching
-from data_pipeline.chat import IGNORE, apply_named_template, end_of_turn_id
+from data_pipeline.chat import apply_named_template, end_of_turn_id
 from data_pipeline.cache import eval_conversations, prepare_cached
 from data_pipeline.dataset import sources_of
 from data_pipeline.packing import collate_packed
@@ -37,42 +36,10 @@ from .metrics import Metrics, memory_gb
 log = logging.getLogger("dialtune")
 
 
-def model_inputs(batch, dev) -> dict:
-    """A training batch's forward kwargs on `dev`, without labels and with use_cache=False: a
-    model whose config keeps use_cache=True (any run without gradient checkpointing) would
-    otherwise build a KV cache in every training forward, which nothing reads and whose state
-    torch.compile guards on (recompiling layer by layer)."""
-    inputs = {key: v.to(dev) if torch.is_tensor(v) else v for key, v in batch.items() if key != "labels"}
-    inputs["use_cache"] = False
-    return inputs
-
-
 def nan_activations(model):
     """Fault injection: the input embeddings come out NaN, so the forward and its backward carry
     NaNs as a real overflow does. Returns the hook's handle (remove it after the backward)."""
     return kernels.causal_lm(model).get_input_embeddings().register_forward_hook(lambda m, i, o: o * float("nan"))
-
-
-def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over target positions (labels != IGNORE)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE, reduction="sum")
-
-
-class MicroBatchStream:
-    """Endless, resumable stream of this rank's micro-batches: (epoch, position) is the state."""
-
-    def __init__(self, n, mb, world, rank, seed, epoch=0, pos=0):
-        self.args = (n, mb, world, rank, seed)
-        self.epoch, self.pos = epoch, pos
-        self._plan = batching.epoch_micro_batches(*self.args, epoch)
-
-    def next(self):
-        if self.pos >= len(self._plan):
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._plan = batching.epoch_micro_batches(*self.args, self.epoch)
-        self.pos += 1
-        return self._plan[self.pos - 1]
 
 
 def _data_log(line: str) -> None:
@@ -198,12 +165,12 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     def forward_ce(b):
         """(summed CE over the batch's targets, the model output)."""
-        inputs = model_inputs(b, dev)
+        inputs = batching.model_inputs(b, dev)
         labels = b["labels"].to(dev)
         with attention.packed_forward() if layout["path"] == "varlen" else contextlib.nullcontext():
             if no_fused:
                 out = engine(**inputs)
-                return token_ce_sum(out.logits, labels), out
+                return kernels.token_ce_sum(out.logits, labels), out
             with kernels.hidden_states_as_logits(engine) as head:
                 out = engine(**inputs)  # out.logits holds the final hidden states here
         return kernels.chunked_linear_ce_sum(out.logits, head, labels, chunk_size=kc.ce_chunk_size), out
@@ -226,7 +193,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         log.warning(earlier)
     elif t.resume == "auto" and is_main:
         log.info("train.resume=auto: no finished checkpoint in %s yet; starting at step 1", ckpt_root)
-    stream = MicroBatchStream(n_items, mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
+    stream = batching.MicroBatchStream(n_items, mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
 
     metrics = Metrics(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), enabled=is_main,
                       resume_step=state["step"] if found else None)
