@@ -106,11 +106,11 @@ def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, po
     for s in sources:
         if s["split"] == "eval" and os.path.realpath(s["path"]) in trained:
             log(f"warning: held-out file {s['path']} is also a training file: the eval loss will be in-sample")
-    held_out = [s["path"] for s in sources if s["split"] == "eval"]
-    if held_out and all(is_bundled_sample(p) for p in held_out) and not any(is_bundled_sample(p) for p in trained):
-        log(f"warning: the held-out set is the bundled sample's ({held_out[0]}, from the default data=sample), not held "
-            "out from your data: set data.eval_files=[your held-out file], or data.eval_files=[] with "
-            "data.eval_fraction=0.02 to hold out 2% of your conversations")
+    sample_eval = [s["path"] for s in sources if s["split"] == "eval" and is_bundled_sample(s["path"])]
+    if sample_eval and not any(is_bundled_sample(p) for p in trained):
+        log(f"warning: the held-out set holds the bundled sample's {sample_eval[0]} (data=sample, the default, lists it in "
+            "data.eval_files), not held out from your data: set data.eval_files=[your held-out files], or "
+            "data.eval_files=[] with data.eval_fraction=0.02 to hold out 2% of your conversations")
     root = d.cache_dir or default_cache_dir()
     os.makedirs(root, exist_ok=True)
     key = cache_key(d, tokenizer, eot_id)

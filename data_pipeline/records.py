@@ -30,8 +30,8 @@ SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"  # the bundled sli
 
 def is_bundled_sample(path: str) -> bool:
     """Whether a data file is one of the bundled sample's (data_pipeline/sample_data)."""
-    try:
-        return Path(path).resolve().parent == SAMPLE_DATA
+    try:  # the file itself may be a link (git-annex, DVC): its folder decides
+        return SAMPLE_DATA in (Path(path).resolve().parent, Path(os.path.abspath(path)).parent.resolve())
     except OSError:
         return False
 

@@ -158,6 +158,17 @@ def cmd_merge(args) -> int:
                   file=sys.stderr)
             return 2
         tag = latest.read_text().strip()
+    elif tag == "best":  # the lowest held-out loss the run recorded (trainer state of its latest checkpoint)
+        import json
+
+        from train.checkpoint import best_tag
+
+        state = ckpt_root / ((ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else "-") / "trainer_state.json"
+        tag = best_tag(json.loads(state.read_text())) if state.is_file() else None
+        if tag is None:
+            print(f"dialtune: error: {run_dir} recorded no checkpoint's held-out loss (a run does when eval.every_n_steps "
+                  "divides train.save_every); pass --checkpoint step_N.", file=sys.stderr)
+            return 2
     ckpt = ckpt_root / tag
     needed = ckpt / ("trainer_state.json" if cfg.peft.method == "none" else "adapter")
     if not needed.exists():
@@ -199,10 +210,9 @@ def cmd_config_doc(args) -> int:
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(HERE.parent))
-    from launch.train import QUIET_LOGGERS
+    from launch import quiet_loggers
 
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_loggers()
     p = argparse.ArgumentParser(prog="dialtune", description="Fine-tune causal LMs on conversation data.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -221,7 +231,7 @@ def main(argv=None) -> int:
     m = sub.add_parser("merge", help="merge a run's adapter into its full-precision base (a full fine-tune: export its weights)")
     m.add_argument("run_dir")
     m.add_argument("--out", default=None, help="output directory (default: <run_dir>/merged)")
-    m.add_argument("--checkpoint", default=None, help="checkpoint tag, e.g. step_0000020 (default: latest)")
+    m.add_argument("--checkpoint", default=None, help="checkpoint tag, e.g. step_0000020, or best (the lowest held-out loss the run recorded; default: latest)")
     m.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"], help="dtype of the merged weights")
     m.add_argument("--base", default=None, choices=["original", "dequantized"],
                    help="merge into the original full-precision base or the dequantized quantized base the run trained against (default: the run's export.base)")

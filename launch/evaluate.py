@@ -198,7 +198,7 @@ def cmd_eval(args) -> int:
         eot = end_of_turn_id(tokenizer, cfg.model.end_of_turn_token)
         eval_ds, texts, names = None, [], []
         if {"lm", "response"} & set(parts):
-            validate_data(cfg.data)
+            validate_data(cfg.data, training=False)
             _, eval_ds, _, _, data_path = prepare_cached(cfg.data, tokenizer, eot, log=lambda m: print(m, file=sys.stderr))
             texts = eval_conversations(data_path) if eval_ds is not None else []
             names = suite.source_names([s["path"] for s in sources_of(cfg.data)])
@@ -217,9 +217,15 @@ def cmd_eval(args) -> int:
         print("dialtune: error: nothing to evaluate: no eval set (data.eval_files / data.eval_fraction) and no "
               "eval.intent_files; pass one of them as an override.", file=sys.stderr)
         return 2
-    if kept := eval_results.keep_earlier(str(args.out or out)):
-        print(f"dialtune: note: the results this replaces are kept in {kept}", file=sys.stderr)
-    paths = eval_results.write(res, str(args.out or out), _step_of(model_dir), str(model_dir))
+    try:
+        if kept := eval_results.keep_earlier(str(args.out or out)):
+            print(f"dialtune: note: the results this replaces are kept in {kept}", file=sys.stderr)
+        paths = eval_results.write(res, str(args.out or out), _step_of(model_dir), str(model_dir))
+    except OSError as e:
+        print(eval_results.tables_text(res))
+        print(f"dialtune: error: cannot write the results to {args.out or out} ({e}); the tables are above, pass --out DIR "
+              "to write them elsewhere.", file=sys.stderr)
+        return 2
     print(eval_results.tables_text(res))
     print(f"dialtune: eval results written to {paths['results']}")
     return 0

@@ -2,7 +2,6 @@
 ahead of (or instead of) the first training job, and print the dataset report."""
 from __future__ import annotations
 
-import re
 import sys
 from typing import Optional
 
@@ -58,13 +57,25 @@ def compose_problem(e: Exception, overrides) -> str:
             "check the override's key, value and syntax (key=value).")
 
 
-# a Hydra sweep value (choice/range/glob/interval, or a comma list outside quotes): not composable alone
-SWEEP = re.compile(r"^[^=]+=(?:(?:range|choice|glob|interval)\(|[^'\"]*,)")
+def _sweep_or_hydra(override: str) -> bool:
+    """A sweep (a,b / choice / range / glob / interval: Hydra's own parser says) or a key of Hydra's
+    own config (hydra.*, hydra/...), which Hydra checks itself; an unparsable override is kept,
+    so that composing it reports the error."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if override.lstrip("+~").startswith("hydra"):
+        return True
+    try:
+        return OverridesParser.create().parse_overrides([override])[0].is_sweep_override()
+    except HydraException:
+        return False
 
 
 def plain_overrides(overrides) -> list:
-    """The overrides without -m/--multirun and sweep values: one job's config, composable alone."""
-    return [o for o in overrides if o not in ("-m", "--multirun") and not SWEEP.match(o)]
+    """The overrides without -m/--multirun, sweep values and Hydra's own keys: one job's config,
+    composable alone."""
+    return [o for o in overrides if o not in ("-m", "--multirun") and not _sweep_or_hydra(o)]
 
 
 def override_problem(overrides, validate: bool = False) -> Optional[str]:
@@ -74,6 +85,9 @@ def override_problem(overrides, validate: bool = False) -> Optional[str]:
     from train.config import ConfigError
     from train.validate import validate as validate_config
 
+    from launch.train import normalize_argv
+
+    overrides = normalize_argv(list(overrides))  # drops the --local_rank=N the deepspeed launcher appends
     if any(o.startswith("-") and o not in ("-m", "--multirun") for o in overrides):
         return None
     plain = plain_overrides(overrides)

@@ -23,11 +23,11 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "launch
 sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)  # warns at import that it cannot fetch an optional CPU kernel
-for _name in QUIET_LOGGERS:  # from the hub (kernels-community): nothing is downloaded here, and CPU 4-bit runs without it
-    logging.getLogger(_name).setLevel(logging.ERROR)
 
+from launch import quiet_loggers  # noqa: E402
 from train.config import CONF_DIR, register  # noqa: E402
+
+quiet_loggers()
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
@@ -94,6 +94,8 @@ def print_summary(summary: dict) -> None:
             lines.append(f"  {label:<34} {summary[key]}")
     if "eval/loss" in summary:
         lines.append(f"  {'held-out loss / perplexity':<34} {summary['eval/loss']:.4f} / {summary['eval/ppl']:.2f}")
+    if summary.get("merged") and summary.get("export_checkpoint") not in (None, summary.get("checkpoint")):
+        lines.append(f"  {'merged from (lowest eval loss)':<34} {summary['export_checkpoint']} ({summary['best_eval_loss']:.4f})")
     if summary.get("merged"):
         lines.append(f"  load it: AutoModelForCausalLM.from_pretrained({summary['merged']!r})")
     if summary.get("merged") and summary.get("hub_repo_id"):
@@ -139,12 +141,12 @@ def task(cfg) -> None:
             merged_dir = os.path.join(run_dir, "merged")
             from model.export_io import exported_from, is_export_of
 
-            if summary.get("already_finished") and is_export_of(merged_dir, summary["checkpoint"]):
+            target = summary.get("export_checkpoint") or summary["checkpoint"]  # export.checkpoint: last or best
+            if summary.get("already_finished") and is_export_of(merged_dir, target):
                 summary["merged"] = merged_dir  # merged when the run finished; `dialtune merge` redoes it on purpose
             elif cfg.export.merge_at_end and summary["finished"]:
                 if summary.get("already_finished") and (other := exported_from(merged_dir)):  # e.g. `dialtune merge --checkpoint <earlier step>`
-                    print(f"dialtune: {merged_dir} holds an export of {other}, not of the final checkpoint: "
-                          "writing it again", flush=True)
+                    print(f"dialtune: {merged_dir} holds an export of {other}, not of {target}: writing it again", flush=True)
                 from model.export import export_checkpoint
                 from train.signals import Stopped, ignore_further, stopping
 
@@ -152,7 +154,7 @@ def task(cfg) -> None:
                 before = os.stat(written).st_mtime_ns if os.path.isfile(written) else None
                 try:
                     with stopping():
-                        export_checkpoint(cfg, summary["checkpoint"], merged_dir, base_path=summary["base"], run_dir=run_dir)
+                        export_checkpoint(cfg, target, merged_dir, base_path=summary["base"], run_dir=run_dir)
                 except Stopped as e:
                     ignore_further()
                     # a signal that came as the merge returned finds it written: nothing is left to do

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import read_metrics, train
+from tests.conftest import ROOT, read_metrics, train
 
 QUICK = ["train.max_steps=2", "data.max_seq_len=512", "eval.at_end=[lm]", "train.micro_batch_size=2", "logger=none", "export.eval_conversations=8"]
 
@@ -23,8 +23,9 @@ def _one_sentence_error(proc, fragment):
     (["train.max_stepz=3"], "train.max_stepz is not a config key (did you mean train.max_steps?)"),
     (["recipe=lora_fp16"], "Could not find 'recipe/lora_fp16' (Available options in 'recipe': demo,"),
     (["model=/no/such/model"], "model.name_or_path='/no/such/model' is not a directory"),
-    (["model=acme/not-in-any-cache"], "model.name_or_path='acme/not-in-any-cache' is not in the local Hugging Face cache "
-                                      "and HF_HUB_OFFLINE=1 forbids downloading it"),
+    (["model=acme/not-in-any-cache"], "model.name_or_path='acme/not-in-any-cache' is no local directory (relative paths are "
+                                      f"taken from {ROOT}), and as a hub id it is not in the local Hugging Face cache, which "
+                                      "HF_HUB_OFFLINE=1 keeps it from downloading: download it first (`hf download acme/not-in-any-cache`)"),
 ])
 def test_impossible_config_exits_with_one_sentence(tmp_path, overrides, fragment):
     _one_sentence_error(train(overrides + QUICK, tmp_path, check=False), fragment)
@@ -43,6 +44,21 @@ def test_the_launching_commands_say_a_config_error_before_starting_ranks(tmp_pat
                            f"run.root={tmp_path}"], env=run_env(1), capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     _one_sentence_error(proc, "train.max_stepz is not a config key (did you mean train.max_steps?)")
     assert "deepspeed" not in proc.stdout.lower() + proc.stderr.lower() and not list(tmp_path.iterdir())
+
+
+def test_the_early_config_check_keeps_lists_and_leaves_sweeps_and_hydra_keys_to_hydra(tmp_path):
+    """What launch/train.py, demo and train check before Hydra or the launcher: a list value is one
+    job's value (not a sweep), sweeps and Hydra's own keys are Hydra's, and the --local_rank=N the
+    deepspeed launcher appends does not switch the check off."""
+    from launch.prepare import override_problem, plain_overrides
+    from tests.data_helpers import GOOD, jsonl
+
+    assert plain_overrides(["-m", "optim.lr=1e-4,2e-4", "train.seed=choice(1,2)", "data.train_files=[a.jsonl,b.jsonl]",
+                            "hydra.job.env_set.FOO=1", "hydra/job_logging=disabled"]) == ["data.train_files=[a.jsonl,b.jsonl]"]
+    a, b = jsonl(tmp_path / "a.jsonl", GOOD[:3]), jsonl(tmp_path / "b.jsonl", GOOD[3:])
+    assert override_problem(["data=custom", f"data.train_files=[{a},{b}]", "hydra.job.env_set.FOO=1"], validate=True) is None
+    assert override_problem(["-m", "data=custom", f"data.train_files=[{a},{b}]", "optim.lr=1e-4,2e-4"], validate=True) is None
+    assert "(did you mean train.max_steps?)" in override_problem(["--local_rank=0", "train.max_stepz=3"])
 
 
 def test_bad_data_names_file_and_line(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from data_pipeline.records import SAMPLE_DATA
 from train.config import CONF_DIR, ConfigError, iter_docs, register
 from train.validate import validate
 
@@ -77,18 +78,47 @@ def test_unknown_key_is_rejected():
     (["kernels.memory_budget_gib=lots"], "kernels.memory_budget_gib='lots' is neither a number of GiB nor auto"),
     (["export.hub_repo_id='acme/support bot'"], "export.hub_repo_id"),
     (["export.hub_repo_id=a/b/c"], "namespace/repo_name"),
+    (["export.checkpoint=best", "eval.every_n_steps=3", "train.save_every=10"],
+     r"export.checkpoint=best picks .* set eval.every_n_steps to a divisor of train.save_every \(now 3 and 10\)"),
+    (["export.checkpoint=first"], "export.checkpoint='first' is not one of last, best"),
     # the default data=sample left beside the user's sources: the sample would be trained on
-    ([f"data.sources=[{{path: {OWN}}}]"], r"the bundled sample \(.*train.jsonl, from the default data=sample\) would be "
-                                            r"trained on beside your data \(.*pyproject.toml\): start from data=custom"),
-    (["data.eval_fraction=0.1"], r"data.eval_fraction=0.1 holds out .*/eval.jsonl is one .*from the default data=sample\)"),
-    (["data=custom", f"data.train_files=[{OWN}]", f"data.eval_files=[{OWN}]", "data.eval_fraction=0.1"],
-     r"data.eval_fraction=0.1 holds out part of the training data only when no held-out files are given, and \S*pyproject"),
+    ([f"data.sources=[{{path: {OWN}}}]"], r"^data.train_files\[0\]='\S*sample_data/train.jsonl' is the bundled sample \(data=sample, "
+                                            r"the default, lists it\) beside your training data \(data.sources\[0\].path='\S*pyproject.toml'\): "
+                                            r"start from data=custom, .* list the sample in data.sources.$"),
+    (["data.eval_fraction=0.1"], r"data.eval_fraction=0.1 holds out .* but data.eval_files\[0\]='\S*/eval.jsonl' is one \(data=sample, "
+                                 r"the default, lists it\): set data.eval_files=\[\] to carve the held-out set, or set data.eval_fraction=0"),
+    (["data=custom", f"data.train_files=[{OWN}]", f"data.sources=[{{path: {OWN}, split: eval}}]", "data.eval_fraction=0.1"],
+     r"but data.sources\[0\].path='\S*pyproject.toml' is one: remove that source to carve"),
 ])
 def test_validation_rejects(overrides, fragment):
     cfg = _compose(overrides)
     with pytest.raises(ConfigError, match=fragment) as e:
         validate(cfg, cuda_available=False)
     assert "\n" not in str(e.value)
+
+
+def test_a_hub_model_offline_must_be_in_the_cache_at_its_revision(monkeypatch, tmp_path):
+    """Offline, a hub id is checked against the local cache (the model at model.revision, a separate
+    tokenizer repo at its default: the loader pins the model's revision only)."""
+    from train.validate import model_dir_problem
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for repo, files in (("acme/model", ["config.json"]), ("acme/tok", ["tokenizer.json"])):  # a tokenizer repo without tokenizer_config.json
+        snap = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc123"
+        snap.mkdir(parents=True)
+        for f in files:
+            (snap / f).write_text("{}")
+        (tmp_path / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+        (tmp_path / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text("abc123")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    assert model_dir_problem("acme/model", "acme/tok") is None
+    assert model_dir_problem("acme/model", "acme/tok", revision="abc123") is None  # the tokenizer repo at main
+    problem = model_dir_problem("acme/model", None, revision="v2")
+    assert "not in the local Hugging Face cache at revision v2" in problem and "`hf download acme/model --revision v2`" in problem
+    assert "model.tokenizer='acme/other'" in model_dir_problem("acme/model", "acme/other")
 
 
 def test_customer_service_data_without_its_folder_names_the_variable(monkeypatch, tmp_path):
@@ -106,6 +136,9 @@ def test_default_config_is_valid():
     validate(_compose([f"data.train_files=[{OWN}]", "data.eval_files=[]", "data.eval_fraction=0.1"]), cuda_available=False)
     with pytest.raises(ConfigError, match="no training data"):
         validate(_compose(["data=custom"]), cuda_available=False)
+    # the sample beside your data on purpose: listed in data.sources
+    validate(_compose(["data=custom", f"data.train_files=[{OWN}]", f"data.sources=[{{path: {SAMPLE_DATA / 'train.jsonl'}}}]"]),
+             cuda_available=False)
 
 
 def test_every_field_is_documented():

@@ -75,6 +75,19 @@ def test_a_json_file_that_holds_json_lines_is_named_as_such(tmp_path):
         list(read_records(str(broken)))
 
 
+def test_the_bundled_sample_is_known_by_its_folder_even_as_links(tmp_path, monkeypatch):
+    """git-annex / DVC keep a file as a link into their store: the sample is still the sample."""
+    from data_pipeline import records
+
+    sample, store = tmp_path / "sample_data", tmp_path / "store"
+    sample.mkdir()
+    store.mkdir()
+    (store / "object").write_text("{}")
+    (sample / "train.jsonl").symlink_to(store / "object")
+    monkeypatch.setattr(records, "SAMPLE_DATA", sample.resolve())
+    assert records.is_bundled_sample(str(sample / "train.jsonl")) and not records.is_bundled_sample(str(store / "object"))
+
+
 def test_reading_is_streaming(tmp_path):
     """The reader yields the first record before it has looked at the (broken) rest."""
     path = tmp_path / "big.jsonl"

@@ -63,8 +63,12 @@ def test_training_on_your_data_against_the_samples_held_out_set_is_warned(tmp_pa
     sample_eval = str(SAMPLE_DATA / "eval.jsonl")
     said = []
     prepare_cached(dcfg(tmp_path, train_files=[str(path)], eval_files=[sample_eval]), tok, eot, log=said.append)
-    assert any(m.startswith(f"warning: the held-out set is the bundled sample's ({sample_eval}") and "data.eval_files=[" in m
+    assert any(m.startswith(f"warning: the held-out set holds the bundled sample's {sample_eval} (data=sample") and "data.eval_files=[" in m
                for m in said), said
+    said.clear()
+    other = jsonl(tmp_path / "b.jsonl", [conv(20 + i, f"other {i}", f"reply {i}") for i in range(2)])
+    prepare_cached(dcfg(tmp_path, train_files=[str(path)], eval_files=[str(other), sample_eval]), tok, eot, log=said.append)
+    assert any(f"the held-out set holds the bundled sample's {sample_eval}" in m for m in said), said  # beside yours too
     said.clear()
     prepare_cached(dcfg(tmp_path, train_files=[str(SAMPLE_DATA / "train.jsonl")], eval_files=[sample_eval]), tok, eot,
                    log=said.append)

@@ -322,6 +322,36 @@ def test_summary_json_names_the_merged_checkpoint(peft_runs):
     assert Path(json.loads((run / "summary.json").read_text())["merged"]).resolve() == (run / "merged").resolve()
 
 
+def test_export_checkpoint_best_merges_the_lowest_eval_loss_and_rotation_keeps_it(tmp_path):
+    """export.checkpoint=best: trained on answers that say "yes" and evaluated on the same questions
+    answered "no", the held-out loss rises as training goes on; the checkpoint with the lowest loss
+    measured at its step is merged, kept by a rotation that keeps one checkpoint, recorded in
+    summary.json, and what `dialtune merge --checkpoint best` picks too."""
+    from tests.conftest import read_metrics, train
+    from tests.data_helpers import conv, jsonl
+
+    questions = [f"can I change order {i} to another address" for i in range(24)]
+    yes = jsonl(tmp_path / "yes.jsonl", [conv(i, q, "yes " * 12) for i, q in enumerate(questions)])
+    no = jsonl(tmp_path / "no.jsonl", [conv(100 + i, q, "no " * 12) for i, q in enumerate(questions[:8])])
+    train(["data=custom", f"data.train_files=[{yes}]", f"data.eval_files=[{no}]", "train.max_steps=6", "train.save_every=2",
+           "eval.every_n_steps=2", "train.keep_checkpoints=1", "export.checkpoint=best", "logger=none", "run.name=best",
+           "eval.at_end=[lm]", "export.eval_conversations=4", "train.micro_batch_size=4"], tmp_path)
+    run = tmp_path / "best"
+    evals = {r["step"]: r["eval/loss"] for r in read_metrics(run) if "eval/loss" in r}
+    assert sorted(evals) == [2, 4, 6]
+    best = min(evals, key=evals.get)
+    assert best != 6, evals  # the case this test is for: the last checkpoint is not the best
+    best_dir = run / "checkpoints" / f"step_{best:07d}"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == sorted({best_dir.name, "step_0000006"})
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_checkpoint"] == summary["export_checkpoint"] == str(best_dir)
+    assert summary["best_eval_loss"] == pytest.approx(evals[best])
+    assert Path(_summary(run / "merged")["checkpoint"]).resolve() == best_dir.resolve()
+    proc = _cli("merge", run, "--checkpoint", "best", "--out", tmp_path / "again", "--eval-conversations", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Path(_summary(tmp_path / "again")["checkpoint"]).resolve() == best_dir.resolve()
+
+
 def test_merge_takes_a_checkpoint_directory(peft_runs, tmp_path):
     """`dialtune merge <run>/checkpoints/step_N` is `dialtune merge <run> --checkpoint step_N` (what
     `dialtune chat` suggests for a checkpoint); a --checkpoint that names another step is refused."""

@@ -7,6 +7,7 @@ and <run_dir>/checkpoints/latest (the newest complete one; replaced atomically a
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -95,11 +96,26 @@ def code_version() -> Dict[str, Any]:
     return out
 
 
+def note_eval(state: Dict[str, Any], step: int, eval_loss: Optional[float]) -> None:
+    """Before saving step's checkpoint: keep (step, held-out loss) in the trainer state as "best"
+    when the loss measured at this step is the lowest of the run's checkpoints so far (the state
+    travels in every checkpoint, so a resumed run knows it)."""
+    best = state.get("best")
+    if eval_loss is not None and math.isfinite(eval_loss) and (best is None or eval_loss < best["eval_loss"]):
+        state["best"] = {"step": step, "eval_loss": float(eval_loss)}
+
+
+def best_tag(state: Dict[str, Any]) -> Optional[str]:
+    """The tag of the lowest-held-out-loss checkpoint note_eval recorded, or None."""
+    return tag_for(state["best"]["step"]) if state.get("best") else None
+
+
 def save(engine, ckpt_root: str, step: int, state: Dict[str, Any], is_main: bool, zero_stage: int, tokenizer,
-         keep: int = 0, config_yaml: str = "") -> str:
+         keep: int = 0, config_yaml: str = "", keep_best: bool = False) -> str:
     """A checkpoint is a transaction: every rank writes into <tag>.tmp, rank 0 fsyncs it, renames
     it to <tag> and only then replaces `latest` (atomically) — after all ranks finished. A crash
-    at any point leaves `latest` on the previous complete checkpoint; resume never reads *.tmp."""
+    at any point leaves `latest` on the previous complete checkpoint; resume never reads *.tmp.
+    keep: the newest N complete checkpoints stay (and with keep_best the state's best one, however old)."""
     tag = tag_for(step)
     tmp_tag = tag + ".tmp"
     final, tmp = os.path.join(ckpt_root, tag), os.path.join(ckpt_root, tmp_tag)
@@ -134,7 +150,8 @@ def save(engine, ckpt_root: str, step: int, state: Dict[str, Any], is_main: bool
         if keep:
             complete = sorted(p for p in os.listdir(ckpt_root) if p.startswith("step_") and not p.endswith(".tmp"))
             for old in complete[:-keep]:
-                shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+                if not (keep_best and old == best_tag(state)):
+                    shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
     distributed.barrier()
     return final
 

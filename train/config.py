@@ -214,6 +214,7 @@ class LoggerConfig:
 @dataclass
 class ExportConfig:
     merge_at_end: bool = doc(True, "Write a merged checkpoint (<run_dir>/merged; a full fine-tune: its trained weights) when training ends.")
+    checkpoint: str = doc("last", "Which checkpoint the end-of-training export merges: last, or best (the lowest held-out loss among the checkpoints, each measured at its step: eval.every_n_steps must divide train.save_every, with lm in eval.during_training; train.keep_checkpoints never deletes it).")
     dtype: str = doc("auto", "Dtype of the merged weights: auto (the run's model.dtype; bf16 for an int8/nf4 base; fp32 when the run's config is missing), fp32, bf16 or fp16.")
     max_shard_size: str = doc("2GB", "Largest safetensors shard of the merged checkpoint.")
     verify_tolerance: float = doc(1e-4, "Largest |logit difference| (fp32) allowed between the merged model and its base (original or dequantized) + adapter (a full fine-tune: between the checkpoint as written and its trained weights); above fails the export.")
@@ -256,6 +257,13 @@ def _sample(name: str) -> str:
     return str(SAMPLE_DATA / name)
 
 
+DATA_DIR_DEFAULT = "../shared/data"  # where conf/data/customer_service.yaml reads when DIALTUNE_DATA_DIR is not set
+
+
+def _data_dir(name: str) -> str:
+    return os.path.join(os.environ.get("DIALTUNE_DATA_DIR", DATA_DIR_DEFAULT), name)
+
+
 def _basename(path: str) -> str:
     return os.path.basename(os.path.normpath(str(path))) or "model"
 
@@ -267,6 +275,7 @@ def register() -> None:
     if not OmegaConf.has_resolver("sample_data"):
         OmegaConf.register_new_resolver("sample_data", _sample)
         OmegaConf.register_new_resolver("basename", _basename)
+        OmegaConf.register_new_resolver("data_dir", _data_dir)
     ConfigStore.instance().store(name="dialtune_schema", node=DialtuneConfig)
 
 

@@ -94,8 +94,12 @@ def keep_earlier(out_dir: str) -> Optional[str]:
         return None
     import time
 
-    kept = os.path.join(out_dir, "earlier-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(results))))
-    os.makedirs(kept, exist_ok=True)
+    stamp = os.path.join(out_dir, "earlier-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(results))))
+    kept, n = stamp, 1
+    while os.path.exists(kept):  # two results written within a second
+        n += 1
+        kept = f"{stamp}-{n}"
+    os.makedirs(kept)
     for name in ("results.json", "samples.jsonl", "samples.md"):
         if os.path.isfile(os.path.join(out_dir, name)):
             os.replace(os.path.join(out_dir, name), os.path.join(kept, name))

@@ -261,6 +261,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     first_bad, _, last_bad = inject_steps.partition("-")
     inject_nan = (int(first_bad), int(last_bad or first_bad), int(inject_rank or 0)) if inject else None
     corrupt = False
+    save_args = (is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml, cfg.export.checkpoint == "best")
     engine.train()
     stop_flag.armed = True  # from here a SIGTERM is answered with a checkpoint
     for step in range(first_step, total_steps + 1):
@@ -352,7 +353,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                             **({"eval": f"{record['eval/loss']:.3f}"} if "eval/loss" in record else {}))
         stop_here = preempted or bool(t.stop_after_steps) and step - first_step + 1 >= t.stop_after_steps
         if t.save_every and step % t.save_every == 0 or step == total_steps or stop_here:
-            checkpoint.save(engine, ckpt_root, step, dict(state), is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml)
+            checkpoint.note_eval(state, step, record.get("eval/loss"))
+            checkpoint.save(engine, ckpt_root, step, dict(state), *save_args)
             last_saved = step
         if stop_here:
             break
@@ -361,13 +363,18 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     # ---- finish -------------------------------------------------------------------------------
     if last_saved != state["step"] and not corrupt:  # resumed at the end, or stopped between saves
-        checkpoint.save(engine, ckpt_root, state["step"], dict(state), is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml)
+        checkpoint.save(engine, ckpt_root, state["step"], dict(state), *save_args)
     final_ckpt = os.path.join(ckpt_root, checkpoint.tag_for(state["step"] if not corrupt else max(last_saved, 0)))
+    best_ckpt = os.path.join(ckpt_root, checkpoint.best_tag(state)) if state.get("best") else None
+    if cfg.export.checkpoint == "best" and best_ckpt is None and is_main:
+        log.warning("export.checkpoint=best, but no checkpoint had a held-out loss measured at its step: exporting the last")
     summary = {"run_dir": run_dir, "base": base_path, "steps": state["step"], "total_steps": total_steps,
                "finished": state["step"] == total_steps, "preempted": preempted, "stop_signal": stop_signal, "world_size": world,
                "nonfinite_stop_step": nonfinite_stop, "skipped_steps": skipped, "grad_accum": gas,
                "global_batch_size": mb * gas * world,
                "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter") if cfg.peft.method != "none" else None,
+               "best_checkpoint": best_ckpt, "best_eval_loss": state["best"]["eval_loss"] if best_ckpt else None,
+               "export_checkpoint": best_ckpt if cfg.export.checkpoint == "best" and best_ckpt else final_ckpt,
                "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
                "fast_int8_layers": fast_int8, "fused_lora_layers": fused_layers,
                "fused_lora_parts": sorted(fused_lora.fused_parts(model)) if fused_layers else [], "fused_ce": not no_fused, "checkpointed_layers": recomputed,

@@ -10,9 +10,7 @@ from omegaconf import OmegaConf
 from data_pipeline.records import is_bundled_sample
 from model.memory import budget_problem
 
-from .config import ConfigError, DialtuneConfig, iter_docs
-
-DATA_DIR_DEFAULT = "../shared/data"  # conf/data/customer_service.yaml's folder when DIALTUNE_DATA_DIR is not set
+from .config import DATA_DIR_DEFAULT, ConfigError, DialtuneConfig, iter_docs
 
 _CHOICES = {
     "model.dtype": ("fp32", "bf16", "fp16"),
@@ -77,8 +75,8 @@ def model_dir_problem(path: str, tok: Optional[str] = None, what: str = "model.n
             return f"{what}={path!r} has no tokenizer (tokenizer.json / tokenizer_config.json); set model.tokenizer=<its directory or hub id>."
     if tok and os.path.isdir(tok) and not any(os.path.isfile(os.path.join(tok, t)) for t in tokenizer_files):
         return f"model.tokenizer={tok!r} is a directory without a tokenizer (tokenizer.json / tokenizer_config.json)."
-    for key, value in ((what, path), ("model.tokenizer", tok)):
-        if value and value != "tiny" and not os.path.isdir(value) and (problem := hub_id_problem(key, value, revision)):
+    for key, value, rev in ((what, path, revision), ("model.tokenizer", tok, None)):  # the loader pins the model's revision only
+        if value and value != "tiny" and not os.path.isdir(value) and (problem := hub_id_problem(key, value, rev)):
             return problem
     return None
 
@@ -97,10 +95,13 @@ def hub_id_problem(key: str, value: str, revision: Optional[str] = None) -> Opti
         return (f"{key}={value!r} is not a directory (relative paths are taken from {os.getcwd()}) nor a hub id "
                 "(namespace/name); check the path.")
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    if offline and not isinstance(try_to_load_from_cache(value, "config.json" if key != "model.tokenizer" else "tokenizer_config.json",
-                                                         revision=revision or None), str):
-        return (f"{key}={value!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it: "
-                f"download it first (`hf download {value}`) or point {key} at a saved model directory.")
+    files = ("config.json",) if key != "model.tokenizer" else ("tokenizer_config.json", "tokenizer.json", "config.json")
+    if offline and not any(isinstance(try_to_load_from_cache(value, f, revision=revision or None), str) for f in files):
+        pinned = f" --revision {revision}" if revision else ""
+        return (f"{key}={value!r} is no local directory (relative paths are taken from {os.getcwd()}), and as a hub id it is "
+                f"not in the local Hugging Face cache{' at revision ' + revision if revision else ''}, which HF_HUB_OFFLINE=1 "
+                f"keeps it from downloading: download it first (`hf download {value}{pinned}`) or point {key} at a saved "
+                "model directory.")
     return None
 
 
@@ -167,6 +168,14 @@ def validate(cfg, cuda_available: Optional[bool] = None) -> None:
             resume_path(t.resume)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.export.checkpoint not in ("last", "best"):
+        raise ConfigError(f"export.checkpoint={cfg.export.checkpoint!r} is not one of last, best.")
+    ev = cfg.eval
+    if cfg.export.checkpoint == "best" and not (t.save_every > 0 and ev.every_n_steps > 0 and t.save_every % ev.every_n_steps == 0
+                                                 and "lm" in ev.during_training):
+        raise ConfigError(f"export.checkpoint=best picks the checkpoint with the lowest held-out loss, so each needs one measured at "
+                          f"its step: set eval.every_n_steps to a divisor of train.save_every (now {ev.every_n_steps} and "
+                          f"{t.save_every}), with lm in eval.during_training.")
     if cfg.export.hub_repo_id:
         from model.card import repo_id_problem
 
@@ -193,8 +202,9 @@ def validate_eval(e) -> None:
         raise ConfigError("eval.batch_size and eval.max_new_tokens must be at least 1, eval.every_n_steps at least 0.")
 
 
-def validate_data(d) -> None:
-    """The data section alone (also what `dialtune prepare` checks)."""
+def validate_data(d, training: bool = True) -> None:
+    """The data section alone (also what `dialtune prepare` checks; `dialtune eval`, which reads
+    only the held-out side, passes training=False: no data_mix_problem)."""
     for key, allowed in _CHOICES.items():
         if key.startswith("data."):
             value = OmegaConf.select(d, key[5:])
@@ -205,7 +215,7 @@ def validate_data(d) -> None:
     for key in ("train_files", "eval_files"):
         for i, path in enumerate(d[key]):
             if not os.path.exists(path):
-                if DATA_DIR_DEFAULT in path and "DIALTUNE_DATA_DIR" not in os.environ:  # conf/data/customer_service.yaml
+                if path.startswith(DATA_DIR_DEFAULT + "/") and "DIALTUNE_DATA_DIR" not in os.environ:  # data=customer_service
                     raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist: data=customer_service reads the full "
                                       "public files from $DIALTUNE_DATA_DIR, which is not set; set it to the folder that "
                                       "holds them (the datasets data_pipeline/sample_data/README.md names).")
@@ -219,30 +229,34 @@ def validate_data(d) -> None:
             raise ConfigError(f"data.sources[{i}].format={s.format!r} is not one of {', '.join(_CHOICES['data.format'])}.")
         if s.split not in ("train", "eval"):
             raise ConfigError(f"data.sources[{i}].split={s.split!r} must be train or eval.")
-    if problem := data_mix_problem(d):
+    if training and (problem := data_mix_problem(d)):
         raise ConfigError(problem)
     if d.max_message_chars < 1 or d.max_errors_shown < 1 or d.num_proc < 1:
         raise ConfigError("data.max_message_chars, data.max_errors_shown and data.num_proc must be at least 1.")
 
 
-def _split_paths(d, split: str) -> list:
-    return list(d[f"{split}_files"]) + [s.path for s in d.sources if s.split == split]
+def _data_paths(d):
+    """(key, path, split) of every data file, named as the config names it."""
+    out = [(f"data.{split}_files[{i}]", p, split) for split in ("train", "eval") for i, p in enumerate(d[f"{split}_files"])]
+    return out + [(f"data.sources[{i}].path", s.path, s.split) for i, s in enumerate(d.sources)]
 
 
 def data_mix_problem(d) -> Optional[str]:
-    """The default data group's bundled sample left beside the user's own training data (sources
-    add to data.train_files), or a data.eval_fraction that held-out files would silently override;
-    one sentence, or None."""
-    train = _split_paths(d, "train")
-    sample, own = [p for p in train if is_bundled_sample(p)], [p for p in train if not is_bundled_sample(p)]
+    """The default data=sample's files left beside the user's own training data (sources add to
+    data.train_files), or a data.eval_fraction that held-out files would silently override; one
+    sentence, or None. The sample trains beside your data on purpose when listed in data.sources."""
+    paths = _data_paths(d)
+    own = [(k, p) for k, p, split in paths if split == "train" and not is_bundled_sample(p)]
+    sample = [(k, p) for k, p, _ in paths if k.startswith("data.train_files") and is_bundled_sample(p)]
     if sample and own:
-        return (f"the bundled sample ({sample[0]}, from the default data=sample) would be trained on beside your data "
-                f"({own[0]}): start from data=custom (no files), or set data.train_files=[] (or to your files only).")
-    held_out = _split_paths(d, "eval")
+        return (f"{sample[0][0]}={sample[0][1]!r} is the bundled sample (data=sample, the default, lists it) beside your "
+                f"training data ({own[0][0]}={own[0][1]!r}): start from data=custom, or leave it out of data.train_files; "
+                "to train on both on purpose, list the sample in data.sources.")
+    held_out = [(k, p) for k, p, split in paths if split == "eval"]
     if d.eval_fraction > 0 and held_out:
-        return (f"data.eval_fraction={d.eval_fraction} holds out part of the training data only when no held-out files "
-                f"are given, and {held_out[0]} is one (data.eval_files, or a source with split: eval"
-                + (", from the default data=sample" if any(is_bundled_sample(p) for p in held_out) else "")
-                + "): set data.eval_files=[] (or start from data=custom), or drop data.eval_fraction.")
+        key, path = held_out[0]
+        return (f"data.eval_fraction={d.eval_fraction} holds out part of the training data only when no held-out files are "
+                f"given, but {key}={path!r} is one" + (" (data=sample, the default, lists it)" if is_bundled_sample(path) else "")
+                + ": " + ("set data.eval_files=[]" if key.startswith("data.eval_files") else "remove that source")
+                + " to carve the held-out set, or set data.eval_fraction=0 to keep the file.")
     return None
-
