@@ -144,6 +144,7 @@ def task(cfg) -> None:
             target = summary.get("export_checkpoint") or summary["checkpoint"]  # export.checkpoint: last or best
             if summary.get("already_finished") and is_export_of(merged_dir, target):
                 summary["merged"] = merged_dir  # merged when the run finished; `dialtune merge` redoes it on purpose
+                note_merged(run_dir, merged_dir)
             elif cfg.export.merge_at_end and summary["finished"]:
                 if summary.get("already_finished") and (other := exported_from(merged_dir)):  # e.g. `dialtune merge --checkpoint <earlier step>`
                     print(f"dialtune: {merged_dir} holds an export of {other}, not of {target}: writing it again", flush=True)
