@@ -51,3 +51,24 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert summary["fused_lora_layers"] == (4 * 7 if stage == 2 else 0), stage  # 4 layers x 7 projections; PEFT's under ZeRO-3
         assert summary["fused_lora_parts"] == (["lora", "norms", "swiglu"] if stage == 2 else []), stage
 
+
+
+def test_resume_takes_this_runs_lr_and_refuses_a_checkpoint_past_its_steps(tmp_path):
+    """A resubmission with another optim.lr trains with it from the resumed step, as the resume
+    warning says (loading the checkpoint restores the optimizer's and the scheduler's lr); another
+    run's checkpoint beyond this run's train.max_steps is one sentence, not a run that 'stopped at
+    step 4 of 2'."""
+    args = ["recipe=demo", "train.max_steps=4", "logger=none", "export.merge_at_end=false", "eval.every_n_steps=0",
+            "eval.at_end=[]", "data.eval_files=[]", "optim.scheduler=constant", "optim.warmup_steps=0", "optim.lr=2e-4",
+            "run.name=lr"]
+    train(args + ["train.stop_after_steps=2"], tmp_path)
+    proc = train(args + ["train.resume=auto", "optim.lr=1e-3"], tmp_path)
+    assert "optim.lr 0.0002 -> 0.001" in proc.stdout + proc.stderr
+    lrs = {r["step"]: r["train/lr"] for r in read_metrics(tmp_path / "lr") if "train/lr" in r}
+    assert lrs == {1: pytest.approx(2e-4), 2: pytest.approx(2e-4), 3: pytest.approx(1e-3), 4: pytest.approx(1e-3)}
+    proc = train(["recipe=demo", "logger=none", "train.max_steps=2", "run.name=other", f"train.resume={tmp_path / 'lr'}"],
+                 tmp_path, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dialtune: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "step_0000004 is at step 4, past this run's 2 steps (train.max_steps / train.epochs)" in errors[0]
+    assert "run.name" not in proc.stdout + proc.stderr  # resuming another run's checkpoint by path: no change to warn about

@@ -262,22 +262,32 @@ def resume_changes(root: str, tag: str, cfg, limit: int = 6) -> Optional[str]:
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
     # a setting newer than the checkpoint's dialtune, left at its default, is no change
     default = flatten(OmegaConf.to_container(OmegaConf.structured(DialtuneConfig), resolve=False))
+    routine = _ROUTINE + (("run.name",) if cfg.train.resume != "auto" else ())  # a named checkpoint: another run's, on purpose
     changed = [k for k in sorted(set(then) | set(now))
-               if not k.startswith(_ROUTINE) and then.get(k) != now.get(k)
+               if not k.startswith(routine) and then.get(k) != now.get(k)
                and not (k not in then and k in default and now.get(k) == default[k])]
     if not changed:
         return None
     shown = ", ".join(f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in changed[:limit])
     more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
     return (f"resuming {os.path.join(root, tag)} with settings that differ from the checkpoint's: {shown}{more}; "
-            f"training continues with the new values (is this the run you meant? another run.name starts afresh).")
+            "training continues with the new values" + (" (is this the run you meant? another run.name starts afresh)."
+                                                          if cfg.train.resume == "auto" else "."))
 
 
-def load(engine, root: str, tag: str) -> Dict[str, Any]:
+def load(engine, root: str, tag: str, total_steps: Optional[int] = None) -> Dict[str, Any]:
+    """The trainer state of checkpoint root/tag, loaded into the engine (ConfigError when it lies
+    past the run's total_steps: another run's, or train.max_steps lowered)."""
     _, client = engine.load_checkpoint(root, tag=tag, load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=True)
     if client is None:
         raise FileNotFoundError(f"{os.path.join(root, tag)} is not a complete checkpoint")
+    step = client["trainer"]["step"]
+    if total_steps is not None and step > total_steps:
+        from .config import ConfigError
+
+        raise ConfigError(f"{os.path.join(root, tag)} is at step {step}, past this run's {total_steps} steps "
+                          "(train.max_steps / train.epochs): raise them to continue it, or set train.resume=none.")
     set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{_rank()}.pt"), weights_only=False))
     return client["trainer"]
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 
 
+def _settings(optim_cfg) -> dict:
+    return dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay)
+
+
 def build(optim_cfg, params, device: torch.device):
-    kw = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay)
+    kw = _settings(optim_cfg)
     name = optim_cfg.name
     if name == "adamw":
         return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
@@ -20,3 +24,18 @@ def build(optim_cfg, params, device: torch.device):
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
     raise ValueError(f"unknown optimizer {name}")
+
+
+def reapply(scheduler, optim_cfg) -> None:
+    """After a resume: this run's lr, betas, eps and weight decay, not the checkpoint's (loading
+    restores the optimizer's param groups and the scheduler's base_lrs). The schedule's shape is
+    this run's already (LambdaLR keeps its lambda), so the lr continues as this run's schedule
+    gives it at the resumed step."""
+    kw = _settings(optim_cfg)
+    scheduler.base_lrs = [kw["lr"]] * len(scheduler.optimizer.param_groups)
+    for group in scheduler.optimizer.param_groups:
+        group.update(initial_lr=kw["lr"], **{k: v for k, v in kw.items() if k != "lr"})
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -44,10 +44,8 @@ def nan_activations(model):
 
 def _data_log(line: str) -> None:
     """prepare_cached's lines: its data warnings (skipped, dropped, truncated, leaking) as warnings."""
-    if line.startswith("warning: "):
-        log.warning(line[len("warning: "):])
-    else:
-        log.info(line)
+    level, text = (logging.WARNING, line[len("warning: "):]) if line.startswith("warning: ") else (logging.INFO, line)
+    log.log(level, text)
 
 
 def run(cfg, run_dir: str) -> Dict[str, Any]:
@@ -187,7 +185,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             raise ConfigError(mismatch)
         if is_main and (changes := checkpoint.resume_changes(*found, cfg)):
             log.warning(changes)
-        state = checkpoint.load(engine, *found)
+        state = checkpoint.load(engine, *found, total_steps=total_steps)
+        optim.reapply(scheduler, cfg.optim)  # the settings the resume warning says apply
         log.info("resumed from %s/%s at step %d", found[0], found[1], state["step"])
     elif is_main and (earlier := checkpoint.earlier_run_note(ckpt_root)):
         log.warning(earlier)
