@@ -189,6 +189,13 @@ def task(cfg) -> None:
             sys.exit(REQUEUE_EXIT_CODE)
     except (ConfigError, DataError, ExportError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C: no checkpoint is written for it (SIGTERM / SIGUSR1 write one)
+        if rank() == 0:
+            latest = os.path.join(run_dir, "checkpoints", "latest")
+            kept = (f"the latest checkpoint is {open(latest).read().strip()} (continue with train.resume=auto in the same "
+                    "run directory)" if os.path.isfile(latest) else "no checkpoint was written yet")
+            print(f"\ndialtune: interrupted; {kept}. `kill -TERM` instead saves a checkpoint first.", file=sys.stderr, flush=True)
+        sys.exit(130)
     except OSError as e:
         if "does not appear to have" in str(e) or "not a valid model identifier" in str(e) or "offline mode" in str(e):
             fail(f"model {cfg.model.name_or_path!r} cannot be loaded ({str(e).splitlines()[0]}); check model.name_or_path or your hub access.")

@@ -148,3 +148,23 @@ def test_sigusr1_during_the_final_merge_then_the_requeued_job_writes_it_and_a_th
     written = rerun()
     assert (run / "merged" / "model.safetensors").is_file()
     assert rerun() == written
+
+
+def test_ctrl_c_is_one_sentence_naming_the_latest_checkpoint(tmp_path):
+    """SIGINT (Ctrl-C) stops a one-process run at once: exit 130 and a sentence naming the latest
+    checkpoint and how to continue, not a page of KeyboardInterrupt traceback."""
+    from tests.conftest import TRAIN_PY
+
+    args = [f"run.root={tmp_path}", "train.progress_bar=false", "recipe=demo", "train.max_steps=200", "logger=none",
+            "eval.every_n_steps=0", "data.eval_files=[]", "export.merge_at_end=false", "run.name=c", "train.save_every=2"]
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args], env=run_env(1), cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    latest = tmp_path / "c" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not latest.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err[-3000:]
+    assert "dialtune: interrupted; the latest checkpoint is step_" in err and "train.resume=auto" in err
