@@ -78,9 +78,9 @@ def plain_overrides(overrides) -> list:
     return [o for o in overrides if o not in ("-m", "--multirun") and not _sweep_or_hydra(o)]
 
 
-def override_problem(overrides, validate: bool = False) -> Optional[str]:
+def override_problem(overrides, validate: bool = False, **validate_kw) -> Optional[str]:
     """compose_problem's sentence when the overrides (sweeps aside) do not compose, and with
-    validate, train/validate.py's when the config cannot run; else None. None too when Hydra flags
+    validate, train/validate.py's when the config cannot run (validate_kw: its options); else None. None too when Hydra flags
     other than -m are given (--cfg, --help, -cn ...: Hydra's own business)."""
     from train.config import ConfigError
     from train.validate import validate as validate_config
@@ -97,7 +97,7 @@ def override_problem(overrides, validate: bool = False) -> Optional[str]:
         return compose_problem(e, plain)
     if validate:
         try:
-            validate_config(cfg)
+            validate_config(cfg, **validate_kw)
         except ConfigError as e:
             return str(e)
     return None

@@ -116,6 +116,25 @@ def default_job_name(overrides: Sequence[str]) -> str:
     return "dialtune-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run")
 
 
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def time_limit_seconds(value: str) -> Optional[int]:
+    """Seconds of a SLURM --time value (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; 0 for UNLIMITED and
+    INFINITE), or None when it is none of these."""
+    if value.upper() in ("UNLIMITED", "INFINITE"):
+        return 0
+    m = _TIME.match(value)
+    if m is None:
+        return None
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:  # H:M:S
+        return a * 3600 + b * 60 + c
+    return a * 60 + (b or 0)  # M, M:S
+
+
 def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int = 0, nproc_per_node: int = 1,
            cpus_per_task: Optional[int] = None, mem: Optional[str] = None, time: Optional[str] = None,
            partition: Optional[str] = None, account: Optional[str] = None, qos: Optional[str] = None,
@@ -133,6 +152,14 @@ def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int 
             raise SlurmError(f"{flag} must be an integer >= {low}, not {v!r}")
     if cpus_per_task is not None and (not isinstance(cpus_per_task, int) or cpus_per_task < 1):
         raise SlurmError(f"--cpus-per-task must be an integer >= 1, not {cpus_per_task!r}")
+    if time is not None and str(time) != "":
+        limit = time_limit_seconds(str(time))
+        if limit is None:
+            raise SlurmError(f"--time {time!r} is not a SLURM time limit: give minutes, M:S, H:M:S, D-H, D-H:M or D-H:M:S "
+                             "(e.g. 24:00:00 or 1-12:00:00)")
+        if 0 < limit <= signal_seconds:
+            raise SlurmError(f"--signal-seconds {signal_seconds} is not below --time {time} ({limit} s): training would be "
+                             "told to stop as it starts; give a longer --time or a smaller --signal-seconds")
     gpu = gpus_per_node > 0
     nproc = gpus_per_node if gpu else nproc_per_node
     if cpus_per_task is None and not gpu:
@@ -363,6 +390,13 @@ def cmd_slurm(args: argparse.Namespace) -> int:
             overrides.append(f"run.name={pinned_run_name(overrides)}")
         except SlurmError as e:
             print(f"dialtune: error: {e}", file=sys.stderr)
+            return 2
+    from launch.prepare import override_problem
+
+    # what the job would stop on, said before it queues (paths are the nodes' business); a dry run shows the script anyway
+    if problem := override_problem(overrides, validate=True, cuda_available=args.gpus_per_node > 0, files=False):
+        print(f"dialtune: {'warning' if args.dry_run else 'error'}: {problem}", file=sys.stderr)
+        if not args.dry_run:
             return 2
     log_dir = args.log_dir or default_log_dir(overrides)
     try:

@@ -121,6 +121,17 @@ def test_a_hub_model_offline_must_be_in_the_cache_at_its_revision(monkeypatch, t
     assert "model.tokenizer='acme/other'" in model_dir_problem("acme/model", "acme/other")
 
 
+def test_wandb_online_without_a_key_is_refused_at_start(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(ConfigError, match=r"^logger.mode=online needs a W&B API key, .* run `wandb login`"):
+        validate(_compose(["logger=wandb", "logger.mode=online"]), cuda_available=False)
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / "netrc").chmod(0o600)
+    validate(_compose(["logger=wandb", "logger.mode=online"]), cuda_available=False)
+    validate(_compose(["logger=wandb", "logger.mode=offline"]), cuda_available=False)
+
+
 def test_customer_service_data_without_its_folder_names_the_variable(monkeypatch, tmp_path):
     monkeypatch.delenv("DIALTUNE_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)  # where ../shared/data is not

@@ -335,3 +335,21 @@ def test_node_launcher_lets_ranks_finish_after_sigterm(tmp_path):
     p, out, _ = _signal_launcher(tmp_path, signal.SIGTERM)
     assert (tmp_path / "saved").exists() and p.returncode == 7, out
     assert "death signal" not in out, out
+
+
+def test_submission_refuses_what_the_job_would_stop_on_but_not_the_nodes_paths(tmp_path):
+    """The start-up checks of launch/train.py run at submission (a dry run warns and still shows
+    the script); data files that only the nodes see are left to the job. --time is checked too."""
+    proc = cli(f"run.root={tmp_path}", "--gpus-per-node", "4", "quant=int8", "deepspeed=zero3")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dialtune: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "ZeRO-3" in errors[0], proc.stderr
+    assert not (tmp_path / "slurm-logs").exists()
+    proc = cli("--dry-run", f"run.root={tmp_path}", "--gpus-per-node", "4", "quant=int8", "deepspeed=zero3")
+    assert proc.returncode == 0 and proc.stdout.startswith("#!/bin/bash") and "dialtune: warning: quant=int8" in proc.stderr
+    proc = cli("--dry-run", f"run.root={tmp_path}", "--gpus-per-node", "4", "data=custom", "data.train_files=[/nodes/only.jsonl]")
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+    for time, said in (("abc", "--time 'abc' is not a SLURM time limit"), ("25h", "--time '25h' is not a SLURM time limit"),
+                       ("1", "--signal-seconds 120 is not below --time 1 (60 s)")):
+        proc = cli("--dry-run", f"run.root={tmp_path}", "run.name=t", "--time", time)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"dialtune: error: {said}"), proc.stderr
+    assert cli("--dry-run", f"run.root={tmp_path}", "run.name=t", "--time", "1-12:00").returncode == 0

@@ -105,10 +105,12 @@ def hub_id_problem(key: str, value: str, revision: Optional[str] = None) -> Opti
     return None
 
 
-def validate(cfg, cuda_available: Optional[bool] = None) -> None:
-    """Raise ConfigError (one sentence) for a config that cannot run."""
-    problem = unknown_key_problem(cfg) or model_dir_problem(cfg.model.name_or_path, cfg.model.tokenizer,
-                                                           revision=cfg.model.revision)
+def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> None:
+    """Raise ConfigError (one sentence) for a config that cannot run. files=False (`dialtune slurm`
+    on a login node, whose paths may differ from the nodes'): no check of files, directories or the
+    hub cache."""
+    problem = unknown_key_problem(cfg) or (files and model_dir_problem(cfg.model.name_or_path, cfg.model.tokenizer,
+                                                                       revision=cfg.model.revision))
     if problem:
         raise ConfigError(problem)
     for key, allowed in _CHOICES.items():
@@ -155,19 +157,22 @@ def validate(cfg, cuda_available: Optional[bool] = None) -> None:
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is too short to hold a conversation; use at least 16.")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
-    validate_data(cfg.data)
-    validate_eval(cfg.eval)
+    validate_data(cfg.data, files=files)
+    validate_eval(cfg.eval, files=files)
     if cfg.kernels.ce_chunk_size < 1 or cfg.kernels.checkpoint_every < 1:
         raise ConfigError("kernels.ce_chunk_size and kernels.checkpoint_every must be at least 1.")
     if problem := budget_problem(cfg.kernels.memory_budget_gib, cfg.kernels.checkpoint_every):
         raise ConfigError(problem)
-    if t.resume not in ("none", "auto"):
+    if files and t.resume not in ("none", "auto"):
         from train.checkpoint import resume_path
 
         try:
             resume_path(t.resume)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.logger.backend == "wandb" and cfg.logger.mode == "online" and not _wandb_key():
+        raise ConfigError("logger.mode=online needs a W&B API key, and neither WANDB_API_KEY nor ~/.netrc has one: run "
+                          "`wandb login`, set WANDB_API_KEY, or use logger.mode=offline (sync later) or logger=none.")
     if cfg.export.checkpoint not in ("last", "best"):
         raise ConfigError(f"export.checkpoint={cfg.export.checkpoint!r} is not one of last, best.")
     ev = cfg.eval
@@ -184,7 +189,7 @@ def validate(cfg, cuda_available: Optional[bool] = None) -> None:
             raise ConfigError(f"export.hub_repo_id={cfg.export.hub_repo_id!r}: {problem}.")
 
 
-def validate_eval(e) -> None:
+def validate_eval(e, files: bool = True) -> None:
     for key in ("during_training", "at_end"):
         bad = [p for p in e[key] if p not in ("lm", "intent", "response")]
         if bad:
@@ -196,13 +201,13 @@ def validate_eval(e) -> None:
     if bad:
         raise ConfigError(f"eval.decoding has {bad[0]!r}; decodings are greedy and sampled.")
     for i, path in enumerate(e.intent_files):
-        if not os.path.exists(path):
+        if files and not os.path.exists(path):
             raise ConfigError(f"eval.intent_files[{i}]: file {path!r} does not exist; check the path.")
     if e.batch_size < 1 or e.max_new_tokens < 1 or e.every_n_steps < 0:
         raise ConfigError("eval.batch_size and eval.max_new_tokens must be at least 1, eval.every_n_steps at least 0.")
 
 
-def validate_data(d, training: bool = True) -> None:
+def validate_data(d, training: bool = True, files: bool = True) -> None:
     """The data section alone (also what `dialtune prepare` checks; `dialtune eval`, which reads
     only the held-out side, passes training=False: no data_mix_problem)."""
     for key, allowed in _CHOICES.items():
@@ -214,14 +219,14 @@ def validate_data(d, training: bool = True) -> None:
         raise ConfigError("no training data: pass data.train_files=[path/to/train.jsonl] or data.sources=[{path: ..., weight: 1}].")
     for key in ("train_files", "eval_files"):
         for i, path in enumerate(d[key]):
-            if not os.path.exists(path):
+            if files and not os.path.exists(path):
                 if path.startswith(DATA_DIR_DEFAULT + "/") and "DIALTUNE_DATA_DIR" not in os.environ:  # data=customer_service
                     raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist: data=customer_service reads the full "
                                       "public files from $DIALTUNE_DATA_DIR, which is not set; set it to the folder that "
                                       "holds them (the datasets data_pipeline/sample_data/README.md names).")
                 raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist; check the path (relative paths are taken from {os.getcwd()}).")
     for i, s in enumerate(d.sources):
-        if not os.path.exists(s.path):
+        if files and not os.path.exists(s.path):
             raise ConfigError(f"data.sources[{i}].path: {s.path!r} does not exist; check the path.")
         if s.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive (remove the source to leave it out).")
@@ -260,3 +265,18 @@ def data_mix_problem(d) -> Optional[str]:
                 + ": " + ("set data.eval_files=[]" if key.startswith("data.eval_files") else "remove that source")
                 + " to carve the held-out set, or set data.eval_fraction=0 to keep the file.")
     return None
+
+
+def _wandb_key() -> bool:
+    """Whether W&B will find an API key: WANDB_API_KEY, or the netrc entry `wandb login` writes."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
