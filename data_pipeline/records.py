@@ -137,7 +137,10 @@ def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:
                 ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
             for i, row in enumerate(ds):
                 yield f"{path}:row {i + 1}", row
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except gzip.BadGzipFile:
+        raise DataError(f"{path}: not gzip-compressed, though its name ends in .gz; rename it without .gz (or compress "
+                        "it with gzip).") from None
+    except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot be read ({e}); check that it exists and is a readable {kind} file.") from None
 
 

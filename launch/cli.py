@@ -164,11 +164,13 @@ def cmd_merge(args) -> int:
         from train.checkpoint import best_tag
 
         state = ckpt_root / ((ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else "-") / "trainer_state.json"
-        tag = best_tag(json.loads(state.read_text())) if state.is_file() else None
-        if tag is None:
+        best = json.loads(state.read_text()).get("best") if state.is_file() else None
+        if best is None:
             print(f"dialtune: error: {run_dir} recorded no checkpoint's held-out loss (a run does when eval.every_n_steps "
                   "divides train.save_every); pass --checkpoint step_N.", file=sys.stderr)
             return 2
+        tag = best_tag({"best": best})
+        print(f"dialtune: best: {tag} (held-out loss {best['eval_loss']:.4f}, the lowest measured at a checkpoint)", file=sys.stderr)
     ckpt = ckpt_root / tag
     needed = ckpt / ("trainer_state.json" if cfg.peft.method == "none" else "adapter")
     if not needed.exists():

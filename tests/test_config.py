@@ -79,7 +79,10 @@ def test_unknown_key_is_rejected():
     (["export.hub_repo_id='acme/support bot'"], "export.hub_repo_id"),
     (["export.hub_repo_id=a/b/c"], "namespace/repo_name"),
     (["export.checkpoint=best", "eval.every_n_steps=3", "train.save_every=10"],
-     r"export.checkpoint=best picks .* set eval.every_n_steps to a divisor of train.save_every \(now 3 and 10\)"),
+     r"export.checkpoint=best picks .* set eval.every_n_steps dividing train.save_every \(now 3 and 10\).$"),
+    (["export.checkpoint=best", "train.save_every=0"], r"export.checkpoint=best .* set train.save_every > 0 \(now 0\).$"),
+    (["export.checkpoint=best", "eval.every_n_steps=2", "train.save_every=4", "eval.during_training=[intent]"],
+     r"set lm in eval.during_training \(now \['intent'\]\).$"),
     (["export.checkpoint=first"], "export.checkpoint='first' is not one of last, best"),
     # the default data=sample left beside the user's sources: the sample would be trained on
     ([f"data.sources=[{{path: {OWN}}}]"], r"^data.train_files\[0\]='\S*sample_data/train.jsonl' is the bundled sample \(data=sample, "
@@ -207,8 +210,14 @@ def test_resume_accepts_a_checkpoint_its_latest_file_or_its_run_and_names_anythi
     (run / "checkpoints" / "latest").unlink()
     with pytest.raises(ConfigError, match="is a run directory without a finished checkpoint"):
         validate(_compose([f"train.resume={run}"]), cuda_available=False)
+    (tmp_path / "elsewhere").mkdir()
     with pytest.raises(ConfigError, match="is neither none, auto, a checkpoint directory"):
+        validate(_compose([f"train.resume={tmp_path / 'elsewhere'}"]), cuda_available=False)
+    with pytest.raises(ConfigError, match=r"nowhere' does not exist.$"):
         validate(_compose([f"train.resume={tmp_path / 'nowhere'}"]), cuda_available=False)
+    with pytest.raises(ConfigError, match=r"step_0000002' does not exist \(train.keep_checkpoints may have rotated it away; "
+                                          r"\S+checkpoints keeps step_0000004\).$"):
+        validate(_compose([f"train.resume={run / 'checkpoints' / 'step_0000002'}"]), cuda_available=False)
 
 
 def test_rows_longer_than_the_models_positions_are_flagged():

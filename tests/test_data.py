@@ -88,6 +88,13 @@ def test_the_bundled_sample_is_known_by_its_folder_even_as_links(tmp_path, monke
     assert records.is_bundled_sample(str(sample / "train.jsonl")) and not records.is_bundled_sample(str(store / "object"))
 
 
+def test_a_gz_name_on_a_plain_file_says_so(tmp_path):
+    fake = tmp_path / "a.jsonl.gz"
+    fake.write_text(json.dumps(GOOD[0]) + "\n")
+    with pytest.raises(DataError, match=rf"^{fake}: not gzip-compressed, though its name ends in .gz; rename it without .gz"):
+        list(read_records(str(fake)))
+
+
 def test_reading_is_streaming(tmp_path):
     """The reader yields the first record before it has looked at the (broken) rest."""
     path = tmp_path / "big.jsonl"

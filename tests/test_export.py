@@ -349,6 +349,7 @@ def test_export_checkpoint_best_merges_the_lowest_eval_loss_and_rotation_keeps_i
     assert Path(_summary(run / "merged")["checkpoint"]).resolve() == best_dir.resolve()
     proc = _cli("merge", run, "--checkpoint", "best", "--out", tmp_path / "again", "--eval-conversations", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"dialtune: best: {best_dir.name} (held-out loss {evals[best]:.4f}" in proc.stderr
     assert Path(_summary(tmp_path / "again")["checkpoint"]).resolve() == best_dir.resolve()
 
 

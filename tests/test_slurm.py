@@ -348,8 +348,8 @@ def test_submission_refuses_what_the_job_would_stop_on_but_not_the_nodes_paths(t
     assert proc.returncode == 0 and proc.stdout.startswith("#!/bin/bash") and "dialtune: warning: quant=int8" in proc.stderr
     proc = cli("--dry-run", f"run.root={tmp_path}", "--gpus-per-node", "4", "data=custom", "data.train_files=[/nodes/only.jsonl]")
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
-    for time, said in (("abc", "--time 'abc' is not a SLURM time limit"), ("25h", "--time '25h' is not a SLURM time limit"),
+    for limit, said in (("abc", "--time 'abc' is not a SLURM time limit"), ("25h", "--time '25h' is not a SLURM time limit"),
                        ("1", "--signal-seconds 120 is not below --time 1 (60 s)")):
-        proc = cli("--dry-run", f"run.root={tmp_path}", "run.name=t", "--time", time)
+        proc = cli("--dry-run", f"run.root={tmp_path}", "run.name=t", "--time", limit)
         assert proc.returncode == 2 and proc.stderr.startswith(f"dialtune: error: {said}"), proc.stderr
     assert cli("--dry-run", f"run.root={tmp_path}", "run.name=t", "--time", "1-12:00").returncode == 0

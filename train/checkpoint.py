@@ -208,6 +208,11 @@ def resume_path(resume: str) -> Tuple[str, str]:
     if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "config.yaml")):
         raise ValueError(f"train.resume={resume!r} is a run directory without a finished checkpoint (no checkpoints/latest); "
                          "train.resume=none starts afresh.")
+    if not os.path.exists(path):
+        parent = os.path.dirname(path)
+        kept = sorted(p for p in os.listdir(parent) if p.startswith("step_") and not p.endswith(".tmp")) if os.path.isdir(parent) else []
+        raise ValueError(f"train.resume={resume!r} does not exist" + (f" (train.keep_checkpoints may have rotated it away; "
+                         f"{parent} keeps {', '.join(kept)})" if kept else "") + ".")
     raise ValueError(f"train.resume={resume!r} is neither none, auto, a checkpoint directory (checkpoints/step_N) nor a run directory.")
 
 

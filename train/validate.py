@@ -176,11 +176,14 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
     if cfg.export.checkpoint not in ("last", "best"):
         raise ConfigError(f"export.checkpoint={cfg.export.checkpoint!r} is not one of last, best.")
     ev = cfg.eval
-    if cfg.export.checkpoint == "best" and not (t.save_every > 0 and ev.every_n_steps > 0 and t.save_every % ev.every_n_steps == 0
-                                                 and "lm" in ev.during_training):
-        raise ConfigError(f"export.checkpoint=best picks the checkpoint with the lowest held-out loss, so each needs one measured at "
-                          f"its step: set eval.every_n_steps to a divisor of train.save_every (now {ev.every_n_steps} and "
-                          f"{t.save_every}), with lm in eval.during_training.")
+    if cfg.export.checkpoint == "best":
+        needs = ("train.save_every > 0 (now 0)" if t.save_every <= 0 else
+                 f"eval.every_n_steps dividing train.save_every (now {ev.every_n_steps} and {t.save_every})"
+                 if ev.every_n_steps <= 0 or t.save_every % ev.every_n_steps else
+                 f"lm in eval.during_training (now {list(ev.during_training)})" if "lm" not in ev.during_training else None)
+        if needs:
+            raise ConfigError("export.checkpoint=best picks the checkpoint with the lowest held-out loss, so each needs one "
+                              f"measured at its step: set {needs}.")
     if cfg.export.hub_repo_id:
         from model.card import repo_id_problem
 
