@@ -1,6 +1,7 @@
 """Load the base model (dtype, attention, bitsandbytes quantization) and attach the adapter."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -35,6 +36,39 @@ def load_tokenizer(model_cfg, base_path: Optional[str] = None):
     return tok
 
 
+TINY_MARKER = "dialtune_tiny.json"  # the model.tiny settings (and added tokens) a tiny base was built with
+
+
+def _tiny_settings(model_cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return {**OmegaConf.to_container(model_cfg.tiny, resolve=True), "add_tokens": list(model_cfg.add_tokens)}
+
+
+def tiny_base(model_cfg, run_dir: str, build: bool) -> str:
+    """<run_dir>/base, the embedded tiny model as model.tiny describes it: built when missing, or
+    rebuilt when built with other settings while no checkpoint depends on it (build: this rank
+    writes); ValueError (one sentence) when checkpoints do. A base without the marker (older runs)
+    is kept as it is."""
+    base = os.path.join(run_dir, "base")
+    marker = os.path.join(base, TINY_MARKER)
+    if os.path.isfile(os.path.join(base, "config.json")):
+        if not os.path.isfile(marker):
+            return base
+        with open(marker) as f:
+            built = json.load(f)
+        if built == _tiny_settings(model_cfg):
+            return base
+        if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
+            changed = ", ".join(f"model.tiny.{k} {built.get(k)!r} -> {v!r}" if k != "add_tokens" else f"model.add_tokens -> {v!r}"
+                                for k, v in _tiny_settings(model_cfg).items() if built.get(k) != v)
+            raise ValueError(f"{base} was built with other tiny-model settings ({changed}) and this run's checkpoints need it: "
+                             "keep them, or use another run.name.")
+    if build:
+        build_tiny(model_cfg, load_tokenizer(model_cfg), base)
+    return base
+
+
 def build_tiny(model_cfg, tokenizer, out_dir: str) -> str:
     """Write the embedded tiny random Llama (and its tokenizer) to out_dir; deterministic by seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -60,6 +94,8 @@ def build_tiny(model_cfg, tokenizer, out_dir: str) -> str:
     tmp = f"{out_dir}.tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, TINY_MARKER), "w") as f:
+        json.dump(_tiny_settings(model_cfg), f, indent=2)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

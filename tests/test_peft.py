@@ -130,3 +130,25 @@ def test_added_special_token_is_trained_and_exported(tmp_path):
     # the new output row moved away from its initialisation: it was trained
     assert (merged.get_output_embeddings().weight[new_id] - base.get_output_embeddings().weight[new_id]).abs().max() > 1e-3
     assert json.loads((run / "merged" / "export_summary.json").read_text())["verify_max_abs_logit_diff"] <= 1e-4
+
+
+def test_the_tiny_base_follows_model_tiny_unless_checkpoints_need_the_old_one(tmp_path):
+    """<run_dir>/base is rebuilt when model.tiny changes and nothing was trained on it yet; with
+    checkpoints of the run it is kept, and the run stops naming the changed settings."""
+    from transformers import AutoConfig
+
+    model_cfg = OmegaConf.structured(DialtuneConfig).model
+    run = tmp_path / "run"
+    base = loader.tiny_base(model_cfg, str(run), build=True)
+    assert AutoConfig.from_pretrained(base).num_hidden_layers == model_cfg.tiny.num_hidden_layers
+    model_cfg.tiny.num_hidden_layers = 1
+    assert loader.tiny_base(model_cfg, str(run), build=False) == base  # another rank: reads, never writes
+    loader.tiny_base(model_cfg, str(run), build=True)
+    assert AutoConfig.from_pretrained(base).num_hidden_layers == 1
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step_0000002")
+    model_cfg.tiny.num_hidden_layers = 3
+    with pytest.raises(ValueError, match=r"was built with other tiny-model settings \(model.tiny.num_hidden_layers 1 -> 3\) "
+                                         r"and this run's checkpoints need it: keep them, or use another run.name.$"):
+        loader.tiny_base(model_cfg, str(run), build=True)
+    assert AutoConfig.from_pretrained(base).num_hidden_layers == 1

@@ -68,9 +68,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     base_path = cfg.model.name_or_path
     if base_path == "tiny":
-        base_path = os.path.join(run_dir, "base")
-        if is_main and not os.path.isfile(os.path.join(base_path, "config.json")):
-            loader.build_tiny(cfg.model, loader.load_tokenizer(cfg.model), base_path)
+        try:
+            base_path = loader.tiny_base(cfg.model, run_dir, build=is_main)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         distributed.barrier()
     tokenizer = loader.load_tokenizer(cfg.model, base_path if cfg.model.name_or_path == "tiny" else None)
     apply_named_template(tokenizer, cfg.data.chat_template)
