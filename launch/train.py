@@ -89,9 +89,11 @@ def print_summary(summary: dict) -> None:
     lines = ["", "dialtune: training finished" if done else
              f"dialtune: training stopped at step {summary['steps']} of {summary['total_steps']} (resume with train.resume=auto)"]
     for key, label in (("run_dir", "run directory"), ("metrics", "metrics (JSONL)"), ("adapter", "adapter"),
-                       ("merged", "merged checkpoint"), ("wandb_dir", "W&B run (sync with `wandb sync`)")):
+                       ("merged", "merged checkpoint"), ("wandb_dir", "W&B run")):
         if summary.get(key):
             lines.append(f"  {label:<34} {summary[key]}")
+    if "offline-run-" in (summary.get("wandb_dir") or ""):  # a resumed run has one per job: sync them all
+        lines.append(f"  {'sync it to W&B':<34} wandb sync {os.path.join(os.path.dirname(summary['wandb_dir']), 'offline-run-*')}")
     if "eval/loss" in summary:
         lines.append(f"  {'held-out loss / perplexity':<34} {summary['eval/loss']:.4f} / {summary['eval/ppl']:.2f}")
     if summary.get("merged") and summary.get("export_checkpoint") not in (None, summary.get("checkpoint")):

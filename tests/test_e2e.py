@@ -45,6 +45,7 @@ def test_two_ranks_ran_and_loss_goes_down(demo_run):
     assert len(evals) == 2 and evals[1] < evals[0]
     assert "training finished" in proc.stdout and str(run_dir / "merged") in proc.stdout
     assert f"dialtune report {run_dir}" in proc.stdout
+    assert f"wandb sync {run_dir / 'wandb' / 'offline-run-*'}" in proc.stdout  # every job's part of a resumed run
 
 
 def test_no_shared_memory_left_behind(demo_run):

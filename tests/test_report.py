@@ -137,3 +137,15 @@ def test_metrics_without_eval_or_anything_else(tmp_path):
     md = (run / "report" / "report.md").read_text()
     assert "| last logged step | 10 |" in md and "Held-out eval" not in md and "Latest evaluation" not in md
     assert "No summary.json" in md and "1 unreadable line(s) of metrics.jsonl were skipped." in md
+
+
+def test_data_summary_names_sources_by_their_short_name():
+    """W&B splits summary keys at slashes: a source's absolute path would become nested sections."""
+    from train.metrics import data_summary
+
+    stats = {"train": {"conversations": 3, "sources": {"/data/a/support.jsonl.gz": {"tokens": 10}, "/x/faq.jsonl": {"tokens": 5}}},
+             "eval": {"sources": {"/data/b/support.jsonl": {"tokens": 2}}}, "max_seq_len": 512}
+    assert data_summary(stats) == {"data/train/conversations": 3, "data/train/sources/support/tokens": 10,
+                                   "data/train/sources/faq/tokens": 5, "data/eval/sources/support/tokens": 2,
+                                   "data/max_seq_len": 512}
+

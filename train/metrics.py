@@ -108,3 +108,19 @@ def _init_wandb(run_dir: str, cfg, config: Dict[str, Any], resuming: bool):
         config=config,
         settings=wandb.Settings(silent=True, console="off"),
     )
+
+
+def data_summary(stats: Dict[str, Any]) -> Dict[str, Any]:
+    """The dataset report (data_stats.json) as summary scalars under data/, each source under its
+    short name (train/evaluate.source_names, as eval/loss/<source>), not its path, whose slashes
+    W&B would split into nested sections."""
+    from .config import flatten
+    from .evaluate import source_names
+
+    stats = dict(stats)
+    for split in ("train", "eval"):
+        if isinstance(stats.get(split), dict) and isinstance(stats[split].get("sources"), dict):
+            by_path = stats[split]["sources"]
+            stats[split] = {**stats[split], "sources": dict(zip(source_names(list(by_path)), by_path.values()))}
+    return {f"data/{k}": v for k, v in flatten(stats, "/").items() if isinstance(v, (int, float, str))}
+

@@ -29,9 +29,9 @@ from model import attention, dequantize, fused_lora, kernels, loader, memory
 
 from . import checkpoint, distributed, eval_results, flops, optim, signals
 from . import evaluate as suite
-from .config import ConfigError, flatten
+from .config import ConfigError
 from .ds_config import lr_lambda, mixed_precision, render
-from .metrics import Metrics, memory_gb
+from .metrics import Metrics, data_summary, memory_gb
 
 log = logging.getLogger("dialtune")
 
@@ -200,9 +200,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if is_main:
         with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
             json.dump(data_stats, f, indent=2)
-        metrics.summary({"params/trainable": n_trainable, "params/total": n_total,
-                         **{f"data/{k}": v for k, v in flatten(data_stats, "/").items() if isinstance(v, (int, float, str))}})
-        log.info("run dir %s | %d train / %d eval conversations | %d steps | %d ranks | trainable %.2f M of %.2f M params",
+        metrics.summary({"params/trainable": n_trainable, "params/total": n_total, **data_summary(data_stats)})
+        log.info("run dir %s | %d train / %d eval conversations | steps: %d | ranks: %d | trainable %.2f M of %.2f M params",
                  run_dir, len(train_ds), len(eval_ds) if eval_ds is not None else 0, total_steps, world,
                  n_trainable / 1e6, n_total / 1e6)
 
