@@ -194,10 +194,16 @@ def build_blocks(run_dir: Path, rows: list, plots: dict, notes: list, max_sample
     stats = _load_json(run_dir / "data_stats.json", notes)
     if isinstance(stats, dict):
         blocks += [("h2", "Data"), *_data_section(stats)]
+    elif not (run_dir / "data_stats.json").exists():
+        notes.append("No data_stats.json: the run stopped before its data was prepared; the Data section is left out.")
     export = _load_json(run_dir / "export_summary.json", notes) or _load_json(run_dir / "merged" / "export_summary.json", notes)
     if isinstance(export, dict):
         blocks += [("h2", "Merged export"), ("table", ["key", "value"], [[k, _fmt(v)] for k, v in _scalars(export)])]
+    elif export is None:
+        notes.append(f"No merged/export_summary.json: the run has no merged checkpoint yet (`dialtune merge {run_dir}`).")
     res = _load_json(run_dir / "eval" / "results.json", notes)
+    if res is None and not (run_dir / "eval" / "results.json").exists():
+        notes.append(f"No eval/results.json: no end-of-training evaluation yet (`dialtune eval {run_dir}`).")
     if isinstance(res, dict):
         try:
             blocks += [("h2", "Latest evaluation"), *_eval_section(res)]

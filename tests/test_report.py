@@ -56,6 +56,8 @@ def run_dir(tmp_path):
         "train": {"conversations": 307, "tokens": 80885, "target_tokens": 46100, "target_share": 0.57,
                   "length": {"p50": 225, "p90": 469, "p99": 508, "max": 512}, "sources": {"train.jsonl": {}}}}))
     (run / "eval" / "results.json").write_text(json.dumps(RESULTS))
+    (run / "merged").mkdir()
+    (run / "merged" / "export_summary.json").write_text(json.dumps({"dtype": "fp32", "verify_max_abs_logit_diff": 2e-6}))
     _write_jsonl(run / "eval" / "samples.jsonl", [
         {"context": "user: where is my card?", "reference": "It ships in 3 days.", "generation": EVIL, "decoding": "greedy"},
         {"context": "user: hi ```code```", "reference": "Hello!", "generation": "Hi, how can I help?", "decoding": "sampled"},
@@ -137,6 +139,10 @@ def test_metrics_without_eval_or_anything_else(tmp_path):
     md = (run / "report" / "report.md").read_text()
     assert "| last logged step | 10 |" in md and "Held-out eval" not in md and "Latest evaluation" not in md
     assert "No summary.json" in md and "1 unreadable line(s) of metrics.jsonl were skipped." in md
+    # a run stopped early: what is missing is said, with the command that makes it
+    assert f"No merged/export_summary.json: the run has no merged checkpoint yet (`dialtune merge {run}`)." in md
+    assert f"No eval/results.json: no end-of-training evaluation yet (`dialtune eval {run}`)." in md
+    assert "No data_stats.json" in md
 
 
 def test_data_summary_names_sources_by_their_short_name():

@@ -373,7 +373,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "global_batch_size": mb * gas * world,
                "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter") if cfg.peft.method != "none" else None,
                "best_checkpoint": best_ckpt, "best_eval_loss": state["best"]["eval_loss"] if best_ckpt else None,
-               "export_checkpoint": best_ckpt if cfg.export.checkpoint == "best" and best_ckpt else final_ckpt,
+               "export_checkpoint": (best_ckpt if cfg.export.checkpoint == "best" and best_ckpt else final_ckpt)
+               if state["step"] == total_steps else None,
                "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
                "fast_int8_layers": fast_int8, "fused_lora_layers": fused_layers,
                "fused_lora_parts": sorted(fused_lora.fused_parts(model)) if fused_layers else [], "fused_ce": not no_fused, "checkpointed_layers": recomputed,
