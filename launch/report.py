@@ -282,6 +282,9 @@ def write_report(run_dir, out_dir=None, max_samples: int = 10) -> dict:
         raise ReportError(f"{run_dir} does not exist or is not a directory: pass the run directory training wrote.")
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
+        for up in (run_dir.parent, run_dir.parent.parent):  # <run>/merged, <run>/eval, <run>/checkpoints/step_N
+            if (up / "metrics.jsonl").is_file():
+                raise ReportError(f"{run_dir} lies inside the run directory {up}: pass that (`dialtune report {up}`).")
         raise ReportError(f"{run_dir} has no metrics.jsonl: is it a dialtune run directory?")
     notes = []
     rows = read_metrics(metrics, notes)

@@ -145,6 +145,16 @@ def test_metrics_without_eval_or_anything_else(tmp_path):
     assert "No data_stats.json" in md
 
 
+def test_a_directory_inside_a_run_names_the_run(run_dir):
+    from launch.report import ReportError
+
+    step = run_dir / "checkpoints" / "step_0000010"
+    step.mkdir(parents=True)
+    for inside in (step, run_dir / "merged"):
+        with pytest.raises(ReportError, match=rf"^{inside} lies inside the run directory {run_dir}: pass that"):
+            write_report(inside)
+
+
 def test_data_summary_names_sources_by_their_short_name():
     """W&B splits summary keys at slashes: a source's absolute path would become nested sections."""
     from train.metrics import data_summary
