@@ -58,8 +58,9 @@ def _tokenize_by_prefix(tokenizer, messages, eot_id):
     """Assistant spans from prefix renders, for templates without {% generation %} tags.
 
     The conversation is rendered once and tokenized once (with offsets); each assistant turn's
-    span is [render(msgs[:i], generation prompt) , end of the first end-of-turn token after its
-    content), so the template's own separators after the end-of-turn token stay unlabelled.
+    span is [render(msgs[:i], generation prompt), end of the last end-of-turn token in
+    render(msgs[:i+1])), so the template's own separators after the end-of-turn token stay
+    unlabelled, whatever the template does to the content (trim it, say).
     A conversation that opens with the assistant (ABCD's agent greeting) has no prefix to render
     (transformers refuses an empty conversation, and templates that write BOS only before the
     first message would render the generation prompt without it): its span starts where the
@@ -79,9 +80,17 @@ def _tokenize_by_prefix(tokenizer, messages, eot_id):
             start_text = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
         if start_text is None or not full.startswith(start_text):
             raise DataError("the chat template renders a conversation prefix differently from the whole; set data.chat_template to a named template.")
-        content_at = full.find(m["content"], len(start_text))
-        end = full.find(eot_text, content_at + len(m["content"])) if content_at >= 0 else -1
-        end = end + len(eot_text) if end >= 0 else len(tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False))
+        # the turn ends where the render of the conversation up to it ends; its span, at the last
+        # end-of-turn token inside (not at the raw content, which the template may have changed:
+        # Llama-3's trims it); a template that renders a final turn unlike a middle one (the
+        # prefix is not a prefix of the whole) gets the first end-of-turn token after the start
+        upto = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False)
+        if full.startswith(upto):
+            end = full.rfind(eot_text, len(start_text), len(upto))
+            end = end + len(eot_text) if end >= 0 else len(upto.rstrip())
+        else:
+            end = full.find(eot_text, len(start_text))
+            end = end + len(eot_text) if end >= 0 else len(full.rstrip())
         spans.append((len(start_text), end))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels = enc["input_ids"], []

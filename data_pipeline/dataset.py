@@ -21,7 +21,7 @@ from .records import Problem, read_records, to_messages
 from .validate import Report, clean, counts_text
 
 EVAL_MESSAGES = "eval_messages.jsonl"
-DATA_VERSION = 4  # 4: eval_fraction split by content (not by the path's spelling); overlap stats
+DATA_VERSION = 5  # 5: assistant spans of tag-free templates end at the turn's end-of-turn token (trimming templates); 4: eval_fraction split by content
 TRUNCATED_WARN_SHARE = 0.10  # warn when more of the conversations than this were truncated (the bundled sample: 5.4% at 512)
 
 

@@ -230,6 +230,36 @@ def test_named_templates_label_per_token_like_transformers(tokenizer, name):
     assert tok.convert_ids_to_tokens(eot) == closing and eot in [t for t in labels if t != IGNORE]
 
 
+TRIMMING = ("{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+            "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + '<|im_end|>' }}{% endgeneration %}"
+            "{% else %}{{ message['content'] | trim + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("messages", [
+    # the assistant's raw content ("Sure ") is not in the render, but the next user turn starts with it
+    [(U, "hi"), (A, "Sure "), (U, "Sure thing, my card was stolen"), (A, "I am sorry.")],
+    # the raw content is nowhere in the render
+    [(U, "hi"), (A, "Hello "), (U, "bye"), (A, " Bye.")],
+])
+def test_prefix_labels_hold_when_the_template_changes_the_content(messages):
+    """A template that trims the content (Llama-3's does) and has no generation tags: the labels from
+    prefix renders are exactly transformers' assistant mask of the same template with tags — no
+    user turn and no separator after the end-of-turn token labelled."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    msgs = [{"role": r, "content": c} for r, c in messages]
+    tok.chat_template = TRIMMING
+    out = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    tok.chat_template = TRIMMING.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    ids, labels = _tokenize_by_prefix(tok, msgs, end_of_turn_id(tok))
+    assert ids == list(out["input_ids"])
+    assert [l != IGNORE for l in labels] == [bool(m) for m in out["assistant_masks"]]
+
+
 # ---- tokenization errors, strict after lenient, warnings ------------------------------------------
 
 ALTERNATE_ONLY = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must alternate "
