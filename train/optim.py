@@ -2,6 +2,8 @@
 8-bit AdamW, and DeepSpeed's CPU Adam for ZeRO-Offload."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -39,3 +41,28 @@ def reapply(scheduler, optim_cfg) -> None:
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
+
+
+@contextlib.contextmanager
+def without_initial_step(optimizer, active: bool = True):
+    """Around deepspeed.initialize: DeepSpeed's bf16/fp16 wrappers without ZeRO (FP16_Optimizer,
+    FP16_UnfusedOptimizer) create the optimizer states with one step on zero gradients. Adam then
+    counts a step that never happened (its bias correction makes the first real update 0.74x) and
+    AdamW decays the weights once. lr and weight decay are held at 0 for that step (the weights stay
+    as they are) and the states it made are dropped (created again at the first real step)."""
+    if not active:
+        yield
+        return
+    held = [(g["lr"], g.get("weight_decay")) for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+        if "weight_decay" in g:
+            g["weight_decay"] = 0.0
+    try:
+        yield
+    finally:
+        for g, (lr, wd) in zip(optimizer.param_groups, held):
+            g["lr"] = lr
+            if wd is not None:
+                g["weight_decay"] = wd
+        optimizer.state.clear()

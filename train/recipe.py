@@ -109,7 +109,6 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                                sliding_window=layout["window"], pad_to=cfg.data.max_seq_len if cfg.kernels.compile else None),
                 [len(d["input_ids"]) for row in rows for d in row])
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
-
     pad_id = tokenizer.pad_token_id
 
     # ---- model --------------------------------------------------------------------------------
@@ -155,8 +154,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     optimizer = optim.build(cfg.optim, trainable, dev)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=render(cfg, world))
+    with optim.without_initial_step(optimizer, active=cfg.deepspeed.stage == 0 and mixed_precision(cfg) != "fp32"):
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                               config=render(cfg, world))
     no_fused = kernels.fused_ce_unsupported(engine) if kc.fused_ce else "kernels.fused_ce=false"
     if is_main and kc.fused_ce and no_fused:
         log.info("fused cross-entropy off: %s; computing full logits", no_fused)
