@@ -88,6 +88,11 @@ def print_summary(summary: dict) -> None:
     done = summary.get("finished", True)
     lines = ["", "dialtune: training finished" if done else
              f"dialtune: training stopped at step {summary['steps']} of {summary['total_steps']} (resume with train.resume=auto)"]
+    if done and summary.get("early_stopped_step"):
+        lines[1] += (f" early, at step {summary['early_stopped_step']} of {summary['total_steps']}: the held-out loss stopped "
+                     "improving (eval.early_stopping_patience)")
+        if summary.get("best_checkpoint") and summary.get("export_checkpoint") != summary["best_checkpoint"]:
+            lines[1] += f"; the lowest-loss checkpoint is {summary['best_checkpoint']} (export.checkpoint=best merges it)"
     for key, label in (("run_dir", "run directory"), ("metrics", "metrics (JSONL)"), ("adapter", "adapter"),
                        ("merged", "merged checkpoint"), ("wandb_dir", "W&B run")):
         if summary.get(key):

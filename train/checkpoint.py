@@ -105,6 +105,27 @@ def note_eval(state: Dict[str, Any], step: int, eval_loss: Optional[float]) -> N
         state["best"] = {"step": step, "eval_loss": float(eval_loss)}
 
 
+def note_patience(state: Dict[str, Any], eval_loss: Optional[float], patience: int, min_delta: float) -> bool:
+    """After an in-training evaluation: count it as no improvement unless its held-out loss is below
+    the lowest so far by more than min_delta (a non-finite loss never improves). The count lives in
+    the trainer state, so a resumed run continues it. True when `patience` evaluations in a row
+    did not improve: early stopping (patience 0: off)."""
+    if not patience or eval_loss is None:
+        return False
+    es = state.setdefault("early_stopping", {"best_loss": None, "bad_evals": 0})
+    if math.isfinite(eval_loss) and (es["best_loss"] is None or eval_loss < es["best_loss"] - min_delta):
+        es.update(best_loss=float(eval_loss), bad_evals=0)
+    else:
+        es["bad_evals"] += 1
+    return early_stopped(state, patience)
+
+
+def early_stopped(state: Dict[str, Any], patience: int) -> bool:
+    """Whether the state's run of evaluations without improvement has used up `patience` (0: off):
+    a resumed early-stopped run is finished, unless this run's patience is larger or off."""
+    return bool(patience) and state.get("early_stopping", {}).get("bad_evals", 0) >= patience
+
+
 def best_tag(state: Dict[str, Any]) -> Optional[str]:
     """The tag of the lowest-held-out-loss checkpoint note_eval recorded, or None."""
     return tag_for(state["best"]["step"]) if state.get("best") else None

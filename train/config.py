@@ -185,6 +185,8 @@ class KernelsConfig:
 class EvalConfig:
     every_n_steps: int = doc(0, "Run the in-training parts (eval.during_training) every N optimizer steps; the end-of-training parts always run at the end. 0: only at the end.")
     during_training: List[str] = doc(["lm"], "Parts run every every_n_steps: lm (held-out loss per source; cheap), intent, response.")
+    early_stopping_patience: int = doc(0, "Stop training after this many in-training evaluations in a row whose held-out loss did not improve on the lowest so far by more than early_stopping_min_delta (needs every_n_steps, lm in during_training and a held-out set); the run then ends as a finished one: end-of-training eval, checkpoint, merge (pair with export.checkpoint=best to export the lowest-loss checkpoint). 0: off.")
+    early_stopping_min_delta: float = doc(0.0, "Smallest drop of the held-out loss that counts as an improvement for early_stopping_patience.")
     at_end: List[str] = doc(["lm", "intent", "response"], "Parts run when training ends (parts without data are skipped); `dialtune eval` runs them too unless --parts says otherwise.")
     lm_max_batches: int = doc(0, "Cap on held-out LM micro-batches per rank: training reads the eval set's first cap x ranks micro-batches, and `dialtune eval` of the run the same ones; 0: the whole eval set.")
     base_comparison: bool = doc(True, "At the end, also measure the held-out loss with the adapter disabled (the base model), for the base vs fine-tuned table; a full fine-tune (peft=none) measures its base before the first step.")

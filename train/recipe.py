@@ -27,19 +27,13 @@ from data_pipeline.dataset import sources_of
 from data_pipeline.packing import collate_packed
 from model import attention, dequantize, fused_lora, kernels, loader, memory
 
-from . import checkpoint, distributed, eval_results, flops, optim, signals
+from . import checkpoint, distributed, eval_results, faults, flops, optim, signals
 from . import evaluate as suite
 from .config import ConfigError
 from .ds_config import lr_lambda, mixed_precision, render
 from .metrics import Metrics, data_summary, memory_gb
 
 log = logging.getLogger("dialtune")
-
-
-def nan_activations(model):
-    """Fault injection: the input embeddings come out NaN, so the forward and its backward carry
-    NaNs as a real overflow does. Returns the hook's handle (remove it after the backward)."""
-    return kernels.causal_lm(model).get_input_embeddings().register_forward_hook(lambda m, i, o: o * float("nan"))
 
 
 def _data_log(line: str) -> None:
@@ -80,6 +74,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     # ---- data ---------------------------------------------------------------------------------
     train_ds, eval_ds, packs, data_stats, data_path = prepare_cached(cfg.data, tokenizer, eot, local_rank,
                                                                      log=_data_log if is_main else (lambda *_: None))
+    if cfg.eval.early_stopping_patience and eval_ds is None:
+        raise ConfigError("eval.early_stopping_patience watches the held-out loss, and this run has no held-out set: set data."
+                          "eval_fraction or data.eval_files (or a source with split: eval), or eval.early_stopping_patience=0.")
     if cfg.eval.intent_files and "intent" in {*cfg.eval.during_training, *cfg.eval.at_end}:  # a bad file stops now, not after training
         suite.load_intents(cfg.eval.intent_files, cfg.data.intent, cfg.eval.intent_max_examples, cfg.eval.intent_labels)
     mb, gas = t.micro_batch_size, t.grad_accum
@@ -193,6 +190,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         log.warning(earlier)
     elif t.resume == "auto" and is_main:
         log.info("train.resume=auto: no finished checkpoint in %s yet; starting at step 1", ckpt_root)
+    last_step = state["step"] if checkpoint.early_stopped(state, cfg.eval.early_stopping_patience) else total_steps  # (it stopped early)
     stream = batching.MicroBatchStream(n_items, mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
 
     metrics = Metrics(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), enabled=is_main,
@@ -255,15 +253,12 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     first_step = state["step"] + 1
     preempted, stop_signal = False, None
     skipped, bad_in_row, nonfinite_stop, own_norm = 0, 0, 0, None
-    inject = os.environ.get("DIALTUNE_INJECT_NAN", "")
-    inject_steps, _, inject_rank = inject.partition(",")
-    first_bad, _, last_bad = inject_steps.partition("-")
-    inject_nan = (int(first_bad), int(last_bad or first_bad), int(inject_rank or 0)) if inject else None
+    inject_nan = faults.injected_nan_steps()
     corrupt = False
     save_args = (is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml, cfg.export.checkpoint == "best")
     engine.train()
     stop_flag.armed = True  # from here a SIGTERM is answered with a checkpoint
-    for step in range(first_step, total_steps + 1):
+    for step in range(first_step, last_step + 1):
         t0 = time.perf_counter()
         made = [make_batch(stream.next()) for _ in range(gas)]
         batches = [b for b, _ in made]
@@ -278,7 +273,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         for i, b in enumerate(batches):
             hooks = []
             if inject_nan and inject_nan[0] <= step <= inject_nan[1] and rank == inject_nan[2]:
-                hooks.append(nan_activations(engine))  # fault injection for tests (DIALTUNE_INJECT_NAN=first[-last][,rank])
+                hooks.append(faults.nan_activations(engine))  # fault injection for tests
             ce, out = forward_ce(b)
             # every rank learns whether any rank's loss is non-finite: all take the same path
             (nonfinite,) = distributed.all_sum([0.0 if torch.isfinite(ce).item() else 1.0], dev)
@@ -343,6 +338,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                  ev.during_training if ev.every_n_steps and step % ev.every_n_steps == 0 else [])
         if parts:
             eval_result = run_eval(parts, step, final=step == total_steps)
+            if step < total_steps and checkpoint.note_patience(state, eval_result.get("eval/loss"), ev.early_stopping_patience,
+                                                               ev.early_stopping_min_delta):
+                last_step = step  # early stopping: this step ends the run, with the end-of-training eval and save
+                eval_result = {**eval_result, **run_eval(ev.at_end, step, final=True)} if ev.at_end else eval_result
             record.update(eval_result)
         if step % t.log_every == 0 or parts or bad_step:  # an eval's results (any part) are always logged
             metrics.log({k: v for k, v in record.items() if v is not None}, step)
@@ -351,11 +350,11 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
                             **({"eval": f"{record['eval/loss']:.3f}"} if "eval/loss" in record else {}))
         stop_here = preempted or bool(t.stop_after_steps) and step - first_step + 1 >= t.stop_after_steps
-        if t.save_every and step % t.save_every == 0 or step == total_steps or stop_here:
+        if t.save_every and step % t.save_every == 0 or step == last_step or stop_here:
             checkpoint.note_eval(state, step, record.get("eval/loss"))
             checkpoint.save(engine, ckpt_root, step, dict(state), *save_args)
             last_saved = step
-        if stop_here:
+        if stop_here or step == last_step:  # (early stopping sets last_step)
             break
     if bar is not None:
         bar.close()
@@ -368,13 +367,14 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if cfg.export.checkpoint == "best" and best_ckpt is None and is_main:
         log.warning("export.checkpoint=best, but no checkpoint had a held-out loss measured at its step: exporting the last")
     summary = {"run_dir": run_dir, "base": base_path, "steps": state["step"], "total_steps": total_steps,
-               "finished": state["step"] == total_steps, "preempted": preempted, "stop_signal": stop_signal, "world_size": world,
+               "finished": state["step"] == last_step,
+               "early_stopped_step": last_step if last_step < total_steps else None, "preempted": preempted, "stop_signal": stop_signal, "world_size": world,
                "nonfinite_stop_step": nonfinite_stop, "skipped_steps": skipped, "grad_accum": gas,
                "global_batch_size": mb * gas * world,
                "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter") if cfg.peft.method != "none" else None,
                "best_checkpoint": best_ckpt, "best_eval_loss": state["best"]["eval_loss"] if best_ckpt else None,
                "export_checkpoint": (best_ckpt if cfg.export.checkpoint == "best" and best_ckpt else final_ckpt)
-               if state["step"] == total_steps else None,
+               if state["step"] == last_step else None,
                "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
                "fast_int8_layers": fast_int8, "fused_lora_layers": fused_layers,
                "fused_lora_parts": sorted(fused_lora.fused_parts(model)) if fused_layers else [], "fused_ce": not no_fused, "checkpointed_layers": recomputed,
@@ -383,14 +383,14 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     metrics.summary(eval_result)
     wandb_dir = metrics.close()
     summary_path = os.path.join(run_dir, "summary.json")
-    if found and first_step > total_steps and os.path.isfile(summary_path):
+    if found and first_step > last_step and os.path.isfile(summary_path):
         # resumed a finished run (a requeued sweep, a resubmission): its summary, with the final
         # eval, stays as it was on disk; whether this job was stopped is this job's (a run signalled
         # at its last step says preempted there, and must not ask to be requeued again and again)
         with open(summary_path) as f:
             summary = {**json.load(f), "already_finished": True, "preempted": preempted, "stop_signal": stop_signal}
         if is_main:
-            log.info("the run had already finished at step %d: nothing to train, its summary.json is kept", total_steps)
+            log.info("the run had already finished at step %d: nothing to train, its summary.json is kept", last_step)
     elif is_main:
         summary["wandb_dir"] = wandb_dir
         with open(summary_path, "w") as f:

@@ -184,6 +184,11 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
         if needs:
             raise ConfigError("export.checkpoint=best picks the checkpoint with the lowest held-out loss, so each needs one "
                               f"measured at its step: set {needs}.")
+    if ev.early_stopping_patience < 0 or ev.early_stopping_min_delta < 0:
+        raise ConfigError("eval.early_stopping_patience and eval.early_stopping_min_delta must be at least 0 (patience 0: off).")
+    if ev.early_stopping_patience and (ev.every_n_steps <= 0 or "lm" not in ev.during_training):
+        raise ConfigError("eval.early_stopping_patience counts in-training evaluations of the held-out loss: set eval.every_n_steps "
+                          f"> 0 (now {ev.every_n_steps}) with lm in eval.during_training (now {list(ev.during_training)}).")
     if cfg.export.hub_repo_id:
         from model.card import repo_id_problem
 

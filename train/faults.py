@@ -1,0 +1,24 @@
+"""Fault injection for the robustness tests: DIALTUNE_INJECT_NAN=first[-last][,rank] makes the
+forward of those steps on that rank (default 0) carry NaNs, as a real overflow does."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+from model import kernels
+
+
+def injected_nan_steps() -> Optional[Tuple[int, int, int]]:
+    """(first step, last step, rank) from DIALTUNE_INJECT_NAN, or None when it is unset."""
+    inject = os.environ.get("DIALTUNE_INJECT_NAN", "")
+    if not inject:
+        return None
+    steps, _, rank = inject.partition(",")
+    first, _, last = steps.partition("-")
+    return int(first), int(last or first), int(rank or 0)
+
+
+def nan_activations(model):
+    """The input embeddings come out NaN, so the forward and its backward carry NaNs as a real
+    overflow does. Returns the hook's handle (remove it after the backward)."""
+    return kernels.causal_lm(model).get_input_embeddings().register_forward_hook(lambda m, i, o: o * float("nan"))
