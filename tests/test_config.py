@@ -105,6 +105,16 @@ def test_validation_rejects(overrides, fragment):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("overrides", [["model.dtype=fp16"], ["quant=nf4", "quant.compute_dtype=fp16"]])
+def test_fp16_without_zero_is_refused_on_a_gpu(overrides):
+    """DeepSpeed 0.19.8's FP16_UnfusedOptimizer (fp16, ZeRO-0) divides the gradients by a loss scale
+    (2^16) the engine never applied to the loss: measured on CPU (fp16 let through), the step-2 loss
+    was 8.2868 against ZeRO-2's 8.2801. Refused at start; ZeRO-2 in fp16 passes."""
+    with pytest.raises(ConfigError, match=r"^fp16 under deepspeed=zero0 would train with updates ~65536x too small .* or bf16.$"):
+        validate(_compose(overrides + ["deepspeed=zero0"]), cuda_available=True, files=False)
+    validate(_compose(overrides + ["deepspeed=zero2"]), cuda_available=True, files=False)
+
+
 def test_a_hub_model_offline_must_be_in_the_cache_at_its_revision(monkeypatch, tmp_path):
     """Offline, a hub id is checked against the local cache (the model at model.revision, a separate
     tokenizer repo at its default: the loader pins the model's revision only)."""

@@ -11,6 +11,7 @@ from data_pipeline.records import is_bundled_sample
 from model.memory import budget_problem
 
 from .config import DATA_DIR_DEFAULT, ConfigError, DialtuneConfig, iter_docs
+from .ds_config import mixed_precision
 
 _CHOICES = {
     "model.dtype": ("fp32", "bf16", "fp16"),
@@ -135,6 +136,9 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
         raise ConfigError("quant=nf4 needs a 16-bit compute dtype on GPU: set quant.compute_dtype=bf16 (or fp16).")
     if cfg.model.dtype == "fp16" and not cuda_available:
         raise ConfigError("model.dtype=fp16 needs a GPU; on CPU use model.dtype=bf16 or fp32.")
+    if ds.stage == 0 and mixed_precision(cfg) == "fp16":
+        raise ConfigError("fp16 under deepspeed=zero0 would train with updates ~65536x too small (DeepSpeed 0.19 unscales gradients "
+                          "whose loss it did not scale there): use deepspeed=zero1 or zero2 (for LoRA on one GPU the same memory), or bf16.")
     if ds.offload_param != "none" and ds.stage != 3:
         raise ConfigError(f"deepspeed.offload_param={ds.offload_param} only exists in ZeRO-3: set deepspeed.stage=3 (or deepspeed=zero3_offload).")
     if ds.offload_optimizer != "none" and ds.stage == 0:
