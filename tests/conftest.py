@@ -42,7 +42,7 @@ def torchrun_command(args, nproc):
             "--master_port", str(port), str(TRAIN_PY), *args]
 
 
-def train(overrides, root, nproc=1, timeout=600, check=True, via="deepspeed"):
+def train(overrides, root, nproc=1, timeout=600, check=True, via="deepspeed", extra_env=None):
     """Run launch/train.py (python for 1 rank; for more, the deepspeed launcher, or torchrun,
     which starts ~7 s faster and runs the same DeepSpeed engine); returns the CompletedProcess.
     Quiet defaults: no progress bar, no W&B unless the caller asks; the held-out LM eval reads 2
@@ -60,7 +60,7 @@ def train(overrides, root, nproc=1, timeout=600, check=True, via="deepspeed"):
 
         cmd = launch_command(args, nproc)
         env = run_env(1)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    proc = subprocess.run(cmd, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -31,7 +31,8 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path):
         first = json.loads((part_dir / "summary.json").read_text())
         assert first["steps"] == 3 and not first["finished"]
         assert (part_dir / "checkpoints" / "latest").read_text().strip() == "step_0000003"
-    train(stages + common + ["run.name=part", "train.resume=auto"], tmp_path, nproc=2, via="torchrun")
+    proc = train(stages + common + ["run.name=part", "train.resume=auto"], tmp_path, nproc=2, via="torchrun")
+    assert "the training data differ" not in proc.stdout + proc.stderr  # the same data: nothing to warn about
     for job, stage in (("0", 2), ("1", 3)):
         full_dir, part_dir = tmp_path / "full-sweep" / job, tmp_path / "part-sweep" / job
         assert f"stage: {stage}" in (part_dir / "config.yaml").read_text()
@@ -72,3 +73,25 @@ def test_resume_takes_this_runs_lr_and_refuses_a_checkpoint_past_its_steps(tmp_p
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "step_0000004 is at step 4, past this run's 2 steps (train.max_steps / train.epochs)" in errors[0]
     assert "run.name" not in proc.stdout + proc.stderr  # resuming another run's checkpoint by path: no change to warn about
+
+
+def test_a_resume_on_changed_data_is_warned_and_keeps_the_skipped_count(tmp_path):
+    """The checkpoint knows the data it was trained on (the data cache key: file contents,
+    tokenizer, data settings): a resume on a training file whose contents changed (same path, same
+    config) says the run can no longer be the uninterrupted one; a resume on the same data says
+    nothing (test above). The count of skipped non-finite steps continues across the jobs."""
+    from tests.conftest import ROOT
+
+    data = tmp_path / "train.jsonl"
+    lines = (ROOT / "data_pipeline" / "sample_data" / "train.jsonl").read_text().splitlines(True)
+    data.write_text("".join(lines[:60]))
+    args = ["recipe=demo", "train.max_steps=3", "logger=none", "export.merge_at_end=false", "eval.every_n_steps=0",
+            "eval.at_end=[]", "data.eval_files=[]", f"data.train_files=[{data}]", "run.name=changed"]
+    train(args + ["train.stop_after_steps=1"], tmp_path, extra_env={"DIALTUNE_INJECT_NAN": "1"})
+    data.write_text("".join(lines[:60] + lines[100:110]))
+    proc = train(args + ["train.resume=auto"], tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "the training data differ from those" in out and "so this is not the run an uninterrupted job would have made" in out
+    skipped = {r["step"]: r["train/skipped_steps"] for r in read_metrics(tmp_path / "changed") if "train/skipped_steps" in r}
+    assert skipped == {1: 1, 2: 1, 3: 1}
+    assert json.loads((tmp_path / "changed" / "summary.json").read_text())["skipped_steps"] == 1

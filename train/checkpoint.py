@@ -318,6 +318,32 @@ def load(engine, root: str, tag: str, total_steps: Optional[int] = None) -> Dict
     return client["trainer"]
 
 
+def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_key: str, is_main: bool) -> Dict[str, Any]:
+    """Continue from checkpoint root/tag: refuse one of another model or adapter, warn about the
+    settings and the data that changed since it, load it, and train with this run's optimizer
+    settings (what the warning says). data_key: the data cache key (file contents, tokenizer, data
+    settings) this run trains on; the state keeps it for the next resume."""
+    import logging
+
+    from . import optim
+    from .config import ConfigError
+
+    log = logging.getLogger("dialtune")
+    if mismatch := resume_mismatch(root, tag, cfg):
+        raise ConfigError(mismatch)
+    if is_main and (changes := resume_changes(root, tag, cfg)):
+        log.warning(changes)
+    state = load(engine, root, tag, total_steps=total_steps)
+    optim.reapply(scheduler, cfg.optim)
+    if is_main and state.get("data_key", data_key) != data_key:
+        log.warning("the training data differ from those %s was trained on (file contents, tokenizer or data settings: "
+                    "data cache %s then, %s now): training continues at its position in the new data's order, so this "
+                    "is not the run an uninterrupted job would have made", os.path.join(root, tag), state["data_key"], data_key)
+    state["data_key"] = data_key
+    log.info("resumed from %s/%s at step %d", root, tag, state["step"])
+    return state
+
+
 def _rank() -> int:
     import torch.distributed as dist
 

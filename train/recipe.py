@@ -173,19 +173,13 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     # ---- resume -------------------------------------------------------------------------------
     ckpt_root = os.path.join(run_dir, "checkpoints")
-    state = {"step": 0, "epoch": 0, "pos": 0, "target_tokens_seen": 0}
+    state = {"step": 0, "epoch": 0, "pos": 0, "target_tokens_seen": 0, "data_key": os.path.basename(data_path)}
     if is_main:
         checkpoint.clean_partial(ckpt_root)
     distributed.barrier()
     found = checkpoint.find_resume(t.resume, ckpt_root)
     if found:
-        if mismatch := checkpoint.resume_mismatch(*found, cfg):
-            raise ConfigError(mismatch)
-        if is_main and (changes := checkpoint.resume_changes(*found, cfg)):
-            log.warning(changes)
-        state = checkpoint.load(engine, *found, total_steps=total_steps)
-        optim.reapply(scheduler, cfg.optim)  # the settings the resume warning says apply
-        log.info("resumed from %s/%s at step %d", found[0], found[1], state["step"])
+        state = checkpoint.resume(engine, *found, cfg, scheduler, total_steps, state["data_key"], is_main)
     elif is_main and (earlier := checkpoint.earlier_run_note(ckpt_root)):
         log.warning(earlier)
     elif t.resume == "auto" and is_main:
@@ -252,7 +246,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     last_saved = state["step"] if found else -1
     first_step = state["step"] + 1
     preempted, stop_signal = False, None
-    skipped, bad_in_row, nonfinite_stop, own_norm = 0, 0, 0, None
+    skipped, bad_in_row, nonfinite_stop, own_norm = state.get("skipped_steps", 0), 0, 0, None  # (skipped: the run's, across jobs)
     inject_nan = faults.injected_nan_steps()
     corrupt = False
     save_args = (is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml, cfg.export.checkpoint == "best")
@@ -323,7 +317,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                 nonfinite_stop, corrupt = step, True
                 break
         elapsed = time.perf_counter() - t0
-        state.update(step=step, epoch=stream.epoch, pos=stream.pos,
+        state.update(step=step, epoch=stream.epoch, pos=stream.pos, skipped_steps=skipped,
                      target_tokens_seen=state["target_tokens_seen"] + int(n_targets))
 
         record = {"train/loss": None if bad_step else loss, "train/skipped_steps": skipped, "train/lr": lr, "train/epoch": stream.epoch + stream.pos / max(1, len(stream._plan)),
