@@ -284,6 +284,8 @@ def cmd_chat(args) -> int:
             raise ChatError(f"--max-new-tokens={args.max_new_tokens} must be at least 1.")
         if args.temperature < 0:
             raise ChatError(f"--temperature={args.temperature} must be 0 (greedy) or positive.")
+        if not 0 < args.top_p <= 1:
+            raise ChatError(f"--top-p={args.top_p} must be in (0, 1].")
         model, tokenizer, device = load(args.checkpoint, args.device)
     except ChatError as e:
         print(f"dialtune: error: {e}", file=sys.stderr)

@@ -78,9 +78,10 @@ def plain_overrides(overrides) -> list:
     return [o for o in overrides if o not in ("-m", "--multirun") and not _sweep_or_hydra(o)]
 
 
-def override_problem(overrides, validate: bool = False, **validate_kw) -> Optional[str]:
+def override_problem(overrides, validate: bool = False, root: bool = False, **validate_kw) -> Optional[str]:
     """compose_problem's sentence when the overrides (sweeps aside) do not compose, and with
-    validate, train/validate.py's when the config cannot run (validate_kw: its options); else None. None too when Hydra flags
+    validate, train/validate.py's when the config cannot run (validate_kw: its options); with root,
+    the run.root that Hydra could not create its run directory in; else None. None too when Hydra flags
     other than -m are given (--cfg, --help, -cn ...: Hydra's own business)."""
     from train.config import ConfigError
     from train.validate import validate as validate_config
@@ -100,6 +101,10 @@ def override_problem(overrides, validate: bool = False, **validate_kw) -> Option
             validate_config(cfg, **validate_kw)
         except ConfigError as e:
             return str(e)
+    if root:
+        from train.validate import directory_problem
+
+        return directory_problem("run.root", str(cfg.run.root))
     return None
 
 

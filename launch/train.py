@@ -216,7 +216,7 @@ def main() -> None:
     from launch.prepare import override_problem
 
     # before Hydra, whose own message for a mistyped key suggests `+key=value` (which adds it)
-    if problem := override_problem(sys.argv[1:]):
+    if problem := override_problem(sys.argv[1:], root=True):
         fail(problem)
     sys.argv = [sys.argv[0]] + normalize_argv(sys.argv[1:])
     hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(task)()

@@ -187,6 +187,12 @@ def _modules_to_save(model, cfg):
     """The user's list, plus the embeddings and output head when tokens were added (their new
     rows must be learnt, and they are saved with the adapter)."""
     names = list(cfg.peft.modules_to_save)
+    known = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
+    if unknown := [n for n in names if n not in known]:
+        from train.config import ConfigError
+
+        raise ConfigError(f"peft.modules_to_save has {unknown[0]!r}, which is no module of {type(model).__name__} (e.g. "
+                          f"embed_tokens, lm_head: the names in model.named_modules()).")
     if cfg.model.add_tokens:
         by_module = {id(m): n.split(".")[-1] for n, m in model.named_modules()}
         for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
@@ -198,6 +204,7 @@ def _modules_to_save(model, cfg):
 def attach_adapter(model, cfg):
     """Freeze the base, set up gradient checkpointing, wrap with PEFT (unless peft=none)."""
     from peft import LoraConfig, get_peft_model
+    from peft.utils.error import NoMatchingPeftModuleError
 
     p = cfg.peft
     if cfg.model.gradient_checkpointing:
@@ -220,7 +227,14 @@ def attach_adapter(model, cfg):
         modules_to_save=_modules_to_save(model, cfg) or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except NoMatchingPeftModuleError:
+        from train.config import ConfigError
+
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"})
+        raise ConfigError(f"peft.target_modules={list(p.target_modules)} matches no layer of {type(model).__name__}; its linear "
+                          f"layers are {', '.join(names)} (or use [all-linear]).") from None
 
 
 def context_problem(model_config, max_seq_len: int) -> Optional[str]:

@@ -210,3 +210,13 @@ def test_chat_uses_the_runs_system_prompt_unless_told_otherwise(peft_runs, tmp_p
         assert seen[0] == first
         err = capsys.readouterr().err
         assert ("using the run's system prompt (data.sources[0].system_prompt" in err) == (system is None)
+
+
+@pytest.mark.parametrize("option,value,message", [("--top-p", "0", "--top-p=0.0 must be in (0, 1]."),
+                                                  ("--top-p", "5", "--top-p=5.0 must be in (0, 1]."),
+                                                  ("--temperature", "-1", "--temperature=-1.0 must be 0 (greedy) or positive.")])
+def test_chat_sampling_options_out_of_range_are_one_sentence(tmp_path, capsys, option, value, message):
+    from launch.cli import main as cli
+
+    assert cli(["chat", str(tmp_path), option, value]) == 2
+    assert capsys.readouterr().err.strip() == f"dialtune: error: {message}"

@@ -253,6 +253,58 @@ def test_counts_below_one_are_refused():
     assert cli(["demo", "--steps", "0"]) == 2 and cli(["demo", "--nproc", "0"]) == 2 and cli(["train", "--nproc", "-1"]) == 2
 
 
+@pytest.mark.parametrize("override,message", [
+    # each of these reached training: deleted every checkpoint, crashed after the last step, trained
+    # backwards or nothing, or changed the run without a word (found by probing every key)
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints=-1 must be at least 0 (0 keeps every checkpoint)."),
+    ("train.log_every=0", "train.log_every=0 must be at least 1."),
+    ("train.save_every=-1", "train.save_every=-1 must be at least 0 (0: only at the end)."),
+    ("train.stop_after_steps=-1", "train.stop_after_steps=-1 must be at least 0 (0: run to the end)."),
+    ("train.global_batch_size=-8", "train.global_batch_size=-8 must be at least 0"),
+    ("optim.min_lr_ratio=-1", "optim.min_lr_ratio=-1.0 must be in [0, 1] (a share of the peak lr)."),
+    ("optim.warmup_ratio=5", "optim.warmup_ratio=5.0 must be in [0, 1)."),
+    ("optim.warmup_steps=-2", "optim.warmup_steps=-2 must be at least 0"),
+    ("optim.eps=-1", "optim.eps=-1.0 must be above 0."),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be at least 0."),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be at least 0 (0: no clipping)."),
+    ("optim.betas=[0.9]", "optim.betas=[0.9] must be two numbers in [0, 1), e.g. [0.9, 0.999]."),
+    ("peft.alpha=0", "peft.alpha=0 must be above 0 (the adapter's output is scaled by alpha / r: 0 would train nothing)."),
+    ("peft.dropout=1.5", "peft.dropout=1.5 must be in [0, 1)."),
+    ("eval.temperature=0", "eval.temperature=0.0 must be above 0 (for greedy decoding set eval.decoding=[greedy])."),
+    ("eval.top_p=0", "eval.top_p=0.0 must be in (0, 1]."),
+    ("eval.samples=-1", "eval.samples=-1 must be at least 0."),
+    ("export.eval_conversations=-1", "export.eval_conversations=-1 must be at least 0 (0 skips)."),
+    ("export.verify_tolerance=-1", "export.verify_tolerance=-1.0 must be at least 0."),
+    ("export.max_shard_size=abc", "export.max_shard_size='abc' is not a size like 2GB or 500MB."),
+    ("deepspeed.timeout_minutes=0", "deepspeed.timeout_minutes=0 must be at least 1."),
+    ("deepspeed.reduce_bucket_size=0", "deepspeed.reduce_bucket_size=0 must be at least 1."),
+    ("model.tiny.num_attention_heads=3", "model.tiny.num_attention_heads=3 must divide model.tiny.hidden_size=128"),
+    ("model.attn_implementation=flashy", "model.attn_implementation='flashy' is not one of sdpa, eager, flash_attention_2."),
+    ("model.attn_implementation=flash_attention_2", "model.attn_implementation=flash_attention_2 needs a GPU and the flash-attn package"),
+    ("model=hf", "model=hf needs model.name_or_path=<hub id or model directory>"),
+    ("quant=nf4 quant.compute_dtype=fp32", "quant=nf4 needs a 16-bit compute dtype: set quant.compute_dtype=bf16"),
+    ("quant=int8 quant.compute_dtype=fp16", "quant.compute_dtype=fp16 needs a GPU; on CPU use quant.compute_dtype=bf16."),
+])
+def test_values_out_of_range_are_one_sentence(override, message):
+    with pytest.raises(ConfigError) as e:
+        validate(_compose(override.split()), cuda_available=False)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_an_unusable_directory_is_one_sentence(tmp_path):
+    """run.root is checked before Hydra creates the run directory in it (its traceback otherwise),
+    data.cache_dir before the data are prepared."""
+    from launch.prepare import override_problem
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert override_problem([f"run.root={a_file}"], root=True) == (f"run.root={str(a_file)!r} is a file, not a directory; point "
+                                                                  "it at a directory (it is created when missing).")
+    assert override_problem(["run.root=/proc/dialtune-test"], root=True).startswith("run.root='/proc/dialtune-test' cannot be used as a directory")
+    with pytest.raises(ConfigError, match="data.cache_dir=.* is a file, not a directory"):
+        validate(_compose([f"data.cache_dir={a_file}", f"run.root={tmp_path}"]), cuda_available=False)
+
+
 def test_merge_on_the_wrong_directory_says_which_to_pass(tmp_path, capsys):
     from launch.cli import main as cli
 

@@ -76,6 +76,20 @@ def test_explicit_targets():
     assert wrapped == {"q_proj", "v_proj"}
 
 
+def test_targets_or_modules_to_save_that_match_nothing_are_one_sentence():
+    """PEFT's NoMatchingPeftModuleError traceback (after the model loaded) for a mistyped target, and
+    silence for a mistyped modules_to_save, became one sentence naming what the model has."""
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^peft.target_modules=\['qproj'\] matches no layer of LlamaForCausalLM; its linear "
+                                          r"layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj \(or use \[all-linear\]\).$"):
+        loader.attach_adapter(_tiny("llama"), _cfg(target_modules=["qproj"]))
+    with pytest.raises(ConfigError, match=r"^peft.modules_to_save has 'lmhead', which is no module of LlamaForCausalLM"):
+        loader.attach_adapter(_tiny("llama"), _cfg(modules_to_save=["lmhead"]))
+    model = loader.attach_adapter(_tiny("llama"), _cfg(modules_to_save=["lm_head"]))
+    assert any("modules_to_save" in n for n, _ in model.named_modules())
+
+
 def test_kbit_base_keeps_embeddings_and_head_in_16_bit(tmp_path):
     """No fp32 upcast of embed_tokens / lm_head (memory); the adapter still trains."""
     base = _tiny("llama")

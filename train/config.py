@@ -76,7 +76,7 @@ class PeftConfig:
 @dataclass
 class QuantConfig:
     mode: str = doc("none", "Quantization of the frozen base with bitsandbytes: none, int8 or nf4.")
-    compute_dtype: str = doc("bf16", "Compute dtype of 4-bit layers: bf16, fp16 or fp32.")
+    compute_dtype: str = doc("bf16", "Compute dtype of a quantized base, and the dtype the run trains in under quant=int8/nf4 (model.dtype is then that of the layers left unquantized): bf16, fp16 (GPU) or fp32 (int8 only; trains in bf16).")
     double_quant: bool = doc(True, "nf4 only: quantize the quantization constants too (saves ~0.4 bit/param).")
     int8_threshold: float = doc(6.0, "int8 only: LLM.int8 outlier threshold.")
 

@@ -43,6 +43,60 @@ _CHOICES = {
 }
 
 
+_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+# numeric keys: (lowest, lowest excluded, highest or None, highest excluded, what an edge means)
+_AT_LEAST_0, _AT_LEAST_1, _ABOVE_0 = (0, False, None, False, ""), (1, False, None, False, ""), (0, True, None, False, "")
+_BOUNDS = {
+    **{f"model.tiny.{k}": _AT_LEAST_1 for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                                "num_key_value_heads", "max_position_embeddings")},
+    "peft.alpha": (0, True, None, False, " (the adapter's output is scaled by alpha / r: 0 would train nothing)"),
+    "peft.dropout": (0, False, 1, True, ""),
+    "quant.int8_threshold": _AT_LEAST_0,
+    "deepspeed.reduce_bucket_size": _AT_LEAST_1,
+    "deepspeed.stage3_param_persistence_threshold": _AT_LEAST_0,
+    "deepspeed.timeout_minutes": _AT_LEAST_1,
+    "optim.weight_decay": _AT_LEAST_0,
+    "optim.eps": _ABOVE_0,
+    "optim.warmup_steps": (0, False, None, False, " (0: optim.warmup_ratio decides)"),
+    "optim.warmup_ratio": (0, False, 1, True, ""),
+    "optim.min_lr_ratio": (0, False, 1, False, " (a share of the peak lr)"),
+    "optim.grad_clip": (0, False, None, False, " (0: no clipping)"),
+    "train.global_batch_size": (0, False, None, False, " (0: micro_batch_size x grad_accum x ranks)"),
+    "train.save_every": (0, False, None, False, " (0: only at the end)"),
+    "train.log_every": _AT_LEAST_1,
+    "train.stop_after_steps": (0, False, None, False, " (0: run to the end)"),
+    "train.max_nonfinite_in_row": _AT_LEAST_0,
+    "train.keep_checkpoints": (0, False, None, False, " (0 keeps every checkpoint)"),
+    "kernels.peak_tflops": (0, False, None, False, " (0: looked up from the GPU name)"),
+    "eval.lm_max_batches": (0, False, None, False, " (0: the whole eval set)"),
+    "eval.intent_max_examples": (0, False, None, False, " (0: all)"),
+    "eval.response_conversations": (0, False, None, False, " (0: skip)"),
+    "eval.samples": _AT_LEAST_0,
+    "eval.temperature": (0, True, None, False, " (for greedy decoding set eval.decoding=[greedy])"),
+    "eval.top_p": (0, True, 1, False, ""),
+    "export.verify_tolerance": _AT_LEAST_0,
+    "export.verify_dequantize_error": _AT_LEAST_0,
+    "export.eval_conversations": (0, False, None, False, " (0 skips)"),
+    "export.stream_above_gb": _AT_LEAST_0,
+}
+
+
+def bounds_problem(node, prefix: str = "") -> Optional[str]:
+    """The first numeric key (of _BOUNDS, under `prefix` when `node` is that section) outside its
+    range, as one sentence; None when all are in range."""
+    for key, (lo, lo_open, hi, hi_open, note) in _BOUNDS.items():
+        if not key.startswith(prefix):
+            continue
+        value = OmegaConf.select(node, key[len(prefix):])
+        if (value > lo if lo_open else value >= lo) and (hi is None or (value < hi if hi_open else value <= hi)):
+            continue
+        where = (f"above {lo}" if lo_open else f"at least {lo}") if hi is None else \
+            f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        return f"{key}={value} must be {where}{note}."
+    return None
+
+
 def unknown_key_problem(cfg) -> Optional[str]:
     """A key the schema does not have (Hydra's `+key=value` adds any key, a typo too), as one
     sentence with the nearest real key; None when every key is known."""
@@ -110,6 +164,9 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
     """Raise ConfigError (one sentence) for a config that cannot run. files=False (`dialtune slurm`
     on a login node, whose paths may differ from the nodes'): no check of files, directories or the
     hub cache."""
+    if not cfg.model.name_or_path:
+        raise ConfigError("model=hf needs model.name_or_path=<hub id or model directory> (or pass model=<hub id or directory>, "
+                          "which sets both).")
     problem = unknown_key_problem(cfg) or (files and model_dir_problem(cfg.model.name_or_path, cfg.model.tokenizer,
                                                                        revision=cfg.model.revision))
     if problem:
@@ -120,6 +177,17 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+    if problem := bounds_problem(cfg):
+        raise ConfigError(problem)
+    if cfg.model.attn_implementation not in _ATTENTION:
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation!r} is not one of {', '.join(_ATTENTION)}.")
+    tiny = cfg.model.tiny
+    if cfg.model.name_or_path == "tiny" and (tiny.hidden_size % tiny.num_attention_heads or tiny.num_attention_heads % tiny.num_key_value_heads):
+        raise ConfigError(f"model.tiny.num_attention_heads={tiny.num_attention_heads} must divide model.tiny.hidden_size="
+                          f"{tiny.hidden_size}, and model.tiny.num_key_value_heads={tiny.num_key_value_heads} must divide it in turn.")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1), e.g. [0.9, 0.999].")
     if cuda_available is None:
         import torch
 
@@ -132,10 +200,14 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
         raise ConfigError("peft=dora on quant=int8 fails in bitsandbytes' int8 backward; use peft=lora with int8, or quant=nf4 with DoRA.")
     if q == "int8" and ds.stage == 3:
         raise ConfigError("quant=int8 cannot be sharded by ZeRO-3 (bitsandbytes int8 weights are not partitionable): use deepspeed=zero2, or quant=nf4 with ZeRO-3.")
-    if q == "nf4" and cfg.quant.compute_dtype == "fp32" and cuda_available:
-        raise ConfigError("quant=nf4 needs a 16-bit compute dtype on GPU: set quant.compute_dtype=bf16 (or fp16).")
-    if cfg.model.dtype == "fp16" and not cuda_available:
-        raise ConfigError("model.dtype=fp16 needs a GPU; on CPU use model.dtype=bf16 or fp32.")
+    if q == "nf4" and cfg.quant.compute_dtype == "fp32":  # (on CPU bitsandbytes' 4-bit fp32 matmul fails on a shape)
+        raise ConfigError("quant=nf4 needs a 16-bit compute dtype: set quant.compute_dtype=bf16 (or fp16 on a GPU).")
+    if mixed_precision(cfg) == "fp16" and not cuda_available:
+        key = "model.dtype" if q == "none" else "quant.compute_dtype"
+        raise ConfigError(f"{key}=fp16 needs a GPU; on CPU use {key}=bf16" + (" or fp32." if q == "none" else "."))
+    if cfg.model.attn_implementation == "flash_attention_2" and files and not (cuda_available and _has_flash_attn()):
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs a GPU and the flash-attn package (pip install "
+                          "flash-attn); sdpa (the default) needs neither.")
     if ds.stage == 0 and mixed_precision(cfg) == "fp16":
         raise ConfigError("fp16 under deepspeed=zero0 would train with updates ~65536x too small (DeepSpeed 0.19 unscales gradients "
                           "whose loss it did not scale there): use deepspeed=zero1 or zero2 (for LoRA on one GPU the same memory), or bf16.")
@@ -162,6 +234,9 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
     validate_data(cfg.data, files=files)
+    for key in ("run.root", "data.cache_dir"):
+        if files and (path := OmegaConf.select(cfg, key)) and (problem := directory_problem(key, path)):
+            raise ConfigError(problem)
     validate_eval(cfg.eval, files=files)
     if cfg.kernels.ce_chunk_size < 1 or cfg.kernels.checkpoint_every < 1:
         raise ConfigError("kernels.ce_chunk_size and kernels.checkpoint_every must be at least 1.")
@@ -177,6 +252,12 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
     if cfg.logger.backend == "wandb" and cfg.logger.mode == "online" and not _wandb_key():
         raise ConfigError("logger.mode=online needs a W&B API key, and neither WANDB_API_KEY nor ~/.netrc has one: run "
                           "`wandb login`, set WANDB_API_KEY, or use logger.mode=offline (sync later) or logger=none.")
+    from model.stream_merge import MergeError, parse_size
+
+    try:
+        parse_size(cfg.export.max_shard_size)
+    except MergeError as e:
+        raise ConfigError(str(e)) from None
     if cfg.export.checkpoint not in ("last", "best"):
         raise ConfigError(f"export.checkpoint={cfg.export.checkpoint!r} is not one of last, best.")
     ev = cfg.eval
@@ -215,6 +296,8 @@ def validate_eval(e, files: bool = True) -> None:
     for i, path in enumerate(e.intent_files):
         if files and not os.path.exists(path):
             raise ConfigError(f"eval.intent_files[{i}]: file {path!r} does not exist; check the path.")
+    if problem := bounds_problem(e, "eval."):
+        raise ConfigError(problem)
     if e.batch_size < 1 or e.max_new_tokens < 1 or e.every_n_steps < 0:
         raise ConfigError("eval.batch_size and eval.max_new_tokens must be at least 1, eval.every_n_steps at least 0.")
 
@@ -277,6 +360,27 @@ def data_mix_problem(d) -> Optional[str]:
                 + ": " + ("set data.eval_files=[]" if key.startswith("data.eval_files") else "remove that source")
                 + " to carve the held-out set, or set data.eval_fraction=0 to keep the file.")
     return None
+
+
+def directory_problem(key: str, path: str) -> Optional[str]:
+    """One sentence when `path` cannot serve as a directory to write into (it is a file, or it
+    cannot be created: a read-only or virtual file system), else None. Creates it, as the run
+    would (run.root, data.cache_dir)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{key}={path!r} is a file, not a directory; point it at a directory (it is created when missing)."
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"{key}={path!r} cannot be used as a directory ({e.strerror}); point it at a directory you can write to."
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{key}={path!r} is not writable; point it at a directory you can write to."
+    return None
+
+
+def _has_flash_attn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _wandb_key() -> bool:
