@@ -40,7 +40,9 @@ def _load_json(path: Path, notes: list):
 
 
 def read_metrics(path: Path, notes: list) -> list:
-    """Rows sorted by step; a step logged again after a resume keeps its last row."""
+    """Rows sorted by step, one per step: the rows of a step are merged, later values winning (the
+    end-of-training eval's second row joins the step's own; a step logged again after a resume
+    keeps its new values)."""
     rows, bad = {}, 0
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
@@ -49,7 +51,7 @@ def read_metrics(path: Path, notes: list) -> list:
             row = None
             bad += 1
         if isinstance(row, dict) and _num(row.get("step")) is not None:
-            rows[int(row["step"])] = row
+            rows[int(row["step"])] = {**rows.get(int(row["step"]), {}), **row}
     if bad:
         notes.append(f"{bad} unreadable line(s) of metrics.jsonl were skipped.")
     return [rows[s] for s in sorted(rows)]

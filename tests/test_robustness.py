@@ -122,3 +122,23 @@ def test_a_run_directory_not_shared_by_all_ranks_is_refused(tmp_path):
     assert p.returncode != 0, out[-3000:]  # (plain torchrun adds its own ChildFailedError report)
     assert "1 of 2 ranks cannot see what rank 0 writes in" in out and "filesystem that every node mounts" in out, out[-3000:]
     assert not list(tmp_path.glob("*/split/checkpoints/*"))
+
+
+def test_a_failing_end_of_training_eval_costs_no_weights(tmp_path):
+    """The end-of-training parts that generate (intent, response: slow, and where a GPU runs out of
+    memory) run after the final checkpoint is saved, with the held-out loss measured before it: a
+    failure there leaves the trained weights and the loss on disk, and the rerun finishes the run
+    (summary and merge) without training again."""
+    args = BASE[:3] + ["eval.at_end=[lm,response]", "eval.response_conversations=2", "data.eval_files=[]",
+                       "data.eval_fraction=0.05", "train.max_steps=2", "run.name=late"]
+    proc = train(args, tmp_path, check=False, extra_env={"DIALTUNE_INJECT_EVAL_ERROR": "response"})
+    assert proc.returncode != 0 and "injected failure of the response evaluation" in proc.stderr
+    run = tmp_path / "late"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    assert (run / "checkpoints" / "step_0000002" / "adapter" / "adapter_model.safetensors").is_file()
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["step"] == 2 and "lm" in results and "response" not in results
+    train(args + ["train.resume=auto"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 2 and summary["merged"]
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2]  # nothing trained again

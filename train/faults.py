@@ -1,5 +1,6 @@
 """Fault injection for the robustness tests: DIALTUNE_INJECT_NAN=first[-last][,rank] makes the
-forward of those steps on that rank (default 0) carry NaNs, as a real overflow does."""
+forward of those steps on that rank (default 0) carry NaNs, as a real overflow does;
+DIALTUNE_INJECT_EVAL_ERROR=part makes an evaluation of that part fail."""
 from __future__ import annotations
 
 import os
@@ -22,3 +23,10 @@ def nan_activations(model):
     """The input embeddings come out NaN, so the forward and its backward carry NaNs as a real
     overflow does. Returns the hook's handle (remove it after the backward)."""
     return kernels.causal_lm(model).get_input_embeddings().register_forward_hook(lambda m, i, o: o * float("nan"))
+
+
+def fail_eval(parts) -> None:
+    """DIALTUNE_INJECT_EVAL_ERROR=part: an evaluation that runs that part fails (RuntimeError), as a
+    generation that runs out of GPU memory does."""
+    if (part := os.environ.get("DIALTUNE_INJECT_EVAL_ERROR")) and part in parts:
+        raise RuntimeError(f"injected failure of the {part} evaluation (DIALTUNE_INJECT_EVAL_ERROR)")

@@ -19,6 +19,7 @@ from typing import Any, Dict
 
 import torch
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from data_pipeline import batching
 from data_pipeline.chat import apply_named_template, end_of_turn_id
@@ -225,21 +226,22 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                         "dialtune measured a full fine-tune's base, or without eval.base_comparison)",
                         os.path.join(eval_dir, eval_results.BASE_LM))
 
+    written = {"step": None, "res": {}}
+
     def run_eval(parts, step, final):
+        faults.fail_eval(parts)
         base = final and ev.base_comparison
         res = suite_result(parts, base_ctx=engine.module.disable_adapter if base and cfg.peft.method != "none" else None,
                            base_rows=full_base_rows if base else None)
+        res = {**written["res"], **res} if written["step"] == step else res  # (parts run after the final save join the rest)
+        written.update(step=step, res=res)
         if is_main and res:
             eval_results.write(res, os.path.join(run_dir, "eval"), step, os.path.join(ckpt_root, checkpoint.tag_for(step)))
             metrics.table("eval/samples", res.get("samples", []), step)
             log.info("eval at step %d:\n%s", step, eval_results.tables_text(res))
         return eval_results.scalars(res)
 
-    bar = None
-    if is_main and t.progress_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True) if is_main and t.progress_bar else None
 
     # ---- loop ---------------------------------------------------------------------------------
     eval_result: Dict[str, float] = {}
@@ -326,28 +328,32 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                   "perf/target_tok_s": n_targets / elapsed, "perf/tok_s": n_real / elapsed,
                   "perf/step_time_s": elapsed, "perf/model_tflops_per_device": step_flops / elapsed / world / 1e12,
                   **({"perf/mfu": step_flops / elapsed / world / peak} if peak else {}), **memory_gb()}
-        preempted = stop_signal is not None
-        # once signalled, no eval before the save (time is short), except the run's final one
-        parts = (ev.at_end if step == total_steps else [] if preempted else
+        preempted, final = stop_signal is not None, step == total_steps
+        # once signalled, no eval before the save (time is short); at the end only the held-out loss (the best checkpoint's
+        # measure) runs before the save, the other parts (they generate: slow, memory-hungry) after it: they cannot cost the weights
+        parts = (["lm"] if final and "lm" in ev.at_end else [] if preempted or final else
                  ev.during_training if ev.every_n_steps and step % ev.every_n_steps == 0 else [])
+        late = [p for p in ev.at_end if p != "lm"] if final else []
         if parts:
-            eval_result = run_eval(parts, step, final=step == total_steps)
-            if step < total_steps and checkpoint.note_patience(state, eval_result.get("eval/loss"), ev.early_stopping_patience,
-                                                               ev.early_stopping_min_delta):
-                last_step = step  # early stopping: this step ends the run, with the end-of-training eval and save
-                eval_result = {**eval_result, **run_eval(ev.at_end, step, final=True)} if ev.at_end else eval_result
+            eval_result = run_eval(parts, step, final=final)
+            if not final and checkpoint.note_patience(state, eval_result.get("eval/loss"), ev.early_stopping_patience,
+                                                      ev.early_stopping_min_delta):
+                last_step, late = step, list(ev.at_end)  # early stopping: this step ends the run (save, end-of-training eval)
             record.update(eval_result)
-        if step % t.log_every == 0 or parts or bad_step:  # an eval's results (any part) are always logged
-            metrics.log({k: v for k, v in record.items() if v is not None}, step)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
-                            **({"eval": f"{record['eval/loss']:.3f}"} if "eval/loss" in record else {}))
         stop_here = preempted or bool(t.stop_after_steps) and step - first_step + 1 >= t.stop_after_steps
         if t.save_every and step % t.save_every == 0 or step == last_step or stop_here:
             checkpoint.note_eval(state, step, record.get("eval/loss"))
             checkpoint.save(engine, ckpt_root, step, dict(state), *save_args)
             last_saved = step
+        try:
+            if late:  # (joined with what this step measured before the save)
+                record.update(eval_result := run_eval(late, step, final=True))
+        finally:  # the step's row, also when an end-of-training part failed; an eval's results are always logged
+            if step % t.log_every == 0 or parts or late or bad_step:
+                metrics.log({k: v for k, v in record.items() if v is not None}, step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **({"eval": f"{record['eval/loss']:.3f}"} if "eval/loss" in record else {}))
         if stop_here or step == last_step:  # (early stopping sets last_step)
             break
     if bar is not None:
