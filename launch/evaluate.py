@@ -128,8 +128,7 @@ def load_model(cfg, kind: str, model_dir: Path, base: Optional[str], dev):
     if dev.type == "cpu" and cfg.quant.mode == "none":
         cfg.model.dtype = "fp32"
     model = loader.load_base(cfg, base, dev)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    model = loader.fit_embeddings(model, tokenizer)
     return PeftModel.from_pretrained(model, str(model_dir)).to(dev).eval(), tokenizer
 
 

@@ -58,7 +58,7 @@ import torch
 from .card import repo_id_problem
 from .dequantize import dequantize_, fast_int8
 from .export_io import ExportError, cast_, check_out_dir, export_tmp, write_export, write_generation_config
-from .loader import DTYPES
+from .loader import DTYPES, fit_embeddings
 
 log = logging.getLogger("dialtune")
 ORIGINAL, DEQUANTIZED = "original", "dequantized"
@@ -157,12 +157,6 @@ def eval_loss(model, eval_set) -> float:
 # ---------------------------------------------------------------------------------------------
 # Models
 
-def _fit_embeddings(model, tokenizer):
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    return model
-
-
 def load_fp32_base(base_path: str, tokenizer, cfg=None):
     """The full-precision base, fp32 on CPU, loaded shard by shard."""
     from transformers import AutoModelForCausalLM
@@ -173,14 +167,14 @@ def load_fp32_base(base_path: str, tokenizer, cfg=None):
         if base_path == cfg.model.name_or_path and cfg.model.revision:
             kwargs["revision"] = cfg.model.revision
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, low_cpu_mem_usage=True, **kwargs)
-    return _fit_embeddings(model, tokenizer).eval()
+    return fit_embeddings(model, tokenizer).eval()
 
 
 def load_trained_base(cfg, base_path: str, tokenizer):
     """The base as the run trained against it: model.dtype, quantized per the run's quant section."""
     from .loader import load_base
 
-    return _fit_embeddings(load_base(cfg, base_path, torch.device("cpu")), tokenizer).eval()
+    return fit_embeddings(load_base(cfg, base_path, torch.device("cpu")), tokenizer).eval()
 
 
 def _max_diff(a, b, mask) -> float:
@@ -283,7 +277,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
         if stream:  # too large to hold: tensor by tensor, no logits check
             log.info("merge: the %.0f GB fp32 base is merged tensor by tensor into %s", size_gb, tmp)
             try:
-                streamed = merge_to_dir(adapter_dir, base_path, tmp, out_dtype, max_shard_size)
+                streamed = merge_to_dir(adapter_dir, base_path, tmp, out_dtype, max_shard_size, rows=len(tokenizer))
             except MergeError as e:
                 raise ExportError(str(e)) from None
             verified = {"reference": f"none: the {size_gb:.0f} GB fp32 base is above export.stream_above_gb={stream_above_gb}, "

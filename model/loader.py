@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -28,12 +29,46 @@ def load_tokenizer(model_cfg, base_path: Optional[str] = None):
     tok = AutoTokenizer.from_pretrained(src, revision=model_cfg.revision if src == model_cfg.name_or_path else None,
                                         trust_remote_code=model_cfg.trust_remote_code)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        # A pad that equals eos would hide eos from the labels' padding logic; add a real one.
-        tok.add_special_tokens({"pad_token": "<|pad|>"})
+        # A pad that equals eos would hide eos from the labels' padding logic: take a spare special
+        # token the vocabulary has (Llama-3's <|finetune_right_pad_id|> / reserved ones), else add one
+        # (the embeddings then grow by a row: fit_embeddings)
+        spare = spare_special_token(tok)
+        if spare is not None:
+            tok.pad_token = spare
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
     new = [t for t in model_cfg.add_tokens if t not in tok.get_vocab()]
     if new:
         tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
     return tok
+
+
+_SPARE = re.compile(r"pad|reserved|placeholder|unused", re.I)
+
+
+def spare_special_token(tok) -> Optional[str]:
+    """A special token of the vocabulary that nothing uses, to pad with: named like a pad, reserved,
+    placeholder or unused token (pads first), not bos/eos/unk, not in the chat template; or None."""
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    taken = {tok.bos_token, tok.eos_token, tok.unk_token}
+    spare = [(0 if "pad" in t.content.lower() else 1, i, t.content) for i, t in tok.added_tokens_decoder.items()
+             if t.special and _SPARE.search(t.content) and t.content not in taken and t.content not in template]
+    return min(spare)[2] if spare else None
+
+
+def fit_embeddings(model, tokenizer):
+    """Grow the input embeddings (and an untied output head) to the tokenizer's size, the new rows
+    the mean of the old ones: the same rows in every process that builds the model (training,
+    merge, eval). transformers' own resize draws them at random, so a merge in another process
+    would hold other rows (an added pad's logit) than the adapter was trained with."""
+    old = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= old:
+        return model
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+            emb.weight[old:] = emb.weight[:old].float().mean(0).to(emb.weight.dtype)
+    return model
 
 
 TINY_MARKER = "dialtune_tiny.json"  # the model.tiny settings (and added tokens) a tiny base was built with

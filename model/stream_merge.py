@@ -100,9 +100,14 @@ def merged_tensor(w: torch.Tensor, parts: Dict[str, torch.Tensor], scale: float,
     return w
 
 
+_VOCAB_ROWS = ("embed_tokens.weight", "wte.weight", "lm_head.weight", "embed_out.weight")
+
+
 def merge_to_dir(adapter_dir: str, base_path: str, out_dir: str, dtype: torch.dtype, max_shard_size: str = "2GB",
-                 revision: Optional[str] = None) -> Dict:
-    """Write the merged weights (sharded safetensors + index) and config.json into out_dir."""
+                 revision: Optional[str] = None, rows: Optional[int] = None) -> Dict:
+    """Write the merged weights (sharded safetensors + index) and config.json into out_dir. rows:
+    the tokenizer's size; embeddings and output head the adapter does not carry grow to it with
+    mean rows, as training's loader.fit_embeddings grew them (an added pad token)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -139,6 +144,8 @@ def merge_to_dir(adapter_dir: str, base_path: str, out_dir: str, dtype: torch.dt
                     used_lora.add(module)
                 else:
                     t = f.get_tensor(key)
+                    if rows and key.endswith(_VOCAB_ROWS) and t.dim() == 2 and t.shape[0] < rows:
+                        t = torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype).expand(rows - t.shape[0], -1)])
                 t = t.to(dtype) if t.is_floating_point() else t
                 shapes[key] = list(t.shape)
                 nbytes = t.numel() * t.element_size()

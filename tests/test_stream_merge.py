@@ -67,6 +67,37 @@ def test_stream_merge_equals_peft_merge(tmp_path, kind, method, save):
         assert torch.allclose(value, by_peft[key], atol=1e-6), key
 
 
+def test_a_pad_row_added_in_training_is_the_same_in_the_streamed_merge(tmp_path):
+    """A tokenizer one token longer than the base (a pad dialtune added) and an adapter that does not
+    carry the embeddings: training grew them with mean rows (loader.fit_embeddings), the streamed
+    merge grows embed_tokens and the untied lm_head the same way (before, the merged model had one
+    row fewer than its tokenizer: a pad id out of range), and its logits are the trained ones."""
+    from transformers import AutoModelForCausalLM
+
+    from model.loader import fit_embeddings
+
+    _tiny("llama").save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    tokens = type("Tok", (), {"__len__": lambda self: 301})()
+    torch.manual_seed(123)  # whatever the random state, the grown rows are the mean rows
+    trained = fit_embeddings(_tiny("llama"), tokens)
+    peft = _adapter(trained, "lora")
+    peft.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[5, 17, 300, 42, 300]])  # the added row, as input and as a logit
+    with torch.no_grad():
+        ref = peft(input_ids=ids).logits
+    merge_to_dir(str(tmp_path / "adapter"), str(tmp_path / "base"), str(tmp_path / "out"), torch.float32, rows=301)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert merged.config.vocab_size == 301 and merged.get_output_embeddings().weight.shape[0] == 301
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    assert (got - ref).abs().max() <= 1e-4
+    base = _tiny("llama")
+    for emb in (merged.get_input_embeddings(), merged.get_output_embeddings()):
+        name = "embed" if emb is merged.get_input_embeddings() else "head"
+        source = base.get_input_embeddings() if name == "embed" else base.get_output_embeddings()
+        assert torch.allclose(emb.weight[300], source.weight.mean(0), atol=1e-6), name
+
+
 def test_wrong_base_is_refused(tmp_path):
     _tiny("llama").save_pretrained(tmp_path / "base")
     _adapter(_tiny("gpt2"), "lora").save_pretrained(tmp_path / "adapter")

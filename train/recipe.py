@@ -116,8 +116,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     model = loader.load_base(cfg, base_path, dev)
     if is_main and (too_long := loader.context_problem(model.config, cfg.data.max_seq_len)):
         log.warning(too_long)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    model = loader.fit_embeddings(model, tokenizer)
     n_quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
     kc = cfg.kernels
     liger = kc.liger and kernels.apply_liger(model)
