@@ -284,7 +284,7 @@ def cmd_chat(args) -> int:
             raise ChatError(f"--max-new-tokens={args.max_new_tokens} must be at least 1.")
         if args.temperature < 0:
             raise ChatError(f"--temperature={args.temperature} must be 0 (greedy) or positive.")
-        if not 0 < args.top_p <= 1:
+        if args.temperature > 0 and not 0 < args.top_p <= 1:  # (greedy decoding reads no top-p)
             raise ChatError(f"--top-p={args.top_p} must be in (0, 1].")
         model, tokenizer, device = load(args.checkpoint, args.device)
     except ChatError as e:

@@ -101,7 +101,7 @@ def override_problem(overrides, validate: bool = False, root: bool = False, **va
             validate_config(cfg, **validate_kw)
         except ConfigError as e:
             return str(e)
-    if root:
+    if root and not any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in plain):  # (then run.root is unused)
         from train.validate import directory_problem
 
         return directory_problem("run.root", str(cfg.run.root))

@@ -32,7 +32,7 @@ def load_tokenizer(model_cfg, base_path: Optional[str] = None):
         # A pad that equals eos would hide eos from the labels' padding logic: take a spare special
         # token the vocabulary has (Llama-3's <|finetune_right_pad_id|> / reserved ones), else add one
         # (the embeddings then grow by a row: fit_embeddings)
-        spare = spare_special_token(tok)
+        spare = spare_special_token(tok, exclude=[*model_cfg.add_tokens, model_cfg.end_of_turn_token])
         if spare is not None:
             tok.pad_token = spare
         else:
@@ -46,11 +46,13 @@ def load_tokenizer(model_cfg, base_path: Optional[str] = None):
 _SPARE = re.compile(r"pad|reserved|placeholder|unused", re.I)
 
 
-def spare_special_token(tok) -> Optional[str]:
+def spare_special_token(tok, exclude=()) -> Optional[str]:
     """A special token of the vocabulary that nothing uses, to pad with: named like a pad, reserved,
-    placeholder or unused token (pads first), not bos/eos/unk, not in the chat template; or None."""
-    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
-    taken = {tok.bos_token, tok.eos_token, tok.unk_token}
+    placeholder or unused token (pads first), not bos/eos/unk, not in a chat template of the
+    tokenizer, not one of `exclude` (the run's own tokens: model.add_tokens, the end-of-turn token); or None."""
+    templates = tok.chat_template if isinstance(tok.chat_template, dict) else {"": tok.chat_template or ""}
+    template = "\n".join(t for t in templates.values() if isinstance(t, str))
+    taken = {tok.bos_token, tok.eos_token, tok.unk_token, *exclude}
     spare = [(0 if "pad" in t.content.lower() else 1, i, t.content) for i, t in tok.added_tokens_decoder.items()
              if t.special and _SPARE.search(t.content) and t.content not in taken and t.content not in template]
     return min(spare)[2] if spare else None
@@ -222,8 +224,8 @@ def _modules_to_save(model, cfg):
     """The user's list, plus the embeddings and output head when tokens were added (their new
     rows must be learnt, and they are saved with the adapter)."""
     names = list(cfg.peft.modules_to_save)
-    known = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
-    if unknown := [n for n in names if n not in known]:
+    modules = [n for n, _ in model.named_modules()]
+    if unknown := [x for x in names if not any(n == x or n.endswith("." + x) for n in modules)]:  # (PEFT's own match)
         from train.config import ConfigError
 
         raise ConfigError(f"peft.modules_to_save has {unknown[0]!r}, which is no module of {type(model).__name__} (e.g. "

@@ -100,7 +100,7 @@ def merged_tensor(w: torch.Tensor, parts: Dict[str, torch.Tensor], scale: float,
     return w
 
 
-_VOCAB_ROWS = ("embed_tokens.weight", "wte.weight", "lm_head.weight", "embed_out.weight")
+_VOCAB_ROWS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "lm_head.weight", "embed_out.weight")
 
 
 def merge_to_dir(adapter_dir: str, base_path: str, out_dir: str, dtype: torch.dtype, max_shard_size: str = "2GB",

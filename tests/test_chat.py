@@ -218,5 +218,5 @@ def test_chat_uses_the_runs_system_prompt_unless_told_otherwise(peft_runs, tmp_p
 def test_chat_sampling_options_out_of_range_are_one_sentence(tmp_path, capsys, option, value, message):
     from launch.cli import main as cli
 
-    assert cli(["chat", str(tmp_path), option, value]) == 2
+    assert cli(["chat", str(tmp_path), "--temperature", "0.7", option, value]) == 2  # (top-p is read when sampling)
     assert capsys.readouterr().err.strip() == f"dialtune: error: {message}"

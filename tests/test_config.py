@@ -270,8 +270,8 @@ def test_counts_below_one_are_refused():
     ("optim.betas=[0.9]", "optim.betas=[0.9] must be two numbers in [0, 1), e.g. [0.9, 0.999]."),
     ("peft.alpha=0", "peft.alpha=0 must be above 0 (the adapter's output is scaled by alpha / r: 0 would train nothing)."),
     ("peft.dropout=1.5", "peft.dropout=1.5 must be in [0, 1)."),
-    ("eval.temperature=0", "eval.temperature=0.0 must be above 0 (for greedy decoding set eval.decoding=[greedy])."),
-    ("eval.top_p=0", "eval.top_p=0.0 must be in (0, 1]."),
+    ("eval.decoding=[greedy,sampled] eval.temperature=0", "eval.decoding has sampled, which needs eval.temperature > 0 (now 0.0)"),
+    ("eval.decoding=[sampled] eval.top_p=0", "eval.decoding has sampled, which needs eval.temperature > 0 (now 0.7) and eval.top_p in (0, 1] (now 0.0)"),
     ("eval.samples=-1", "eval.samples=-1 must be at least 0."),
     ("export.eval_conversations=-1", "export.eval_conversations=-1 must be at least 0 (0 skips)."),
     ("export.verify_tolerance=-1", "export.verify_tolerance=-1.0 must be at least 0."),
@@ -289,6 +289,12 @@ def test_values_out_of_range_are_one_sentence(override, message):
     with pytest.raises(ConfigError) as e:
         validate(_compose(override.split()), cuda_available=False)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_sampling_settings_are_free_when_decoding_is_greedy():
+    """eval.temperature / eval.top_p are read by the sampled decoding only: 0 (as `dialtune chat
+    --temperature 0` means greedy) is no error under the default greedy decoding."""
+    validate(_compose(["eval.temperature=0", "eval.top_p=0"]), cuda_available=False)
 
 
 def test_an_unusable_directory_is_one_sentence(tmp_path):

@@ -53,13 +53,12 @@ def runs(tmp_path_factory):
             f"eval.early_stopping_min_delta={MIN_DELTA}", "export.checkpoint=best", "logger=none", "eval.at_end=[lm]",
             "export.eval_conversations=4", "train.micro_batch_size=4"]
     proc = train(args + ["run.name=whole"], root)
-    return root, args, proc
+    return root, args, proc, _evals(root / "whole")  # (as early-stopped: a test below trains "whole" on)
 
 
 def test_stops_at_the_first_evaluation_that_uses_up_the_patience(runs):
-    root, _, proc = runs
+    root, _, proc, evals = runs
     run = root / "whole"
-    evals = _evals(run)
     stop = expected_stop(evals, PATIENCE, MIN_DELTA)
     assert stop is not None and stop < MAX_STEPS, evals  # the case this test is for
     assert max(evals) == stop, evals  # nothing evaluated (or trained) after the stop
@@ -79,7 +78,7 @@ def test_stops_at_the_first_evaluation_that_uses_up_the_patience(runs):
 
 
 def test_a_requeued_job_finds_the_early_stopped_run_finished(runs):
-    root, args, _ = runs
+    root, args, _, whole = runs
     run = root / "whole"
     before = _summary(run)
     n_records = len(read_metrics(run))
@@ -91,8 +90,7 @@ def test_a_requeued_job_finds_the_early_stopped_run_finished(runs):
 
 
 def test_a_job_stopped_before_the_early_stop_resumes_to_the_same_stop(runs):
-    root, args, _ = runs
-    whole = _evals(root / "whole")
+    root, args, _, whole = runs
     stop = max(whole)
     train(args + ["run.name=split", f"train.stop_after_steps={stop - 1}"], root)
     assert not _summary(root / "split")["finished"]
@@ -103,7 +101,7 @@ def test_a_job_stopped_before_the_early_stop_resumes_to_the_same_stop(runs):
 
 
 def test_a_resume_with_the_patience_off_trains_on(runs):
-    root, args, _ = runs
+    root, args, _, whole = runs
     train(args + ["run.name=whole", "train.resume=auto", "eval.early_stopping_patience=0"], root)
     summary = _summary(root / "whole")
     assert summary["finished"] and summary["steps"] == MAX_STEPS and summary["early_stopped_step"] is None
@@ -111,10 +109,41 @@ def test_a_resume_with_the_patience_off_trains_on(runs):
 
 
 def test_without_a_held_out_set_it_is_one_sentence(runs):
-    root, _, _ = runs
+    root, _, _, _ = runs
     proc = train(["data=custom", f"data.train_files=[{root / 'yes.jsonl'}]", "eval.every_n_steps=1",
                   "eval.early_stopping_patience=2", "logger=none", "run.name=no_eval"], root, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert ("dialtune: error: eval.early_stopping_patience watches the held-out loss, and this run has no held-out set: "
             "set data.eval_fraction or data.eval_files") in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_preemption_at_an_evaluation_step_keeps_the_count(runs):
+    """SIGUSR1 (SLURM's notice before the time limit) at an evaluation step: the job saves and asks
+    to be requeued without the slow evals, but still measures the held-out loss early stopping
+    counts (the resumed job starts at the next step and would never measure it): the requeued job
+    stops where the uninterrupted run did, with the same losses."""
+    from train.signals import REQUEUE_EXIT_CODE
+
+    root, args, _, whole = runs
+    stop = max(whole)
+    proc = train(args + ["run.name=signalled"], root, check=False, extra_env={"DIALTUNE_INJECT_SIGNAL": str(stop - 1)})
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stderr[-3000:]
+    assert _summary(root / "signalled")["steps"] == stop - 1
+    train(args + ["run.name=signalled", "train.resume=auto"], root)
+    summary = _summary(root / "signalled")
+    assert summary["finished"] and summary["early_stopped_step"] == stop
+    assert _evals(root / "signalled") == {s: pytest.approx(v, abs=1e-6) for s, v in whole.items()}
+
+
+def test_the_rotation_keeps_the_lowest_loss_checkpoint(runs):
+    """With early stopping the lowest-loss checkpoint is `patience` evaluations old when the run
+    stops: a rotation that keeps one checkpoint keeps it too (else summary.json and the last line
+    would name a deleted directory), also with export.checkpoint=last."""
+    root, args, _, whole = runs
+    train(args + ["run.name=rotated", "export.checkpoint=last", "train.keep_checkpoints=1", "train.save_every=1",
+                  "export.merge_at_end=false"], root)
+    summary = _summary(root / "rotated")
+    assert Path(summary["best_checkpoint"]).is_dir() and Path(summary["checkpoint"]).is_dir()
+    assert summary["best_checkpoint"] != summary["checkpoint"]
+    assert len(list((root / "rotated" / "checkpoints").glob("step_*"))) == 2

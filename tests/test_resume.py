@@ -32,7 +32,7 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert first["steps"] == 3 and not first["finished"]
         assert (part_dir / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     proc = train(stages + common + ["run.name=part", "train.resume=auto"], tmp_path, nproc=2, via="torchrun")
-    assert "the training data differ" not in proc.stdout + proc.stderr  # the same data: nothing to warn about
+    assert "the data this run reads differ" not in proc.stdout + proc.stderr  # the same data: nothing to warn about
     for job, stage in (("0", 2), ("1", 3)):
         full_dir, part_dir = tmp_path / "full-sweep" / job, tmp_path / "part-sweep" / job
         assert f"stage: {stage}" in (part_dir / "config.yaml").read_text()
@@ -91,7 +91,7 @@ def test_a_resume_on_changed_data_is_warned_and_keeps_the_skipped_count(tmp_path
     data.write_text("".join(lines[:60] + lines[100:110]))
     proc = train(args + ["train.resume=auto"], tmp_path)
     out = proc.stdout + proc.stderr
-    assert "the training data differ from those" in out and "so this is not the run an uninterrupted job would have made" in out
+    assert "the data this run reads differ from those" in out and "which is not the run an uninterrupted job would have made" in out
     skipped = {r["step"]: r["train/skipped_steps"] for r in read_metrics(tmp_path / "changed") if "train/skipped_steps" in r}
     assert skipped == {1: 1, 2: 1, 3: 1}
     assert json.loads((tmp_path / "changed" / "summary.json").read_text())["skipped_steps"] == 1

@@ -128,17 +128,19 @@ def test_a_failing_end_of_training_eval_costs_no_weights(tmp_path):
     """The end-of-training parts that generate (intent, response: slow, and where a GPU runs out of
     memory) run after the final checkpoint is saved, with the held-out loss measured before it: a
     failure there leaves the trained weights and the loss on disk, and the rerun finishes the run
-    (summary and merge) without training again."""
+    (summary and merge, replacing an earlier job's summary) without training again."""
     args = BASE[:3] + ["eval.at_end=[lm,response]", "eval.response_conversations=2", "data.eval_files=[]",
                        "data.eval_fraction=0.05", "train.max_steps=2", "run.name=late"]
-    proc = train(args, tmp_path, check=False, extra_env={"DIALTUNE_INJECT_EVAL_ERROR": "response"})
+    train(args + ["train.stop_after_steps=1"], tmp_path)  # an earlier job: its summary.json (step 1, unfinished) stays behind
+    proc = train(args + ["train.resume=auto"], tmp_path, check=False, extra_env={"DIALTUNE_INJECT_EVAL_ERROR": "response"})
     assert proc.returncode != 0 and "injected failure of the response evaluation" in proc.stderr
     run = tmp_path / "late"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"
     assert (run / "checkpoints" / "step_0000002" / "adapter" / "adapter_model.safetensors").is_file()
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["step"] == 2 and "lm" in results and "response" not in results
-    train(args + ["train.resume=auto"], tmp_path)
-    summary = json.loads((run / "summary.json").read_text())
+    proc = train(args + ["train.resume=auto"], tmp_path)
+    assert "its end-of-training evaluation did not finish" in proc.stdout + proc.stderr
+    summary = json.loads((run / "summary.json").read_text())  # this run's, not the earlier job's
     assert summary["finished"] and summary["steps"] == 2 and summary["merged"]
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2]  # nothing trained again

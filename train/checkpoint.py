@@ -336,12 +336,40 @@ def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_k
     state = load(engine, root, tag, total_steps=total_steps)
     optim.reapply(scheduler, cfg.optim)
     if is_main and state.get("data_key", data_key) != data_key:
-        log.warning("the training data differ from those %s was trained on (file contents, tokenizer or data settings: "
-                    "data cache %s then, %s now): training continues at its position in the new data's order, so this "
-                    "is not the run an uninterrupted job would have made", os.path.join(root, tag), state["data_key"], data_key)
+        log.warning("the data this run reads differ from those %s was trained on (another data cache key: the files' contents "
+                    "or paths, the tokenizer or the data settings changed; %s then, %s now): if the training examples changed, "
+                    "training continues at its position in the new data's order, which is not the run an uninterrupted job "
+                    "would have made", os.path.join(root, tag), state["data_key"], data_key)
     state["data_key"] = data_key
     log.info("resumed from %s/%s at step %d", root, tag, state["step"])
     return state
+
+
+def write_summary(path: str, summary: Dict[str, Any], nothing_trained: bool, is_main: bool) -> Dict[str, Any]:
+    """summary.json at the end of a job (rank 0 writes it); the summary the job returns. A job that
+    resumed a finished run (a requeued sweep, a resubmission) keeps the summary on disk, with its
+    end-of-training eval, when it describes that finished step; whether this job was stopped is this
+    job's own (a run signalled at its last step says preempted there, and must not ask to be
+    requeued again and again). A summary of an earlier job (one whose end-of-training eval failed
+    or was cut short after the final save) is replaced."""
+    import logging
+
+    log = logging.getLogger("dialtune")
+    saved = None
+    if nothing_trained and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+    if saved and saved.get("finished") and saved.get("steps") == summary["steps"]:
+        if is_main:
+            log.info("the run had already finished at step %d: nothing to train, its summary.json is kept", summary["steps"])
+        return {**saved, "already_finished": True, "preempted": summary["preempted"], "stop_signal": summary["stop_signal"]}
+    if nothing_trained and is_main:
+        log.warning("the run's last step (%d) was trained and saved before, but its end-of-training evaluation did not finish: "
+                    "summary.json is written without it (`dialtune eval %s` measures it)", summary["steps"], os.path.dirname(path))
+    if is_main:
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
 
 
 def _rank() -> int:

@@ -1,6 +1,7 @@
 """Fault injection for the robustness tests: DIALTUNE_INJECT_NAN=first[-last][,rank] makes the
 forward of those steps on that rank (default 0) carry NaNs, as a real overflow does;
-DIALTUNE_INJECT_EVAL_ERROR=part makes an evaluation of that part fail."""
+DIALTUNE_INJECT_EVAL_ERROR=part makes an evaluation of that part fail; DIALTUNE_INJECT_SIGNAL=step
+sends SIGUSR1 at that step."""
 from __future__ import annotations
 
 import os
@@ -30,3 +31,12 @@ def fail_eval(parts) -> None:
     generation that runs out of GPU memory does."""
     if (part := os.environ.get("DIALTUNE_INJECT_EVAL_ERROR")) and part in parts:
         raise RuntimeError(f"injected failure of the {part} evaluation (DIALTUNE_INJECT_EVAL_ERROR)")
+
+
+def signal_at(step: int) -> None:
+    """DIALTUNE_INJECT_SIGNAL=step: this process sends itself SIGUSR1 as that step starts (a
+    preemption notice at a chosen step, where a real one arrives at an unknown time)."""
+    if os.environ.get("DIALTUNE_INJECT_SIGNAL") == str(step):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGUSR1)

@@ -49,7 +49,8 @@ def without_initial_step(optimizer, active: bool = True):
     FP16_UnfusedOptimizer) create the optimizer states with one step on zero gradients. Adam then
     counts a step that never happened (its bias correction makes the first real update 0.74x) and
     AdamW decays the weights once. lr and weight decay are held at 0 for that step (the weights stay
-    as they are) and the states it made are dropped (created again at the first real step)."""
+    as they are), and its step count is set back to 0 (its moments are zeros: zero gradients); the
+    states stay allocated (dropping them would leak bitsandbytes' paged buffers)."""
     if not active:
         yield
         return
@@ -65,4 +66,6 @@ def without_initial_step(optimizer, active: bool = True):
             g["lr"] = lr
             if wd is not None:
                 g["weight_decay"] = wd
-        optimizer.state.clear()
+        for st in optimizer.state.values():
+            if "step" in st:
+                st["step"] = st["step"] * 0  # (a tensor in torch's AdamW, an int in bitsandbytes')

@@ -250,11 +250,13 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     skipped, bad_in_row, nonfinite_stop, own_norm = state.get("skipped_steps", 0), 0, 0, None  # (skipped: the run's, across jobs)
     inject_nan = faults.injected_nan_steps()
     corrupt = False
-    save_args = (is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml, cfg.export.checkpoint == "best")
+    save_args = (is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml,
+                 cfg.export.checkpoint == "best" or ev.early_stopping_patience > 0)  # (the rotation keeps the best checkpoint)
     engine.train()
     stop_flag.armed = True  # from here a SIGTERM is answered with a checkpoint
     for step in range(first_step, last_step + 1):
         t0 = time.perf_counter()
+        faults.signal_at(step)
         made = [make_batch(stream.next()) for _ in range(gas)]
         batches = [b for b, _ in made]
         local = [sum(batching.target_tokens(b) for b in batches),
@@ -328,16 +330,18 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                   "perf/step_time_s": elapsed, "perf/model_tflops_per_device": step_flops / elapsed / world / 1e12,
                   **({"perf/mfu": step_flops / elapsed / world / peak} if peak else {}), **memory_gb()}
         preempted, final = stop_signal is not None, step == total_steps
-        # once signalled, no eval before the save (time is short); at the end only the held-out loss (the best checkpoint's
-        # measure) runs before the save, the other parts (they generate: slow, memory-hungry) after it: they cannot cost the weights
-        parts = (["lm"] if final and "lm" in ev.at_end else [] if preempted or final else
-                 ev.during_training if ev.every_n_steps and step % ev.every_n_steps == 0 else [])
-        late = [p for p in ev.at_end if p != "lm"] if final else []
+        # at the end only the held-out loss (the best checkpoint's measure) runs before the save, the other parts (they generate:
+        # slow, memory-hungry) after it, so they cannot cost the weights, and not once signalled (time is short: `dialtune eval`);
+        # signalled at an eval step, only the held-out loss early stopping counts runs (a resumed run would never measure it)
+        due = bool(ev.every_n_steps) and step % ev.every_n_steps == 0
+        parts = ((["lm"] if "lm" in ev.at_end else []) if final else (["lm"] if ev.early_stopping_patience else []) if preempted and due
+                 else ev.during_training if due else [])
+        late = [p for p in ev.at_end if p != "lm"] if final and not preempted else []
         if parts:
             eval_result = run_eval(parts, step, final=final)
             if not final and checkpoint.note_patience(state, eval_result.get("eval/loss"), ev.early_stopping_patience,
                                                       ev.early_stopping_min_delta):
-                last_step, late = step, list(ev.at_end)  # early stopping: this step ends the run (save, end-of-training eval)
+                last_step, late = step, [] if preempted else list(ev.at_end)  # early stopping: this step ends the run
             record.update(eval_result)
         stop_here = preempted or bool(t.stop_after_steps) and step - first_step + 1 >= t.stop_after_steps
         if t.save_every and step % t.save_every == 0 or step == last_step or stop_here:
@@ -381,19 +385,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "params_trainable": n_trainable, "params_total": n_total, **eval_result}
     metrics.summary(eval_result)
     wandb_dir = metrics.close()
-    summary_path = os.path.join(run_dir, "summary.json")
-    if found and first_step > last_step and os.path.isfile(summary_path):
-        # resumed a finished run (a requeued sweep, a resubmission): its summary, with the final
-        # eval, stays as it was on disk; whether this job was stopped is this job's (a run signalled
-        # at its last step says preempted there, and must not ask to be requeued again and again)
-        with open(summary_path) as f:
-            summary = {**json.load(f), "already_finished": True, "preempted": preempted, "stop_signal": stop_signal}
-        if is_main:
-            log.info("the run had already finished at step %d: nothing to train, its summary.json is kept", last_step)
-    elif is_main:
-        summary["wandb_dir"] = wandb_dir
-        with open(summary_path, "w") as f:
-            json.dump(summary, f, indent=2)
+    summary = checkpoint.write_summary(os.path.join(run_dir, "summary.json"), {**summary, "wandb_dir": wandb_dir},
+                                       found and first_step > last_step, is_main)
     engine.destroy()
     distributed.barrier()
     return summary

@@ -73,8 +73,6 @@ _BOUNDS = {
     "eval.intent_max_examples": (0, False, None, False, " (0: all)"),
     "eval.response_conversations": (0, False, None, False, " (0: skip)"),
     "eval.samples": _AT_LEAST_0,
-    "eval.temperature": (0, True, None, False, " (for greedy decoding set eval.decoding=[greedy])"),
-    "eval.top_p": (0, True, 1, False, ""),
     "export.verify_tolerance": _AT_LEAST_0,
     "export.verify_dequantize_error": _AT_LEAST_0,
     "export.eval_conversations": (0, False, None, False, " (0 skips)"),
@@ -298,6 +296,9 @@ def validate_eval(e, files: bool = True) -> None:
             raise ConfigError(f"eval.intent_files[{i}]: file {path!r} does not exist; check the path.")
     if problem := bounds_problem(e, "eval."):
         raise ConfigError(problem)
+    if "sampled" in e.decoding and not (e.temperature > 0 and 0 < e.top_p <= 1):  # (read by the sampled decoding only)
+        raise ConfigError(f"eval.decoding has sampled, which needs eval.temperature > 0 (now {e.temperature}) and eval.top_p in "
+                          f"(0, 1] (now {e.top_p}); for greedy decoding only, set eval.decoding=[greedy].")
     if e.batch_size < 1 or e.max_new_tokens < 1 or e.every_n_steps < 0:
         raise ConfigError("eval.batch_size and eval.max_new_tokens must be at least 1, eval.every_n_steps at least 0.")
 
