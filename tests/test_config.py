@@ -284,6 +284,7 @@ def test_counts_below_one_are_refused():
     ("model=hf", "model=hf needs model.name_or_path=<hub id or model directory>"),
     ("quant=nf4 quant.compute_dtype=fp32", "quant=nf4 needs a 16-bit compute dtype: set quant.compute_dtype=bf16"),
     ("quant=int8 quant.compute_dtype=fp16", "quant.compute_dtype=fp16 needs a GPU; on CPU use quant.compute_dtype=bf16."),
+    ("quant=nf4 peft=dora deepspeed=zero3", "peft=dora on quant=nf4 under ZeRO-3 fails in its first backward"),
 ])
 def test_values_out_of_range_are_one_sentence(override, message):
     with pytest.raises(ConfigError) as e:

@@ -196,6 +196,9 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
         raise ConfigError(f"quant={q} freezes a quantized base, so it needs an adapter: set peft=lora (or dora/rslora), or quant=none for full fine-tuning.")
     if q == "int8" and p == "dora":
         raise ConfigError("peft=dora on quant=int8 fails in bitsandbytes' int8 backward; use peft=lora with int8, or quant=nf4 with DoRA.")
+    if q == "nf4" and p == "dora" and ds.stage == 3:
+        raise ConfigError("peft=dora on quant=nf4 under ZeRO-3 fails in its first backward (DeepSpeed's ZeRO-3 hooks fetch the "
+                          "4-bit weight DoRA reads as if it were a partitioned parameter): use deepspeed=zero2, or peft=lora with ZeRO-3.")
     if q == "int8" and ds.stage == 3:
         raise ConfigError("quant=int8 cannot be sharded by ZeRO-3 (bitsandbytes int8 weights are not partitionable): use deepspeed=zero2, or quant=nf4 with ZeRO-3.")
     if q == "nf4" and cfg.quant.compute_dtype == "fp32":  # (on CPU bitsandbytes' 4-bit fp32 matmul fails on a shape)
