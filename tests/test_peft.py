@@ -117,6 +117,21 @@ def test_optimizers_train(tmp_path, overrides):
 
 
 @pytest.mark.slow
+def test_lora_on_the_embeddings_and_head_under_zero3_saves_whole_tensors_and_merges(tmp_path):
+    """LoRA on embed_tokens / lm_head: PEFT saves their frozen base weights whole with the adapter;
+    under ZeRO-3 those are partitioned too, and were saved as empty (0,) tensors, so the merge at the
+    end failed on a size mismatch."""
+    from safetensors.torch import load_file
+
+    train(["recipe=demo", "deepspeed=zero3", "peft.target_modules=[q_proj,embed_tokens,lm_head]", "train.max_steps=2",
+           "logger=none", "eval.at_end=[]", "data.eval_files=[]", "export.eval_conversations=4", "run.name=emb"], tmp_path)
+    tensors = load_file(str(tmp_path / "emb" / "checkpoints" / "step_0000002" / "adapter" / "adapter_model.safetensors"))
+    whole = {k: t.shape for k, t in tensors.items() if "base_layer" in k}
+    assert whole and all(len(shape) == 2 and min(shape) > 0 for shape in whole.values()), whole
+    assert (tmp_path / "emb" / "merged" / "config.json").is_file()
+
+
+@pytest.mark.slow
 def test_added_special_token_is_trained_and_exported(tmp_path):
     """A new token (here a hand-off marker the agent emits) gets an embedding row and an output
     row that train (embed_tokens/lm_head join modules_to_save) and ship in the merged model."""
