@@ -88,7 +88,7 @@ def test_unknown_key_is_rejected():
      r"eval.early_stopping_patience counts .* set eval.every_n_steps > 0 \(now 0\) with lm in eval.during_training"),
     (["eval.early_stopping_patience=3", "eval.every_n_steps=5", "eval.during_training=[response]"],
      r"eval.early_stopping_patience .* \(now \['response'\]\).$"),
-    (["eval.early_stopping_min_delta=-0.1"], "eval.early_stopping_patience and eval.early_stopping_min_delta must be at least 0"),
+    (["eval.early_stopping_min_delta=-0.1"], r"^eval.early_stopping_min_delta=-0.1 must be at least 0.$"),
     # the default data=sample left beside the user's sources: the sample would be trained on
     ([f"data.sources=[{{path: {OWN}}}]"], r"^data.train_files\[0\]='\S*sample_data/train.jsonl' is the bundled sample \(data=sample, "
                                             r"the default, lists it\) beside your training data \(data.sources\[0\].path='\S*pyproject.toml'\): "

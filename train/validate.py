@@ -50,25 +50,41 @@ _AT_LEAST_0, _AT_LEAST_1, _ABOVE_0 = (0, False, None, False, ""), (1, False, Non
 _BOUNDS = {
     **{f"model.tiny.{k}": _AT_LEAST_1 for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                                 "num_key_value_heads", "max_position_embeddings")},
+    "peft.r": _AT_LEAST_1,
     "peft.alpha": (0, True, None, False, " (the adapter's output is scaled by alpha / r: 0 would train nothing)"),
     "peft.dropout": (0, False, 1, True, ""),
     "quant.int8_threshold": _AT_LEAST_0,
     "deepspeed.reduce_bucket_size": _AT_LEAST_1,
     "deepspeed.stage3_param_persistence_threshold": _AT_LEAST_0,
     "deepspeed.timeout_minutes": _AT_LEAST_1,
+    "optim.lr": _ABOVE_0,
     "optim.weight_decay": _AT_LEAST_0,
     "optim.eps": _ABOVE_0,
     "optim.warmup_steps": (0, False, None, False, " (0: optim.warmup_ratio decides)"),
     "optim.warmup_ratio": (0, False, 1, True, ""),
     "optim.min_lr_ratio": (0, False, 1, False, " (a share of the peak lr)"),
     "optim.grad_clip": (0, False, None, False, " (0: no clipping)"),
+    "train.micro_batch_size": _AT_LEAST_1,
+    "train.grad_accum": _AT_LEAST_1,
     "train.global_batch_size": (0, False, None, False, " (0: micro_batch_size x grad_accum x ranks)"),
     "train.save_every": (0, False, None, False, " (0: only at the end)"),
     "train.log_every": _AT_LEAST_1,
     "train.stop_after_steps": (0, False, None, False, " (0: run to the end)"),
     "train.max_nonfinite_in_row": _AT_LEAST_0,
     "train.keep_checkpoints": (0, False, None, False, " (0 keeps every checkpoint)"),
+    "kernels.ce_chunk_size": _AT_LEAST_1,
+    "kernels.checkpoint_every": _AT_LEAST_1,
     "kernels.peak_tflops": (0, False, None, False, " (0: looked up from the GPU name)"),
+    "data.max_seq_len": (16, False, None, False, " (shorter cannot hold a conversation)"),
+    "data.eval_fraction": (0, False, 1, True, ""),
+    "data.max_message_chars": _AT_LEAST_1,
+    "data.max_errors_shown": _AT_LEAST_1,
+    "data.num_proc": _AT_LEAST_1,
+    "eval.every_n_steps": (0, False, None, False, " (0: only at the end)"),
+    "eval.early_stopping_patience": (0, False, None, False, " (0: off)"),
+    "eval.early_stopping_min_delta": _AT_LEAST_0,
+    "eval.batch_size": _AT_LEAST_1,
+    "eval.max_new_tokens": _AT_LEAST_1,
     "eval.lm_max_batches": (0, False, None, False, " (0: the whole eval set)"),
     "eval.intent_max_examples": (0, False, None, False, " (0: all)"),
     "eval.response_conversations": (0, False, None, False, " (0: skip)"),
@@ -220,27 +236,15 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
         raise ConfigError(f"deepspeed.offload_optimizer={ds.offload_optimizer} steps the optimizer on the CPU, which optim={cfg.optim.name} cannot do: add optim=cpu_adam.")
     if cfg.optim.name == "cpu_adam" and ds.offload_optimizer == "none" and cuda_available:
         raise ConfigError("optim=cpu_adam keeps optimizer states on the CPU: use it with deepspeed.offload_optimizer=cpu (deepspeed=zero2_offload or zero3_offload).")
-    if p != "none" and cfg.peft.r < 1:
-        raise ConfigError(f"peft.r={cfg.peft.r} must be at least 1.")
-    if t.micro_batch_size < 1 or t.grad_accum < 1:
-        raise ConfigError("train.micro_batch_size and train.grad_accum must both be at least 1.")
     if t.max_steps < -1:
         raise ConfigError(f"train.max_steps={t.max_steps}: give a positive number of steps, or -1 for train.epochs full passes.")
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs < 1):
         raise ConfigError("nothing to train: set train.max_steps to a positive number or train.epochs >= 1.")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive.")
-    if cfg.data.max_seq_len < 16:
-        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is too short to hold a conversation; use at least 16.")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
     validate_data(cfg.data, files=files)
     for key in ("run.root", "data.cache_dir"):
         if files and (path := OmegaConf.select(cfg, key)) and (problem := directory_problem(key, path)):
             raise ConfigError(problem)
     validate_eval(cfg.eval, files=files)
-    if cfg.kernels.ce_chunk_size < 1 or cfg.kernels.checkpoint_every < 1:
-        raise ConfigError("kernels.ce_chunk_size and kernels.checkpoint_every must be at least 1.")
     if problem := budget_problem(cfg.kernels.memory_budget_gib, cfg.kernels.checkpoint_every):
         raise ConfigError(problem)
     if files and t.resume not in ("none", "auto"):
@@ -270,8 +274,6 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
         if needs:
             raise ConfigError("export.checkpoint=best picks the checkpoint with the lowest held-out loss, so each needs one "
                               f"measured at its step: set {needs}.")
-    if ev.early_stopping_patience < 0 or ev.early_stopping_min_delta < 0:
-        raise ConfigError("eval.early_stopping_patience and eval.early_stopping_min_delta must be at least 0 (patience 0: off).")
     if ev.early_stopping_patience and (ev.every_n_steps <= 0 or "lm" not in ev.during_training):
         raise ConfigError("eval.early_stopping_patience counts in-training evaluations of the held-out loss: set eval.every_n_steps "
                           f"> 0 (now {ev.every_n_steps}) with lm in eval.during_training (now {list(ev.during_training)}).")
@@ -302,8 +304,6 @@ def validate_eval(e, files: bool = True) -> None:
     if "sampled" in e.decoding and not (e.temperature > 0 and 0 < e.top_p <= 1):  # (read by the sampled decoding only)
         raise ConfigError(f"eval.decoding has sampled, which needs eval.temperature > 0 (now {e.temperature}) and eval.top_p in "
                           f"(0, 1] (now {e.top_p}); for greedy decoding only, set eval.decoding=[greedy].")
-    if e.batch_size < 1 or e.max_new_tokens < 1 or e.every_n_steps < 0:
-        raise ConfigError("eval.batch_size and eval.max_new_tokens must be at least 1, eval.every_n_steps at least 0.")
 
 
 def validate_data(d, training: bool = True, files: bool = True) -> None:
@@ -335,8 +335,8 @@ def validate_data(d, training: bool = True, files: bool = True) -> None:
             raise ConfigError(f"data.sources[{i}].split={s.split!r} must be train or eval.")
     if training and (problem := data_mix_problem(d)):
         raise ConfigError(problem)
-    if d.max_message_chars < 1 or d.max_errors_shown < 1 or d.num_proc < 1:
-        raise ConfigError("data.max_message_chars, data.max_errors_shown and data.num_proc must be at least 1.")
+    if problem := bounds_problem(d, "data."):
+        raise ConfigError(problem)
 
 
 def _data_paths(d):
