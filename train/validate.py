@@ -11,6 +11,7 @@ from data_pipeline.records import is_bundled_sample
 from model.memory import budget_problem
 
 from .config import DATA_DIR_DEFAULT, ConfigError, DialtuneConfig, iter_docs
+from .bounds import bounds_problem
 from .ds_config import mixed_precision
 
 _CHOICES = {
@@ -44,72 +45,6 @@ _CHOICES = {
 
 
 _ATTENTION = ("sdpa", "eager", "flash_attention_2")
-
-# numeric keys: (lowest, lowest excluded, highest or None, highest excluded, what an edge means)
-_AT_LEAST_0, _AT_LEAST_1, _ABOVE_0 = (0, False, None, False, ""), (1, False, None, False, ""), (0, True, None, False, "")
-_BOUNDS = {
-    **{f"model.tiny.{k}": _AT_LEAST_1 for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                                "num_key_value_heads", "max_position_embeddings")},
-    "peft.r": _AT_LEAST_1,
-    "peft.alpha": (0, True, None, False, " (the adapter's output is scaled by alpha / r: 0 would train nothing)"),
-    "peft.dropout": (0, False, 1, True, ""),
-    "quant.int8_threshold": _AT_LEAST_0,
-    "deepspeed.reduce_bucket_size": _AT_LEAST_1,
-    "deepspeed.stage3_param_persistence_threshold": _AT_LEAST_0,
-    "deepspeed.timeout_minutes": _AT_LEAST_1,
-    "optim.lr": _ABOVE_0,
-    "optim.weight_decay": _AT_LEAST_0,
-    "optim.eps": _ABOVE_0,
-    "optim.warmup_steps": (0, False, None, False, " (0: optim.warmup_ratio decides)"),
-    "optim.warmup_ratio": (0, False, 1, True, ""),
-    "optim.min_lr_ratio": (0, False, 1, False, " (a share of the peak lr)"),
-    "optim.grad_clip": (0, False, None, False, " (0: no clipping)"),
-    "train.micro_batch_size": _AT_LEAST_1,
-    "train.grad_accum": _AT_LEAST_1,
-    "train.global_batch_size": (0, False, None, False, " (0: micro_batch_size x grad_accum x ranks)"),
-    "train.save_every": (0, False, None, False, " (0: only at the end)"),
-    "train.log_every": _AT_LEAST_1,
-    "train.stop_after_steps": (0, False, None, False, " (0: run to the end)"),
-    "train.max_nonfinite_in_row": _AT_LEAST_0,
-    "train.keep_checkpoints": (0, False, None, False, " (0 keeps every checkpoint)"),
-    "kernels.ce_chunk_size": _AT_LEAST_1,
-    "kernels.checkpoint_every": _AT_LEAST_1,
-    "kernels.peak_tflops": (0, False, None, False, " (0: looked up from the GPU name)"),
-    "data.max_seq_len": (16, False, None, False, " (shorter cannot hold a conversation)"),
-    "data.eval_fraction": (0, False, 1, True, ""),
-    "data.max_message_chars": _AT_LEAST_1,
-    "data.max_errors_shown": _AT_LEAST_1,
-    "data.num_proc": _AT_LEAST_1,
-    "eval.every_n_steps": (0, False, None, False, " (0: only at the end)"),
-    "eval.early_stopping_patience": (0, False, None, False, " (0: off)"),
-    "eval.early_stopping_min_delta": _AT_LEAST_0,
-    "eval.batch_size": _AT_LEAST_1,
-    "eval.max_new_tokens": _AT_LEAST_1,
-    "eval.lm_max_batches": (0, False, None, False, " (0: the whole eval set)"),
-    "eval.intent_max_examples": (0, False, None, False, " (0: all)"),
-    "eval.response_conversations": (0, False, None, False, " (0: skip)"),
-    "eval.samples": _AT_LEAST_0,
-    "export.verify_tolerance": _AT_LEAST_0,
-    "export.verify_dequantize_error": _AT_LEAST_0,
-    "export.eval_conversations": (0, False, None, False, " (0 skips)"),
-    "export.stream_above_gb": _AT_LEAST_0,
-}
-
-
-def bounds_problem(node, prefix: str = "") -> Optional[str]:
-    """The first numeric key (of _BOUNDS, under `prefix` when `node` is that section) outside its
-    range, as one sentence; None when all are in range."""
-    for key, (lo, lo_open, hi, hi_open, note) in _BOUNDS.items():
-        if not key.startswith(prefix):
-            continue
-        value = OmegaConf.select(node, key[len(prefix):])
-        if (value > lo if lo_open else value >= lo) and (hi is None or (value < hi if hi_open else value <= hi)):
-            continue
-        where = (f"above {lo}" if lo_open else f"at least {lo}") if hi is None else \
-            f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        return f"{key}={value} must be {where}{note}."
-    return None
-
 
 def unknown_key_problem(cfg) -> Optional[str]:
     """A key the schema does not have (Hydra's `+key=value` adds any key, a typo too), as one
