@@ -57,11 +57,11 @@ _BOUNDS = {
 }
 
 
-def bounds_problem(node, prefix: str = "") -> Optional[str]:
-    """The first numeric key (of _BOUNDS, under `prefix` when `node` is that section) outside its
-    range, as one sentence; None when all are in range."""
+def bounds_problem(node, prefix: str = "", skip: tuple = ()) -> Optional[str]:
+    """The first numeric key (of _BOUNDS, under `prefix` when `node` is that section, none under a
+    prefix in `skip`) outside its range, as one sentence; None when all are in range."""
     for key, (lo, lo_open, hi, hi_open, note) in _BOUNDS.items():
-        if not key.startswith(prefix):
+        if not key.startswith(prefix) or key.startswith(skip):
             continue
         value = OmegaConf.select(node, key[len(prefix):])
         if (value > lo if lo_open else value >= lo) and (hi is None or (value < hi if hi_open else value <= hi)):

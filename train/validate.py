@@ -121,12 +121,12 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
     if problem:
         raise ConfigError(problem)
     for key, allowed in _CHOICES.items():
-        if key.startswith("data."):
-            continue  # validate_data() below checks these
+        if key.startswith(("data.", "eval.")):
+            continue  # validate_data() and validate_eval() below check these
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
-    if problem := bounds_problem(cfg):
+    if problem := bounds_problem(cfg, skip=("data.", "eval.")):  # validate_data/validate_eval check those
         raise ConfigError(problem)
     if cfg.model.attn_implementation not in _ATTENTION:
         raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation!r} is not one of {', '.join(_ATTENTION)}.")
