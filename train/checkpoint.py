@@ -7,6 +7,7 @@ and <run_dir>/checkpoints/latest (the newest complete one; replaced atomically a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 from . import distributed
+
+log = logging.getLogger("dialtune")
 
 
 def tag_for(step: int) -> str:
@@ -326,12 +329,9 @@ def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_k
     settings and the data that changed since it, load it, and train with this run's optimizer
     settings (what the warning says). data_key: the data cache key (file contents, tokenizer, data
     settings) this run trains on; the state keeps it for the next resume."""
-    import logging
-
     from . import optim
     from .config import ConfigError
 
-    log = logging.getLogger("dialtune")
     if mismatch := resume_mismatch(root, tag, cfg):
         raise ConfigError(mismatch)
     if is_main and (changes := resume_changes(root, tag, cfg)):
@@ -355,9 +355,6 @@ def write_summary(path: str, summary: Dict[str, Any], nothing_trained: bool, is_
     job's own (a run signalled at its last step says preempted there, and must not ask to be
     requeued again and again). A summary of an earlier job (one whose end-of-training eval failed
     or was cut short after the final save) is replaced."""
-    import logging
-
-    log = logging.getLogger("dialtune")
     saved = None
     if nothing_trained and os.path.isfile(path):
         with open(path) as f:
