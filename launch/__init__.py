@@ -1,5 +1,6 @@
 """Entry points: train.py (every launcher), cli.py (`dialtune`), and the commands' modules."""
 import logging
+import os
 
 # bitsandbytes' CPU backend warns at import that it cannot fetch an optional kernel from the hub
 # (kernels-community): nothing is downloaded here, and CPU 4-bit runs without it
@@ -9,3 +10,15 @@ QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 def quiet_loggers() -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def name_cpu_accelerator(env=os.environ) -> None:
+    """On a machine without a CUDA device, name DeepSpeed's accelerator (the CPU, what it would pick
+    itself) in `env`, so that importing deepspeed does not warn "Setting accelerator to CPU. If you
+    have GPU or other accelerator, we were unable to detect it" in every process of a CPU run. For
+    processes that run on this machine only: a job submitted to other nodes detects theirs there."""
+    if "DS_ACCELERATOR" not in env:
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            env["DS_ACCELERATOR"] = "cpu"

@@ -272,6 +272,10 @@ def main(argv=None) -> int:
         args.overrides += extra  # overrides given after the options
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.cmd != "slurm":  # (a submitted job's nodes detect their own accelerator)
+        from launch import name_cpu_accelerator
+
+        name_cpu_accelerator()
     return args.fn(args)
 
 

@@ -24,10 +24,11 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from launch import quiet_loggers  # noqa: E402
+from launch import name_cpu_accelerator, quiet_loggers  # noqa: E402
 from train.config import CONF_DIR, register  # noqa: E402
 
 quiet_loggers()
+name_cpu_accelerator()
 
 
 def normalize_argv(argv: list[str]) -> list[str]:

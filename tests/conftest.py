@@ -56,13 +56,16 @@ def train(overrides, root, nproc=1, timeout=600, check=True, via="deepspeed", ex
     elif via == "torchrun":
         cmd, env = torchrun_command(args, nproc), run_env(1)
     else:
+        from launch import name_cpu_accelerator
         from launch.cli import launch_command
 
         cmd = launch_command(args, nproc)
         env = run_env(1)
+        name_cpu_accelerator(env)  # as `dialtune train` does for the launcher (launch/train.py does it for each rank)
     proc = subprocess.run(cmd, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    assert "unable to detect it" not in proc.stdout + proc.stderr, "DeepSpeed's accelerator warning on a CPU run"
     return proc
 
 
