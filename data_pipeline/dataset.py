@@ -17,7 +17,7 @@ import numpy as np
 
 from .chat import DataError, encode
 from .packing import fill_ratio, pack
-from .records import Problem, read_records, to_messages
+from .records import Problem, expand_pattern, read_records, to_messages
 from .validate import Report, clean, counts_text
 
 EVAL_MESSAGES = "eval_messages.jsonl"
@@ -25,12 +25,23 @@ DATA_VERSION = 5  # 5: assistant spans of tag-free templates end at the turn's e
 TRUNCATED_WARN_SHARE = 0.10  # warn when more of the conversations than this were truncated (the bundled sample: 5.4% at 512)
 
 
+def _held_out_asked(d, srcs) -> str:
+    """What asked for a held-out set (its files, or the eval_fraction), for the sentence when it
+    came out empty; "" when nothing did."""
+    files = [s["path"] for s in srcs if s["split"] == "eval"]
+    if files:
+        return ", ".join(files)
+    return f"data.eval_fraction={d.eval_fraction}" if d.eval_fraction > 0 else ""
+
+
 def sources_of(d) -> List[Dict]:
-    out = [dict(path=p, weight=1.0, format=d.format, system_prompt=None, split="train") for p in d.train_files]
-    out += [dict(path=p, weight=1.0, format=d.format, system_prompt=None, split="eval") for p in d.eval_files]
+    """One source per data file, glob patterns expanded (a pattern's files share its settings)."""
+    out = [dict(path=f, weight=1.0, format=d.format, system_prompt=None, split=split)
+           for split in ("train", "eval") for p in d[f"{split}_files"] for f in expand_pattern(p)]
     for s in d.sources:
         fmt = s.format if s.format != "auto" else d.format
-        out.append(dict(path=s.path, weight=float(s.weight), format=fmt, system_prompt=s.system_prompt, split=s.split))
+        out += [dict(path=f, weight=float(s.weight), format=fmt, system_prompt=s.system_prompt, split=s.split)
+                for f in expand_pattern(s.path)]
     return out
 
 
@@ -201,11 +212,13 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
         outcome = _column(tok, "outcome")
         is_train = _column(tok, "split") == "train"
         kept = np.flatnonzero(outcome != "dropped")
+        dropped_where = [str(w) for w in tok.select(np.flatnonzero(outcome == "dropped")[:3])["where"]]  # for the warning
         tok = tok.select(kept)
         split = _column(tok, "split")
         stats = {"version": DATA_VERSION, "validation": report.as_dict(), "max_seq_len": d.max_seq_len,
                  "truncation": {"policy": d.truncation, "truncated": int((outcome == "truncated").sum()),
                                 "dropped": int((outcome == "dropped").sum()),
+                                "dropped_where": dropped_where,
                                 "truncated_share": float((outcome == "truncated").mean())}}
         shutil.rmtree(out_dir + ".part", ignore_errors=True)  # a killed build's files must not ride along
         os.makedirs(out_dir + ".part")
@@ -226,6 +239,16 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                 weights = {k: s["weight"] for k, s in enumerate(srcs)}
                 if any(w != 1.0 for w in weights.values()):
                     part = part.select(_weighted_indices(_column(part, "source"), weights, d.seed))
+            if len(part) == 0 and name == "eval" and (asked := _held_out_asked(d, srcs)):
+                too_long = int((~is_train & (outcome == "dropped")).sum())
+                raise DataError(
+                    f"{asked} gave no held-out conversation: " + (
+                        f"all {too_long} are longer than data.max_seq_len={d.max_seq_len} and were dropped; raise "
+                        "data.max_seq_len or use data.truncation=keep_recent" if too_long else
+                        f"it drew none of the {int(is_train.sum())} training conversations (a share drawn by content); raise it "
+                        "or give data.eval_files" if asked.startswith("data.eval_fraction") else
+                        "no usable record (an empty file, or every record skipped as reported above)") +
+                    "; or train without a held-out loss: data.eval_files=[] and data.eval_fraction=0.")
             if len(part) == 0:
                 continue
             if name == "eval":  # the text of the eval conversations, row for row, for generation evals
@@ -287,6 +310,7 @@ def data_warnings(stats: Dict) -> List[str]:
         out.append(f"warning: {t['dropped']} of {n} conversations ({t['dropped'] / max(1, n):.1%}) were dropped as longer than "
                    f"data.max_seq_len={max_len} tokens (data.truncation={t['policy']}"
                    + ("" if t["policy"] == "drop" else ", and no assistant turn with its context fits")
+                   + (f"; {'first ' if t['dropped'] > 3 else ''}at {', '.join(t['dropped_where'])}" if t.get("dropped_where") else "")
                    + "); raise data.max_seq_len" + (" or use data.truncation=keep_recent." if t["policy"] == "drop" else "."))
     if t["truncated_share"] > TRUNCATED_WARN_SHARE:
         out.append(f"warning: {t['truncated']} of {n} conversations ({t['truncated_share']:.1%}) were truncated to "

@@ -35,6 +35,17 @@ def is_bundled_sample(path: str) -> bool:
     except OSError:
         return False
 
+def expand_pattern(path: str) -> list:
+    """The files a data path names: itself, or for a glob pattern (`*`, `?`, `[...]`; `**` for any
+    depth) the files (or saved `datasets` directories) it matches, sorted; an empty list when it
+    matches none."""
+    if not any(c in path for c in "*?[") or os.path.exists(path):  # (a file named with [ ] is itself)
+        return [path]
+    import glob
+
+    return sorted(glob.glob(path, recursive=True))
+
+
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "intent")
 
 # ShareGPT-style speaker names -> chat roles (case-insensitive). `sys` is the dialogue system, the
@@ -110,7 +121,7 @@ def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:
             except json.JSONDecodeError as e:
                 lines_hint = ("; it reads as one JSON object per line: that is JSON Lines, name the file .jsonl"
                               if e.msg == "Extra data" and text.lstrip().startswith("{") else "")
-                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file must hold one JSON array of "
+                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); a .json file must hold one JSON array of "
                                 f"records{lines_hint}.") from None
             if not isinstance(items, list):
                 raise DataError(f"{path}: a .json file must hold a JSON array of records (use .jsonl for one record per line).")
@@ -151,6 +162,10 @@ def _parse_json(line: str):
         return Problem("invalid_json", f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); each line must be one JSON object")
 
 
+_FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+                "prompt_completion": ("prompt", "completion"), "intent": ("text", "label")}
+
+
 def detect(rec: Dict) -> Optional[str]:
     if "messages" in rec:
         return "messages"
@@ -173,6 +188,11 @@ def to_messages(rec: Any, fmt: str, intent_cfg=None):
     if kind is None:
         keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
         return Problem("unknown_format", f"no known conversation format (keys: {keys}); expected messages, conversations, instruction/output, prompt/completion or text/label")
+    if fmt != "auto" and detect(rec) not in (None, fmt) and not any(k in rec for k in _FORMAT_KEYS[fmt]):
+        other = detect(rec)
+        return Problem("unknown_format", f"the format is pinned to {fmt} (data.format, or the source's format), whose records have "
+                       f"{'/'.join(_FORMAT_KEYS[fmt])}, but this one has {'/'.join(_FORMAT_KEYS[other])} ({other}): set the "
+                       f"format to auto or {other}")
     rid = rec.get("id")
     if kind == "messages":
         msgs = rec.get("messages")

@@ -36,8 +36,12 @@ def clean(messages: List, policy, fixes: Counter) -> Union[List[Dict[str, str]],
         role, content = m["role"], m["content"]
         if role is None or content is None:
             return Problem("null_value", f"messages[{i}] has a null {'role' if role is None else 'content'}")
-        if not isinstance(content, str) or not isinstance(role, str):
-            return Problem("bad_type", f"messages[{i}] 'role' and 'content' must be text, got {type(role).__name__}/{type(content).__name__}")
+        if not isinstance(role, str):
+            return Problem("bad_type", f"messages[{i}] 'role' must be text, got {type(role).__name__}")
+        if not isinstance(content, str):
+            return Problem("bad_type", f"messages[{i}] 'content' must be text, got {type(content).__name__}" + (
+                " (content parts such as [{'type': 'text', 'text': ...}] are not read: join their text into one string)"
+                if isinstance(content, list) else ""))
         if role not in ROLES:
             return Problem("unknown_role", f"messages[{i}] has role {role!r}; use one of {', '.join(ROLES)}")
         if is_blank(content):

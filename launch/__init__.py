@@ -7,9 +7,20 @@ import os
 QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 
 
+# deprecations inside the libraries (PEFT asks transformers' old `is_gradient_checkpointing`,
+# DeepSpeed calls torch's old all_gather_into_tensor): nothing a user can act on, printed per rank
+# and per step
+QUIET_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated", r"`gradient_checkpointing_enable` is deprecated",
+                      r"`torch.distributed.all_gather_into_tensor` is deprecated")
+
+
 def quiet_loggers() -> None:
+    import warnings
+
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for message in QUIET_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def name_cpu_accelerator(env=os.environ) -> None:

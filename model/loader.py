@@ -245,7 +245,10 @@ def attach_adapter(model, cfg):
 
     p = cfg.peft
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # newer transformers (where the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if p.method == "none":
         return model
@@ -274,10 +277,19 @@ def attach_adapter(model, cfg):
                           f"layers are {', '.join(names)} (or use [all-linear]).") from None
 
 
+_LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "opt"}  # a table of position embeddings: nothing past its end
+
+
 def context_problem(model_config, max_seq_len: int) -> Optional[str]:
     """A warning when rows of data.max_seq_len tokens run past the positions the model was
-    trained for (max_position_embeddings); None when they fit."""
+    trained for (max_position_embeddings); None when they fit. ConfigError for a model whose
+    positions are a learned table (its forward would fail on the first longer row)."""
     limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if limit and max_seq_len > limit and getattr(model_config, "model_type", None) in _LEARNED_POSITIONS:
+        from train.config import ConfigError
+
+        raise ConfigError(f"data.max_seq_len={max_seq_len} is above the {limit} positions of this {model_config.model_type} model, "
+                          f"whose learned position table has no entry past them: lower data.max_seq_len to {limit}.")
     if limit and max_seq_len > limit:
         return (f"data.max_seq_len={max_seq_len} is above the model's {limit} positions: tokens past {limit} sit at positions "
                 f"it never saw (and learned position tables have no entry for them); lower data.max_seq_len to {limit}")

@@ -65,7 +65,9 @@ def train(overrides, root, nproc=1, timeout=600, check=True, via="deepspeed", ex
     proc = subprocess.run(cmd, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    assert "unable to detect it" not in proc.stdout + proc.stderr, "DeepSpeed's accelerator warning on a CPU run"
+    said = proc.stdout + proc.stderr
+    assert "unable to detect it" not in said, "DeepSpeed's accelerator warning on a CPU run"
+    assert "FutureWarning: `is_gradient_checkpointing`" not in said and "all_gather_into_tensor` is deprecated" not in said
     return proc
 
 

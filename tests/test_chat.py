@@ -64,12 +64,14 @@ def test_generation_stops_at_end_of_turn(peft_runs):
     assert not any(t in gen.eos_token_id for t in out[:-1])
 
     class ForceEot(LogitsProcessor):
-        """Make the 6th new token <|im_end|>: generation must stop right there."""
+        """Make the 6th new token <|im_end|>, and no other a stop token: generation must stop right there."""
 
         def __call__(self, input_ids, scores):
             if input_ids.shape[1] == n + 5:
                 scores[:] = -float("inf")
                 scores[:, eot] = 0.0
+            else:  # (a two-step model may well say a stop token first)
+                scores[:, list(gen.eos_token_id)] = -float("inf")
             return scores
 
     forced = LogitsProcessorList([ForceEot()])

@@ -22,6 +22,8 @@ def _one_sentence_error(proc, fragment):
     # a mistyped key without `+`: the nearest real key, not Hydra's advice to add it with `+`
     (["train.max_stepz=3"], "train.max_stepz is not a config key (did you mean train.max_steps?)"),
     (["recipe=lora_fp16"], "Could not find 'recipe/lora_fp16' (Available options in 'recipe': demo,"),
+    (["model=llama3_8bb"], "model=llama3_8bb is no config in conf/model (did you mean model=llama3_8b?)"),  # not a minute of hub retries
+    (["optimizer=adamw"], "optimizer is not a config key (did you mean the config group optim=<adamw|"),
     (["model=/no/such/model"], "model.name_or_path='/no/such/model' is not a directory"),
     (["model=acme/not-in-any-cache"], "model.name_or_path='acme/not-in-any-cache' is no local directory (relative paths are "
                                       f"taken from {ROOT}), and as a hub id it is not in the local Hugging Face cache, which "

@@ -242,7 +242,10 @@ def test_rows_longer_than_the_models_positions_are_flagged():
 
     assert context_problem(LlamaConfig(max_position_embeddings=2048), 2048) is None
     assert "lower data.max_seq_len to 2048" in context_problem(LlamaConfig(max_position_embeddings=2048), 8192)
-    assert "1024 positions" in context_problem(GPT2Config(n_positions=1024), 4096)
+    assert "the model's 4096 positions" in context_problem(LlamaConfig(max_position_embeddings=4096), 8192)  # RoPE: a warning
+    with pytest.raises(ConfigError, match=r"data.max_seq_len=4096 is above the 1024 positions of this gpt2 model, whose "
+                                          r"learned position table has no entry past them: lower data.max_seq_len to 1024."):
+        context_problem(GPT2Config(n_positions=1024), 4096)
 
 
 def test_counts_below_one_are_refused():
@@ -273,6 +276,7 @@ def test_counts_below_one_are_refused():
     ("eval.decoding=[greedy,sampled] eval.temperature=0", "eval.decoding has sampled, which needs eval.temperature > 0 (now 0.0)"),
     ("eval.decoding=[sampled] eval.top_p=0", "eval.decoding has sampled, which needs eval.temperature > 0 (now 0.7) and eval.top_p in (0, 1] (now 0.0)"),
     ("eval.samples=-1", "eval.samples=-1 must be at least 0."),
+    ("data.eval_fraction=1.5", "data.eval_fraction=1.5 must be in [0, 1)."),  # (with data=sample's eval file: the range first)
     ("export.eval_conversations=-1", "export.eval_conversations=-1 must be at least 0 (0 skips)."),
     ("export.verify_tolerance=-1", "export.verify_tolerance=-1.0 must be at least 0."),
     ("export.max_shard_size=abc", "export.max_shard_size='abc' is not a size like 2GB or 500MB."),
@@ -373,3 +377,22 @@ def test_a_fresh_run_into_a_used_directory_is_flagged(tmp_path):
     (root / "step_0000020").mkdir()
     note = earlier_run_note(str(root))
     assert "earlier run (step_0000020, step_0000040)" in note and "train.resume=auto continues" in note
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear"])
+def test_lr_schedule_reaches_the_peak_once_and_ends_at_the_floor(scheduler):
+    """Step k of 10 runs at lr_lambda(k - 1): warmup 1/3, 2/3, 1 (never 0), then strictly down from
+    below the peak (the peak is not taken twice) to min_lr_ratio at the last step, as
+    optim.min_lr_ratio ("final LR") says; without warmup the first step is already below the peak."""
+    from train.ds_config import lr_lambda
+
+    optim = OmegaConf.create({"warmup_steps": 3, "warmup_ratio": 0.0, "min_lr_ratio": 0.1, "scheduler": scheduler})
+    fn = lr_lambda(optim, 10)
+    lrs = [fn(s) for s in range(10)]
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] == pytest.approx(0.1)
+    optim.warmup_steps = 0
+    lrs = [lr_lambda(optim, 2)(s) for s in range(2)]
+    assert lrs == pytest.approx([0.55, 0.1])  # two steps: half-way, then the floor
+    optim.scheduler = "constant"
+    assert [lr_lambda(optim, 5)(s) for s in range(5)] == [1.0] * 5

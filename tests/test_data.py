@@ -39,9 +39,12 @@ def test_intent_records_become_classification_conversations(tmp_path):
     assert msgs[1:] == [{"role": U, "content": "my card is lost"}, {"role": A, "content": "lost_card"}]
 
 
-def test_pinned_format_is_not_guessed():
+def test_pinned_format_is_not_guessed_and_a_mismatch_names_the_pin():
     p = to_messages({"prompt": "a", "completion": "b"}, "messages")
-    assert p.reason == "bad_type"
+    assert p.reason == "unknown_format" and p.message == (
+        "the format is pinned to messages (data.format, or the source's format), whose records have messages, but this one "
+        "has prompt/completion (prompt_completion): set the format to auto or prompt_completion")
+    assert to_messages({"messages": "hello"}, "messages").reason == "bad_type"  # its own key, badly typed
     assert to_messages({"foo": 1}, "auto").reason == "unknown_format"
 
 
@@ -66,7 +69,7 @@ def test_every_file_kind_reads_the_same(tmp_path):
 def test_a_json_file_that_holds_json_lines_is_named_as_such(tmp_path):
     lines = tmp_path / "a.json"
     lines.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps(GOOD[1]) + "\n")
-    with pytest.raises(DataError, match=rf"^{lines}:2: not valid JSON \(Extra data\); a .json file must hold one JSON array of "
+    with pytest.raises(DataError, match=rf"^{lines}:2: not valid JSON \(Extra data at column 1\); a .json file must hold one JSON array of "
                                         r"records; it reads as one JSON object per line: that is JSON Lines, name the file .jsonl.$"):
         list(read_records(str(lines)))
     broken = tmp_path / "b.json"
@@ -105,6 +108,21 @@ def test_reading_is_streaming(tmp_path):
 
 
 # ---- validation: one constructed file per failure kind ----------------------------------------
+
+
+def test_content_parts_and_a_broken_json_array_are_named_plainly(tmp_path):
+    from collections import Counter
+
+    from data_pipeline.validate import clean
+
+    parts = clean([{"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": "a"}],
+                  dcfg(tmp_path), Counter())
+    assert parts.reason == "bad_type" and parts.message.startswith(
+        "messages[0] 'content' must be text, got list (content parts such as [{'type': 'text', 'text': ...}] are not read")
+    broken = tmp_path / "a.json"
+    broken.write_text('[{"messages": [{"role": "user", "content": "tab\there"}]}]')  # a raw tab inside a string
+    with pytest.raises(DataError, match=rf"^{broken}:1: not valid JSON \(Invalid control character at column 48\); a .json file"):
+        list(read_records(str(broken)))
 
 
 def test_a_line_cut_mid_string_is_called_unterminated():

@@ -26,6 +26,30 @@ def test_source_weights(tmp_path):
     assert build(d, *tiny_tok(), str(tmp_path / "o2"))["train"] == stats["train"]  # deterministic
 
 
+def test_glob_patterns_name_every_file_they_match(tmp_path):
+    """data.train_files / eval_files / sources[].path take glob patterns: each matched file is a
+    source with the pattern's settings; a pattern that matches nothing is one sentence."""
+    from train.config import ConfigError
+    from train.validate import validate_data
+
+    (tmp_path / "shards").mkdir()
+    a = jsonl(tmp_path / "shards" / "part-0.jsonl", GOOD[:4])
+    b = jsonl(tmp_path / "shards" / "part-1.jsonl", [conv(10 + i, f"x{i}", f"y{i}") for i in range(4)])
+    (tmp_path / "more" / "deep").mkdir(parents=True)
+    c = jsonl(tmp_path / "more" / "deep" / "extra.jsonl", [conv(30 + i, f"u{i}", f"v{i}") for i in range(3)])
+    jsonl(tmp_path / "held.jsonl", [conv(20 + i, f"z{i}", f"w{i}") for i in range(2)])
+    d = dcfg(tmp_path, train_files=[str(tmp_path / "shards" / "part-*.jsonl")], eval_files=[str(tmp_path / "he?d.jsonl")],
+             sources=[{"path": str(tmp_path / "more" / "**" / "*.jsonl"), "weight": 2.0}])
+    validate_data(d)
+    stats = build(d, *tiny_tok(), str(tmp_path / "o"))
+    assert {p: s["conversations"] for p, s in stats["train"]["sources"].items()} == {a: 4, b: 4, c: 6}  # c at weight 2
+    assert stats["eval"]["conversations"] == 2
+    with pytest.raises(ConfigError, match=r"data.train_files\[1\]: the pattern '\S+/nope-\*.jsonl' matches no file; check it"):
+        validate_data(dcfg(tmp_path, train_files=[a, str(tmp_path / "nope-*.jsonl")]))
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].path: '\S+' does not exist \(as a pattern: matches no file\)"):
+        validate_data(dcfg(tmp_path, sources=[{"path": str(tmp_path / "x*.jsonl")}]))
+
+
 def test_eval_carved_deterministically(tmp_path):
     path = jsonl(tmp_path / "a.jsonl", [conv(i, f"q{i}", f"a{i}") for i in range(40)])
     s1 = build(dcfg(tmp_path, train_files=[path], eval_fraction=0.25), *tiny_tok(), str(tmp_path / "o1"))
@@ -88,6 +112,24 @@ def test_no_training_conversation_left_says_why_and_names_the_file(tmp_path):
                                         r"data.max_seq_len=64 and were dropped \(data.truncation=drop\); raise data.max_seq_len or use"):
         prepare_cached(dcfg(tmp_path, train_files=[long], eval_files=[held_out], max_seq_len=64, truncation="drop"),
                        tok, eot, log=lambda m: None)
+
+
+def test_an_asked_for_held_out_set_that_comes_out_empty_is_an_error(tmp_path):
+    """Held-out files of which nothing is usable (all too long, or empty), or an eval_fraction that
+    draws nothing, would train without any eval loss; each is one sentence naming what asked."""
+    tok, eot = tiny_tok()
+    train = jsonl(tmp_path / "train.jsonl", GOOD)
+    long = jsonl(tmp_path / "long.jsonl", [conv(i, "word " * 80, "answer " * 80) for i in range(3)])
+    with pytest.raises(DataError, match=rf"{long} gave no held-out conversation: all 3 are longer than data.max_seq_len=64 and "
+                                        r"were dropped; .*or train without a held-out loss: data.eval_files=\[\] and data"):
+        prepare_cached(dcfg(tmp_path, train_files=[train], eval_files=[long], max_seq_len=64, truncation="drop"),
+                       tok, eot, log=lambda m: None)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=rf"{empty} gave no held-out conversation: no usable record"):
+        prepare_cached(dcfg(tmp_path, train_files=[train], eval_files=[str(empty)]), tok, eot, log=lambda m: None)
+    with pytest.raises(DataError, match=rf"data.eval_fraction=1e-09 gave no held-out conversation: it drew none of the {len(GOOD)} "):
+        prepare_cached(dcfg(tmp_path, train_files=[train], eval_fraction=1e-9), tok, eot, log=lambda m: None)
 
 
 def test_cache_hits_and_misses(tmp_path):
@@ -238,7 +280,8 @@ def test_truncated_dropped_and_skipped_data_is_warned_on_build_and_hit(tmp_path)
                                          "(data.truncation=keep_recent), so the turns cut from them count in neither training nor the held-out loss; raise "
                                          "data.max_seq_len, or set data.truncation=drop to leave them out."),
                          ("drop", "warning: 2 of 8 conversations (25.0%) were dropped as longer than data.max_seq_len=120 "
-                                  "tokens (data.truncation=drop); raise data.max_seq_len or use data.truncation=keep_recent.")]:
+                                  f"tokens (data.truncation=drop; at {path}:7, {path}:8); raise data.max_seq_len or use "
+                                  "data.truncation=keep_recent.")]:
         d = dcfg(tmp_path, train_files=[path], on_error="lenient", max_seq_len=120, truncation=policy)
         for hit in (False, True):
             said = []

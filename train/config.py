@@ -83,7 +83,7 @@ class QuantConfig:
 
 @dataclass
 class SourceConfig:
-    path: str = doc("???", "File (JSONL/JSON/CSV/Parquet, optionally .gz) or saved `datasets` directory.")
+    path: str = doc("???", "File (JSONL/JSON/CSV/Parquet, optionally .gz) or saved `datasets` directory, or a glob pattern of them.")
     weight: float = doc(1.0, "Sampling weight: 2 repeats every record twice, 0.5 keeps a seeded half.")
     format: str = doc("auto", "Record format: auto (detected per record), messages, sharegpt, alpaca, prompt_completion or intent.")
     system_prompt: Optional[str] = doc(None, "System message put first in every conversation of this source that has none.")
@@ -98,8 +98,8 @@ class IntentConfig:
 
 @dataclass
 class DataConfig:
-    train_files: List[str] = doc([], "Training files (same as sources with weight 1); chat JSONL or any format below.")
-    eval_files: List[str] = doc([], "Held-out files; empty: carve eval_fraction off the training data.")
+    train_files: List[str] = doc([], "Training files or glob patterns (same as sources with weight 1); chat JSONL or any format below.")
+    eval_files: List[str] = doc([], "Held-out files or glob patterns; empty: carve eval_fraction off the training data.")
     sources: List[SourceConfig] = doc([], "Weighted sources: [{path, weight, format, system_prompt, split}], added to train_files/eval_files.")
     format: str = doc("auto", "Format of every record unless a source sets its own: auto, messages, sharegpt, alpaca, prompt_completion, intent.")
     eval_fraction: float = doc(0.0, "Share of training conversations held out for eval when no eval files are given (deterministic).")

@@ -57,7 +57,10 @@ def _deep_update(dst: dict, src: dict) -> None:
 
 
 def lr_lambda(optim_cfg, total_steps: int):
-    """Multiplier of the peak LR after `s` optimizer steps: linear warmup, then the schedule."""
+    """Multiplier of the peak LR for the optimizer step after `s` steps (step s + 1 of total_steps):
+    linear warmup that reaches the peak at step `warmup` (none at lr 0), then the schedule, whose
+    first step is already below the peak (the peak is not taken twice) and whose last step, step
+    total_steps, is at min_lr_ratio (the "final LR")."""
     warmup = optim_cfg.warmup_steps or math.ceil(optim_cfg.warmup_ratio * total_steps)
     floor = optim_cfg.min_lr_ratio
 
@@ -66,7 +69,7 @@ def lr_lambda(optim_cfg, total_steps: int):
             return (s + 1) / warmup
         if optim_cfg.scheduler == "constant":
             return 1.0
-        progress = min(1.0, (s - warmup) / max(1, total_steps - warmup))
+        progress = min(1.0, (s + 1 - warmup) / max(1, total_steps - warmup))
         if optim_cfg.scheduler == "linear":
             return floor + (1 - floor) * (1 - progress)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -114,7 +114,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             cfg, loader.parameter_count(cfg, base_path), world, torch.cuda.get_device_properties(dev).total_memory)):
         raise ConfigError(too_big)  # before loading and before DeepSpeed allocates the states: one sentence, not a CUDA OOM
     model = loader.load_base(cfg, base_path, dev)
-    if is_main and (too_long := loader.context_problem(model.config, cfg.data.max_seq_len)):
+    if (too_long := loader.context_problem(model.config, cfg.data.max_seq_len)) and is_main:  # (every rank: it may raise)
         log.warning(too_long)
     model = loader.fit_embeddings(model, tokenizer)
     n_quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))

@@ -2,15 +2,16 @@
 files, unknown keys, each refused with one sentence (ConfigError) before anything starts."""
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Optional
 
 from omegaconf import OmegaConf
 
-from data_pipeline.records import is_bundled_sample
+from data_pipeline.records import expand_pattern, is_bundled_sample
 from model.memory import budget_problem
 
-from .config import DATA_DIR_DEFAULT, ConfigError, DialtuneConfig, iter_docs
+from .config import CONF_DIR, DATA_DIR_DEFAULT, ConfigError, DialtuneConfig, iter_docs
 from .bounds import bounds_problem
 from .ds_config import mixed_precision
 
@@ -48,9 +49,7 @@ _ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 def unknown_key_problem(cfg) -> Optional[str]:
     """A key the schema does not have (Hydra's `+key=value` adds any key, a typo too), as one
-    sentence with the nearest real key; None when every key is known."""
-    import difflib
-
+    sentence with the nearest real key (or config group); None when every key is known."""
     from omegaconf.errors import ConfigKeyError
 
     try:
@@ -58,6 +57,10 @@ def unknown_key_problem(cfg) -> Optional[str]:
         OmegaConf.merge(OmegaConf.structured(DialtuneConfig), OmegaConf.to_container(cfg))
     except ConfigKeyError as e:
         key = str(getattr(e, "full_key", "") or "?")
+        groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+        if "." not in key and (group := difflib.get_close_matches(key, groups, n=1, cutoff=0.6)):  # optimizer=adamw
+            choices = sorted(p.stem for p in (CONF_DIR / group[0]).glob("*.yaml"))
+            return f"{key} is not a config key (did you mean the config group {group[0]}=<{'|'.join(choices)}>?)."
         near = difflib.get_close_matches(key, [k for k, *_ in iter_docs()], n=1, cutoff=0.6)
         return (f"{key} is not a config key" + (f" (did you mean {near[0]}?)" if near else "")
                 + "; `dialtune config-doc` lists them all.")
@@ -100,7 +103,13 @@ def hub_id_problem(key: str, value: str, revision: Optional[str] = None) -> Opti
                 "(namespace/name); check the path.")
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     files = ("config.json",) if key != "model.tokenizer" else ("tokenizer_config.json", "tokenizer.json", "config.json")
-    if offline and not any(isinstance(try_to_load_from_cache(value, f, revision=revision or None), str) for f in files):
+    cached = any(isinstance(try_to_load_from_cache(value, f, revision=revision or None), str) for f in files)
+    if key == "model.name_or_path" and "/" not in value and not cached and (
+            near := difflib.get_close_matches(value, [p.stem for p in (CONF_DIR / "model").glob("*.yaml")], 1, 0.75)):
+        # a mistyped config name: say so now, not after a minute of the hub's retries for an id without a namespace
+        return (f"model={value} is no config in conf/model (did you mean model={near[0]}?), no directory and no cached model; "
+                "a hub id has the form namespace/name, e.g. meta-llama/Meta-Llama-3-8B.")
+    if offline and not cached:
         pinned = f" --revision {revision}" if revision else ""
         return (f"{key}={value!r} is no local directory (relative paths are taken from {os.getcwd()}), and as a hub id it is "
                 f"not in the local Hugging Face cache{' at revision ' + revision if revision else ''}, which HF_HUB_OFFLINE=1 "
@@ -253,24 +262,30 @@ def validate_data(d, training: bool = True, files: bool = True) -> None:
         raise ConfigError("no training data: pass data.train_files=[path/to/train.jsonl] or data.sources=[{path: ..., weight: 1}].")
     for key in ("train_files", "eval_files"):
         for i, path in enumerate(d[key]):
-            if files and not os.path.exists(path):
+            if not files:
+                continue
+            if (found := expand_pattern(path)) != [path]:  # a glob pattern
+                if not found:
+                    raise ConfigError(f"data.{key}[{i}]: the pattern {path!r} matches no file; check it (relative paths are "
+                                      f"taken from {os.getcwd()}).")
+                continue
+            if not os.path.exists(path):
                 if path.startswith(DATA_DIR_DEFAULT + "/") and "DIALTUNE_DATA_DIR" not in os.environ:  # data=customer_service
                     raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist: data=customer_service reads the full "
                                       "public files from $DIALTUNE_DATA_DIR, which is not set; set it to the folder that "
                                       "holds them (the datasets data_pipeline/sample_data/README.md names).")
                 raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist; check the path (relative paths are taken from {os.getcwd()}).")
     for i, s in enumerate(d.sources):
-        if files and not os.path.exists(s.path):
-            raise ConfigError(f"data.sources[{i}].path: {s.path!r} does not exist; check the path.")
+        if files and not any(os.path.exists(p) for p in expand_pattern(s.path)):
+            raise ConfigError(f"data.sources[{i}].path: {s.path!r} does not exist"
+                              + (" (as a pattern: matches no file)" if expand_pattern(s.path) != [s.path] else "") + "; check the path.")
         if s.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive (remove the source to leave it out).")
         if s.format not in _CHOICES["data.format"]:
             raise ConfigError(f"data.sources[{i}].format={s.format!r} is not one of {', '.join(_CHOICES['data.format'])}.")
         if s.split not in ("train", "eval"):
             raise ConfigError(f"data.sources[{i}].split={s.split!r} must be train or eval.")
-    if training and (problem := data_mix_problem(d)):
-        raise ConfigError(problem)
-    if problem := bounds_problem(d, "data."):
+    if (problem := bounds_problem(d, "data.")) or (training and (problem := data_mix_problem(d))):
         raise ConfigError(problem)
 
 
