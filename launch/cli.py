@@ -272,7 +272,7 @@ def main(argv=None) -> int:
         args.overrides += extra  # overrides given after the options
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.cmd != "slurm":  # (a submitted job's nodes detect their own accelerator)
+    if args.cmd in ("demo", "train", "merge", "eval", "chat"):  # what runs DeepSpeed here (a submitted job's nodes detect theirs)
         from launch import name_cpu_accelerator
 
         name_cpu_accelerator()

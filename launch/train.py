@@ -28,7 +28,6 @@ from launch import name_cpu_accelerator, quiet_loggers  # noqa: E402
 from train.config import CONF_DIR, register  # noqa: E402
 
 quiet_loggers()
-name_cpu_accelerator()
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
@@ -180,7 +179,10 @@ def task(cfg) -> None:
             print_summary(summary)
         if summary.get("nonfinite_stop_step"):
             if rank() == 0:
-                print(f"dialtune: error: non-finite loss at step {summary['nonfinite_stop_step']} (train.nonfinite={cfg.train.nonfinite}); "
+                why = (f"train.nonfinite={cfg.train.nonfinite}" if cfg.train.nonfinite == "stop" else
+                       f"the {summary.get('nonfinite_in_row')} in a row are more than train.max_nonfinite_in_row="
+                       f"{cfg.train.max_nonfinite_in_row} allows; train.nonfinite=skip")
+                print(f"dialtune: error: non-finite loss at step {summary['nonfinite_stop_step']} ({why}); "
                       f"the last good state is saved in {summary['checkpoint']}", file=sys.stderr, flush=True)
             sys.exit(NONFINITE_EXIT_CODE)
         if summary.get("preempted"):
@@ -213,6 +215,7 @@ def task(cfg) -> None:
 def main() -> None:
     import hydra
 
+    name_cpu_accelerator()  # (here, not at import: `dialtune slurm` imports this module, and sbatch passes its environment on)
     register()
     from launch.prepare import override_problem
 

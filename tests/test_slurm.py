@@ -102,6 +102,21 @@ def test_unsafe_directive_values_are_refused(kw):
         render([], **kw)
 
 
+def test_a_cpu_login_node_leaves_the_accelerator_to_the_gpu_nodes(tmp_path):
+    """On a machine without a GPU dialtune names DeepSpeed's accelerator (cpu) for what runs
+    there; `dialtune slurm` must not: sbatch passes its environment to the job (--export=ALL), and
+    DS_ACCELERATOR=cpu would make DeepSpeed run on the CPUs of GPU nodes."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text(f'#!/bin/bash\necho "${{DS_ACCELERATOR:-unset}}" > {tmp_path}/seen\necho 4242\n')
+    (bin_ / "sbatch").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["PATH"] = f"{bin_}:{env['PATH']}"
+    proc = cli(f"run.root={tmp_path}", "run.name=r", "--log-dir", str(tmp_path / "logs"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "seen").read_text().strip() == "unset"
+
+
 def test_dry_run_cli_prints_the_script(tmp_path):
     markers = tmp_path / "m"
     markers.mkdir()
