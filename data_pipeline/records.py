@@ -43,7 +43,12 @@ def expand_pattern(path: str) -> list:
         return [path]
     import glob
 
-    return sorted(glob.glob(path, recursive=True))
+    return sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p) or _saved_dataset(p))
+
+
+def _saved_dataset(path: str) -> bool:
+    """A directory `datasets` saved (save_to_disk), not any folder a `**` passes through."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "intent")

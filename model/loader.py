@@ -277,7 +277,7 @@ def attach_adapter(model, cfg):
                           f"layers are {', '.join(names)} (or use [all-linear]).") from None
 
 
-_LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "opt"}  # a table of position embeddings: nothing past its end
+_LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"}  # a table of position embeddings: nothing past its end
 
 
 def context_problem(model_config, max_seq_len: int) -> Optional[str]:

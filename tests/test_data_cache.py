@@ -44,6 +44,9 @@ def test_glob_patterns_name_every_file_they_match(tmp_path):
     stats = build(d, *tiny_tok(), str(tmp_path / "o"))
     assert {p: s["conversations"] for p, s in stats["train"]["sources"].items()} == {a: 4, b: 4, c: 6}  # c at weight 2
     assert stats["eval"]["conversations"] == 2
+    from data_pipeline.records import expand_pattern
+
+    assert expand_pattern(str(tmp_path / "more" / "**")) == [c]  # files only, not the folders `**` passes through
     with pytest.raises(ConfigError, match=r"data.train_files\[1\]: the pattern '\S+/nope-\*.jsonl' matches no file; check it"):
         validate_data(dcfg(tmp_path, train_files=[a, str(tmp_path / "nope-*.jsonl")]))
     with pytest.raises(ConfigError, match=r"data.sources\[0\].path: '\S+' does not exist \(as a pattern: matches no file\)"):

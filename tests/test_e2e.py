@@ -140,6 +140,7 @@ def test_token_weighted_loss_is_invariant_to_ranks_and_accumulation(demo_run, tm
     for job, gas in (("0", 4), ("1", 8)):  # train.global_batch_size derives the accumulation
         s = json.loads((tmp_path / "ab-sweep" / job / "summary.json").read_text())
         assert (s["grad_accum"], s["global_batch_size"]) == (gas, 16)
+        assert f"grad_accum: {gas}\n" in (tmp_path / "ab-sweep" / job / "config.yaml").read_text()  # (a resume compares with it)
     ref = read_metrics(run_dir)
     for other in (read_metrics(tmp_path / "ab-sweep" / "0"), read_metrics(tmp_path / "ab-sweep" / "1")):
         for r, o in zip(ref, other):

@@ -147,3 +147,27 @@ def test_the_rotation_keeps_the_lowest_loss_checkpoint(runs):
     assert Path(summary["best_checkpoint"]).is_dir() and Path(summary["checkpoint"]).is_dir()
     assert summary["best_checkpoint"] != summary["checkpoint"]
     assert len(list((root / "rotated" / "checkpoints").glob("step_*"))) == 2
+
+
+def test_a_stopped_and_a_signalled_job_pick_the_best_checkpoint_of_one_uninterrupted_job(runs):
+    """export.checkpoint=best without early stopping: a job's extra checkpoint at
+    train.stop_after_steps, off the train.save_every grid, is no candidate for the best (an
+    uninterrupted run has no checkpoint there), and a job signalled at an eval step still measures
+    the held-out loss there (the best checkpoint rests on it; a resumed job would never measure it)."""
+    from train.signals import REQUEUE_EXIT_CODE
+
+    root, args, _, _ = runs
+    args = args + ["eval.early_stopping_patience=0", "train.max_steps=6"]
+    train(args + ["run.name=nostop"], root)
+    train(args + ["run.name=cut", "train.stop_after_steps=1"], root)  # (the held-out loss rises from step 1 on: the lowest)
+    first = _summary(root / "cut")
+    assert first["steps"] == 1 and first["best_checkpoint"] is None, first  # step 1 measured and saved, but no candidate
+    proc = train(args + ["run.name=cut", "train.resume=auto"], root, check=False, extra_env={"DIALTUNE_INJECT_SIGNAL": "4"})
+    assert proc.returncode == REQUEUE_EXIT_CODE and _summary(root / "cut")["steps"] == 4, proc.stderr[-3000:]
+    train(args + ["run.name=cut", "train.resume=auto"], root)
+    whole, cut = _evals(root / "nostop"), _evals(root / "cut")
+    assert sorted(cut) == sorted(whole) == [1, 2, 3, 4, 5, 6] and cut == {s: pytest.approx(v, abs=1e-6) for s, v in whole.items()}
+    a, b = _summary(root / "nostop"), _summary(root / "cut")
+    assert (Path(b["best_checkpoint"]).name, Path(b["export_checkpoint"]).name) == \
+        (Path(a["best_checkpoint"]).name, Path(a["export_checkpoint"]).name)
+    assert Path(a["best_checkpoint"]).name in ("step_0000002", "step_0000004", "step_0000006")  # the save_every grid

@@ -30,6 +30,7 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path):
         part_dir = tmp_path / "part-sweep" / job
         first = json.loads((part_dir / "summary.json").read_text())
         assert first["steps"] == 3 and not first["finished"]
+        assert "eval/loss" not in first  # (step 2's eval is in metrics.jsonl; the summary's eval scalars are the last step's)
         assert (part_dir / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     proc = train(stages + common + ["run.name=part", "train.resume=auto"], tmp_path, nproc=2, via="torchrun")
     assert "the data this run reads differ" not in proc.stdout + proc.stderr  # the same data: nothing to warn about

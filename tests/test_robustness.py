@@ -48,23 +48,44 @@ def test_nonfinite_loss_on_one_rank_is_skipped_by_all(tmp_path):
 
 
 def test_nonfinite_loss_stop_policy_saves_last_good_state(tmp_path):
-    p = _train_env(BASE + ["train.max_steps=6", "train.nonfinite=stop", "run.name=stop"], tmp_path, 2,
+    """The last good state is the one before the failed step, its random state too (the failed
+    step's forward drew dropout masks): the same as a clean run's after step 2, so a resumed run
+    continues as one that never failed."""
+    import torch
+
+    p = _train_env(BASE + ["train.max_steps=6", "train.nonfinite=stop", "run.name=stop", "peft.dropout=0.1"], tmp_path, 2,
                    _env(DIALTUNE_INJECT_NAN="3,1"), check=False)
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "non-finite loss at step 3" in p.stderr and "Traceback" not in p.stderr
+    assert "non-finite loss at step 3 (train.nonfinite=stop)" in p.stderr and "Traceback" not in p.stderr
     assert (tmp_path / "stop" / "checkpoints" / "latest").read_text() == "step_0000002"
     assert [r["step"] for r in read_metrics(tmp_path / "stop")] == [1, 2]
+    _train_env(BASE + ["train.max_steps=6", "train.stop_after_steps=2", "run.name=clean", "peft.dropout=0.1"], tmp_path, 2, _env())
+    for rank in (0, 1):
+        failed, clean = (torch.load(tmp_path / run / "checkpoints" / "step_0000002" / f"rng_rank{rank}.pt", weights_only=False)
+                         for run in ("stop", "clean"))
+        assert torch.equal(failed["torch"], clean["torch"]) and failed["python"] == clean["python"], rank
 
 
 def test_skip_policy_stops_after_k_in_a_row(tmp_path):
     p = _train_env(BASE + ["train.max_steps=8", "train.max_nonfinite_in_row=1", "run.name=k", "train.micro_batch_size=2",
                            "train.grad_accum=1"], tmp_path, 1, _env(DIALTUNE_INJECT_NAN="3-8"), check=False)
     assert p.returncode == 3 and "non-finite loss at step 4" in p.stderr, p.stderr[-2000:]
-    assert (tmp_path / "k" / "checkpoints" / "latest").read_text() == "step_0000003"  # step 3 skipped: params unchanged
-    ckpt = tmp_path / "k" / "checkpoints" / "step_0000003"
+    # step 4 is skipped like step 3 (no parameter change), saved, and then the run stops: a resume with a larger
+    # train.max_nonfinite_in_row goes on from step 5 as an uninterrupted run with it would
+    assert (tmp_path / "k" / "checkpoints" / "latest").read_text() == "step_0000004"
+    ckpt = tmp_path / "k" / "checkpoints" / "step_0000004"
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["step"] == 3 and state["code_version"]["git_commit"]
+    assert (state["step"], state["skipped_steps"], state["bad_in_row"]) == (4, 2, 2) and state["code_version"]["git_commit"]
+    assert not json.loads((tmp_path / "k" / "summary.json").read_text())["finished"]
     assert "name: k" in (ckpt / "config.yaml").read_text()
+    # the count in a row goes on in a resumed job: stopped at step 3 (1 in a row), it stops at step 4 as above
+    stopped = _train_env(BASE + ["train.max_steps=8", "train.max_nonfinite_in_row=1", "run.name=k2", "train.micro_batch_size=2",
+                                 "train.grad_accum=1", "train.stop_after_steps=3"], tmp_path, 1, _env(DIALTUNE_INJECT_NAN="3-8"))
+    assert "training stopped at step 3 of 8" in stopped.stdout
+    p = _train_env(BASE + ["train.max_steps=8", "train.max_nonfinite_in_row=1", "run.name=k2", "train.micro_batch_size=2",
+                           "train.grad_accum=1", "train.resume=auto"], tmp_path, 1, _env(DIALTUNE_INJECT_NAN="3-8"), check=False)
+    assert p.returncode == 3 and ("non-finite loss at step 4 (the 2 in a row are more than train.max_nonfinite_in_row=1 "
+                                  "allows; train.nonfinite=skip)") in p.stderr, p.stderr[-2000:]
 
 
 def test_kill_9_during_checkpoint_write_resumes_from_previous_complete_one(tmp_path):

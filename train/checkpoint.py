@@ -138,15 +138,16 @@ def best_tag(state: Dict[str, Any]) -> Optional[str]:
 
 
 def save(engine, ckpt_root: str, step: int, state: Dict[str, Any], is_main: bool, zero_stage: int, tokenizer,
-         keep: int = 0, config_yaml: str = "", keep_best: bool = False) -> str:
+         keep: int = 0, config_yaml: str = "", keep_best: bool = False, rng: Optional[Dict[str, Any]] = None) -> str:
     """A checkpoint is a transaction: every rank writes into <tag>.tmp, rank 0 fsyncs it, renames
     it to <tag> and only then replaces `latest` (atomically) — after all ranks finished. A crash
     at any point leaves `latest` on the previous complete checkpoint; resume never reads *.tmp.
-    keep: the newest N complete checkpoints stay (and with keep_best the state's best one, however old)."""
+    keep: the newest N complete checkpoints stay (and with keep_best the state's best one, however old).
+    rng: the random state to resume with (default: now; a step that failed saves the one it began with)."""
     tag = tag_for(step)
     tmp_tag = tag + ".tmp"
     final, tmp = os.path.join(ckpt_root, tag), os.path.join(ckpt_root, tmp_tag)
-    rng = rng_state()  # per rank: ranks see different shapes, so dropout advances their RNGs differently
+    rng = rng or rng_state()  # per rank: ranks see different shapes, so dropout advances their RNGs differently
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()

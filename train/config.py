@@ -145,7 +145,7 @@ class OptimConfig:
     scheduler: str = doc("cosine", "LR schedule after warmup: cosine, linear or constant.")
     warmup_steps: int = doc(0, "Linear warmup steps; 0 uses warmup_ratio.")
     warmup_ratio: float = doc(0.03, "Warmup as a share of the total optimizer steps (when warmup_steps is 0).")
-    min_lr_ratio: float = doc(0.1, "Final LR as a share of the peak (cosine and linear).")
+    min_lr_ratio: float = doc(0.1, "LR of the last step as a share of the peak (cosine and linear; the peak is reached at the end of warmup, or at step 1).")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
 
 

@@ -57,19 +57,22 @@ def _deep_update(dst: dict, src: dict) -> None:
 
 
 def lr_lambda(optim_cfg, total_steps: int):
-    """Multiplier of the peak LR for the optimizer step after `s` steps (step s + 1 of total_steps):
-    linear warmup that reaches the peak at step `warmup` (none at lr 0), then the schedule, whose
-    first step is already below the peak (the peak is not taken twice) and whose last step, step
-    total_steps, is at min_lr_ratio (the "final LR")."""
+    """Multiplier of the peak LR for the optimizer step after `s` steps (step k = s + 1 of
+    total_steps): a linear warmup that reaches the peak at step `warmup` (no step at lr 0), then
+    the schedule from the peak (at step `warmup`, or step 1 without warmup) down to min_lr_ratio at
+    the last step — the peak is taken once, and a 1-step run trains at the peak. (A warmup as long
+    as the run never reaches the peak.)"""
     warmup = optim_cfg.warmup_steps or math.ceil(optim_cfg.warmup_ratio * total_steps)
     floor = optim_cfg.min_lr_ratio
+    peak_at = max(warmup, 1)
 
     def fn(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
+        k = s + 1
+        if k < warmup:
+            return k / warmup
         if optim_cfg.scheduler == "constant":
             return 1.0
-        progress = min(1.0, (s + 1 - warmup) / max(1, total_steps - warmup))
+        progress = min(1.0, (k - peak_at) / max(1, total_steps - peak_at))
         if optim_cfg.scheduler == "linear":
             return floor + (1 - floor) * (1 - progress)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -56,6 +56,14 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if problem := distributed.shared_dir_problem(run_dir, rank, dev):
         raise ConfigError(problem)
     deepspeed.runtime.utils.set_random_seed(t.seed)
+    mb, gas = t.micro_batch_size, t.grad_accum
+    if t.global_batch_size:
+        if t.global_batch_size % (mb * world):
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size {mb} x {world} ranks; "
+                              f"use a multiple of {mb * world}.")
+        gas = cfg.train.grad_accum = t.global_batch_size // (mb * world)  # the global size wins (in config.yaml too)
+        if is_main:
+            log.info("global batch %d = micro %d x accumulation %d x %d ranks", t.global_batch_size, mb, gas, world)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -80,14 +88,6 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                           "eval_fraction or data.eval_files (or a source with split: eval), or eval.early_stopping_patience=0.")
     if cfg.eval.intent_files and "intent" in {*cfg.eval.during_training, *cfg.eval.at_end}:  # a bad file stops now, not after training
         suite.load_intents(cfg.eval.intent_files, cfg.data.intent, cfg.eval.intent_max_examples, cfg.eval.intent_labels)
-    mb, gas = t.micro_batch_size, t.grad_accum
-    if t.global_batch_size:
-        if t.global_batch_size % (mb * world):
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size {mb} x {world} ranks; "
-                              f"use a multiple of {mb * world}.")
-        gas = cfg.train.grad_accum = t.global_batch_size // (mb * world)  # the global size wins
-        if is_main:
-            log.info("global batch %d = micro %d x accumulation %d x %d ranks", t.global_batch_size, mb, gas, world)
     n_items = len(packs) if packs is not None else len(train_ds)  # packed rows, or conversations
     steps_per_epoch = len(batching.epoch_micro_batches(n_items, mb, world, rank, 0, 0)) // gas
     if steps_per_epoch == 0:
@@ -113,9 +113,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if cfg.peft.method == "none" and dev.type == "cuda" and (too_big := memory.full_finetune_problem(
             cfg, loader.parameter_count(cfg, base_path), world, torch.cuda.get_device_properties(dev).total_memory)):
         raise ConfigError(too_big)  # before loading and before DeepSpeed allocates the states: one sentence, not a CUDA OOM
-    model = loader.load_base(cfg, base_path, dev)
-    if (too_long := loader.context_problem(model.config, cfg.data.max_seq_len)) and is_main:  # (every rank: it may raise)
+    if (too_long := loader.context_problem(loader.model_config(cfg, base_path), cfg.data.max_seq_len)) and is_main:  # (may raise)
         log.warning(too_long)
+    model = loader.load_base(cfg, base_path, dev)
     model = loader.fit_embeddings(model, tokenizer)
     n_quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
     kc = cfg.kernels
@@ -247,7 +247,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     last_saved = state["step"] if found else -1
     first_step = state["step"] + 1
     preempted, stop_signal = False, None
-    skipped, bad_in_row, nonfinite_stop, own_norm = state.get("skipped_steps", 0), 0, 0, None  # (skipped: the run's, across jobs)
+    # (the run's counts, across jobs: a stop for non-finite steps in a row comes where an uninterrupted run's would)
+    skipped, bad_in_row, nonfinite_stop, own_norm = state.get("skipped_steps", 0), state.get("bad_in_row", 0), 0, None
     inject_nan = faults.injected_nan_steps()
     corrupt = False
     save_args = (is_main, cfg.deepspeed.stage, tokenizer, t.keep_checkpoints, config_yaml,
@@ -255,7 +256,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     engine.train()
     stop_flag.armed = True  # from here a SIGTERM is answered with a checkpoint
     for step in range(first_step, last_step + 1):
-        t0 = time.perf_counter()
+        t0, rng_before = time.perf_counter(), checkpoint.rng_state()  # (a failed step's last good state resumes with it)
         faults.signal_at(step)
         made = [make_batch(stream.next()) for _ in range(gas)]
         batches = [b for b, _ in made]
@@ -300,9 +301,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             bad_in_row += 1
             skipped += 1
             log.warning("non-finite loss at step %d (%d in a row)", step, bad_in_row)
-            if t.nonfinite == "stop" or bad_in_row > t.max_nonfinite_in_row:
+            if t.nonfinite == "stop":  # the update never ran: the last good state is the step before
                 nonfinite_stop = step
                 break
+            nonfinite_stop = step if bad_in_row > t.max_nonfinite_in_row else 0  # (skipped as any, saved, then the run stops)
         else:
             bad_in_row = 0
         loss_sum, got_usr1, got_term = distributed.all_sum([loss_sum, float(stop_flag.usr1), float(stop_flag.term)], dev)
@@ -320,7 +322,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                 nonfinite_stop, corrupt = step, True
                 break
         elapsed = time.perf_counter() - t0
-        state.update(step=step, epoch=stream.epoch, pos=stream.pos, skipped_steps=skipped,
+        state.update(step=step, epoch=stream.epoch, pos=stream.pos, skipped_steps=skipped, bad_in_row=bad_in_row,
                      target_tokens_seen=state["target_tokens_seen"] + int(n_targets))
 
         record = {"train/loss": None if bad_step else loss, "train/skipped_steps": skipped, "train/lr": lr, "train/epoch": stream.epoch + stream.pos / max(1, len(stream._plan)),
@@ -332,9 +334,11 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         preempted, final = stop_signal is not None, step == total_steps
         # at the end only the held-out loss (the best checkpoint's measure) runs before the save, the other parts (they generate:
         # slow, memory-hungry) after it, so they cannot cost the weights, and not once signalled (time is short: `dialtune eval`);
-        # signalled at an eval step, only the held-out loss early stopping counts runs (a resumed run would never measure it)
-        due = bool(ev.every_n_steps) and step % ev.every_n_steps == 0
-        parts = ((["lm"] if "lm" in ev.at_end else []) if final else (["lm"] if ev.early_stopping_patience else []) if preempted and due
+        # signalled at an eval step, only the held-out loss that early stopping or export.checkpoint=best rests on runs (a resumed
+        # run would never measure it)
+        due, on_grid = bool(ev.every_n_steps) and step % ev.every_n_steps == 0, bool(t.save_every) and step % t.save_every == 0
+        decides = "lm" in ev.during_training and (ev.early_stopping_patience or cfg.export.checkpoint == "best" and on_grid)
+        parts = ((["lm"] if "lm" in ev.at_end else []) if final else (["lm"] if decides else []) if preempted and due
                  else ev.during_training if due else [])
         late = [p for p in ev.at_end if p != "lm"] if final and not preempted else []
         if parts:
@@ -344,8 +348,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                 last_step, late = step, [] if preempted else list(ev.at_end)  # early stopping: this step ends the run
             record.update(eval_result)
         stop_here = preempted or bool(t.stop_after_steps) and step - first_step + 1 >= t.stop_after_steps
-        if t.save_every and step % t.save_every == 0 or step == last_step or stop_here:
-            checkpoint.note_eval(state, step, record.get("eval/loss"))
+        on_grid = on_grid or step == last_step  # (early stopping may have set last_step)
+        if on_grid or stop_here:  # a stop's extra checkpoint is no candidate for the best: an uninterrupted run has none there
+            checkpoint.note_eval(state, step, record.get("eval/loss") if on_grid else None)
             checkpoint.save(engine, ckpt_root, step, dict(state), *save_args)
             last_saved = step
         try:
@@ -357,22 +362,22 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **({"eval": f"{record['eval/loss']:.3f}"} if "eval/loss" in record else {}))
-        if stop_here or step == last_step:  # (early stopping sets last_step)
+        if stop_here or step == last_step or nonfinite_stop:  # (early stopping sets last_step)
             break
     if bar is not None:
         bar.close()
 
     # ---- finish -------------------------------------------------------------------------------
-    if last_saved != state["step"] and not corrupt:  # resumed at the end, or stopped between saves
-        checkpoint.save(engine, ckpt_root, state["step"], dict(state), *save_args)
+    if last_saved != state["step"] and not corrupt:  # stopped by a failed step (`stop`: the state before it, its random state too)
+        checkpoint.save(engine, ckpt_root, state["step"], dict(state), *save_args, rng=rng_before if t.nonfinite == "stop" else None)
     final_ckpt = os.path.join(ckpt_root, checkpoint.tag_for(state["step"] if not corrupt else max(last_saved, 0)))
     best_ckpt = os.path.join(ckpt_root, checkpoint.best_tag(state)) if state.get("best") else None
     if cfg.export.checkpoint == "best" and best_ckpt is None and is_main:
         log.warning("export.checkpoint=best, but no checkpoint had a held-out loss measured at its step: exporting the last")
     summary = {"run_dir": run_dir, "base": base_path, "steps": state["step"], "total_steps": total_steps,
-               "finished": state["step"] == last_step,
+               "finished": state["step"] == last_step and not nonfinite_stop,
                "early_stopped_step": last_step if last_step < total_steps else None, "preempted": preempted, "stop_signal": stop_signal, "world_size": world,
-               "nonfinite_stop_step": nonfinite_stop, "skipped_steps": skipped, "grad_accum": gas,
+               "nonfinite_stop_step": nonfinite_stop, "nonfinite_in_row": bad_in_row, "skipped_steps": skipped, "grad_accum": gas,
                "global_batch_size": mb * gas * world,
                "checkpoint": final_ckpt, "adapter": os.path.join(final_ckpt, "adapter") if cfg.peft.method != "none" else None,
                "best_checkpoint": best_ckpt, "best_eval_loss": state["best"]["eval_loss"] if best_ckpt else None,
@@ -382,7 +387,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "fast_int8_layers": fast_int8, "fused_lora_layers": fused_layers,
                "fused_lora_parts": sorted(fused_lora.fused_parts(model)) if fused_layers else [], "fused_ce": not no_fused, "checkpointed_layers": recomputed,
                "packed_attention": layout["path"] if packs is not None else None, "peak_tflops": peak / 1e12 if peak else None,
-               "params_trainable": n_trainable, "params_total": n_total, **eval_result}
+               "params_trainable": n_trainable, "params_total": n_total}
+    eval_result = eval_result if written["step"] == state["step"] else {}  # the last step's (an earlier eval is in metrics)
+    summary.update(eval_result)
     metrics.summary(eval_result)
     wandb_dir = metrics.close()
     summary = checkpoint.write_summary(os.path.join(run_dir, "summary.json"), {**summary, "wandb_dir": wandb_dir},

@@ -267,7 +267,8 @@ def validate_data(d, training: bool = True, files: bool = True) -> None:
             if (found := expand_pattern(path)) != [path]:  # a glob pattern
                 if not found:
                     raise ConfigError(f"data.{key}[{i}]: the pattern {path!r} matches no file; check it (relative paths are "
-                                      f"taken from {os.getcwd()}).")
+                                      f"taken from {os.getcwd()}" + ("; a [ or ] of a folder's name is written [[] or []]"
+                                                                      if "[" in path else "") + ").")
                 continue
             if not os.path.exists(path):
                 if path.startswith(DATA_DIR_DEFAULT + "/") and "DIALTUNE_DATA_DIR" not in os.environ:  # data=customer_service
