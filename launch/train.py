@@ -129,6 +129,19 @@ def note_merged(run_dir: str, merged_dir: str) -> None:
         os.replace(path + ".tmp", path)
 
 
+def drop_if_only_hydra(run_dir: str) -> None:
+    """A run refused at start leaves no directory behind (e.g. outputs/llama3_8bb-lora-none of a
+    mistyped model=): Hydra creates it with its record and log before dialtune checks anything; a
+    directory with anything else in it (an earlier run's) is kept."""
+    import shutil
+
+    try:
+        if set(os.listdir(run_dir)) <= {"hydra", ".hydra", "train.log"}:
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass
+
+
 def task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -198,6 +211,8 @@ def task(cfg) -> None:
                 print(f"dialtune: stopped by SIGUSR1 after step {summary['steps']}; checkpoint saved, asking to be requeued (exit {REQUEUE_EXIT_CODE})", flush=True)
             sys.exit(REQUEUE_EXIT_CODE)
     except (ConfigError, DataError, ExportError) as e:
+        if rank() == 0:
+            drop_if_only_hydra(run_dir)
         fail(str(e))
     except KeyboardInterrupt:  # Ctrl-C: no checkpoint is written for it (SIGTERM / SIGUSR1 write one)
         if rank() == 0:

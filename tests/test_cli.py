@@ -31,6 +31,7 @@ def _one_sentence_error(proc, fragment):
 ])
 def test_impossible_config_exits_with_one_sentence(tmp_path, overrides, fragment):
     _one_sentence_error(train(overrides + QUICK, tmp_path, check=False), fragment)
+    assert list(tmp_path.iterdir()) == []  # no run directory of Hydra's record alone is left behind
 
 
 @pytest.mark.parametrize("command", ["demo", "train"])
