@@ -96,3 +96,27 @@ def test_a_resume_on_changed_data_is_warned_and_keeps_the_skipped_count(tmp_path
     skipped = {r["step"]: r["train/skipped_steps"] for r in read_metrics(tmp_path / "changed") if "train/skipped_steps" in r}
     assert skipped == {1: 1, 2: 1, 3: 1}
     assert json.loads((tmp_path / "changed" / "summary.json").read_text())["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear"])
+def test_lr_schedule_reaches_the_peak_once_and_ends_at_the_floor(scheduler):
+    """Step k of 10 runs at lr_lambda(k - 1): warmup 1/3, 2/3, 1 (never 0), then strictly down from
+    below the peak (the peak is not taken twice) to min_lr_ratio at the last step, as
+    optim.min_lr_ratio ("final LR") says; without warmup the first step is at the peak (a 1-step
+    run too)."""
+    from omegaconf import OmegaConf
+
+    from train.ds_config import lr_lambda
+
+    optim = OmegaConf.create({"warmup_steps": 3, "warmup_ratio": 0.0, "min_lr_ratio": 0.1, "scheduler": scheduler})
+    fn = lr_lambda(optim, 10)
+    lrs = [fn(s) for s in range(10)]
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] == pytest.approx(0.1)
+    optim.warmup_steps = 0
+    assert [lr_lambda(optim, 2)(s) for s in range(2)] == pytest.approx([1.0, 0.1])  # two steps: the peak, then the floor
+    assert lr_lambda(optim, 1)(0) == 1.0
+    lrs = [lr_lambda(optim, 10)(s) for s in range(10)]
+    assert lrs[0] == 1.0 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0.1)
+    optim.scheduler = "constant"
+    assert [lr_lambda(optim, 5)(s) for s in range(5)] == [1.0] * 5

@@ -256,7 +256,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     engine.train()
     stop_flag.armed = True  # from here a SIGTERM is answered with a checkpoint
     for step in range(first_step, last_step + 1):
-        t0, rng_before = time.perf_counter(), checkpoint.rng_state()  # (a failed step's last good state resumes with it)
+        t0 = time.perf_counter()
+        rng_before = checkpoint.rng_state() if t.nonfinite == "stop" else None  # (a failed step's last good state resumes with it)
         faults.signal_at(step)
         made = [make_batch(stream.next()) for _ in range(gas)]
         batches = [b for b, _ in made]
@@ -369,7 +370,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     # ---- finish -------------------------------------------------------------------------------
     if last_saved != state["step"] and not corrupt:  # stopped by a failed step (`stop`: the state before it, its random state too)
-        checkpoint.save(engine, ckpt_root, state["step"], dict(state), *save_args, rng=rng_before if t.nonfinite == "stop" else None)
+        checkpoint.save(engine, ckpt_root, state["step"], dict(state), *save_args, rng=rng_before)
     final_ckpt = os.path.join(ckpt_root, checkpoint.tag_for(state["step"] if not corrupt else max(last_saved, 0)))
     best_ckpt = os.path.join(ckpt_root, checkpoint.best_tag(state)) if state.get("best") else None
     if cfg.export.checkpoint == "best" and best_ckpt is None and is_main:
