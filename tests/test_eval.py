@@ -177,6 +177,22 @@ def test_response_scores_samples_and_files(tokenizer, intent_model, tmp_path):
     assert not (tmp_path / "results.json").exists() and eval_results.keep_earlier(str(tmp_path)) is None
 
 
+def test_which_parts_a_training_step_runs():
+    from types import SimpleNamespace as NS
+    ev = NS(every_n_steps=2, during_training=["lm", "intent"], at_end=["lm", "intent", "response"], early_stopping_patience=0)
+    at = lambda step, final=False, preempted=False, best=False, save_every=4: suite.parts_at(  # noqa: E731
+        ev, step, save_every, best, final, preempted)
+    assert at(1) == ([], []) and at(2) == (["lm", "intent"], [])
+    assert at(8, final=True) == (["lm"], ["intent", "response"])  # generation after the last save
+    assert at(8, final=True, preempted=True) == (["lm"], [])  # signalled: no time for generation
+    assert at(2, preempted=True) == ([], [])  # nothing rests on this eval
+    assert at(2, preempted=True, best=True) == ([], []) and at(4, preempted=True, best=True) == (["lm"], [])
+    ev.early_stopping_patience = 2
+    assert at(2, preempted=True) == (["lm"], [])  # the patience count rests on it
+    ev.every_n_steps = 0
+    assert at(2) == ([], []) and at(4, preempted=True) == ([], [])
+
+
 def test_source_names_never_take_the_overall_rows_name():
     assert suite.source_names(["d/all.jsonl", "e/b.jsonl", "f/b.jsonl.gz"]) == ["all_0", "b", "b_2"]
 

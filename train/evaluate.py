@@ -313,6 +313,27 @@ def response_eval(model, tokenizer, eot: int, conversations: List[Dict], cfg, ma
 # The suite
 
 
+def parts_at(ev, step: int, save_every: int, export_best: bool, final: bool, preempted: bool) -> Tuple[List[str], List[str]]:
+    """The eval parts a training step runs: (before its checkpoint, after it).
+
+    At the end only the held-out loss (the best checkpoint's measure) runs before the save, the other
+    parts (they generate: slow, memory-hungry) after it, so they cannot cost the weights, and not once
+    signalled (time is short: `dialtune eval`). Signalled at an eval step, only the held-out loss that
+    early stopping or export.checkpoint=best rests on runs (a resumed run would never measure it).
+    """
+    due = bool(ev.every_n_steps) and step % ev.every_n_steps == 0
+    on_grid = bool(save_every) and step % save_every == 0
+    decides = "lm" in ev.during_training and bool(ev.early_stopping_patience or export_best and on_grid)
+    if final:
+        parts = ["lm"] if "lm" in ev.at_end else []
+    elif preempted and due:
+        parts = ["lm"] if decides else []
+    else:
+        parts = list(ev.during_training) if due else []
+    late = [p for p in ev.at_end if p != "lm"] if final and not preempted else []
+    return parts, late
+
+
 def source_names(paths: Sequence[str]) -> List[str]:
     """Short, unique names for per-source metrics (file name without extensions)."""
     names = []

@@ -333,15 +333,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                   "perf/step_time_s": elapsed, "perf/model_tflops_per_device": step_flops / elapsed / world / 1e12,
                   **({"perf/mfu": step_flops / elapsed / world / peak} if peak else {}), **memory_gb()}
         preempted, final = stop_signal is not None, step == total_steps
-        # at the end only the held-out loss (the best checkpoint's measure) runs before the save, the other parts (they generate:
-        # slow, memory-hungry) after it, so they cannot cost the weights, and not once signalled (time is short: `dialtune eval`);
-        # signalled at an eval step, only the held-out loss that early stopping or export.checkpoint=best rests on runs (a resumed
-        # run would never measure it)
-        due, on_grid = bool(ev.every_n_steps) and step % ev.every_n_steps == 0, bool(t.save_every) and step % t.save_every == 0
-        decides = "lm" in ev.during_training and (ev.early_stopping_patience or cfg.export.checkpoint == "best" and on_grid)
-        parts = ((["lm"] if "lm" in ev.at_end else []) if final else (["lm"] if decides else []) if preempted and due
-                 else ev.during_training if due else [])
-        late = [p for p in ev.at_end if p != "lm"] if final and not preempted else []
+        parts, late = suite.parts_at(ev, step, t.save_every, cfg.export.checkpoint == "best", final, preempted)
         if parts:
             eval_result = run_eval(parts, step, final=final)
             if not final and checkpoint.note_patience(state, eval_result.get("eval/loss"), ev.early_stopping_patience,
@@ -349,9 +341,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                 last_step, late = step, [] if preempted else list(ev.at_end)  # early stopping: this step ends the run
             record.update(eval_result)
         stop_here = preempted or bool(t.stop_after_steps) and step - first_step + 1 >= t.stop_after_steps
-        on_grid = on_grid or step == last_step  # (early stopping may have set last_step)
-        if on_grid or stop_here:  # a stop's extra checkpoint is no candidate for the best: an uninterrupted run has none there
-            checkpoint.note_eval(state, step, record.get("eval/loss") if on_grid else None)
+        candidate = bool(t.save_every) and step % t.save_every == 0 or step == last_step  # (early stopping may set last_step)
+        if candidate or stop_here:  # a stop's extra checkpoint is no candidate for the best: an uninterrupted run has none there
+            checkpoint.note_eval(state, step, record.get("eval/loss") if candidate else None)
             checkpoint.save(engine, ckpt_root, step, dict(state), *save_args)
             last_saved = step
         try:
