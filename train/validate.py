@@ -260,26 +260,10 @@ def validate_data(d, training: bool = True, files: bool = True) -> None:
                 raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
     if not d.train_files and not any(s.split == "train" for s in d.sources):
         raise ConfigError("no training data: pass data.train_files=[path/to/train.jsonl] or data.sources=[{path: ..., weight: 1}].")
-    for key in ("train_files", "eval_files"):
-        for i, path in enumerate(d[key]):
-            if not files:
-                continue
-            if (found := expand_pattern(path)) != [path]:  # a glob pattern
-                if not found:
-                    raise ConfigError(f"data.{key}[{i}]: the pattern {path!r} matches no file; check it (relative paths are "
-                                      f"taken from {os.getcwd()}" + ("; a [ or ] of a folder's name is written [[] or []]"
-                                                                      if "[" in path else "") + ").")
-                continue
-            if not os.path.exists(path):
-                if path.startswith(DATA_DIR_DEFAULT + "/") and "DIALTUNE_DATA_DIR" not in os.environ:  # data=customer_service
-                    raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist: data=customer_service reads the full "
-                                      "public files from $DIALTUNE_DATA_DIR, which is not set; set it to the folder that "
-                                      "holds them (the datasets data_pipeline/sample_data/README.md names).")
-                raise ConfigError(f"data.{key}[{i}]: file {path!r} does not exist; check the path (relative paths are taken from {os.getcwd()}).")
+    for key, path, _ in _data_paths(d) if files else ():
+        if problem := _missing_path_problem(key, path):
+            raise ConfigError(problem)
     for i, s in enumerate(d.sources):
-        if files and not any(os.path.exists(p) for p in expand_pattern(s.path)):
-            raise ConfigError(f"data.sources[{i}].path: {s.path!r} does not exist"
-                              + (" (as a pattern: matches no file)" if expand_pattern(s.path) != [s.path] else "") + "; check the path.")
         if s.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive (remove the source to leave it out).")
         if s.format not in _CHOICES["data.format"]:
@@ -288,6 +272,22 @@ def validate_data(d, training: bool = True, files: bool = True) -> None:
             raise ConfigError(f"data.sources[{i}].split={s.split!r} must be train or eval.")
     if (problem := bounds_problem(d, "data.")) or (training and (problem := data_mix_problem(d))):
         raise ConfigError(problem)
+
+
+def _missing_path_problem(key: str, path: str) -> Optional[str]:
+    """One sentence when a data path (a file, a saved dataset or a glob pattern) names nothing."""
+    found = expand_pattern(path)
+    if found and (found != [path] or os.path.exists(path)):
+        return None
+    where = f"relative paths are taken from {os.getcwd()}"
+    if found != [path]:  # a glob pattern
+        return (f"{key}: the pattern {path!r} matches no file; check it ({where}"
+                + ("; a [ or ] of a folder's name is written [[] or []]" if "[" in path else "") + ").")
+    if path.startswith(DATA_DIR_DEFAULT + "/") and "DIALTUNE_DATA_DIR" not in os.environ:  # data=customer_service
+        return (f"{key}: file {path!r} does not exist: data=customer_service reads the full public files from "
+                "$DIALTUNE_DATA_DIR, which is not set; set it to the folder that holds them (the datasets "
+                "data_pipeline/sample_data/README.md names).")
+    return f"{key}: file {path!r} does not exist; check the path ({where})."
 
 
 def _data_paths(d):
