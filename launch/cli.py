@@ -276,7 +276,11 @@ def main(argv=None) -> int:
         from launch import name_cpu_accelerator
 
         name_cpu_accelerator()
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except BrokenPipeError:  # `dialtune config-doc | head`: the reader left, nothing to say (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

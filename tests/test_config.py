@@ -181,6 +181,15 @@ def test_readme_config_reference_is_current():
         assert f"`{key}`" in readme, f"README's configuration reference lacks {key} (regenerate with `dialtune config-doc`)"
 
 
+def test_config_doc_into_a_pipe_that_closes_early_says_nothing():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"{sys.executable} -m launch.cli config-doc | true", shell=True, capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.stderr == "", proc.stderr  # (was a BrokenPipeError traceback: `dialtune config-doc | head`)
+
+
 def test_a_plus_override_with_a_typo_is_refused():
     """`+key=value` makes Hydra add any key, a misspelt one too, which would then do nothing:
     validate() names it and the nearest real key. Free-form dicts (deepspeed.extra) stay open."""
