@@ -133,13 +133,18 @@ def load_model(cfg, kind: str, model_dir: Path, base: Optional[str], dev):
 
 
 def _step_of(model_dir: Path) -> Optional[int]:
-    """The training step of a checkpoint (its trainer_state.json; <ckpt>/adapter is passed), or None."""
+    """The training step of a checkpoint (its trainer_state.json; <ckpt>/adapter is passed) or of a
+    merged export (the checkpoint its export_summary.json names, step_N), or None."""
     for d in (Path(model_dir), Path(model_dir).parent):
         try:
             return int(json.loads((d / "trainer_state.json").read_text())["step"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return None
+    try:
+        name = Path(json.loads((Path(model_dir) / "export_summary.json").read_text())["checkpoint"]).name
+        return int(name[len("step_"):]) if name.startswith("step_") else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _run_world_size(model_dir: Path) -> int:

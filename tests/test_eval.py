@@ -148,6 +148,10 @@ def test_response_scores_samples_and_files(tokenizer, intent_model, tmp_path):
                           sources=[], conversations=convs, pad_id=tokenizer.pad_token_id, micro_batch_size=2, max_len=256,
                           world=1, rank=0, dev=CPU)
     assert torch.equal(torch.get_rng_state(), rng)  # inside training, dropout's RNG stream is left alone
+    one = suite.run_suite(["response"], model=model, forward=model, tokenizer=tokenizer, eot=eot, eval_ds=None, sources=[],
+                          cfg=OmegaConf.merge(cfg, {"batch_size": 1}), conversations=convs, pad_id=tokenizer.pad_token_id,
+                          micro_batch_size=2, max_len=256, world=1, rank=0, dev=CPU)
+    assert one["response"] == res["response"] and one["samples"] == res["samples"]  # eval.batch_size changes nothing
     greedy = res["response"]["greedy"]
     assert greedy["n"] == 4 and greedy["chrf"] == pytest.approx(100.0) and greedy["stopped_share"] == 1.0
     assert greedy["repetition_share"] == 0.0
@@ -175,6 +179,31 @@ def test_response_scores_samples_and_files(tokenizer, intent_model, tmp_path):
     kept = eval_results.keep_earlier(str(tmp_path))
     assert os.path.basename(kept).startswith("earlier-1971") and json.loads(open(os.path.join(kept, "results.json")).read())["step"] == 8
     assert not (tmp_path / "results.json").exists() and eval_results.keep_earlier(str(tmp_path)) is None
+
+
+def test_a_sampled_answer_is_the_same_in_any_batch_and_a_true_draw(tokenizer):
+    """Each conversation samples from its own stream (seeded by its place in the list), so the sampled
+    scores do not change with eval.batch_size or the number of ranks; the Gumbel-max draw it uses
+    has the softmax's frequencies (temperature and top-p applied)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from train.generation import RowSampler
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)).eval()
+    prompts = [suite.prompt_ids(tokenizer, _conv(f"refund order {w}"), 0) for w in ("A", "BB 7", "C", "D D", "E")]
+    gen = lambda ps, seeds: suite.generate(model, tokenizer, ps, CPU, 6, [], sample=True, seeds=seeds)  # noqa: E731
+    whole = gen(prompts, range(10, 15))
+    assert gen(prompts[:2], [10, 11]) + gen(prompts[2:], [12, 13, 14]) == whole == gen(prompts[::-1], range(14, 9, -1))[::-1]
+    assert gen(prompts, range(20, 25)) != whole
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]).repeat(20000, 1)
+    for temperature, top_p in [(1.0, 1.0), (0.5, 1.0), (1.0, 0.8)]:
+        picks = RowSampler(range(20000), CPU, temperature, top_p)(None, logits).argmax(-1)
+        want = torch.softmax(logits[0] / temperature, -1)
+        if top_p < 1.0:  # the nucleus: the most likely tokens whose mass reaches top_p
+            want = torch.where(torch.arange(5) < 2, want, 0.0) / want[:2].sum()
+        assert torch.allclose(torch.bincount(picks, minlength=5) / 20000, want, atol=0.012), (temperature, top_p)
 
 
 def test_which_parts_a_training_step_runs():
@@ -250,7 +279,9 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
     # micro-batches: eval.lm_max_batches=2 (tests/conftest.py) per rank of the 2 that trained
     assert [r["loss"] for r in again["lm"]["rows"]] == pytest.approx([r["loss"] for r in res["lm"]["rows"]], rel=1e-4)
     assert cli(["eval", str(run_dir / "merged"), "--parts", "lm", "--out", str(tmp_path / "merged_eval")]) == 0
-    merged = json.loads((tmp_path / "merged_eval" / "results.json").read_text())["lm"]["rows"]
+    merged_res = json.loads((tmp_path / "merged_eval" / "results.json").read_text())
+    merged = merged_res["lm"]["rows"]
+    assert merged_res["step"] == 2  # the checkpoint export_summary.json names
     assert merged[0]["loss"] == pytest.approx(res["lm"]["rows"][0]["loss"], rel=1e-4)
     assert cli(["eval", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,6 +31,7 @@ from data_pipeline.chat import IGNORE, DataError, tokenize_conversation
 
 from . import distributed
 from .eval_metrics import classification_report, normalise_label, repeats, text_metrics
+from .generation import _left_pad, generate, prompt_ids, stop_ids_of
 
 PARTS = ("lm", "intent", "response")
 
@@ -75,17 +76,6 @@ def sequence_logprobs(forward: Callable, batch: Dict[str, torch.Tensor], dev) ->
     return -ce.sum(1).double().cpu(), (labels != IGNORE).sum(1).cpu()
 
 
-def _left_pad(rows: Sequence[Sequence[int]], fill: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(rows left-padded with fill, the mask of real positions)."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, width - len(r):] = torch.as_tensor(r)
-        mask[i, width - len(r):] = 1
-    return out, mask
-
-
 @torch.no_grad()
 def tail_logprobs(forward: Callable, seqs: List[Dict[str, List[int]]], pad_id: int, dev) -> List[float]:
     """Summed log-probability of each sequence's targets, which all sit at its end (a label and
@@ -104,56 +94,6 @@ def tail_logprobs(forward: Callable, seqs: List[Dict[str, List[int]]], pad_id: i
     tgt = labels[:, width - keep + 1:].to(dev)
     ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE, reduction="none")
     return (-ce.sum(1)).tolist()
-
-
-@contextmanager
-def _neutral_generation_config(model):
-    """Only the eval's own decoding settings: the base model's generation_config.json (e.g.
-    repetition_penalty 1.05 and top_k 20 in Qwen2.5-Instruct) would otherwise fill every setting
-    the eval leaves unset, so "greedy" would depend on the base. (transformers merges those
-    defaults into an explicit GenerationConfig too, hence the swap.)"""
-    from transformers import GenerationConfig
-
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved = getattr(target, "generation_config", None)
-    target.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        target.generation_config = saved
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: List[List[int]], dev, max_new_tokens: int, stop_ids: Sequence[int],
-             sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, synced: bool = False):
-    """Left-padded batched generation -> [(new tokens up to the first stop token, stopped?)]."""
-    pad = tokenizer.pad_token_id
-    ids, mask = _left_pad(prompts, pad)
-    width = ids.shape[1]
-    kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
-    with _neutral_generation_config(model):
-        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             eos_token_id=list(stop_ids), pad_token_id=pad, synced_gpus=synced, **kw)
-    res = []
-    for row in out[:, width:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
-        res.append((row[:cut] if cut is not None else row, cut is not None))
-    return res
-
-
-def prompt_ids(tokenizer, messages: List[Dict[str, str]], max_len: int) -> List[int]:
-    """Chat-template prompt with the assistant header. Too long for max_len: the oldest turns go,
-    whole and up to the next user turn (the system message stays), as training's keep_recent
-    truncation does; only a last user turn that alone is too long is cut, from the left."""
-    msgs = list(messages)
-    while True:
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        turns = [i for i, m in enumerate(msgs) if m["role"] != "system"]
-        users = [i for i in turns if msgs[i]["role"] == "user"]
-        if max_len <= 0 or len(ids) <= max_len or len(users) <= 1:
-            return ids[-max_len:] if max_len > 0 else ids
-        del msgs[turns[0]:users[1]]  # up to the second user turn: the conversation still opens with the user
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +189,7 @@ def intent_eval(model, forward: Callable, tokenizer, eot: int, examples, labels:
         out = []
         for s in range(0, len(todo), batch_size):
             prompts = [prompt_ids(tokenizer, p, 0) for p, _ in todo[s:s + batch_size]]
-            for toks, _ in generate(model, tokenizer, prompts, dev, longest + 4, _stop_ids(tokenizer, eot), synced=synced):
+            for toks, _ in generate(model, tokenizer, prompts, dev, longest + 4, stop_ids_of(tokenizer, eot), synced=synced):
                 out.append(by_norm.get(normalise_label(tokenizer.decode(toks, skip_special_tokens=True))))
         preds["generate"] = out
     result = {}
@@ -258,10 +198,6 @@ def intent_eval(model, forward: Callable, tokenizer, eot: int, examples, labels:
         pairs = [x for part in gather(pairs, world) for x in part]
         result[mode] = classification_report([t for t, _ in pairs], [q for _, q in pairs], labels)
     return result
-
-
-def _stop_ids(tokenizer, eot: int) -> List[int]:
-    return sorted({eot, tokenizer.eos_token_id} - {None})
 
 
 def response_eval(model, tokenizer, eot: int, conversations: List[Dict], cfg, max_len: int, world: int, rank: int,
@@ -279,33 +215,33 @@ def response_eval(model, tokenizer, eot: int, conversations: List[Dict], cfg, ma
     todo = [items[i if i >= 0 else 0] for i in mine]
     budget = max(16, max_len - cfg.max_new_tokens)
     metrics, samples = {}, []
-    # sampled decoding is reproducible per rank; the training RNG (dropout, data) is left as it was
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(cfg.seed + rank)
-        for decoding in cfg.decoding:
-            gens = []
-            bar = _progress(-(-len(todo) // cfg.batch_size), f"eval response ({decoding})", progress)
-            for s in range(0, len(todo), cfg.batch_size):
-                prompts = [prompt_ids(tokenizer, ctx, budget) for ctx, _ in todo[s:s + cfg.batch_size]]
-                gens.extend(generate(model, tokenizer, prompts, dev, cfg.max_new_tokens, _stop_ids(tokenizer, eot),
-                                     sample=decoding == "sampled", temperature=cfg.temperature, top_p=cfg.top_p, synced=synced))
-                if bar is not None:
-                    bar.update(1)
+    # a sampled answer draws from its own generator, seeded by eval.seed and the conversation's place in
+    # the list, so it is the same whatever the ranks or eval.batch_size; the training RNG is not touched
+    for decoding in cfg.decoding:
+        gens = []
+        bar = _progress(-(-len(todo) // cfg.batch_size), f"eval response ({decoding})", progress)
+        for s in range(0, len(todo), cfg.batch_size):
+            prompts = [prompt_ids(tokenizer, ctx, budget) for ctx, _ in todo[s:s + cfg.batch_size]]
+            gens.extend(generate(model, tokenizer, prompts, dev, cfg.max_new_tokens, stop_ids_of(tokenizer, eot),
+                                 sample=decoding == "sampled", temperature=cfg.temperature, top_p=cfg.top_p, synced=synced,
+                                 seeds=[cfg.seed * 1_000_003 + max(i, 0) for i in mine[s:s + cfg.batch_size]]))
             if bar is not None:
-                bar.close()
-            rows = [(i, tokenizer.decode(t, skip_special_tokens=True).strip(), stopped, repeats(t))
-                    for (t, stopped), i in zip(gens, mine) if i >= 0]
-            rows = sorted((x for part in gather(rows, world) for x in part), key=lambda r: r[0])
-            hyps, refs = [r[1] for r in rows], [items[r[0]][1] for r in rows]
-            metrics[decoding] = {**text_metrics(hyps, refs), "n": len(rows),
-                                 "stopped_share": sum(r[2] for r in rows) / max(len(rows), 1),
-                                 "repetition_share": sum(r[3] for r in rows) / max(len(rows), 1),
-                                 "mean_words": sum(len(h.split()) for h in hyps) / max(len(rows), 1)}
-            for r in rows[:cfg.samples]:
-                ctx = items[r[0]][0]
-                samples.append({"context": "\n".join(f"{m['role']}: {m['content']}" for m in ctx[-4:]),
-                                "reference": items[r[0]][1], "generation": r[1], "decoding": decoding,
-                                "stopped": r[2], "repeats": r[3]})
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        rows = [(i, tokenizer.decode(t, skip_special_tokens=True).strip(), stopped, repeats(t))
+                for (t, stopped), i in zip(gens, mine) if i >= 0]
+        rows = sorted((x for part in gather(rows, world) for x in part), key=lambda r: r[0])
+        hyps, refs = [r[1] for r in rows], [items[r[0]][1] for r in rows]
+        metrics[decoding] = {**text_metrics(hyps, refs), "n": len(rows),
+                             "stopped_share": sum(r[2] for r in rows) / max(len(rows), 1),
+                             "repetition_share": sum(r[3] for r in rows) / max(len(rows), 1),
+                             "mean_words": sum(len(h.split()) for h in hyps) / max(len(rows), 1)}
+        for r in rows[:cfg.samples]:
+            ctx = items[r[0]][0]
+            samples.append({"context": "\n".join(f"{m['role']}: {m['content']}" for m in ctx[-4:]),
+                            "reference": items[r[0]][1], "generation": r[1], "decoding": decoding,
+                            "stopped": r[2], "repeats": r[3]})
     return metrics, samples
 
 
