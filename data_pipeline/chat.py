@@ -118,12 +118,13 @@ def _has_target(labels: List[int]) -> bool:
 
 def encode(tokenizer, messages: List[Dict[str, str]], eot_id: int, max_len: int, truncation: str = "keep_recent",
            last_turn_only: bool = False, fast=None) -> Tuple[Optional[List[int]], Optional[List[int]], str]:
-    """(ids, labels, outcome) with outcome in {"ok", "truncated", "dropped"}.
+    """(ids, labels, outcome) with outcome in {"ok", "truncated", "cut", "dropped"}.
 
     keep_recent drops the oldest turns (a system message stays) until the rest fits; the cut
     point is found by binary search over user-turn starts, so a long conversation costs
-    O(log turns) renders, not O(turns^2). What still does not fit is cut on the right; a
-    conversation left without an assistant target is dropped. `fast` (a fastchat.FastEncoder)
+    O(log turns) renders, not O(turns^2). When not even the last user turn with what follows
+    fits, that is cut on the right ("cut": its last reply loses its end and end-of-turn token);
+    `right` always cuts so ("truncated"). A conversation left without an assistant target is dropped. `fast` (a fastchat.FastEncoder)
     gives the same tokens without rendering the template; where it declines, the template is used.
     """
     def enc(msgs):
@@ -156,7 +157,7 @@ def encode(tokenizer, messages: List[Dict[str, str]], eot_id: int, max_len: int,
     ids, labels = ids[:max_len], labels[:max_len]
     if not _has_target(labels):
         return None, None, "dropped"
-    return ids, labels, "truncated"
+    return ids, labels, "cut" if truncation == "keep_recent" else "truncated"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import unicodedata
+from collections import Counter
 from typing import Dict, List
 
 import numpy as np
@@ -21,7 +22,7 @@ from .records import Problem, expand_pattern, read_records, to_messages
 from .validate import Report, clean, counts_text
 
 EVAL_MESSAGES = "eval_messages.jsonl"
-DATA_VERSION = 6  # 6: an empty held-out set is refused, dropped conversations located; 5: assistant spans of tag-free templates end at the turn's end-of-turn token (trimming templates); 4: eval_fraction split by content
+DATA_VERSION = 7  # 7: truncation counted over the sets as built, a source weighted to nothing listed; 6: an empty held-out set is refused, dropped conversations located; 5: assistant spans of tag-free templates end at the turn's end-of-turn token (trimming templates); 4: eval_fraction split by content
 TRUNCATED_WARN_SHARE = 0.10  # warn when more of the conversations than this were truncated (the bundled sample: 5.4% at 512)
 
 
@@ -216,10 +217,9 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
         tok = tok.select(kept)
         split = _column(tok, "split")
         stats = {"version": DATA_VERSION, "validation": report.as_dict(), "max_seq_len": d.max_seq_len,
-                 "truncation": {"policy": d.truncation, "truncated": int((outcome == "truncated").sum()),
-                                "dropped": int((outcome == "dropped").sum()),
-                                "dropped_where": dropped_where,
-                                "truncated_share": float((outcome == "truncated").mean())}}
+                 "truncation": {"policy": d.truncation, "dropped": int((outcome == "dropped").sum()),
+                                "dropped_where": dropped_where}}
+        built = Counter()  # the truncated rows of the sets as built (training after the sources' weights)
         shutil.rmtree(out_dir + ".part", ignore_errors=True)  # a killed build's files must not ride along
         os.makedirs(out_dir + ".part")
         for name in ("train", "eval"):
@@ -237,6 +237,7 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                             if too_long else "no usable record (an empty file, or every record skipped as reported above, "
                             "or all of them held out for eval)."))
                 weights = {k: s["weight"] for k, s in enumerate(srcs)}
+                unweighted = Counter(_column(part, "source").tolist())
                 if any(w != 1.0 for w in weights.values()):
                     part = part.select(_weighted_indices(_column(part, "source"), weights, d.seed))
             if len(part) == 0 and name == "eval" and (asked := _held_out_asked(d, srcs)):
@@ -255,6 +256,8 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                 with open(os.path.join(out_dir + ".part", EVAL_MESSAGES), "w", encoding="utf-8") as f:
                     for row in raw.select(kept[split == "eval"]).select_columns(["messages", "source"]):
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            built.update(_column(part, "outcome").tolist())
+            built["rows"] += len(part)
             part = part.flatten_indices(cache_file_name=os.path.join(work, f"{name}.flat.arrow"))
             part.save_to_disk(os.path.join(out_dir + ".part", name))
             lengths = _column(part, "length")
@@ -267,11 +270,19 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                                               "tokens": int(lengths[src == k].sum()),
                                               "weight": srcs[k]["weight"]} for k in np.unique(src)},
             }
+            if name == "train":  # a source its weight drew nothing of is listed (and warned about), not lost silently
+                for k, n in sorted(unweighted.items()):
+                    entry = stats[name]["sources"].setdefault(srcs[k]["path"], {"conversations": 0, "tokens": 0,
+                                                                               "weight": srcs[k]["weight"]})
+                    entry["unweighted"] = n
             if name == "train" and d.packing:
                 bins = pack(lengths.tolist(), d.max_seq_len, d.seed)
                 Dataset.from_dict({"members": bins}).save_to_disk(os.path.join(out_dir + ".part", "train_packs"))
                 stats["packing"] = {"rows": len(bins), "fill_ratio": fill_ratio(bins, lengths, d.max_seq_len),
                                     "docs_per_row": len(part) / max(1, len(bins))}
+        truncated = built["truncated"] + built["cut"]
+        stats["truncation"].update(truncated=truncated, cut=built["cut"], built=built["rows"],
+                                   truncated_share=truncated / max(1, built["rows"]))
         if (split == "eval").any():
             stats["overlap"] = _overlap(_column(tok, "hash"), _column(tok, "source"), split, srcs)
         with open(os.path.join(out_dir + ".part", "stats.json"), "w") as f:
@@ -313,9 +324,17 @@ def data_warnings(stats: Dict) -> List[str]:
                    + (f"; {'first ' if t['dropped'] > 3 else ''}at {', '.join(t['dropped_where'])}" if t.get("dropped_where") else "")
                    + "); raise data.max_seq_len" + (" or use data.truncation=keep_recent." if t["policy"] == "drop" else "."))
     if t["truncated_share"] > TRUNCATED_WARN_SHARE:
-        out.append(f"warning: {t['truncated']} of {n} conversations ({t['truncated_share']:.1%}) were truncated to "
-                   f"data.max_seq_len={max_len} tokens (data.truncation={t['policy']}), so the turns cut from them count in neither training nor the held-out loss; "
+        weighted = any(s["weight"] != 1.0 for s in stats.get("train", {}).get("sources", {}).values())
+        out.append(f"warning: {t['truncated']} of {t.get('built', n)} conversations ({t['truncated_share']:.1%}) "
+                   + ("in the training set (after the sources' weights) and the held-out set " if weighted else "")
+                   + f"were truncated to data.max_seq_len={max_len} tokens (data.truncation={t['policy']}"
+                   + (f"; {t['cut']} of them cut inside a turn, as not even their last user turn and reply fit" if t.get("cut") else "")
+                   + "), so the turns cut from them count in neither training nor the held-out loss; "
                    "raise data.max_seq_len, or set data.truncation=drop to leave them out.")
+    for path, s in stats.get("train", {}).get("sources", {}).items():
+        if s.get("unweighted") and not s["conversations"]:
+            out.append(f"warning: data.sources weight {s['weight']} draws none of the {s['unweighted']} training conversations "
+                       f"of {path}; raise its weight to at least {1 / (2 * s['unweighted']):.2g}, or remove the source.")
     o = stats.get("overlap") or {}
     if o.get("eval_in_train"):
         out.append(f"warning: {o['eval_in_train']} of {o['eval_conversations']} eval conversations also occur in training "

@@ -116,7 +116,8 @@ def report_text(stats) -> str:
     lines.append(f"records read {v['records_read']}, kept {v['records_kept']}, skipped {sum(v['skipped'].values())}"
                  + (f" ({counts_text(v['skipped'])})" if v["skipped"] else "") + (f", repaired {counts_text(v['repaired'])}" if v["repaired"] else ""))
     t = stats["truncation"]
-    lines.append(f"truncation ({t['policy']}): {t['truncated']} truncated ({t['truncated_share']:.1%}), {t['dropped']} dropped")
+    lines.append(f"truncation ({t['policy']}): {t['truncated']} truncated ({t['truncated_share']:.1%}"
+                 + (f"; {t['cut']} cut inside a turn" if t.get("cut") else "") + f"), {t['dropped']} dropped")
     for split in ("train", "eval"):
         if split not in stats:
             continue
@@ -125,7 +126,8 @@ def report_text(stats) -> str:
         lines.append(f"{split}: {s['conversations']} conversations, {s['tokens']} tokens, {s['target_share']:.1%} targets; "
                      f"length p50 {ln['p50']:.0f} p90 {ln['p90']:.0f} p99 {ln['p99']:.0f} max {ln['max']}")
         for path, src in s["sources"].items():
-            lines.append(f"  {path}: {src['conversations']} conversations, {src['tokens']} tokens (weight {src['weight']})")
+            drawn = f" of {src['unweighted']}" if src.get("unweighted", src["conversations"]) != src["conversations"] else ""
+            lines.append(f"  {path}: {src['conversations']} conversations, {src['tokens']} tokens (weight {src['weight']}{drawn})")
     if "packing" in stats:
         p = stats["packing"]
         lines.append(f"packing: {p['rows']} rows, fill ratio {p['fill_ratio']:.1%}, {p['docs_per_row']:.2f} conversations/row")

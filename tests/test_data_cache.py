@@ -26,6 +26,35 @@ def test_source_weights(tmp_path):
     assert build(d, *tiny_tok(), str(tmp_path / "o2"))["train"] == stats["train"]  # deterministic
 
 
+def test_truncation_is_counted_over_the_weighted_set_and_a_source_weighted_to_nothing_is_warned(tmp_path):
+    """The truncated share is that of the sets as built (a long source weighted 3 counts thrice), a
+    reply cut inside its turn is counted apart, a weight that draws none of a source says so, and a
+    weight on a held-out source is refused."""
+    from data_pipeline.dataset import data_warnings
+    from launch.prepare import report_text
+    from train.config import ConfigError
+    from train.validate import validate_data
+
+    long = jsonl(tmp_path / "long.jsonl", [{"id": f"l{i}", "messages": LONG} for i in range(2)])
+    short = jsonl(tmp_path / "short.jsonl", GOOD)
+    few = jsonl(tmp_path / "few.jsonl", [conv(40 + i, f"p{i}", f"q{i}") for i in range(3)])
+    d = dcfg(tmp_path, max_seq_len=200, sources=[{"path": long, "weight": 3.0}, {"path": short}, {"path": few, "weight": 0.1}])
+    stats = build(d, *tiny_tok(), str(tmp_path / "o"))
+    t = stats["truncation"]
+    assert (t["truncated"], t["built"], t["cut"]) == (6, 12, 0) and t["truncated_share"] == 0.5  # (2 of 11 records read)
+    said = data_warnings(stats)
+    assert said[0].startswith("warning: 6 of 12 conversations (50.0%) in the training set (after the sources' weights) "
+                              "and the held-out set were truncated"), said
+    assert said[1] == (f"warning: data.sources weight 0.1 draws none of the 3 training conversations of {few}; raise its "
+                       "weight to at least 0.17, or remove the source."), said
+    assert f"  {few}: 0 conversations, 0 tokens (weight 0.1 of 3)" in report_text(stats)
+    d = dcfg(tmp_path, max_seq_len=120, train_files=[long])  # not even the last user turn and its reply (144 tokens) fit
+    t = build(d, *tiny_tok(), str(tmp_path / "o2"))["truncation"]
+    assert (t["truncated"], t["cut"]) == (2, 2) and "2 of them cut inside a turn" in data_warnings({**stats, "truncation": t})[0]
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].weight=2.0: weights mix the training data only"):
+        validate_data(dcfg(tmp_path, sources=[{"path": short, "split": "eval", "weight": 2}], train_files=[long]))
+
+
 def test_glob_patterns_name_every_file_they_match(tmp_path):
     """data.train_files / eval_files / sources[].path take glob patterns: each matched file is a
     source with the pattern's settings; a pattern that matches nothing is one sentence."""
@@ -280,7 +309,8 @@ def test_truncated_dropped_and_skipped_data_is_warned_on_build_and_hit(tmp_path)
     rows = GOOD + [{"id": f"long{i}", "messages": LONG} for i in range(2)]
     path = jsonl(tmp_path / "a.jsonl", None, raw="".join(json.dumps(r) + "\n" for r in rows) + BAD["unknown_role"][0] + "\n")
     for policy, want in [("keep_recent", "warning: 2 of 8 conversations (25.0%) were truncated to data.max_seq_len=120 tokens "
-                                         "(data.truncation=keep_recent), so the turns cut from them count in neither training nor the held-out loss; raise "
+                                         "(data.truncation=keep_recent; 2 of them cut inside a turn, as not even their last user "
+                                         "turn and reply fit), so the turns cut from them count in neither training nor the held-out loss; raise "
                                          "data.max_seq_len, or set data.truncation=drop to leave them out."),
                          ("drop", "warning: 2 of 8 conversations (25.0%) were dropped as longer than data.max_seq_len=120 "
                                   f"tokens (data.truncation=drop; at {path}:7, {path}:8); raise data.max_seq_len or use "

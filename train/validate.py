@@ -270,6 +270,9 @@ def validate_data(d, training: bool = True, files: bool = True) -> None:
             raise ConfigError(f"data.sources[{i}].format={s.format!r} is not one of {', '.join(_CHOICES['data.format'])}.")
         if s.split not in ("train", "eval"):
             raise ConfigError(f"data.sources[{i}].split={s.split!r} must be train or eval.")
+        if s.split == "eval" and s.weight != 1:
+            raise ConfigError(f"data.sources[{i}].weight={s.weight}: weights mix the training data only; a split: eval source "
+                              "is read once, whole (to evaluate on less, give a smaller file).")
     if (problem := bounds_problem(d, "data.")) or (training and (problem := data_mix_problem(d))):
         raise ConfigError(problem)
 
