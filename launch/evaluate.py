@@ -217,9 +217,13 @@ def cmd_eval(args) -> int:
     except (EvalError, ConfigError, DataError) as e:
         print(f"dialtune: error: {e}", file=sys.stderr)
         return 2
-    if not res:
-        print("dialtune: error: nothing to evaluate: no eval set (data.eval_files / data.eval_fraction) and no "
-              "eval.intent_files; pass one of them as an override.", file=sys.stderr)
+    if not res:  # every part asked for had nothing: say why, part by part
+        held_out = "no held-out set (data.eval_files / data.eval_fraction)"
+        why = {"lm": held_out, "intent": "no eval.intent_files",
+               "response": "eval.response_conversations=0" if cfg.eval.response_conversations <= 0 else held_out if not texts
+               else "no held-out conversation has an assistant reply after a user turn"}
+        print(f"dialtune: error: nothing to evaluate ({'; '.join(f'{p}: {why[p]}' for p in parts)}); pass what is missing "
+              "as an override.", file=sys.stderr)
         return 2
     try:
         if kept := eval_results.keep_earlier(str(args.out or out)):

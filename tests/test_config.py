@@ -97,6 +97,14 @@ def test_unknown_key_is_rejected():
                                  r"the default, lists it\): set data.eval_files=\[\] to carve the held-out set, or set data.eval_fraction=0"),
     (["data=custom", f"data.train_files=[{OWN}]", f"data.sources=[{{path: {OWN}, split: eval}}]", "data.eval_fraction=0.1"],
      r"but data.sources\[0\].path='\S*pyproject.toml' is one: remove that source to carve"),
+    # (config probe) each of these was accepted, or named something else, or a traceback
+    (["run.name=''"], r"^run.name='' must name one directory under run.root"),
+    (["run.name=../elsewhere"], r"^run.name='../elsewhere' must name one directory under run.root \(no '/'"),
+    (["data=custom", "data.sources=[{weight: 2}]"], r"^data.sources\[0\] has no path: give each source one"),
+    (["data=custom", f"data.sources=[{{path: {OWN}, split: foo}}]"], r"^data.sources\[0\].split='foo' must be train or eval.$"),
+    (["data.intent.user_template=nothing"], r"^data.intent.user_template='nothing' lacks \{text\}"),
+    (["+deepspeed.extra.gradient_clipping=abc"], r"^deepspeed.extra.gradient_clipping is set by dialtune from optim.grad_clip: set"),
+    (["+deepspeed.extra.zero_optimization.stage=3"], r"^deepspeed.extra.zero_optimization.stage is set by dialtune from deepspeed="),
 ])
 def test_validation_rejects(overrides, fragment):
     cfg = _compose(overrides)

@@ -116,6 +116,10 @@ def test_without_a_held_out_set_it_is_one_sentence(runs):
     assert ("dialtune: error: eval.early_stopping_patience watches the held-out loss, and this run has no held-out set: "
             "set data.eval_fraction or data.eval_files") in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = train(["data=custom", f"data.train_files=[{root / 'yes.jsonl'}]", "eval.every_n_steps=1", "train.save_every=1",
+                  "export.checkpoint=best", "logger=none", "run.name=no_eval"], root, check=False)
+    assert proc.returncode == 2 and ("dialtune: error: export.checkpoint watches the held-out loss, and this run has no "
+                                     "held-out set") in proc.stderr, proc.stderr[-3000:]  # (it trained, then exported the last)
 
 
 def test_a_preemption_at_an_evaluation_step_keeps_the_count(runs):

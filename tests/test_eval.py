@@ -287,6 +287,9 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
     assert "does not exist" in capsys.readouterr().err
     assert cli(["eval", str(run_dir), "--device", "gpu"]) == 2
     assert "--device 'gpu' is not a device name" in capsys.readouterr().err
+    assert cli(["eval", str(run_dir), "--parts", "response,intent", "eval.response_conversations=0", "eval.intent_files=[]"]) == 2
+    assert ("nothing to evaluate (response: eval.response_conversations=0; intent: no eval.intent_files)"
+            in capsys.readouterr().err)
     assert again["step"] == 2  # from the checkpoint's trainer_state.json
 
     assert cli(["report", str(run_dir)]) == 0

@@ -124,7 +124,9 @@ def test_lora_on_the_embeddings_and_head_under_zero3_saves_whole_tensors_and_mer
     from safetensors.torch import load_file
 
     train(["recipe=demo", "deepspeed=zero3", "peft.target_modules=[q_proj,embed_tokens,lm_head]", "train.max_steps=2",
-           "logger=none", "eval.at_end=[]", "data.eval_files=[]", "export.eval_conversations=4", "run.name=emb"], tmp_path)
+           "logger=none", "eval.at_end=[]", "data.eval_files=[]", "export.eval_conversations=4", "run.name=emb",
+           "train.log_every=5"], tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path / "emb")] == [2]  # the last step is logged whatever train.log_every
     tensors = load_file(str(tmp_path / "emb" / "checkpoints" / "step_0000002" / "adapter" / "adapter_model.safetensors"))
     whole = {k: t.shape for k, t in tensors.items() if "base_layer" in k}
     assert whole and all(len(shape) == 2 and min(shape) > 0 for shape in whole.values()), whole

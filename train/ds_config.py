@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from omegaconf import OmegaConf
 
@@ -46,6 +47,28 @@ def render(cfg, world_size: int) -> dict:
     extra = OmegaConf.to_container(ds.extra, resolve=True) if ds.extra else {}
     _deep_update(config, extra)
     return config
+
+
+# DeepSpeed keys dialtune sets from its own config: deepspeed.extra may not override them (they would
+# disagree with what the loop, the LR schedule or the checkpoint believe), and says which key to set
+_OWNED = {"train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum",
+          "train_batch_size": "train.global_batch_size", "gradient_clipping": "optim.grad_clip",
+          "bf16": "model.dtype (quant.compute_dtype with quant=int8/nf4)", "fp16": "model.dtype (quant.compute_dtype with quant=int8/nf4)",
+          "optimizer": "optim.name (dialtune builds the optimizer)", "scheduler": "optim.scheduler (dialtune drives the LR)",
+          "zero_optimization.stage": "deepspeed=zero0|zero1|zero2|zero3 (deepspeed.stage)",
+          "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer", "zero_optimization.offload_param": "deepspeed.offload_param",
+          "zero_optimization.reduce_bucket_size": "deepspeed.reduce_bucket_size", "zero_optimization.overlap_comm": "deepspeed.overlap_comm",
+          "zero_optimization.stage3_param_persistence_threshold": "deepspeed.stage3_param_persistence_threshold"}
+
+
+def extra_problem(ds) -> Optional[str]:
+    """One sentence when deepspeed.extra sets a key dialtune sets itself."""
+    extra = OmegaConf.to_container(ds.extra, resolve=True) if ds.extra else {}
+    for key, instead in _OWNED.items():
+        head, _, tail = key.partition(".")
+        if head in extra and (not tail or isinstance(extra[head], dict) and tail in extra[head]):
+            return f"deepspeed.extra.{key} is set by dialtune from {instead}: set that instead (and drop it from deepspeed.extra)."
+    return None
 
 
 def _deep_update(dst: dict, src: dict) -> None:

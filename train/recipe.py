@@ -83,9 +83,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     # ---- data ---------------------------------------------------------------------------------
     train_ds, eval_ds, packs, data_stats, data_path = prepare_cached(cfg.data, tokenizer, eot, local_rank,
                                                                      log=_data_log if is_main else (lambda *_: None))
-    if cfg.eval.early_stopping_patience and eval_ds is None:
-        raise ConfigError("eval.early_stopping_patience watches the held-out loss, and this run has no held-out set: set data."
-                          "eval_fraction or data.eval_files (or a source with split: eval), or eval.early_stopping_patience=0.")
+    for key, off in [("eval.early_stopping_patience", "0"), ("export.checkpoint", "last")]:
+        if eval_ds is None and str(OmegaConf.select(cfg, key)) != off:
+            raise ConfigError(f"{key} watches the held-out loss, and this run has no held-out set: set data.eval_fraction or "
+                              f"data.eval_files (or a source with split: eval), or {key}={off}.")
     if cfg.eval.intent_files and "intent" in {*cfg.eval.during_training, *cfg.eval.at_end}:  # a bad file stops now, not after training
         suite.load_intents(cfg.eval.intent_files, cfg.data.intent, cfg.eval.intent_max_examples, cfg.eval.intent_labels)
     n_items = len(packs) if packs is not None else len(train_ds)  # packed rows, or conversations
@@ -350,7 +351,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             if late:  # (joined with what this step measured before the save)
                 record.update(eval_result := run_eval(late, step, final=True))
         finally:  # the step's row, also when an end-of-training part failed; an eval's results are always logged
-            if step % t.log_every == 0 or parts or late or bad_step:
+            if step % t.log_every == 0 or parts or late or bad_step or stop_here or step == last_step:  # (a job's last too)
                 metrics.log({k: v for k, v in record.items() if v is not None}, step)
         if bar is not None:
             bar.update(1)

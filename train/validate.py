@@ -13,7 +13,7 @@ from model.memory import budget_problem
 
 from .config import CONF_DIR, DATA_DIR_DEFAULT, ConfigError, DialtuneConfig, iter_docs
 from .bounds import bounds_problem
-from .ds_config import mixed_precision
+from .ds_config import extra_problem, mixed_precision
 
 _CHOICES = {
     "model.dtype": ("fp32", "bf16", "fp16"),
@@ -122,6 +122,10 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
     """Raise ConfigError (one sentence) for a config that cannot run. files=False (`dialtune slurm`
     on a login node, whose paths may differ from the nodes'): no check of files, directories or the
     hub cache."""
+    name = str(cfg.run.name)
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"run.name={name!r} must name one directory under run.root (no '/', not empty or '..'): the run "
+                          "directory is <run.root>/<run.name>.")
     if not cfg.model.name_or_path:
         raise ConfigError("model=hf needs model.name_or_path=<hub id or model directory> (or pass model=<hub id or directory>, "
                           "which sets both).")
@@ -135,7 +139,7 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
-    if problem := bounds_problem(cfg, skip=("data.", "eval.")):  # validate_data/validate_eval check those
+    if problem := bounds_problem(cfg, skip=("data.", "eval.")) or extra_problem(cfg.deepspeed):  # (validate_data/_eval: data., eval.)
         raise ConfigError(problem)
     if cfg.model.attn_implementation not in _ATTENTION:
         raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation!r} is not one of {', '.join(_ATTENTION)}.")
@@ -258,12 +262,9 @@ def validate_data(d, training: bool = True, files: bool = True) -> None:
             value = OmegaConf.select(d, key[5:])
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
-    if not d.train_files and not any(s.split == "train" for s in d.sources):
-        raise ConfigError("no training data: pass data.train_files=[path/to/train.jsonl] or data.sources=[{path: ..., weight: 1}].")
-    for key, path, _ in _data_paths(d) if files else ():
-        if problem := _missing_path_problem(key, path):
-            raise ConfigError(problem)
     for i, s in enumerate(d.sources):
+        if OmegaConf.is_missing(s, "path") or not str(s.path).strip():
+            raise ConfigError(f"data.sources[{i}] has no path: give each source one, e.g. {{path: data/train.jsonl, weight: 1}}.")
         if s.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive (remove the source to leave it out).")
         if s.format not in _CHOICES["data.format"]:
@@ -273,6 +274,14 @@ def validate_data(d, training: bool = True, files: bool = True) -> None:
         if s.split == "eval" and s.weight != 1:
             raise ConfigError(f"data.sources[{i}].weight={s.weight}: weights mix the training data only; a split: eval source "
                               "is read once, whole (to evaluate on less, give a smaller file).")
+    if not d.train_files and not any(s.split == "train" for s in d.sources):
+        raise ConfigError("no training data: pass data.train_files=[path/to/train.jsonl] or data.sources=[{path: ..., weight: 1}].")
+    for key, path, _ in _data_paths(d) if files else ():
+        if problem := _missing_path_problem(key, path):
+            raise ConfigError(problem)
+    if "{text}" not in d.intent.user_template:
+        raise ConfigError(f"data.intent.user_template={d.intent.user_template!r} lacks {{text}}, where each utterance goes "
+                          "(e.g. 'Customer message: {text}').")
     if (problem := bounds_problem(d, "data.")) or (training and (problem := data_mix_problem(d))):
         raise ConfigError(problem)
 
