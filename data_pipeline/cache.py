@@ -71,7 +71,13 @@ def eval_conversations(cache_path: str) -> List[Dict]:
 
 
 def _job_token() -> str:
-    return os.environ.get("TORCHELASTIC_RUN_ID") or f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:{os.getppid()}"
+    """Names this job's processes on this node (a .failed file left by another job is not this one's):
+    torchrun's run id where it has a real one (it is "none" unless --rdzv-id / --standalone gives one,
+    for every job alike), else the rendezvous address and the per-node launcher's pid."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return run_id
+    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:{os.getppid()}"
 
 
 def default_cache_dir() -> str:

@@ -105,8 +105,14 @@ def job_overrides(overrides: Sequence[str]) -> list:
 
 
 def default_log_dir(overrides: Sequence[str], cwd: Optional[str] = None) -> str:
-    root = override_value(overrides, "run.root") or "outputs"
-    return os.path.abspath(os.path.join(cwd or os.getcwd(), root.strip("'\""), "slurm-logs"))
+    """<run.root>/slurm-logs, run.root as the composed config has it (a recipe's, an interpolation resolved)."""
+    from launch.prepare import compose, plain_overrides
+
+    try:
+        root = str(compose(plain_overrides(overrides)).run.root)
+    except Exception:  # noqa: BLE001 - a config that does not compose was already reported (dry runs go on)
+        root = (override_value(overrides, "run.root") or "outputs").strip("'\"")
+    return os.path.abspath(os.path.join(cwd or os.getcwd(), root, "slurm-logs"))
 
 
 def default_job_name(overrides: Sequence[str]) -> str:
@@ -194,7 +200,10 @@ def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int 
         f"cd {q(workdir)} || exit 1",
         "",
         "# Rendezvous from SLURM: the first host of the allocation, a port derived from the job id.",
-        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        "# (its NodeAddr: where slurm.conf gives nodes an address, the NodeName need not resolve; else the name itself)",
+        'addr=$(scontrol show node "$first" -o 2>/dev/null | tr " " "\\n" | sed -n "s/^NodeAddr=//p")',
+        'export MASTER_ADDR=${addr:-$first}',
         "export MASTER_PORT=$(( 15000 + SLURM_JOB_ID % 15000 ))  # below the ephemeral range (32768+)",
     ]
     if not gpu:

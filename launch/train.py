@@ -153,7 +153,19 @@ def task(cfg) -> None:
     setup_logging()
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        validate(cfg)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the ranks agree: one node's own paths stop them all
+            from train import distributed
+
+            distributed.init(max(1, cfg.deepspeed.timeout_minutes))
+            try:
+                validate(cfg)
+                problem = None
+            except ConfigError as e:
+                problem = str(e)
+            if problem := distributed.agree(problem):
+                raise ConfigError(problem)
+        else:
+            validate(cfg)
         from train import recipe
 
         summary = recipe.run(cfg, run_dir)
@@ -211,7 +223,7 @@ def task(cfg) -> None:
                 print(f"dialtune: stopped by SIGUSR1 after step {summary['steps']}; checkpoint saved, asking to be requeued (exit {REQUEUE_EXIT_CODE})", flush=True)
             sys.exit(REQUEUE_EXIT_CODE)
     except (ConfigError, DataError, ExportError) as e:
-        if rank() == 0:
+        if rank() == 0 or os.environ.get("LOCAL_RANK") == "0":  # (a node-local run.root has one per node)
             drop_if_only_hydra(run_dir)
         fail(str(e))
     except KeyboardInterrupt:  # Ctrl-C: no checkpoint is written for it (SIGTERM / SIGUSR1 write one)
@@ -238,6 +250,8 @@ def main() -> None:
     if problem := override_problem(sys.argv[1:], root=True):
         fail(problem)
     sys.argv = [sys.argv[0]] + normalize_argv(sys.argv[1:])
+    if rank() != 0:  # the run's Hydra record is rank 0's (every rank writing it into one shared directory, the last won)
+        sys.argv.append("hydra.output_subdir=null")
     hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(task)()
 
 

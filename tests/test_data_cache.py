@@ -368,3 +368,18 @@ def test_without_flock_a_dead_holder_on_this_host_is_taken_over(tmp_path, monkey
     assert cache_lock.take_lock(lock) is None  # held by a live process (this one)
     release()
     assert not (tmp_path / "k.lock.excl").exists()
+
+
+def test_a_failed_build_of_another_job_is_not_this_ones(monkeypatch):
+    """The .failed note of a build names its job; torchrun without an rdzv id sets the run id "none" in
+    every job, so that alone would make an old job's failure any later job's."""
+    from data_pipeline.cache import _job_token
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    first = _job_token()
+    monkeypatch.setenv("MASTER_PORT", "29501")
+    assert _job_token() != first and first != "none"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    assert _job_token() == "job-7"

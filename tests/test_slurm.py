@@ -62,7 +62,9 @@ def test_gpu_job_one_srun_task_per_node_with_gres():
     assert len(srun) == 1 and "--ntasks-per-node=1" in srun[0] and "--gres=gpu:8" in srun[0]
     assert "--nproc_per_node 8 " in script  # one rank per GPU, --nproc-per-node ignored
     assert '--nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID"' in script
-    assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
+    assert 'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
+    assert 'addr=$(scontrol show node "$first" -o 2>/dev/null | tr " " "\\n" | sed -n "s/^NodeAddr=//p")' in script
+    assert "export MASTER_ADDR=${addr:-$first}" in script
     assert "SLURM_JOB_ID" in script.split("MASTER_PORT=", 1)[1].splitlines()[0]
     assert "OMP_NUM_THREADS" not in script
     assert f'"$rc" -eq {REQUEUE_EXIT_CODE}' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
@@ -134,6 +136,9 @@ def test_dry_run_cli_prints_the_script(tmp_path):
     assert " ".join(shlex.quote(a) for a in expected) + " &" in script
     assert not (tmp_path / "slurm-logs").exists()  # a dry run creates nothing
     assert list(markers.iterdir()) == []
+    # the log directory of a run.root the config resolves (an interpolation, a recipe's) is the resolved one
+    home = cli("--dry-run", "run.root=${oc.env:DIALTUNE_TEST_ROOT}/runs", env={**os.environ, "DIALTUNE_TEST_ROOT": str(tmp_path)})
+    assert home.returncode == 0 and f"--output={tmp_path}/runs/slurm-logs/%x-%j.out" in sbatch_directives(home.stdout), home.stderr
     bad = cli("--dry-run", "--job-name", "a b", "run.name=r")
     assert bad.returncode == 2 and bad.stderr.startswith("dialtune: error: --job-name") and "Traceback" not in bad.stderr
 

@@ -98,6 +98,23 @@ def all_sum(values, dev: torch.device) -> list[float]:
     return t.tolist()
 
 
+def agree(problem: str | None) -> str | None:
+    """Every rank's start-up problem (one sentence, or None) made every rank's: the lowest failing
+    rank's, naming that rank and its host when not all ranks had one. A problem only some nodes have
+    (a node-local path, a node-local data cache that fails to build) then stops every rank with its
+    sentence, where the others would wait in their next collective until the timeout."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return problem
+    world = dist.get_world_size()
+    got: list = [None] * world
+    dist.all_gather_object(got, (problem, socket.gethostname()))
+    bad = [r for r, (p, _) in enumerate(got) if p]
+    if not bad:
+        return None
+    first, host = got[bad[0]]
+    return first if len(bad) == world else f"rank {bad[0]} on {host} ({len(bad)} of {world} ranks): {first}"
+
+
 def shared_dir_problem(path: str, rank: int, dev: torch.device) -> str | None:
     """Multi-process runs need one run directory that every rank sees (checkpoints: rank 0 renames
     each rank's shards into place and writes `latest`): rank 0 writes a token into `path`, every

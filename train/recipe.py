@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from data_pipeline import batching
-from data_pipeline.chat import apply_named_template, end_of_turn_id
+from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
 from data_pipeline.cache import eval_conversations, prepare_cached
 from data_pipeline.dataset import sources_of
 from data_pipeline.packing import collate_packed
@@ -81,8 +81,14 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     eot = end_of_turn_id(tokenizer, cfg.model.end_of_turn_token)
 
     # ---- data ---------------------------------------------------------------------------------
-    train_ds, eval_ds, packs, data_stats, data_path = prepare_cached(cfg.data, tokenizer, eot, local_rank,
-                                                                     log=_data_log if is_main else (lambda *_: None))
+    failed = None
+    try:
+        train_ds, eval_ds, packs, data_stats, data_path = prepare_cached(cfg.data, tokenizer, eot, local_rank,
+                                                                         log=_data_log if is_main else (lambda *_: None))
+    except (DataError, ConfigError) as e:  # (a node-local cache's build can fail on one node only)
+        failed = e
+    if problem := distributed.agree(str(failed) if failed else None):
+        raise (type(failed) if failed else DataError)(problem)
     for key, off in [("eval.early_stopping_patience", "0"), ("export.checkpoint", "last")]:
         if eval_ds is None and str(OmegaConf.select(cfg, key)) != off:
             raise ConfigError(f"{key} watches the held-out loss, and this run has no held-out set: set data.eval_fraction or "
