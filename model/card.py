@@ -35,7 +35,7 @@ def repo_id_problem(repo_id: str) -> Optional[str]:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        return str(e).rstrip(".")
+        return str(e).split(". Use `repo_type`")[0].rstrip(".")  # (that hint is for datasets and spaces)
     return None
 
 

@@ -77,7 +77,7 @@ def test_unknown_key_is_rejected():
     (["kernels.memory_budget_gib=auto", "kernels.checkpoint_every=2"], "set one of them"),
     (["kernels.memory_budget_gib=lots"], "kernels.memory_budget_gib='lots' is neither a number of GiB nor auto"),
     (["export.hub_repo_id='acme/support bot'"], "export.hub_repo_id"),
-    (["export.hub_repo_id=a/b/c"], "namespace/repo_name"),
+    (["export.hub_repo_id=a/b/c"], r"'namespace/repo_name': 'a/b/c'.$"),  # (not HF's trailing "Use `repo_type` argument")
     (["export.checkpoint=best", "eval.every_n_steps=3", "train.save_every=10"],
      r"export.checkpoint=best picks .* set eval.every_n_steps dividing train.save_every \(now 3 and 10\).$"),
     (["export.checkpoint=best", "train.save_every=0"], r"export.checkpoint=best .* set train.save_every > 0 \(now 0\).$"),
