@@ -32,8 +32,11 @@ def compose_problem(e: Exception, overrides) -> str:
     key = getattr(cause, "full_key", None)
     if isinstance(cause, OmegaConfBaseException) and key:
         # inside a list item (data.sources=[{...}]) OmegaConf names the item's key alone: say where
-        named = any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
-        where = "" if named else f"{' '.join(overrides)}: "
+        keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+        named = key in keys
+        inside = [o for o, k in zip(overrides, keys) if str(key).startswith((k + "[", k + "."))]  # optim.betas[1]
+        lists = [o for o in overrides if "=[" in o or "={" in o]  # a list item's field is named alone: the lists' overrides
+        where = "" if named else f"{' '.join(inside or lists or overrides)}: "
         problem = None
         if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
             try:
