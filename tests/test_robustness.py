@@ -67,9 +67,19 @@ def test_nonfinite_loss_stop_policy_saves_last_good_state(tmp_path):
 
 
 def test_skip_policy_stops_after_k_in_a_row(tmp_path):
+    import torch
+
     p = _train_env(BASE + ["train.max_steps=8", "train.max_nonfinite_in_row=1", "run.name=k", "train.micro_batch_size=2",
-                           "train.grad_accum=1"], tmp_path, 1, _env(DIALTUNE_INJECT_NAN="3-8"), check=False)
+                           "train.grad_accum=1", "train.save_every=1"], tmp_path, 1, _env(DIALTUNE_INJECT_NAN="3-8"), check=False)
     assert p.returncode == 3 and "non-finite loss at step 4" in p.stderr, p.stderr[-2000:]
+    # a skipped step changes nothing: not the weights, and not the optimizer's moments or step count (AdamW run at
+    # lr 0, as before, decayed both moments and advanced the bias correction)
+    good, skipped = (torch.load(tmp_path / "k" / "checkpoints" / f"step_000000{s}" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                weights_only=False)["optimizer_state_dict"] for s in (2, 4))
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        for a, b in zip(good["base_optimizer_state"]["state"].values(), skipped["base_optimizer_state"]["state"].values()):
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+    assert all(torch.equal(a, b) for a, b in zip(good["single_partition_of_fp32_groups"], skipped["single_partition_of_fp32_groups"]))
     # step 4 is skipped like step 3 (no parameter change), saved, and then the run stops: a resume with a larger
     # train.max_nonfinite_in_row goes on from step 5 as an uninterrupted run with it would
     assert (tmp_path / "k" / "checkpoints" / "latest").read_text() == "step_0000004"

@@ -162,7 +162,7 @@ class TrainConfig:
     resume: str = doc("none", "none, auto (latest checkpoint of this run directory), a checkpoint directory (checkpoints/step_N), or another run's directory, checkpoints/ or latest file (its latest checkpoint).")
     stop_after_steps: int = doc(0, "Stop this job (with a checkpoint) after N optimizer steps; resume later with train.resume=auto. 0: run to the end.")
     progress_bar: bool = doc(True, "Show a progress bar on rank 0.")
-    nonfinite: str = doc("skip", "Non-finite loss (agreed over all ranks): skip the update (counted, logged; the bad micro-batches give zero gradients and the step runs at lr 0, so no weight changes) or stop (save the last good state, exit 3).")
+    nonfinite: str = doc("skip", "Non-finite loss (agreed over all ranks): skip the update (counted, logged; the bad micro-batches give zero gradients and the optimizer step does not run: weights and optimizer state unchanged) or stop (save the last good state, exit 3).")
     max_nonfinite_in_row: int = doc(3, "skip: stop like `stop` after more than this many non-finite steps in a row.")
     keep_checkpoints: int = doc(3, "Keep the newest N complete checkpoints (0: keep all).")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 
@@ -26,6 +27,23 @@ def build(optim_cfg, params, device: torch.device):
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
     raise ValueError(f"unknown optimizer {name}")
+
+
+class SkipSwitch:
+    """While `on`, the optimizer's step() does nothing: a skipped non-finite step then leaves the
+    weights, the Adam moments and the step count (bias correction) exactly as they were. DeepSpeed
+    calls this step inside engine.step() (once per parameter group under ZeRO-1/2), after the
+    gradients it was given (zeros, for a skipped step); run at lr 0 instead, AdamW would still decay
+    both moments and advance its step. Install it before an LR scheduler wraps step()."""
+
+    def __init__(self, optimizer):
+        self.on = False
+        step = optimizer.step
+
+        def maybe_step(_optimizer, *args, **kwargs):
+            return None if self.on else step(*args, **kwargs)
+
+        optimizer.step = types.MethodType(maybe_step, optimizer)  # (a method: LR schedulers wrap step's __func__)
 
 
 def reapply(scheduler, optim_cfg) -> None:

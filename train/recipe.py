@@ -157,6 +157,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     n_total = sum(p.numel() for p in model.parameters())
 
     optimizer = optim.build(cfg.optim, trainable, dev)
+    skip_update = optim.SkipSwitch(optimizer)  # (a skipped non-finite step changes no weight and no optimizer state)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     with optim.without_initial_step(optimizer, active=cfg.deepspeed.stage == 0 and mixed_precision(cfg) != "fp32"):
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -298,12 +299,11 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             for h in hooks:
                 h.remove()
             if i == gas - 1:
-                if bad_step:
-                    for g in optimizer.param_groups:  # skip: no parameter change (the schedule resets lr)
-                        g["lr"] = 0.0
+                skip_update.on = bad_step
                 if cfg.deepspeed.stage == 0:  # DeepSpeed reports no norm without ZeRO: grads are whole here
                     own_norm = torch.norm(torch.stack([p.grad.float().norm() for p in trainable if p.grad is not None])).item()
             engine.step()
+            skip_update.on = False
             loss_sum += ce.item()
         if bad_step:
             bad_in_row += 1
