@@ -81,6 +81,19 @@ def plain_overrides(overrides) -> list:
     return [o for o in overrides if o not in ("-m", "--multirun") and not _sweep_or_hydra(o)]
 
 
+def _bool_problem(overrides) -> Optional[str]:
+    """OmegaConf takes any integer for a bool (data.packing=2 is true): only true/false (and
+    yes/no, on/off, 1/0) are; anything else is one sentence."""
+    from train.config import iter_docs
+
+    bools = {key for key, tname, *_ in iter_docs() if tname == "bool"}
+    for o in overrides:
+        key, sep, value = o.lstrip("+").partition("=")
+        if sep and key in bools and value.strip().strip("'\"").lower() not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return f"{key}={value} is not a boolean: use true or false."
+    return None
+
+
 def override_problem(overrides, validate: bool = False, root: bool = False, **validate_kw) -> Optional[str]:
     """compose_problem's sentence when the overrides (sweeps aside) do not compose, and with
     validate, train/validate.py's when the config cannot run (validate_kw: its options); with root,
@@ -99,6 +112,8 @@ def override_problem(overrides, validate: bool = False, root: bool = False, **va
         cfg = compose(plain)
     except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf composition errors: one sentence
         return compose_problem(e, plain)
+    if problem := _bool_problem(plain):
+        return problem
     if validate:
         try:
             validate_config(cfg, **validate_kw)
@@ -152,7 +167,7 @@ def main(overrides) -> int:
             cfg = compose(overrides)
         except (HydraException, OmegaConfBaseException) as e:
             raise ConfigError(compose_problem(e, overrides)) from None
-        problem = unknown_key_problem(cfg)  # a +key=value Hydra added, typo or not
+        problem = unknown_key_problem(cfg) or _bool_problem(overrides)  # (a +key=value Hydra added, typo or not)
         if problem:
             raise ConfigError(problem)
         validate_data(cfg.data)

@@ -342,6 +342,7 @@ def test_prepare_cli_config_errors_are_one_sentence(capsys):
         ("data=nonexistent", "dialtune: error: cannot compose the config from data=nonexistent: In 'train': Could not find "
                              "'data/nonexistent' (Available options in 'data': custom, customer_service, sample); check the override's "
                              "key, value and syntax (key=value)."),
+        ("data.packing=2", "dialtune: error: data.packing=2 is not a boolean: use true or false."),  # (OmegaConf: true)
         # the override that holds the bad value, not every override of the command line
         (["run.root=/tmp", "optim.betas=[0.9,abc]"], "dialtune: error: optim.betas=[0.9,abc]: optim.betas[1] has an invalid value "
                                                      "(Value 'abc' of type 'str' could not be converted to Float); `dialtune "
