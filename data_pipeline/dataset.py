@@ -22,7 +22,7 @@ from .records import Problem, expand_pattern, read_records, to_messages
 from .validate import Report, clean, counts_text
 
 EVAL_MESSAGES = "eval_messages.jsonl"
-DATA_VERSION = 7  # 7: truncation counted over the sets as built, a source weighted to nothing listed; 6: an empty held-out set is refused, dropped conversations located; 5: assistant spans of tag-free templates end at the turn's end-of-turn token (trimming templates); 4: eval_fraction split by content
+DATA_VERSION = 8  # 8: a reply's leading whitespace stripped; 7: truncation counted over the sets as built, a source weighted to nothing listed; 6: an empty held-out set is refused, dropped conversations located; 5: assistant spans of tag-free templates end at the turn's end-of-turn token (trimming templates); 4: eval_fraction split by content
 TRUNCATED_WARN_SHARE = 0.10  # warn when more of the conversations than this were truncated (the bundled sample: 5.4% at 512)
 
 

@@ -53,6 +53,11 @@ def clean(messages: List, policy, fixes: Counter) -> Union[List[Dict[str, str]],
                 return Problem("message_too_long", f"messages[{i}] has {len(content)} characters > data.max_message_chars={policy.max_message_chars}")
             content = content[: policy.max_message_chars]
             fixes["truncated_long_message"] += 1
+        if role == "assistant" and content[:1].isspace():
+            # a reply's leading whitespace would merge with the template's header into one token (Qwen's "\n "),
+            # trained as a target, that no generation prompt ever ends with
+            content = content.lstrip()
+            fixes["stripped_reply_whitespace"] += 1
         if out and out[-1]["role"] == role:
             if policy.same_role == "reject":
                 return Problem("consecutive_same_role", f"messages[{i - 1}] and [{i}] are both {role}; roles must alternate (or set data.same_role=merge)")

@@ -172,6 +172,7 @@ def test_invalid_utf8_bom_and_utf16(tmp_path):
     (dict(same_role="reject"), {"messages": [{"role": U, "content": "a"}, {"role": U, "content": "b"}, {"role": A, "content": "c"}]}, "consecutive_same_role"),
     (dict(long_message="truncate", max_message_chars=5), conv(0, "q", "abcdefghij"), [(U, "q"), (A, "abcde")]),
     (dict(long_message="drop", max_message_chars=5), conv(0, "q", "abcdefghij"), "message_too_long"),
+    (dict(), conv(0, "  q", "\n  What kind"), [(U, "  q"), (A, "What kind")]),  # (a reply's leading whitespace goes)
 ])
 def test_repair_policies(tmp_path, policy, rec, outcome):
     from data_pipeline.validate import clean
@@ -342,3 +343,16 @@ def test_direction_marks_count_as_empty_and_a_duplicate_id_names_the_first_copy(
     assert str(e.value).splitlines()[0] == f"{path}:3: id 'c0' already appeared at {path}:1; remove one copy (or set data.duplicate_ids=keep)."
 
 
+
+
+def test_a_reply_with_leading_whitespace_trains_no_header_character(tmp_path):
+    """Rendered as is, "  What" after the template's "assistant\n" header tokenized as one "\n " token
+    that the assistant mask labelled: a header character trained as a target (data probe)."""
+    from datasets import load_from_disk
+
+    tok, eot = tiny_tok()
+    path = jsonl(tmp_path / "a.jsonl", [conv(0, "hello", "  What kind of card?")])
+    stats = build(dcfg(tmp_path, train_files=[path]), tok, eot, str(tmp_path / "o"))
+    row = load_from_disk(str(tmp_path / "o" / "train"))[0]
+    targets = [t for t in row["labels"] if t != -100]
+    assert tok.decode(targets) == "What kind of card?<|im_end|>" and stats["validation"]["repaired"] == {"stripped_reply_whitespace": 1}
