@@ -26,7 +26,7 @@ from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
 from data_pipeline.cache import eval_conversations, prepare_cached
 from data_pipeline.dataset import sources_of
 from data_pipeline.packing import collate_packed
-from model import attention, dequantize, fused_lora, kernels, loader, memory
+from model import attention, fused_lora, kernels, levers, loader, memory
 
 from . import checkpoint, distributed, eval_results, faults, flops, optim, signals
 from . import evaluate as suite
@@ -124,33 +124,12 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         log.warning(too_long)
     model = loader.load_base(cfg, base_path, dev)
     model = loader.fit_embeddings(model, tokenizer)
-    n_quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
     kc = cfg.kernels
-    liger = kc.liger and kernels.apply_liger(model)
-    model = loader.attach_adapter(model, cfg)
-    fast_int8 = kernels.dequantize_int8_linears(model) if dequantize.fast_int8(cfg) else 0
-    why_not_fused = ("off under ZeRO-3 (PEFT's modules gather the partitioned adapter)" if cfg.deepspeed.stage == 3 else
-                     "off with kernels.compile (saving the random state breaks the compiled graph at every LoRA call)"
-                     if kc.compile else None)
-    fused_layers = fused_lora.fuse_lora(model, liger=liger) if kc.fused_lora and not why_not_fused else 0
-    if is_main and kc.fused_lora and cfg.peft.method != "none":
-        log.info("fused LoRA: %s", why_not_fused or f"{fused_layers} layers ({fused_lora.describe(model)})")
-    if packs is not None:
-        try:
-            layout["path"], why, layout["attn"], layout["window"] = attention.packed_layout(
-                kc.packed_attention, model, dev, loader.DTYPES[mixed_precision(cfg)], cfg.data.max_seq_len)
-        except attention.PackedAttentionError as e:
-            raise ConfigError(f"{e}.") from None
-        if is_main:
-            log.info("packed attention: %s (%s)", layout["path"], why)
-    if cfg.model.gradient_checkpointing and kc.checkpoint_every > 1:
-        kernels.selective_checkpointing(model, kc.checkpoint_every)
-    budget_plan = memory.apply_budget(model, cfg, dev, liger, masked=layout["path"] != "varlen")
-    if budget_plan and is_main:
-        log.info(budget_plan)
-    recomputed = kernels.checkpointed_count(model) if cfg.model.gradient_checkpointing else 0
-    if kc.compile:
-        kernels.compile_decoder_layers(model)
+    try:
+        model, ran = levers.apply(model, cfg, dev, loader.DTYPES[mixed_precision(cfg)], layout if packs is not None else None,
+                                  log.info if is_main else (lambda *_: None))
+    except levers.LeverError as e:
+        raise ConfigError(str(e)) from None
     model_config = model.config
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -383,9 +362,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "best_checkpoint": best_ckpt, "best_eval_loss": state["best"]["eval_loss"] if best_ckpt else None,
                "export_checkpoint": (best_ckpt if cfg.export.checkpoint == "best" and best_ckpt else final_ckpt)
                if state["step"] == last_step else None,
-               "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": n_quantized,
-               "fast_int8_layers": fast_int8, "fused_lora_layers": fused_layers,
-               "fused_lora_parts": sorted(fused_lora.fused_parts(model)) if fused_layers else [], "fused_ce": not no_fused, "checkpointed_layers": recomputed,
+               "metrics": metrics.path, "precision": mixed_precision(cfg), "quantized_linear_layers": ran["quantized"],
+               "fast_int8_layers": ran["fast_int8"], "fused_lora_layers": ran["fused_lora"],
+               "fused_lora_parts": sorted(fused_lora.fused_parts(model)) if ran["fused_lora"] else [], "fused_ce": not no_fused,
+               "checkpointed_layers": ran["checkpointed"],
                "packed_attention": layout["path"] if packs is not None else None, "peak_tflops": peak / 1e12 if peak else None,
                "params_trainable": n_trainable, "params_total": n_total}
     eval_result = eval_result if written["step"] == state["step"] else {}  # the last step's (an earlier eval is in metrics)
