@@ -7,6 +7,7 @@ import argparse
 import html
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def build_blocks(run_dir: Path, rows: list, plots: dict, notes: list, max_sample
             last[f"last {key} (step {s[-1]})"] = v[-1]
     _, tok_s = series(rows, "perf/tok_s")
     if tok_s:
-        last["median tok/s"] = sorted(tok_s)[len(tok_s) // 2]
+        last["median tok/s"] = statistics.median(tok_s)
     table = _scalars(summary if isinstance(summary, dict) else {}) + list(last.items())
     blocks += [("h2", "Run summary"), ("table", ["key", "value"], [[k, _fmt(v)] for k, v in table])]
     if summary is None:

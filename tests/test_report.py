@@ -86,6 +86,7 @@ def test_report_of_a_full_run_dir(run_dir):
     assert [r["step"] for r in rows] == list(range(1, 11)) and rows[5]["train/loss"] == 1.75
     # summary, data, training-time eval, final eval tables
     assert "| finished | True |" in md and "| params_trainable | 12,345 |" in md
+    assert "| median tok/s | 1110 |" in md  # (10 steps at 1,020 ... 1,200: the mean of the middle two)
     assert "| train | 307 | 80,885 | 46,100 | 57.0% | 225 | 469 | 508 | 512 | 1 |" in md
     assert "| step | eval/loss | eval/ppl | eval/loss/banking77 | eval/loss/bitext |" in md
     assert "| 5 | 2.25 | 10 | 2.6 | 2.4 |" in md
@@ -161,7 +162,12 @@ def test_data_summary_names_sources_by_their_short_name():
 
     stats = {"train": {"conversations": 3, "sources": {"/data/a/support.jsonl.gz": {"tokens": 10}, "/x/faq.jsonl": {"tokens": 5}}},
              "eval": {"sources": {"/data/b/support.jsonl": {"tokens": 2}}}, "max_seq_len": 512}
+    # named over all the run's sources, as eval/loss/<source> is: the held-out support.jsonl is support_2 in both
     assert data_summary(stats) == {"data/train/conversations": 3, "data/train/sources/support/tokens": 10,
-                                   "data/train/sources/faq/tokens": 5, "data/eval/sources/support/tokens": 2,
+                                   "data/train/sources/faq/tokens": 5, "data/eval/sources/support_2/tokens": 2,
                                    "data/max_seq_len": 512}
+    from train.evaluate import source_names
+
+    paths = ["/data/a/support.jsonl.gz", "/x/faq.jsonl", "/data/b/support.jsonl"]
+    assert source_names(paths)[2] == "support_2" and "data/eval/sources/support_2/tokens" in data_summary(stats, paths)
 

@@ -175,3 +175,12 @@ def test_a_failing_end_of_training_eval_costs_no_weights(tmp_path):
     summary = json.loads((run / "summary.json").read_text())  # this run's, not the earlier job's
     assert summary["finished"] and summary["steps"] == 2 and summary["merged"]
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2]  # nothing trained again
+    # the held-out loss the failed job measured at step 2, before its final save, is the summary's (it was left out)
+    last = {k: v for r in read_metrics(run) if r["step"] == 2 for k, v in r.items() if k.startswith("eval")}
+    assert last["eval/loss"] == results["lm"]["rows"][0]["loss"] and {k: summary[k] for k in last} == last
+    # a line a killed job left half-written in metrics.jsonl is dropped on resume, not a traceback
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "time": 17')
+    proc = train(args + ["train.resume=auto", "train.max_steps=3"], tmp_path)
+    assert "1 unreadable line(s) (a job killed while writing) left out" in proc.stdout + proc.stderr
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2, 3]

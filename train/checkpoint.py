@@ -366,7 +366,7 @@ def write_summary(path: str, summary: Dict[str, Any], nothing_trained: bool, is_
         return {**saved, "already_finished": True, "preempted": summary["preempted"], "stop_signal": summary["stop_signal"]}
     if nothing_trained and is_main:
         log.warning("the run's last step (%d) was trained and saved before, but its end-of-training evaluation did not finish: "
-                    "summary.json is written without it (`dialtune eval %s` measures it)", summary["steps"], os.path.dirname(path))
+                    "summary.json has what it measured before the failure (`dialtune eval %s` measures the rest)", summary["steps"], os.path.dirname(path))
     if is_main:
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
+log = logging.getLogger("dialtune")
 
 def memory_gb() -> Dict[str, float]:
     if torch.cuda.is_available():
@@ -32,15 +34,30 @@ class Metrics:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if not enabled:
             return
-        kept = []
+        kept, self.rows, unreadable = [], [], 0
         if resume_step is not None and os.path.isfile(self.path):
-            # rows a crashed job logged after its last checkpoint are about to be redone
+            # rows a crashed job logged after its last checkpoint are about to be redone; a line a killed
+            # job left half-written is dropped (with a warning), not a reason to refuse the resume
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                for line in f:
+                    try:
+                        row = json.loads(line) if line.strip() else None
+                    except ValueError:
+                        row, unreadable = None, unreadable + 1
+                    if isinstance(row, dict) and row.get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                        self.rows.append(row)
+            if unreadable:
+                log.warning("%s: %d unreadable line(s) (a job killed while writing) left out", self.path, unreadable)
         self.file = open(self.path, "w", buffering=1)
         self.file.writelines(kept)
         if logger_cfg.backend == "wandb":
             self.wandb_run = _init_wandb(run_dir, logger_cfg, config, resuming=resume_step is not None)
+
+    def evals_at(self, step: int) -> Dict[str, Any]:
+        """The eval scalars an earlier job of the run logged at `step` ({} on ranks other than 0)."""
+        return {k: v for row in getattr(self, "rows", []) if row.get("step") == step
+                for k, v in row.items() if k.startswith(("eval/", "eval_base/"))}
 
     def log(self, record: Dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -110,17 +127,21 @@ def _init_wandb(run_dir: str, cfg, config: Dict[str, Any], resuming: bool):
     )
 
 
-def data_summary(stats: Dict[str, Any]) -> Dict[str, Any]:
+def data_summary(stats: Dict[str, Any], paths: Optional[List[str]] = None) -> Dict[str, Any]:
     """The dataset report (data_stats.json) as summary scalars under data/, each source under its
-    short name (train/evaluate.source_names, as eval/loss/<source>), not its path, whose slashes
-    W&B would split into nested sections."""
+    short name (train/evaluate.source_names over all the run's sources, `paths` in their config
+    order: the names of eval/loss/<source>), not its path, whose slashes W&B would split into
+    nested sections."""
     from .config import flatten
     from .evaluate import source_names
 
     stats = dict(stats)
-    for split in ("train", "eval"):
-        if isinstance(stats.get(split), dict) and isinstance(stats[split].get("sources"), dict):
-            by_path = stats[split]["sources"]
-            stats[split] = {**stats[split], "sources": dict(zip(source_names(list(by_path)), by_path.values()))}
+    splits = [split for split in ("train", "eval") if isinstance(stats.get(split), dict)
+              and isinstance(stats[split].get("sources"), dict)]
+    paths = paths or list(dict.fromkeys(p for split in splits for p in stats[split]["sources"]))
+    names = dict(zip(paths, source_names(paths)))
+    for split in splits:
+        by_path = stats[split]["sources"]
+        stats[split] = {**stats[split], "sources": {names.get(p, p): v for p, v in by_path.items()}}
     return {f"data/{k}": v for k, v in flatten(stats, "/").items() if isinstance(v, (int, float, str))}
 

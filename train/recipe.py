@@ -176,17 +176,18 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     metrics = Metrics(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), enabled=is_main,
                       resume_step=state["step"] if found else None)
+    source_paths = [s["path"] for s in sources_of(cfg.data)]  # (their short names name the per-source metrics)
     if is_main:
         with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
             json.dump(data_stats, f, indent=2)
-        metrics.summary({"params/trainable": n_trainable, "params/total": n_total, **data_summary(data_stats)})
+        metrics.summary({"params/trainable": n_trainable, "params/total": n_total, **data_summary(data_stats, source_paths)})
         log.info("run dir %s | %d train / %d eval conversations | steps: %d | ranks: %d | trainable %.2f M of %.2f M params",
                  run_dir, len(train_ds), len(eval_ds) if eval_ds is not None else 0, total_steps, world,
                  n_trainable / 1e6, n_total / 1e6)
 
     ev = cfg.eval
     eval_texts = eval_conversations(data_path) if eval_ds is not None else []
-    eval_sources = suite.source_names([s["path"] for s in sources_of(cfg.data)])
+    eval_sources = suite.source_names(source_paths)
 
     def suite_result(parts, base_ctx=None, base_rows=None):
         with attention.standard(engine.module), kernels.eager(kc.compile):
@@ -368,7 +369,10 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "checkpointed_layers": ran["checkpointed"],
                "packed_attention": layout["path"] if packs is not None else None, "peak_tflops": peak / 1e12 if peak else None,
                "params_trainable": n_trainable, "params_total": n_total}
-    eval_result = eval_result if written["step"] == state["step"] else {}  # the last step's (an earlier eval is in metrics)
+    # the last step's eval only (an earlier one is in metrics); a job that trained nothing has what an earlier job
+    # measured at that step (the held-out loss before the final save, when a generating part failed after it)
+    eval_result = (eval_result if written["step"] == state["step"] else
+                   metrics.evals_at(state["step"]) if first_step > state["step"] else {})
     summary.update(eval_result)
     metrics.summary(eval_result)
     wandb_dir = metrics.close()
