@@ -163,6 +163,21 @@ def test_added_special_token_is_trained_and_exported(tmp_path):
     assert json.loads((run / "merged" / "export_summary.json").read_text())["verify_max_abs_logit_diff"] <= 1e-4
 
 
+@pytest.mark.slow
+def test_an_added_token_on_a_model_directory_base_under_zero3_saves_whole_tensors(tmp_path):
+    """A base from a model directory (not the embedded tiny one) grows its vocabulary at load: PEFT then
+    saves the frozen originals of embed_tokens/lm_head (modules_to_save) with the adapter, which under
+    ZeRO-3 were empty partitions: the end-of-training merge failed on a [0]-shaped tensor (arch probe)."""
+    from safetensors.torch import load_file
+
+    base = loader.tiny_base(OmegaConf.structured(DialtuneConfig).model, str(tmp_path / "b"), build=True)
+    train([f"model={base}", "deepspeed=zero3", "model.add_tokens=['<|handoff|>']", "train.max_steps=2", "logger=none",
+           "eval.at_end=[]", "data.eval_files=[]", "export.eval_conversations=4", "run.name=z3tok"], tmp_path, nproc=2)
+    saved = load_file(str(tmp_path / "z3tok" / "checkpoints" / "step_0000002" / "adapter" / "adapter_model.safetensors"))
+    assert any("original_module" in k for k in saved) and all(t.numel() > 0 for t in saved.values())
+    assert json.loads((tmp_path / "z3tok" / "merged" / "export_summary.json").read_text())["verify_max_abs_logit_diff"] <= 1e-4
+
+
 def test_the_tiny_base_follows_model_tiny_unless_checkpoints_need_the_old_one(tmp_path):
     """<run_dir>/base is rebuilt when model.tiny changes and nothing was trained on it yet; with
     checkpoints of the run it is kept, and the run stops naming the changed settings."""

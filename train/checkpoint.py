@@ -41,13 +41,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def save_adapter(model, out_dir: str, is_main: bool, zero_stage: int, tokenizer=None) -> None:
     """Write the adapter with PEFT's save_pretrained; under ZeRO-3 gather the shards first
-    (on every rank), else the saved tensors would be empty partitions: the trainable ones, and the
-    frozen base weight of an embedding or output layer that LoRA targets (PEFT saves it whole)."""
+    (on every rank), else the saved tensors would be empty partitions: the trainable ones, the
+    frozen base weight of an embedding or output layer that LoRA targets, and the frozen original
+    of a module trained in full (modules_to_save; PEFT saves both whole when the vocabulary grew)."""
     import deepspeed
     from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
-    saved = [p for n, p in model.named_parameters()
-             if p.requires_grad or any(f"{e}.base_layer." in n for e in EMBEDDING_LAYER_NAMES)]
+    saved = [p for n, p in model.named_parameters() if p.requires_grad or ".original_module." in n
+             or any(f"{e}.base_layer." in n for e in EMBEDDING_LAYER_NAMES)]
     ctx = deepspeed.zero.GatheredParameters(saved, modifier_rank=None) if zero_stage == 3 else _null()
     with ctx:
         if is_main:
