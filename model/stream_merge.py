@@ -75,7 +75,7 @@ def _adapter(adapter_dir: str):
                 lora.setdefault(name[: -len(part) - 1], {})[part.split(".")[0]] = t
                 break
         else:
-            whole[name] = t
+            whole[name.replace(".base_layer.", ".")] = t  # (a trained bias of a LoRA layer: <module>.base_layer.bias)
     return cfg, lora, whole
 
 
@@ -100,6 +100,8 @@ def merged_tensor(w: torch.Tensor, parts: Dict[str, torch.Tensor], scale: float,
     return w
 
 
+_INPUT_ROWS = ("embed_tokens.weight", "wte.weight", "embed_in.weight")
+_HEAD = "lm_head.weight"
 _VOCAB_ROWS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "lm_head.weight", "embed_out.weight")
 
 
@@ -132,10 +134,17 @@ def merge_to_dir(adapter_dir: str, base_path: str, out_dir: str, dtype: torch.dt
             weight_map.update({k: name for k in shard})
             shard, size = {}, 0
 
+    from transformers import AutoConfig
+
+    tied = bool(getattr(AutoConfig.from_pretrained(base_dir), "tie_word_embeddings", False))
+    untie = tied and any(k.endswith(_INPUT_ROWS) or k == _HEAD for k in whole)  # (the trained side no longer shares)
+    kept_input = None  # the base's input embedding, which the untied output layer keeps (as the in-memory merge does)
     for path in files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 module = key[: -len(".weight")] if key.endswith(".weight") else None
+                if untie and key.endswith(_INPUT_ROWS):
+                    kept_input = f.get_tensor(key)
                 if key in whole:
                     t = whole[key]
                     used_whole.add(key)
@@ -155,6 +164,16 @@ def merge_to_dir(adapter_dir: str, base_path: str, out_dir: str, dtype: torch.dt
                 size += nbytes
                 total += nbytes
                 del t
+    if untie and _HEAD not in shapes:  # a tied base stores no output layer: write it, untied
+        head = whole[_HEAD] if _HEAD in whole else kept_input
+        used_whole.add(_HEAD) if _HEAD in whole else None
+        if head is not None:
+            want = rows or max((v[0] for k, v in shapes.items() if k.endswith(_INPUT_ROWS)), default=0)  # (the trained rows)
+            if want and head.shape[0] < want:
+                head = torch.cat([head, head.float().mean(0, keepdim=True).to(head.dtype).expand(want - head.shape[0], -1)])
+            shard[_HEAD] = head.to(dtype).contiguous()
+            shapes[_HEAD] = list(head.shape)
+            total += head.numel() * shard[_HEAD].element_size()
     flush()
     missing = sorted(set(lora) - used_lora) + sorted(set(whole) - used_whole)
     if missing:
@@ -175,6 +194,8 @@ def merge_to_dir(adapter_dir: str, base_path: str, out_dir: str, dtype: torch.dt
     config.pop("quantization_config", None)
     config["dtype"] = str(dtype).replace("torch.", "")
     config.pop("torch_dtype", None)
+    if untie:
+        config["tie_word_embeddings"] = False
     emb = next((shapes[k] for k in shapes if k.endswith("embed_tokens.weight") or k.endswith("wte.weight")), None)
     if emb and config.get("vocab_size") and emb[0] != config["vocab_size"]:
         config["vocab_size"] = emb[0]  # added tokens: the adapter carries the resized embeddings

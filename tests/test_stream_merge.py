@@ -15,11 +15,14 @@ from tests.conftest import ROOT, run_env
 def _tiny(kind):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(0)
     if kind == "gpt2":
         return GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=48, n_layer=2, n_head=4, n_positions=64))
-    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    shape = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=kind == "tied")
+    return Qwen2ForCausalLM(Qwen2Config(**shape)) if kind == "qwen2" else LlamaForCausalLM(LlamaConfig(**shape))
 
 
 def _adapter(model, method, modules_to_save=None, grow=0):
@@ -30,25 +33,31 @@ def _adapter(model, method, modules_to_save=None, grow=0):
     targets = ["c_attn", "c_proj", "c_fc"] if model.config.model_type == "gpt2" else "all-linear"
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
                                             use_dora=method == "dora", use_rslora=method == "rslora",
-                                            modules_to_save=modules_to_save, fan_in_fan_out=model.config.model_type == "gpt2"))
+                                            modules_to_save=modules_to_save, fan_in_fan_out=model.config.model_type == "gpt2",
+                                            bias="all" if model.config.model_type == "qwen2" else "none"))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in peft.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
+            if "lora_" in name or "modules_to_save" in name or name.endswith("bias") and p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))  # B is non-zero, magnitudes and embeddings move
     return peft.eval()
 
 
 @pytest.mark.parametrize("kind,method,save", [("llama", "lora", None), ("llama", "rslora", None), ("llama", "dora", None),
                                               ("llama", "lora", ["embed_tokens", "lm_head"]), ("gpt2", "lora", None),
-                                              ("gpt2", "dora", None)])
+                                              ("gpt2", "dora", None),
+                                              # (arch probe) a tied base whose embedding or head trains in full: untied in
+                                              # the merge as in memory (it kept the tie: the head became the trained
+                                              # embedding), and trained biases of LoRA layers (they were "weights the base lacks")
+                                              ("tied", "lora", ["embed_tokens"]), ("tied", "lora", ["lm_head"]),
+                                              ("tied", "lora", ["embed_tokens", "lm_head"]), ("qwen2", "lora", None)])
 def test_stream_merge_equals_peft_merge(tmp_path, kind, method, save):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = _tiny(kind)
     base.save_pretrained(tmp_path / "base", max_shard_size="20KB")  # many shards
-    peft = _adapter(_tiny(kind), method, save, grow=7 if save else 0)
+    peft = _adapter(_tiny(kind), method, save, grow=7 if save and kind != "tied" else 0)
     peft.save_pretrained(tmp_path / "adapter")
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
@@ -60,7 +69,7 @@ def test_stream_merge_equals_peft_merge(tmp_path, kind, method, save):
         got = merged(input_ids=ids).logits
     assert (got - ref).abs().max() <= 1e-4
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
-    if save:
+    if save and kind != "tied":
         reloaded.resize_token_embeddings(307)
     by_peft = PeftModel.from_pretrained(reloaded, tmp_path / "adapter").merge_and_unload().state_dict()
     for key, value in merged.state_dict().items():
