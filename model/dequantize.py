@@ -4,6 +4,7 @@ forward multiplies with, each checked against its quantized original on a random
 (model/export.py's docstring has the measurements)."""
 from __future__ import annotations
 
+import copy
 from typing import Dict
 
 import torch
@@ -32,6 +33,22 @@ def fast_int8(cfg) -> bool:
     return bool(OmegaConf.select(cfg, "kernels.fast_int8", default=False))
 
 
+def _conv1d_names(model) -> set:
+    """Names of the modules the architecture builds as transformers' Conv1D (GPT-2's), from a
+    weightless (meta) copy of it: the quantized model holds bitsandbytes Linears there."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    if model.config.model_type not in ("gpt2", "openai-gpt", "imagegpt", "decision_transformer"):
+        return set()  # (every other causal LM builds nn.Linear layers; no copy needed)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return {name for name, m in skeleton.named_modules() if isinstance(m, Conv1D)}
+
+
 def dequantize_(model) -> Dict:
     """Replace every bitsandbytes Linear8bitLt / Linear4bit of model, in place and one module at
     a time, by an fp32 nn.Linear holding its dequantized weight; cast the rest to fp32 and drop
@@ -42,6 +59,7 @@ def dequantize_(model) -> Dict:
 
     from .kernels import Int8DequantLinear
 
+    conv = _conv1d_names(model)
     n, worst, worst_name = 0, 0.0, None
     for name, module in list(model.named_modules()):
         if isinstance(module, Int8DequantLinear):  # kernels.fast_int8: the same int8 storage
@@ -62,8 +80,16 @@ def dequantize_(model) -> Dict:
         err = _layer_error(module, weight, module.bias)
         if err > worst or worst_name is None:
             worst, worst_name = err, name
-        new = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        new.weight = torch.nn.Parameter(weight.reshape(module.out_features, module.in_features), requires_grad=False)
+        weight = weight.reshape(module.out_features, module.in_features)
+        if name in conv:  # GPT-2's Conv1D ([in, out]), which bitsandbytes replaced by a Linear: saved in its own layout
+            from transformers.pytorch_utils import Conv1D
+
+            with torch.device("meta"):
+                new = Conv1D(module.out_features, module.in_features)
+            new.weight = torch.nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        else:
+            new = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            new.weight = torch.nn.Parameter(weight, requires_grad=False)
         if module.bias is not None:
             new.bias = torch.nn.Parameter(module.bias.detach().float(), requires_grad=False)
         model.set_submodule(name, new)
