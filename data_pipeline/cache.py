@@ -97,9 +97,14 @@ def _stop_as_strict(d, path: str, stats: Dict) -> None:
     one validation pass raises the same `file:line` errors a build would."""
     for _ in validated_conversations(d, Report("strict", d.max_errors_shown)):
         pass
-    skipped = stats["validation"]["skipped"]
+    skipped = dict(stats["validation"]["skipped"])
+    if (stats.get("unrenderable") or {}).get("count"):  # valid records the chat template refused
+        skipped["unrenderable"] = stats["unrenderable"]["count"]
+        where = f" (the template refused {', '.join(stats['unrenderable']['where'])})"
+    else:
+        where = ""
     raise DataError(f"{path} was prepared with data.on_error=lenient, which skipped {sum(skipped.values())} records "
-                    f"({counts_text(skipped)}); fix them, or set data.on_error=lenient "
+                    f"({counts_text(skipped)}){where}; fix them, or set data.on_error=lenient "
                     "to train without them.")
 
 
@@ -159,7 +164,7 @@ def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, po
         time.sleep(poll_s)
     train, evals, packs, stats = load(path)
     stats["cache"] = {"key": key, "path": path, "hit": True}
-    if d.on_error == "strict" and stats["validation"]["skipped"]:
+    if d.on_error == "strict" and (stats["validation"]["skipped"] or (stats.get("unrenderable") or {}).get("count")):
         _stop_as_strict(d, path, stats)
     for line in data_warnings(stats):
         log(line)

@@ -79,7 +79,10 @@ def _tokenize_by_prefix(tokenizer, messages, eot_id):
         else:
             start_text = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
         if start_text is None or not full.startswith(start_text):
-            raise DataError("the chat template renders a conversation prefix differently from the whole; set data.chat_template to a named template.")
+            raise DataError("the chat template renders a conversation prefix differently from the whole, so its assistant turns "
+                            "cannot be told apart (Mistral-7B-Instruct-v0.3's puts a system message into the last user turn only, "
+                            "and a whole conversation renders without it); set data.chat_template to a named template "
+                            "(data.chat_template=mistral for Mistral's models), or leave out the system messages.")
         # the turn ends where the render of the conversation up to it ends; its span, at the last
         # end-of-turn token inside (not at the raw content, which the template may have changed:
         # Llama-3's trims it); a template that renders a final turn unlike a middle one (the

@@ -22,7 +22,7 @@ from .records import Problem, expand_pattern, read_records, to_messages
 from .validate import Report, clean, counts_text
 
 EVAL_MESSAGES = "eval_messages.jsonl"
-DATA_VERSION = 8  # 8: a reply's leading whitespace stripped; 7: truncation counted over the sets as built, a source weighted to nothing listed; 6: an empty held-out set is refused, dropped conversations located; 5: assistant spans of tag-free templates end at the turn's end-of-turn token (trimming templates); 4: eval_fraction split by content
+DATA_VERSION = 9  # 9: lenient skips what the template cannot render; 8: a reply's leading whitespace stripped; 7: truncation counted over the sets as built, a source weighted to nothing listed; 6: an empty held-out set is refused, dropped conversations located; 5: assistant spans of tag-free templates end at the turn's end-of-turn token (trimming templates); 4: eval_fraction split by content
 TRUNCATED_WARN_SHARE = 0.10  # warn when more of the conversations than this were truncated (the bundled sample: 5.4% at 512)
 
 
@@ -124,19 +124,23 @@ def fast_encoder(tokenizer, eot_id: int, sample):
 
 def _tokenize_fn(tokenizer, eot_id: int, d, fast):
     max_len, truncation, last_turn = d.max_seq_len, d.truncation, d.labels == "last_turn"  # no OmegaConf per row
+    lenient = d.on_error == "lenient"
 
     def fn(batch):
         out = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "outcome": []}
         for messages, where in zip(batch["messages"], batch["where"]):
             try:
                 ids, labels, outcome = encode(tokenizer, messages, eot_id, max_len, truncation, last_turn, fast)
-            except DataError as e:
-                raise DataError(f"{where}: {e}") from None
             except Exception as e:  # e.g. a template that raises on this conversation's roles
-                reason = (str(e).strip().splitlines() or [""])[0]
-                raise DataError(f"{where}: the chat template cannot tokenize this conversation ({type(e).__name__}"
-                                f"{': ' + reason if reason else ''}); fix or remove this record, or set "
-                                "data.chat_template to a template that accepts it.") from None
+                if lenient:  # skipped like any invalid record, counted and located (data_warnings)
+                    ids, labels, outcome = None, None, "unrenderable"
+                elif isinstance(e, DataError):
+                    raise DataError(f"{where}: {e}") from None
+                else:
+                    reason = (str(e).strip().splitlines() or [""])[0]
+                    raise DataError(f"{where}: the chat template cannot tokenize this conversation ({type(e).__name__}"
+                                    f"{': ' + reason if reason else ''}); fix or remove this record, set data.on_error=lenient "
+                                    "to skip such records, or set data.chat_template to a template that accepts it.") from None
             ids, labels = ids or [], labels or []
             out["input_ids"].append(ids)
             out["labels"].append(labels)
@@ -212,13 +216,16 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                       desc="tokenizing", cache_file_name=os.path.join(work, "tok.arrow"))
         outcome = _column(tok, "outcome")
         is_train = _column(tok, "split") == "train"
-        kept = np.flatnonzero(outcome != "dropped")
+        kept = np.flatnonzero((outcome != "dropped") & (outcome != "unrenderable"))
         dropped_where = [str(w) for w in tok.select(np.flatnonzero(outcome == "dropped")[:3])["where"]]  # for the warning
+        unrenderable = np.flatnonzero(outcome == "unrenderable")
+        unrenderable_where = [str(w) for w in tok.select(unrenderable[:3])["where"]]
         tok = tok.select(kept)
         split = _column(tok, "split")
         stats = {"version": DATA_VERSION, "validation": report.as_dict(), "max_seq_len": d.max_seq_len,
                  "truncation": {"policy": d.truncation, "dropped": int((outcome == "dropped").sum()),
-                                "dropped_where": dropped_where}}
+                                "dropped_where": dropped_where},
+                 "unrenderable": {"count": len(unrenderable), "where": unrenderable_where}}
         built = Counter()  # the truncated rows of the sets as built (training after the sources' weights)
         shutil.rmtree(out_dir + ".part", ignore_errors=True)  # a killed build's files must not ride along
         os.makedirs(out_dir + ".part")
@@ -335,6 +342,10 @@ def data_warnings(stats: Dict) -> List[str]:
         if s.get("unweighted") and not s["conversations"]:
             out.append(f"warning: data.sources weight {s['weight']} draws none of the {s['unweighted']} training conversations "
                        f"of {path}; raise its weight to at least {1 / (2 * s['unweighted']):.2g}, or remove the source.")
+    u = stats.get("unrenderable") or {}
+    if u.get("count"):
+        out.append(f"warning: {u['count']} conversation(s) the chat template cannot render were skipped (data.on_error=lenient; "
+                   f"{'first ' if u['count'] > 3 else ''}at {', '.join(u['where'])}); data.on_error=strict names the template's error.")
     o = stats.get("overlap") or {}
     if o.get("eval_in_train"):
         out.append(f"warning: {o['eval_in_train']} of {o['eval_conversations']} eval conversations also occur in training "

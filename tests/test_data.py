@@ -7,7 +7,7 @@ import pytest
 
 from data_pipeline.chat import IGNORE, DataError, TEMPLATES, encode, end_of_turn_id, tokenize_conversation, _tokenize_by_prefix
 from data_pipeline.cache import prepare_cached
-from data_pipeline.dataset import build
+from data_pipeline.dataset import build, data_warnings
 from data_pipeline.records import read_records, to_messages
 from tests.data_helpers import A, BAD, GOOD, LONG, U, conv, dcfg, jsonl, tiny_tok
 
@@ -300,8 +300,16 @@ def test_assistant_first_data_builds_and_a_record_the_template_refuses_is_named(
         with pytest.raises(DataError) as e:
             build(dcfg(tmp_path, train_files=[path], fast_tokenization=fast), tok, end_of_turn_id(tok), str(tmp_path / "o2"))
         assert str(e.value) == (f"{path}:2: the chat template cannot tokenize this conversation (TemplateError: Conversation "
-                                "roles must alternate user/assistant/user/assistant/...); fix or remove this record, or set "
-                                "data.chat_template to a template that accepts it.")
+                                "roles must alternate user/assistant/user/assistant/...); fix or remove this record, set "
+                                "data.on_error=lenient to skip such records, or set data.chat_template to a template that accepts it.")
+    # lenient: skipped, counted and located like any invalid record (Mistral's template on ABCD data: arch probe)
+    stats = build(dcfg(tmp_path, train_files=[path], on_error="lenient"), tok, end_of_turn_id(tok), str(tmp_path / "o3"))
+    assert stats["train"]["conversations"] == 1 and stats["unrenderable"] == {"count": 1, "where": [f"{path}:2"]}
+    assert (f"warning: 1 conversation(s) the chat template cannot render were skipped (data.on_error=lenient; at {path}:2); "
+            "data.on_error=strict names the template's error.") in data_warnings(stats)
+    prepare_cached(dcfg(tmp_path, train_files=[path], on_error="lenient"), tok, end_of_turn_id(tok), log=lambda m: None)
+    with pytest.raises(DataError, match=rf"lenient, which skipped 1 records \(1 unrenderable\) \(the template refused {path}:2\)"):
+        prepare_cached(dcfg(tmp_path, train_files=[path]), tok, end_of_turn_id(tok), log=lambda m: None)  # a strict run on that cache
 
 
 def test_strict_run_stops_on_records_a_lenient_build_skipped(tmp_path):
