@@ -131,12 +131,13 @@ def note_merged(run_dir: str, merged_dir: str) -> None:
 
 def drop_if_only_hydra(run_dir: str) -> None:
     """A run refused at start leaves no directory behind (e.g. outputs/llama3_8bb-lora-none of a
-    mistyped model=): Hydra creates it with its record and log before dialtune checks anything; a
-    directory with anything else in it (an earlier run's) is kept."""
+    mistyped model=): Hydra creates it with its record and log before dialtune checks anything, the
+    recipe its config.yaml (and the tiny base) before the checks that need the model; a directory
+    with anything else in it (an earlier run's checkpoints, metrics) is kept."""
     import shutil
 
     try:
-        if set(os.listdir(run_dir)) <= {"hydra", ".hydra", "train.log"}:
+        if set(os.listdir(run_dir)) <= {"hydra", ".hydra", "train.log", "config.yaml", "base"}:  # (nothing trained)
             shutil.rmtree(run_dir)
     except OSError:
         pass

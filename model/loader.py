@@ -272,7 +272,10 @@ def attach_adapter(model, cfg):
     except NoMatchingPeftModuleError:
         from train.config import ConfigError
 
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"})
+        from transformers.pytorch_utils import Conv1D  # (GPT-2's linear layers)
+
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, (torch.nn.Linear, Conv1D)) or type(m).__name__ in ("Linear8bitLt", "Linear4bit")} - {"lm_head"})
         raise ConfigError(f"peft.target_modules={list(p.target_modules)} matches no layer of {type(model).__name__}; its linear "
                           f"layers are {', '.join(names)} (or use [all-linear]).") from None
 

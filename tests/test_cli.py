@@ -28,6 +28,8 @@ def _one_sentence_error(proc, fragment):
     (["model=acme/not-in-any-cache"], "model.name_or_path='acme/not-in-any-cache' is no local directory (relative paths are "
                                       f"taken from {ROOT}), and as a hub id it is not in the local Hugging Face cache, which "
                                       "HF_HUB_OFFLINE=1 keeps it from downloading: download it first (`hf download acme/not-in-any-cache`)"),
+    # refused once the data and the tiny base are there (config.yaml written): no run directory either
+    (["train.grad_accum=4096"], "fewer than one optimizer step needs (micro_batch_size 2 x grad_accum 4096"),
 ])
 def test_impossible_config_exits_with_one_sentence(tmp_path, overrides, fragment):
     _one_sentence_error(train(overrides + QUICK, tmp_path, check=False), fragment)

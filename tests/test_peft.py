@@ -84,6 +84,8 @@ def test_targets_or_modules_to_save_that_match_nothing_are_one_sentence():
     with pytest.raises(ConfigError, match=r"^peft.target_modules=\['qproj'\] matches no layer of LlamaForCausalLM; its linear "
                                           r"layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj \(or use \[all-linear\]\).$"):
         loader.attach_adapter(_tiny("llama"), _cfg(target_modules=["qproj"]))
+    with pytest.raises(ConfigError, match=r"of GPT2LMHeadModel; its linear layers are c_attn, c_fc, c_proj \(or use"):
+        loader.attach_adapter(_tiny("gpt2"), _cfg(target_modules=["q_proj"]))  # (Conv1D layers: the list was empty)
     with pytest.raises(ConfigError, match=r"^peft.modules_to_save has 'lmhead', which is no module of LlamaForCausalLM"):
         loader.attach_adapter(_tiny("llama"), _cfg(modules_to_save=["lmhead"]))
     model = loader.attach_adapter(_tiny("llama"), _cfg(modules_to_save=["lm_head"]))
