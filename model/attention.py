@@ -285,10 +285,21 @@ def packed_layout(mode: str, model, device: torch.device, dtype: torch.dtype, ma
     implementation = config._attn_implementation
     if implementation == "flash_attention_2":
         return implementation, "flash-attn's varlen kernels, given each document's cu_seqlens", implementation, None
-    path, why = choose(mode, model, device, dtype)
-    if path == "varlen":
-        return path, why, "varlen", None
-    return path, why, implementation, uniform_sliding_window(config, max_len)
+    try:
+        path, why = choose(mode, model, device, dtype)
+        if path == "varlen":
+            return path, why, "varlen", None
+        return path, why, implementation, uniform_sliding_window(config, max_len)
+    except PackedAttentionError:
+        neither = incompatibility(_unwrapped(model))  # (mixed windows need varlen; is varlen possible?)
+        window = getattr(config, "sliding_window", None)
+        mixed = bool(window) and window < max_len and set(getattr(config, "layer_types", None) or ["sliding_attention"]) != {"sliding_attention"}
+        if neither and mixed:
+            raise PackedAttentionError(
+                f"data.packing=true cannot keep conversations apart in this model: one packed mask cannot express its mix of "
+                f"sliding-window ({config.sliding_window}) and full-attention layers, and the varlen path cannot run ({neither}); "
+                f"set data.packing=false, or data.max_seq_len <= {config.sliding_window}") from None
+        raise
 
 
 def _unwrapped(model):

@@ -195,7 +195,15 @@ def load_base(cfg, path: str, device: torch.device, dtype: Optional[torch.dtype]
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        if "does not support an attention implementation" not in str(e):
+            raise
+        from train.config import ConfigError
+
+        raise ConfigError(f"{str(e).split(' ')[0]} has no model.attn_implementation={cfg.model.attn_implementation} in this "
+                          "transformers; set model.attn_implementation=eager.") from None
     if qconfig is None:
         model.to(device)
     portable_cpu_4bit(model)

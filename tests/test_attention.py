@@ -354,3 +354,30 @@ def test_compile_pads_packed_rows_to_one_shape():
     for rows, a, b in zip(batches, padded, unpadded):
         for x, y in zip(_split(a, rows), _split(b, rows)):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_gemma2_is_told_plainly_what_it_cannot_do(tmp_path):
+    """Gemma-2 mixes sliding-window and full layers (one packed mask cannot say that) and softcaps its
+    attention logits (the varlen path cannot): packing is refused with what to do, where each path
+    sent the user to the other; and its missing SDPA support is one sentence, not transformers'
+    ValueError traceback (arch probe)."""
+    from omegaconf import OmegaConf
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from model import attention, loader
+    from train.config import ConfigError, DialtuneConfig
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, sliding_window=16, attn_implementation="eager")
+    model = Gemma2ForCausalLM(config)
+    for mode in ("auto", "mask", "varlen"):
+        with pytest.raises(attention.PackedAttentionError, match=r"^data.packing=true cannot keep conversations apart in this "
+                           r"model: .* and the varlen path cannot run \(its attention logits are softcapped\); set data.packing=false"):
+            attention.packed_layout(mode, model, torch.device("cpu"), torch.float32, 128)
+    model.save_pretrained(tmp_path / "g2")
+    cfg = OmegaConf.structured(DialtuneConfig)
+    cfg.model.name_or_path, cfg.model.dtype = str(tmp_path / "g2"), "fp32"
+    with pytest.raises(ConfigError, match=r"^Gemma2ForCausalLM has no model.attn_implementation=sdpa in this transformers; set "
+                                          r"model.attn_implementation=eager.$"):
+        loader.load_base(cfg, str(tmp_path / "g2"), torch.device("cpu"))
