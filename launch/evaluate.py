@@ -46,6 +46,13 @@ def _run_config(run_dir: Path, overrides: List[str]):
     except OmegaConfBaseException as e:  # e.g. a key an older dialtune wrote and this one dropped
         raise EvalError(f"{path}: {_key_problem(e)} for this version of dialtune (written by another "
                         "version?); delete or fix that line, or pass the checkpoint to an older dialtune.") from None
+    from train.config import CONF_DIR
+
+    for o in overrides:  # a config group (logger=none) is a choice only training composes: its keys are what eval takes
+        group = o.lstrip("+").split("=", 1)[0]
+        if "." not in group and (CONF_DIR / group).is_dir():
+            raise EvalError(f"{o} chooses a config group, which only training composes; `dialtune eval` takes key=value "
+                            f"overrides of the run's config.yaml, e.g. {group}.<key>=<value> (`dialtune config-doc` lists them).")
     if overrides:
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))

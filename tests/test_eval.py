@@ -290,6 +290,8 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
     assert cli(["eval", str(run_dir), "--parts", "response,intent", "eval.response_conversations=0", "eval.intent_files=[]"]) == 2
     assert ("nothing to evaluate (response: eval.response_conversations=0; intent: no eval.intent_files)"
             in capsys.readouterr().err)
+    assert cli(["eval", str(run_dir), "--parts", "lm", "logger=none"]) == 2  # (was "? has an invalid value (Merge error ...")
+    assert "dialtune: error: logger=none chooses a config group, which only training composes" in capsys.readouterr().err
     assert again["step"] == 2  # from the checkpoint's trainer_state.json
 
     assert cli(["report", str(run_dir)]) == 0
