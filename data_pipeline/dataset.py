@@ -235,6 +235,11 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                 if len(part) == 0:
                     files = ", ".join(s["path"] for s in srcs if s["split"] == "train")
                     too_long = int((is_train & (outcome == "dropped")).sum())
+                    refused = int((is_train & (outcome == "unrenderable")).sum())
+                    if refused:
+                        raise DataError(f"no training conversation in {files}: the chat template refused {refused} of them "
+                                        f"(first at {', '.join(unrenderable_where)}), the rest were skipped or too long; run with "
+                                        "data.on_error=strict to see the template's error, or set data.chat_template.")
                     raise DataError(
                         f"no training conversation in {files}: " + (
                             f"all {too_long} that passed validation are longer than data.max_seq_len={d.max_seq_len} and were dropped "

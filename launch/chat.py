@@ -173,7 +173,7 @@ def encode(tokenizer, messages: List[Dict[str, str]], device):
     """Render with the chat template plus the assistant header, as generate() inputs."""
     import torch
 
-    from train.evaluate import prompt_ids
+    from train.generation import prompt_ids
 
     ids = torch.tensor([prompt_ids(tokenizer, messages, 0)], device=device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -158,12 +158,14 @@ def task(cfg) -> None:
             from train import distributed
 
             distributed.init(max(1, cfg.deepspeed.timeout_minutes))
+            failed = None
             try:
                 validate(cfg)
-                problem = None
-            except ConfigError as e:
-                problem = str(e)
-            if problem := distributed.agree(problem):
+            except Exception as e:  # noqa: BLE001 - any failure: the other ranks must not wait for this one
+                failed = e
+            if problem := distributed.agree(distributed.as_problem(failed)):
+                if failed is not None and not isinstance(failed, ConfigError):
+                    raise failed  # (its traceback here; the other ranks stop with its one line)
                 raise ConfigError(problem)
         else:
             validate(cfg)

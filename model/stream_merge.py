@@ -68,6 +68,7 @@ def _adapter(adapter_dir: str):
     tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
     lora: Dict[str, Dict[str, torch.Tensor]] = {}
     whole: Dict[str, torch.Tensor] = {}
+    wrapped: Dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         for part in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"):
@@ -75,7 +76,14 @@ def _adapter(adapter_dir: str):
                 lora.setdefault(name[: -len(part) - 1], {})[part.split(".")[0]] = t
                 break
         else:
+            if ".original_module." in name:  # the frozen copy PEFT saves beside a module trained in full (grown vocabulary)
+                continue
+            if ".modules_to_save." in name:  # the trained module once more, also as <module>.weight (grown vocabulary)
+                wrapped[name.replace(".modules_to_save.", ".")] = t
+                continue
             whole[name.replace(".base_layer.", ".")] = t  # (a trained bias of a LoRA layer: <module>.base_layer.bias)
+    for name, t in wrapped.items():
+        whole.setdefault(name, t)
     return cfg, lora, whole
 
 

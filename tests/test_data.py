@@ -307,6 +307,10 @@ def test_assistant_first_data_builds_and_a_record_the_template_refuses_is_named(
     assert stats["train"]["conversations"] == 1 and stats["unrenderable"] == {"count": 1, "where": [f"{path}:2"]}
     assert (f"warning: 1 conversation(s) the chat template cannot render were skipped (data.on_error=lenient; at {path}:2); "
             "data.on_error=strict names the template's error.") in data_warnings(stats)
+    only = jsonl(tmp_path / "only.jsonl", [{"id": f"a{i}", "messages": ASSISTANT_FIRST} for i in range(3)])
+    with pytest.raises(DataError, match=rf"no training conversation in {only}: the chat template refused 3 of them \(first at "
+                                        rf"{only}:1, {only}:2, {only}:3\), .* data.on_error=strict to see the template's error"):
+        build(dcfg(tmp_path, train_files=[only], on_error="lenient"), tok, end_of_turn_id(tok), str(tmp_path / "o4"))
     prepare_cached(dcfg(tmp_path, train_files=[path], on_error="lenient"), tok, end_of_turn_id(tok), log=lambda m: None)
     with pytest.raises(DataError, match=rf"lenient, which skipped 1 records \(1 unrenderable\) \(the template refused {path}:2\)"):
         prepare_cached(dcfg(tmp_path, train_files=[path]), tok, end_of_turn_id(tok), log=lambda m: None)  # a strict run on that cache

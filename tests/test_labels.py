@@ -80,7 +80,7 @@ def test_a_tokenizer_that_adds_bos_itself_still_gives_one_bos_and_the_same_label
 
     from data_pipeline.fastchat import FastEncoder
     from tests.conftest import TOKENIZER_DIR
-    from train.evaluate import prompt_ids
+    from train.generation import prompt_ids
 
     bos = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     bos._tokenizer.post_processor = processors.TemplateProcessing(

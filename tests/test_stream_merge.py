@@ -76,6 +76,29 @@ def test_stream_merge_equals_peft_merge(tmp_path, kind, method, save):
         assert torch.allclose(value, by_peft[key], atol=1e-6), key
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_added_tokens_on_a_base_loaded_from_its_directory(tmp_path, tie):
+    """A base loaded from a directory whose vocabulary grows (model.add_tokens): PEFT then also saves
+    <module>.modules_to_save.weight and the frozen <module>.original_module.weight, which the streamed
+    merge refused as weights the base lacks (review of the session's changes)."""
+    from transformers import AutoModelForCausalLM
+
+    _tiny("tied" if tie else "llama").save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    peft = _adapter(model, "lora", ["embed_tokens", "lm_head"], grow=7)
+    peft.save_pretrained(tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    assert any("original_module" in k for k in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    ids = torch.randint(0, 307, (2, 12))
+    with torch.no_grad():
+        ref = peft(input_ids=ids).logits
+    merge_to_dir(str(tmp_path / "adapter"), str(tmp_path / "base"), str(tmp_path / "out"), torch.float32, "30KB", rows=307)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - ref).abs().max() <= 1e-4
+
+
 def test_a_pad_row_added_in_training_is_the_same_in_the_streamed_merge(tmp_path):
     """A tokenizer one token longer than the base (a pad dialtune added) and an adapter that does not
     carry the embeddings: training grew them with mean rows (loader.fit_embeddings), the streamed

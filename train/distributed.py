@@ -98,6 +98,17 @@ def all_sum(values, dev: torch.device) -> list[float]:
     return t.tolist()
 
 
+def as_problem(e: BaseException | None) -> str | None:
+    """A start-up failure as agree() takes it: a one-sentence error as it is, anything else with its type."""
+    if e is None:
+        return None
+    from train.config import ConfigError
+
+    from data_pipeline.chat import DataError
+
+    return str(e) if isinstance(e, (ConfigError, DataError)) else f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
 def agree(problem: str | None) -> str | None:
     """Every rank's start-up problem (one sentence, or None) made every rank's: the lowest failing
     rank's, naming that rank and its host when not all ranks had one. A problem only some nodes have

@@ -85,9 +85,11 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     try:
         train_ds, eval_ds, packs, data_stats, data_path = prepare_cached(cfg.data, tokenizer, eot, local_rank,
                                                                          log=_data_log if is_main else (lambda *_: None))
-    except (DataError, ConfigError) as e:  # (a node-local cache's build can fail on one node only)
+    except Exception as e:  # noqa: BLE001 - (a node-local cache's build can fail on one node only)
         failed = e
-    if problem := distributed.agree(str(failed) if failed else None):
+    if problem := distributed.agree(distributed.as_problem(failed)):
+        if failed is not None and not isinstance(failed, (DataError, ConfigError)):
+            raise failed
         raise (type(failed) if failed else DataError)(problem)
     for key, off in [("eval.early_stopping_patience", "0"), ("export.checkpoint", "last")]:
         if eval_ds is None and str(OmegaConf.select(cfg, key)) != off:
