@@ -377,26 +377,3 @@ def test_bad_hub_repo_id_is_one_sentence(peft_runs, tmp_path):
     with pytest.raises(ExportError, match="export.hub_repo_id='a/b/c': Repo id must be in the form"):  # a run's config
         merge(str(_adapter(peft_runs["lora"])), str(tmp_path / "y"), hub_repo_id="a/b/c")
     assert not (tmp_path / "y").exists()
-
-
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
-def test_a_dequantized_gpt2_keeps_its_conv1d_layout(tmp_path, mode):
-    """bitsandbytes replaces GPT-2's Conv1D layers ([in, out]) by Linears ([out, in]); dequantized as
-    Linears they were saved under GPT-2's config, which then failed to load (a square one would load
-    transposed, silently wrong): the round trip writes them back as Conv1D (arch probe)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
-
-    from model.dequantize import dequantize_
-
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64)).save_pretrained(tmp_path / "b")
-    bnb = (BitsAndBytesConfig(load_in_8bit=True) if mode == "int8" else
-           BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b", quantization_config=bnb, dtype=torch.float32).eval()
-    ids = torch.randint(0, 300, (2, 10))
-    assert dequantize_(model)["layers"] == 8
-    model.save_pretrained(tmp_path / "d")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "d", dtype=torch.float32).eval()
-    assert type(back.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
-    with torch.no_grad():
-        assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)

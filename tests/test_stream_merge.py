@@ -1,6 +1,7 @@
 """Tensor-by-tensor merge (model/stream_merge.py): the same weights as PEFT's merge_and_unload for
 LoRA, rsLoRA, DoRA, trained embeddings (added tokens) and GPT-2's transposed Conv1D layers; the
-same logits as base + adapter; bounded memory on a model much larger than one shard."""
+same logits as base + adapter; bounded memory on a model much larger than one shard. Also GPT-2's
+Conv1D layout through the dequantized round trip (export.base=dequantized)."""
 import json
 import subprocess
 import sys
@@ -184,3 +185,26 @@ print(json.dumps({{"growth": peak - before, "summary": summary}}))
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 4
     assert "tensor by tensor" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_dequantized_gpt2_keeps_its_conv1d_layout(tmp_path, mode):
+    """bitsandbytes replaces GPT-2's Conv1D layers ([in, out]) by Linears ([out, in]); dequantized as
+    Linears they were saved under GPT-2's config, which then failed to load (a square one would load
+    transposed, silently wrong): the round trip writes them back as Conv1D (arch probe)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
+
+    from model.dequantize import dequantize_
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64)).save_pretrained(tmp_path / "b")
+    bnb = (BitsAndBytesConfig(load_in_8bit=True) if mode == "int8" else
+           BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b", quantization_config=bnb, dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (2, 10))
+    assert dequantize_(model)["layers"] == 8
+    model.save_pretrained(tmp_path / "d")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "d", dtype=torch.float32).eval()
+    assert type(back.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
