@@ -1,7 +1,8 @@
 """dialtune's training step, with its levers: the base loaded and adapted by model/loader.py (the
 same BitsAndBytesConfig the recipe builds, LoRA r16/alpha 32/dropout 0.05 on the same 7
 projections, no k-bit upcast), packed rows with block-diagonal attention (data_pipeline.packing),
-and the kernels of model/kernels.py. One process and a plain torch AdamW: the recipe's DeepSpeed
+and the levers applied by model/levers.py, the recipe's own code (its order, and its rules: fused
+LoRA off under compile, the memory budget's plan). One process and a plain torch AdamW: the recipe's DeepSpeed
 engine adds only its ZeRO bookkeeping around the same forward/backward.
 
 Levers (spec["levers"]), each 1/0 unless noted:
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import time
 
-from types import SimpleNamespace
 from typing import Dict, List
 
 import numpy as np
@@ -37,25 +37,29 @@ from model.kernels import DEFAULT_CHUNK
 LEVERS = {"packing": 1, "varlen": 1, "fused_ce": 1, "fast_int8": 1, "fused_lora": 0, "liger": 1, "ckpt": 1, "compile": 0, "budget": 0}
 
 
-def _config(spec: Dict, levers: Dict) -> SimpleNamespace:
-    """The fields of dialtune's config that model/loader.py and model/memory.py read."""
-    quant = spec["quant"]
-    packed = levers["packing"]
-    return SimpleNamespace(
-        kernels=SimpleNamespace(memory_budget_gib=levers["budget"], fused_ce=bool(levers["fused_ce"]),
-                                ce_chunk_size=DEFAULT_CHUNK, fast_int8=bool(levers["fast_int8"])),
-        deepspeed=SimpleNamespace(stage=0, reduce_bucket_size=0),  # no DeepSpeed here: no gradient buckets
+def _config(spec: Dict, levers: Dict):
+    """The fields of dialtune's config that model/loader.py, model/levers.py and model/memory.py
+    read, with the levers as the recipe's kernels.* keys."""
+    from omegaconf import OmegaConf
+
+    quant, packed, ckpt = spec["quant"], levers["packing"], levers["ckpt"]
+    return OmegaConf.create(dict(
+        kernels=dict(memory_budget_gib=levers["budget"] if ckpt == 1 else 0, fused_ce=bool(levers["fused_ce"]),
+                     ce_chunk_size=DEFAULT_CHUNK, fast_int8=bool(levers["fast_int8"]), liger=bool(levers["liger"]),
+                     fused_lora=bool(levers["fused_lora"]), compile=bool(levers["compile"]),
+                     checkpoint_every=max(ckpt, 1), packed_attention=("mask", "auto", "varlen")[levers["varlen"]]),
+        deepspeed=dict(stage=0, reduce_bucket_size=0),  # no DeepSpeed here: no gradient buckets
         # a micro-batch: the step's packed rows, or batch_size padded conversations
-        train=SimpleNamespace(micro_batch_size=max(1, spec["tokens_per_batch"] // spec["pack_len"]) if packed
-                              else spec["batch_size"]),
-        data=SimpleNamespace(max_seq_len=spec["pack_len"] if packed else spec["max_len"]),
-        quant=SimpleNamespace(mode=quant if quant in ("int8", "nf4") else "none", compute_dtype="bf16",
-                              double_quant=True, int8_threshold=6.0),
-        model=SimpleNamespace(name_or_path=spec["model_dir"], dtype="fp32" if quant == "fp32" else "bf16",
-                              attn_implementation="sdpa", trust_remote_code=False, revision=None,
-                              gradient_checkpointing=levers["ckpt"] > 0, add_tokens=[]),
-        peft=SimpleNamespace(method="lora", r=16, alpha=32, dropout=0.05, target_modules=LORA_TARGETS, bias="none",
-                             modules_to_save=[]))
+        train=dict(micro_batch_size=max(1, spec["tokens_per_batch"] // spec["pack_len"]) if packed
+                   else spec["batch_size"]),
+        data=dict(max_seq_len=spec["pack_len"] if packed else spec["max_len"]),
+        quant=dict(mode=quant if quant in ("int8", "nf4") else "none", compute_dtype="bf16",
+                   double_quant=True, int8_threshold=6.0),
+        model=dict(name_or_path=spec["model_dir"], dtype="fp32" if quant == "fp32" else "bf16",
+                   attn_implementation="sdpa", trust_remote_code=False, revision=None,
+                   gradient_checkpointing=ckpt > 0, add_tokens=[]),
+        peft=dict(method="lora", r=16, alpha=32, dropout=0.05, target_modules=list(LORA_TARGETS), bias="none",
+                  modules_to_save=[])))
 
 
 def _batches(spec: Dict, levers: Dict, vocab: int, dtype, layout: str = "sdpa", window=None) -> List[Dict]:
@@ -93,40 +97,32 @@ def _batches(spec: Dict, levers: Dict, vocab: int, dtype, layout: str = "sdpa", 
 
 
 def run(spec: Dict, peak) -> Dict:
-    from model import attention, kernels, loader, memory
+    from model import kernels, levers as model_levers, loader
 
     device, quant, dtype = torch.device(spec["device"]), spec["quant"], DTYPES[spec["quant"]]
     levers = {**LEVERS, **spec["levers"]}
     notes = []
     cfg = _config(spec, levers)
     model = loader.load_base(cfg, spec["model_dir"], device)
-    liger = bool(levers["liger"]) and kernels.apply_liger(model)
+    # the recipe's own lever order and rules (model/levers.py), so that the row measures what it runs
+    packed = {"attn": "sdpa", "window": None, "path": "sdpa"} if levers["packing"] else None
+    model, ran = model_levers.apply(model, cfg, device, dtype, packed, notes.append)
     if levers["liger"]:
-        notes.append("liger" if liger else "liger skipped")
-    model = loader.attach_adapter(model, cfg)
+        notes.insert(0, "liger" if ran["liger"] else "liger skipped")
     if levers["ckpt"] > 1:
-        notes.append(f"ckpt {kernels.selective_checkpointing(model, levers['ckpt'])}/{len(kernels.decoder_layers(model))} layers")
-    if quant == "int8" and levers["fast_int8"]:
-        notes.append(f"fast int8 x{kernels.dequantize_int8_linears(model)}")
-    if levers["fused_lora"]:
-        from model.fused_lora import describe, fuse_lora
-
-        notes.append(f"fused LoRA x{fuse_lora(model, liger=liger)} ({describe(model)})")
+        notes.append(f"ckpt {ran['checkpointed']}/{len(kernels.decoder_layers(model))} layers")
+    if ran["fast_int8"]:
+        notes.append(f"fast int8 x{ran['fast_int8']}")
+    if levers["budget"] and levers["ckpt"] != 1:
+        notes.append("budget not applied: it needs ckpt=1")
+    if levers["compile"]:
+        notes.append("compiled")
     fused = bool(levers["fused_ce"])
     why_not = kernels.fused_ce_unsupported(model) if fused else None
     if why_not:
         notes.append(f"fused CE off: {why_not}")
         fused = False
-    layout, window = "sdpa", None
-    if levers["packing"]:
-        path, why, layout, window = attention.packed_layout(("mask", "auto", "varlen")[levers["varlen"]], model, device,
-                                                            dtype, spec["pack_len"])
-        notes.append(f"{path} attention ({why})")
-    if levers["budget"]:  # as the recipe applies kernels.memory_budget_gib
-        notes.append(memory.apply_budget(model, cfg, device, liger, masked=layout != "varlen")
-                     if levers["ckpt"] == 1 else "budget not applied: it needs ckpt=1")
-    if levers["compile"]:
-        notes.append(f"compiled {kernels.compile_decoder_layers(model)} layers")
+    layout, window = (packed["attn"], packed["window"]) if packed else ("sdpa", None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # the recipe's DeepSpeed bf16 engine trains the adapter in bf16 too
         p.data = p.data.to(dtype)

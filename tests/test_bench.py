@@ -29,11 +29,12 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     assert dt_row.startswith("| dialtune | fp32 |") and "Single process, no DeepSpeed" in proc.stdout
     recorded = [json.loads(line) for line in rows.read_text().splitlines()]
     assert [r["label"] for r in recorded] == ["hf", "dialtune", "dialtune:varlen=0", "dialtune:fused_lora=1"]
-    # the same packed rows through per-document varlen (auto on CPU) and the mask: the same loss
-    assert "varlen attention" in recorded[1]["notes"] and "mask attention" in recorded[2]["notes"]
+    # the levers as the recipe applies them (model/levers.py, whose log lines these are): the same
+    # packed rows through per-document varlen (auto on CPU) and the mask give the same loss
+    assert "packed attention: varlen" in recorded[1]["notes"] and "packed attention: mask" in recorded[2]["notes"]
     assert recorded[2]["loss_first"] == pytest.approx(recorded[1]["loss_first"], rel=1e-5)
     # the fused LoRA branch: PEFT's masks and function, less kept
-    assert "fused LoRA x7 (every LoRA input kept once; q/k/v's" in recorded[3]["notes"]
+    assert "fused LoRA: 7 layers (every LoRA input kept once; q/k/v's" in recorded[3]["notes"]
     assert recorded[3]["loss_first"] == pytest.approx(recorded[1]["loss_first"], rel=1e-5)
     assert all(r["real_tok_s"] > 0 and 0 < r["target_tok_s"] < r["real_tok_s"] <= r["padded_tok_s"] for r in recorded)
     text = results.read_text()
