@@ -8,19 +8,9 @@ The job runs one srun task per node; each task starts torchrun (`torch.distribut
 taken from SLURM (MASTER_ADDR = first host of the allocation, MASTER_PORT derived from the job
 id), and torchrun starts the ranks of launch/train.py with the user's Hydra overrides.
 
-torchrun is called through `python launch/slurm.py torchrun ...` (`torchrun_main` below): the
-same `torch.distributed.run` code, plus two things plain torchrun does not do:
-- it passes the ranks' exit code 85 (REQUEUE_EXIT_CODE) through (torchrun turns every failed
-  rank into exit code 1);
-- on SIGUSR1 and SIGTERM it keeps waiting for the ranks, instead of dying on SIGUSR1 or
-  killing them 30 s after SIGTERM, so that they can finish a checkpoint (torch >= 2.13 reads
-  the signals it handles itself from PET_SIGNALS_TO_HANDLE, older ones from
-  TORCHELASTIC_SIGNALS_TO_HANDLE: both are set). Inside a SLURM step
-  the ranks get the signal from SLURM itself (proctrack/cgroup and proctrack/linuxproc signal
-  every process of the step), so it is passed on only where SLURM would miss them
-  (proctrack/pgid: torchrun starts ranks in their own session) or outside SLURM; a second copy
-  could reach a rank while it is already exiting, when Python has restored the default
-  (fatal) action.
+torchrun is called through `python launch/node_launcher.py ...`: the same
+`torch.distributed.run`, plus exit code 85 passed through and SIGUSR1/SIGTERM kept for the ranks
+(see that file).
 
 Requeue contract (REQUEUE_EXIT_CODE = 85): SLURM sends SIGUSR1 to the job's processes
 `--signal-seconds` before the time limit. Training that catches it, saves a checkpoint and exits
@@ -55,16 +45,17 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-REQUEUE_EXIT_CODE = 85
-"""Exit code of a training process that saved a checkpoint after SIGUSR1/SIGTERM and wants
-its SLURM job requeued (the batch script runs `scontrol requeue` and exits 0). The same as
-train/signals.py's (tests/test_preemption.py checks): run as a script, this file cannot import the
-`train` package (launch/train.py shadows it on sys.path)."""
+try:
+    from launch import node_launcher
+except ImportError:  # run as a script (the shim at the end) where dialtune is not installed: launch/ heads sys.path
+    import node_launcher
+
+REQUEUE_EXIT_CODE = node_launcher.REQUEUE_EXIT_CODE
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TRAIN_PY = HERE / "train.py"
-THIS = Path(__file__).resolve()
+NODE_LAUNCHER = HERE / "node_launcher.py"
 
 # What may go into an #SBATCH line as is: sbatch splits those lines itself, without a shell.
 _DIRECTIVE_OK = re.compile(r"^[A-Za-z0-9_.,:/@+=-]+$")
@@ -241,9 +232,9 @@ def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int 
         "# parameters ($0 python, $1 launcher, then train.py and the overrides), never as code.",
         'srun --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}'
         + (f" --gres=gpu:{gpus_per_node}" if gpu else "") + " \\",
-        "    bash -c 'exec \"$0\" -u \"$1\" torchrun --nnodes \"$SLURM_NNODES\" --node_rank \"$SLURM_NODEID\""
+        "    bash -c 'exec \"$0\" -u \"$1\" --nnodes \"$SLURM_NNODES\" --node_rank \"$SLURM_NODEID\""
         f" --nproc_per_node {nproc} --master_addr \"$MASTER_ADDR\" --master_port \"$MASTER_PORT\" \"${{@:2}}\"' \\",
-        f"    {q(python)} {q(str(THIS))} \\",
+        f"    {q(python)} {q(str(NODE_LAUNCHER))} \\",
         "    " + " ".join(q(a) for a in [train_script, *job_overrides(overrides)]) + " &",
         "step=$!",
         'while kill -0 "$step" 2>/dev/null; do wait "$step"; done',
@@ -259,79 +250,6 @@ def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int 
         "",
     ]
     return "\n".join(lines)
-
-
-# ---- the per-node launcher (torchrun with exit code 85 and signal forwarding) ----------------------
-
-def _ranks_need_forwarded_signals() -> bool:
-    """Whether the launcher must pass SIGUSR1/SIGTERM on to its ranks: outside a SLURM step, or
-    in one whose proctrack plugin signals only the task's process group (DIALTUNE_FORWARD_SIGNALS
-    =1/0 decides when set)."""
-    forced = os.environ.get("DIALTUNE_FORWARD_SIGNALS")
-    if forced in ("0", "1"):
-        return forced == "1"
-    if "SLURM_STEP_ID" not in os.environ:
-        return True
-    try:
-        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return re.search(r"^ProctrackType\s*=\s*proctrack/pgid\s*$", config, re.M) is not None
-
-
-def torchrun_main(argv: Sequence[str]) -> int:
-    """`python launch/slurm.py torchrun <torchrun arguments>`: torch.distributed.run, except that
-    SIGUSR1/SIGTERM are forwarded to the ranks (torchrun keeps monitoring them) and a rank's exit
-    code REQUEUE_EXIT_CODE becomes this process's exit code."""
-    import signal
-
-    import psutil
-
-    # torchrun would die on SIGUSR1 and kill the ranks 30 s after SIGTERM: keep those two for us
-    # (torch >= 2.13 takes its --signals-to-handle from PET_SIGNALS_TO_HANDLE, older ones read
-    # TORCHELASTIC_SIGNALS_TO_HANDLE).
-    os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
-    node = os.environ.get("SLURM_NODEID", "0")
-    forwarding = _ranks_need_forwarded_signals()
-
-    def forward(signum, frame):
-        name = signal.Signals(signum).name
-        if not forwarding:
-            print(f"dialtune: node {node} got {name} (SLURM delivers it to the ranks too); waiting for them",
-                  file=sys.stderr, flush=True)
-            return
-        ranks = psutil.Process().children()
-        for child in ranks:
-            try:
-                child.send_signal(signum)
-            except psutil.Error:
-                pass
-        print(f"dialtune: node {node} got {name}, forwarded it to {len(ranks)} rank(s)", file=sys.stderr, flush=True)
-
-    signal.signal(signal.SIGUSR1, forward)
-    signal.signal(signal.SIGTERM, forward)
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    try:
-        run(parse_args(list(argv)))
-        return 0
-    except ChildFailedError as e:
-        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
-        if REQUEUE_EXIT_CODE in codes.values():
-            print(f"dialtune: node {node}: training exited with {REQUEUE_EXIT_CODE} (checkpoint saved, requeue)",
-                  file=sys.stderr, flush=True)
-            return REQUEUE_EXIT_CODE
-        rank, first = e.get_first_failure()  # the one that failed first: the others may be torchrun's kills
-        code = first.exitcode
-        print(f"dialtune: node {node}: rank {rank} exited with code {code}"
-              + (f" first ({len(codes) - 1} other rank(s) stopped after it)" if len(codes) > 1 else ""),
-              file=sys.stderr, flush=True)
-        return 128 - code if code < 0 else (code or 1)
-    except SignalException as e:
-        return 128 + int(e.sigval)
 
 
 # ---- the `dialtune slurm` subcommand ------------------------------------------------------------
@@ -446,11 +364,11 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    # Run as a script (by the batch job), this file's folder heads sys.path and launch/train.py
-    # would shadow the `train` package: drop it, like launch/train.py does.
+    # Batch scripts rendered before the node launcher had its own file call
+    # `python launch/slurm.py torchrun ...`: a requeued job of theirs still starts.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
     if len(sys.argv) > 1 and sys.argv[1] == "torchrun":
-        sys.exit(torchrun_main(sys.argv[2:]))
-    print("usage: python launch/slurm.py torchrun <torch.distributed.run arguments> "
-          "(the batch script's per-node launcher; submit jobs with `dialtune slurm`)", file=sys.stderr)
+        sys.exit(node_launcher.torchrun_main(sys.argv[2:]))
+    print("usage: submit jobs with `dialtune slurm`; the batch script's per-node launcher is launch/node_launcher.py",
+          file=sys.stderr)
     sys.exit(2)

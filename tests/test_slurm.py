@@ -18,6 +18,7 @@ from launch.slurm import REQUEUE_EXIT_CODE, SlurmError, render
 from tests.conftest import ROOT
 
 SLURM_PY = ROOT / "launch" / "slurm.py"
+NODE_LAUNCHER = ROOT / "launch" / "node_launcher.py"
 TRAIN_PY = ROOT / "launch" / "train.py"
 
 NASTY = [
@@ -233,7 +234,7 @@ def test_script_quoting_and_exit_codes(fake_cluster, rc):
                           capture_output=True, text=True, timeout=30, cwd=str(fc["markers"]))
     assert list(fc["markers"].iterdir()) + list(fc["workdir"].iterdir()) == [], "the shell executed an override or path"
     assert _argv(fc["rec"] / "python_argv") == [
-        "-u", str(SLURM_PY), "torchrun", "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "2",
+        "-u", str(NODE_LAUNCHER), "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "2",
         "--master_addr", "node-a", "--master_port", str(15000 + 4242 % 15000), str(TRAIN_PY), *ov, "train.resume=auto"]
     srun = _argv(fc["rec"] / "srun_argv")
     assert srun[:2] == ["--ntasks-per-node=1", "--cpus-per-task=4"] and srun[2] == "bash"
@@ -309,8 +310,8 @@ sys.exit(85 if got else 1)
 '''
 
 
-def _torchrun(worker, out, env):
-    return subprocess.Popen([sys.executable, str(SLURM_PY), "torchrun", "--nnodes", "1", "--node_rank", "0",
+def _torchrun(worker, out, env, launcher=(str(NODE_LAUNCHER),)):
+    return subprocess.Popen([sys.executable, *launcher, "--nnodes", "1", "--node_rank", "0",
                              "--nproc_per_node", "1", str(worker), f"out={out}", "a;b"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -347,6 +348,11 @@ def test_node_launcher_forwards_usr1_and_keeps_exit_code_85(tmp_path):
     p = _torchrun(worker, tmp_path, dict(env, WORKER_RC="3"))
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 3, out
+    # a batch script rendered before the launcher had its own file (a job requeued after an
+    # upgrade) calls `launch/slurm.py torchrun ...`: the same launcher runs
+    p = _torchrun(worker, tmp_path, dict(env, WORKER_RC=str(REQUEUE_EXIT_CODE)), launcher=(str(SLURM_PY), "torchrun"))
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == REQUEUE_EXIT_CODE, out
 
 
 def test_node_launcher_lets_ranks_finish_after_sigterm(tmp_path):
