@@ -168,3 +168,25 @@ def test_ctrl_c_is_one_sentence_naming_the_latest_checkpoint(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err[-3000:]
     assert "dialtune: interrupted; the latest checkpoint is step_" in err and "train.resume=auto" in err
+
+
+def test_sigterm_to_dialtune_train_reaches_the_ranks_and_nothing_keeps_training(tmp_path):
+    """`kill -TERM <dialtune train pid>`: the deepspeed launcher's runner would die of it and leave
+    the ranks training; the command passes it to the ranks, which save and stop; it exits 143."""
+    args = [f"run.root={tmp_path}", "train.progress_bar=false", "recipe=demo", "train.max_steps=200", "logger=none",
+            "eval.every_n_steps=0", "eval.at_end=[]", "export.merge_at_end=false", "run.name=cli"]
+    run = tmp_path / "cli"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--nproc", "2", *args], env=run_env(1),
+                            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if any(a.startswith("--local_rank=") for a in p.cmdline())]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == TERM_EXIT_CODE, out[-3000:]
+    assert "passed it to 2 training process(es)" in out and "stopped by SIGTERM" in out
+    stopped = json.loads((run / "summary.json").read_text())["steps"]
+    assert 2 <= stopped < 200 and (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:07d}"
+    assert len(ranks) == 2 and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
