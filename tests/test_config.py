@@ -227,7 +227,7 @@ def test_a_model_directory_that_is_not_a_model_is_named(tmp_path):
 
 
 def test_resume_accepts_a_checkpoint_its_latest_file_or_its_run_and_names_anything_else(tmp_path):
-    from train.checkpoint import resume_path
+    from train.resume import resume_path
 
     run = tmp_path / "run"
     step = run / "checkpoints" / "step_0000004"
@@ -349,7 +349,7 @@ def test_merge_on_the_wrong_directory_says_which_to_pass(tmp_path, capsys):
 
 
 def test_resuming_under_other_adapter_settings_is_named(tmp_path):
-    from train.checkpoint import resume_mismatch
+    from train.resume import resume_mismatch
 
     cfg = _compose(["peft.r=16"])
     step = tmp_path / "checkpoints" / "step_0000004"
@@ -366,7 +366,7 @@ def test_resuming_under_other_adapter_settings_is_named(tmp_path):
 def test_resuming_with_other_hyperparameters_is_warned(tmp_path):
     """resume=auto into a run written with other settings (a resubmission with another lr) is not
     silent; routine differences (train.resume, logger, progress bar) are not flagged."""
-    from train.checkpoint import resume_changes
+    from train.resume import resume_changes
 
     root, tag = str(tmp_path / "checkpoints"), "step_0000004"
     (tmp_path / "checkpoints" / tag).mkdir(parents=True)

@@ -12,7 +12,7 @@ import math
 import os
 import random
 import shutil
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -177,12 +177,20 @@ def save(engine, ckpt_root: str, step: int, state: Dict[str, Any], is_main: bool
         os.replace(os.path.join(ckpt_root, "latest.tmp"), os.path.join(ckpt_root, "latest"))
         _fsync_dir(ckpt_root)
         if keep:
-            complete = sorted(p for p in os.listdir(ckpt_root) if p.startswith("step_") and not p.endswith(".tmp"))
-            for old in complete[:-keep]:
-                if not (keep_best and old == best_tag(state)):
-                    shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+            rotate(ckpt_root, tag, keep, best_tag(state) if keep_best else None)
     distributed.barrier()
     return final
+
+
+def rotate(ckpt_root: str, tag: str, keep: int, best: Optional[str] = None) -> None:
+    """After checkpoint `tag`: remove all but the newest `keep` complete checkpoints (and `best`).
+    Those past `tag` are an earlier run's (this one started afresh beside them, as
+    earlier_run_note warns): older than any of this run's, so the first to go, never `tag`."""
+    complete = sorted(p for p in os.listdir(ckpt_root) if p.startswith("step_") and not p.endswith(".tmp"))
+    complete = [p for p in complete if p > tag] + [p for p in complete if p <= tag]
+    for old in complete[:-keep]:
+        if old != best:
+            shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
 
 
 def _pause_for_tests(step: int) -> None:
@@ -214,101 +222,6 @@ def earlier_run_note(ckpt_root: str) -> Optional[str]:
             f"another run.name keeps the two apart")
 
 
-def find_resume(resume: str, ckpt_root: str) -> Optional[Tuple[str, str]]:
-    """(checkpoint root, tag) to resume from, or None."""
-    if resume == "none":
-        return None
-    if resume == "auto":  # this run's latest checkpoint, if it has one yet
-        return resume_path(ckpt_root) if os.path.isfile(os.path.join(ckpt_root, "latest")) else None
-    return resume_path(resume)
-
-
-def resume_path(resume: str) -> Tuple[str, str]:
-    """(checkpoint root, tag) for train.resume=<path>: a checkpoint directory (step_N), or the
-    `latest` file, the checkpoints/ directory or the run directory of a run (its latest
-    checkpoint). Raises ValueError (one sentence) for anything else."""
-    path = os.path.normpath(resume)
-    for latest in (path, os.path.join(path, "latest"), os.path.join(path, "checkpoints", "latest")):
-        if os.path.basename(latest) == "latest" and os.path.isfile(latest):
-            with open(latest) as f:
-                return os.path.dirname(latest), f.read().strip()
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return os.path.dirname(path), os.path.basename(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "config.yaml")):
-        raise ValueError(f"train.resume={resume!r} is a run directory without a finished checkpoint (no checkpoints/latest); "
-                         "train.resume=none starts afresh.")
-    if not os.path.exists(path):
-        parent = os.path.dirname(path)
-        kept = sorted(p for p in os.listdir(parent) if p.startswith("step_") and not p.endswith(".tmp")) if os.path.isdir(parent) else []
-        raise ValueError(f"train.resume={resume!r} does not exist" + (f" (train.keep_checkpoints may have rotated it away; "
-                         f"{parent} keeps {', '.join(kept)})" if kept else "") + ".")
-    raise ValueError(f"train.resume={resume!r} is neither none, auto, a checkpoint directory (checkpoints/step_N) nor a run directory.")
-
-
-# what a checkpoint's tensors and optimizer state are shaped by: a resume must keep them
-SHAPE_KEYS = ("model.name_or_path", "model.add_tokens", "peft.method", "peft.r", "peft.target_modules", "peft.bias",
-              "peft.modules_to_save", "quant.mode", "deepspeed.stage", "optim.name")
-
-
-def _saved_config(root: str, tag: str):
-    """The resolved config.yaml a checkpoint was written with, or None (older checkpoints)."""
-    from omegaconf import OmegaConf
-
-    path = os.path.join(root, tag, "config.yaml")
-    return OmegaConf.load(path) if os.path.isfile(path) else None
-
-
-def resume_mismatch(root: str, tag: str, cfg) -> Optional[str]:
-    """One sentence when the checkpoint was written under settings that shape its state
-    differently from this run's (DeepSpeed would print pages of size mismatches); else None."""
-    from omegaconf import OmegaConf
-
-    then = _saved_config(root, tag)
-    if then is None:
-        return None
-
-    def plain(value):  # lists come back as ListConfig: compare their contents
-        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-    for key in SHAPE_KEYS:
-        old, new = OmegaConf.select(then, key), OmegaConf.select(cfg, key)
-        if old is not None and plain(old) != plain(new):
-            return (f"checkpoint {os.path.join(root, tag)} was trained with {key}={old}, this run has {key}={new}: resume with "
-                    f"the checkpoint's settings, or start afresh (train.resume=none, or another run.name).")
-    return None
-
-
-# keys whose change on resume is routine (how the job runs, not what it trains)
-_ROUTINE = ("train.resume", "train.stop_after_steps", "train.progress_bar", "logger.", "run.root")
-
-
-def resume_changes(root: str, tag: str, cfg, limit: int = 6) -> Optional[str]:
-    """A warning naming the settings (besides routine ones) this run changes from the
-    checkpoint's config.yaml, e.g. a resubmission with another optim.lr; None when there are none."""
-    from omegaconf import OmegaConf
-
-    from .config import DialtuneConfig, flatten
-
-    saved = _saved_config(root, tag)
-    if saved is None:
-        return None
-    then = flatten(OmegaConf.to_container(saved, resolve=False))
-    now = flatten(OmegaConf.to_container(cfg, resolve=True))
-    # a setting newer than the checkpoint's dialtune, left at its default, is no change
-    default = flatten(OmegaConf.to_container(OmegaConf.structured(DialtuneConfig), resolve=False))
-    routine = _ROUTINE + (("run.name",) if cfg.train.resume != "auto" else ())  # a named checkpoint: another run's, on purpose
-    changed = [k for k in sorted(set(then) | set(now))
-               if not k.startswith(routine) and then.get(k) != now.get(k)
-               and not (k not in then and k in default and now.get(k) == default[k])]
-    if not changed:
-        return None
-    shown = ", ".join(f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in changed[:limit])
-    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
-    return (f"resuming {os.path.join(root, tag)} with settings that differ from the checkpoint's: {shown}{more}; "
-            "training continues with the new values" + (" (is this the run you meant? another run.name starts afresh)."
-                                                          if cfg.train.resume == "auto" else "."))
-
-
 def load(engine, root: str, tag: str, total_steps: Optional[int] = None) -> Dict[str, Any]:
     """The trainer state of checkpoint root/tag, loaded into the engine (ConfigError when it lies
     past the run's total_steps: another run's, or train.max_steps lowered)."""
@@ -324,30 +237,6 @@ def load(engine, root: str, tag: str, total_steps: Optional[int] = None) -> Dict
                           "(train.max_steps / train.epochs): raise them to continue it, or set train.resume=none.")
     set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{_rank()}.pt"), weights_only=False))
     return client["trainer"]
-
-
-def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_key: str, is_main: bool) -> Dict[str, Any]:
-    """Continue from checkpoint root/tag: refuse one of another model or adapter, warn about the
-    settings and the data that changed since it, load it, and train with this run's optimizer
-    settings (what the warning says). data_key: the data cache key (file contents, tokenizer, data
-    settings) this run trains on; the state keeps it for the next resume."""
-    from . import optim
-    from .config import ConfigError
-
-    if mismatch := resume_mismatch(root, tag, cfg):
-        raise ConfigError(mismatch)
-    if is_main and (changes := resume_changes(root, tag, cfg)):
-        log.warning(changes)
-    state = load(engine, root, tag, total_steps=total_steps)
-    optim.reapply(scheduler, cfg.optim)
-    if is_main and state.get("data_key", data_key) != data_key:
-        log.warning("the data this run reads differ from those %s was trained on (another data cache key: the files' contents "
-                    "or paths, the tokenizer or the data settings changed; %s then, %s now): if the training examples changed, "
-                    "training continues at its position in the new data's order, which is not the run an uninterrupted job "
-                    "would have made", os.path.join(root, tag), state["data_key"], data_key)
-    state["data_key"] = data_key
-    log.info("resumed from %s/%s at step %d", root, tag, state["step"])
-    return state
 
 
 def write_summary(path: str, summary: Dict[str, Any], nothing_trained: bool, is_main: bool) -> Dict[str, Any]:

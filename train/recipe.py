@@ -28,7 +28,7 @@ from data_pipeline.dataset import sources_of
 from data_pipeline.packing import collate_packed
 from model import attention, fused_lora, kernels, levers, loader, memory
 
-from . import checkpoint, distributed, eval_results, faults, flops, optim, signals
+from . import checkpoint, distributed, eval_results, faults, flops, optim, resume, signals
 from . import evaluate as suite
 from .config import ConfigError
 from .ds_config import lr_lambda, mixed_precision, render
@@ -166,13 +166,17 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if is_main:
         checkpoint.clean_partial(ckpt_root)
     distributed.barrier()
-    found = checkpoint.find_resume(t.resume, ckpt_root)
+    try:
+        found = resume.find_resume(t.resume, ckpt_root)
+    except ValueError as e:  # checkpoints/latest naming a checkpoint that is gone
+        raise ConfigError(str(e)) from None
     if found:
-        state = checkpoint.resume(engine, *found, cfg, scheduler, total_steps, state["data_key"], is_main)
+        state = resume.resume(engine, *found, cfg, scheduler, total_steps, state["data_key"], is_main, world, mb)
     elif is_main and (earlier := checkpoint.earlier_run_note(ckpt_root)):
         log.warning(earlier)
     elif t.resume == "auto" and is_main:
         log.info("train.resume=auto: no finished checkpoint in %s yet; starting at step 1", ckpt_root)
+    state.update(world_size=world, micro_batch_size=mb)  # what pos counts in (resume.resume_position)
     last_step = state["step"] if checkpoint.early_stopped(state, cfg.eval.early_stopping_patience) else total_steps  # (it stopped early)
     stream = batching.MicroBatchStream(n_items, mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
 

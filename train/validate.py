@@ -196,7 +196,7 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
     if problem := budget_problem(cfg.kernels.memory_budget_gib, cfg.kernels.checkpoint_every):
         raise ConfigError(problem)
     if files and t.resume not in ("none", "auto"):
-        from train.checkpoint import resume_path
+        from train.resume import resume_path
 
         try:
             resume_path(t.resume)

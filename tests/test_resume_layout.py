@@ -1,0 +1,86 @@
+"""Where a resume continues and what it refuses: another micro_batch_size continues at the same
+example of the epoch's order; another number of ranks is refused in one sentence (the optimizer
+state and the random state are per rank); checkpoint rotation after a fresh start beside an
+earlier run's checkpoints keeps this run's newest; a `latest` naming a missing checkpoint."""
+import json
+
+import pytest
+
+from tests.conftest import read_metrics, train
+from train.config import ConfigError
+
+
+def _checkpoint(root, step, world, mb, pos, epoch=0, with_world=True):
+    d = root / f"step_{step:07d}"
+    d.mkdir(parents=True)
+    state = {"step": step, "epoch": epoch, "pos": pos, **({"world_size": world, "micro_batch_size": mb} if with_world else {})}
+    (d / "trainer_state.json").write_text(json.dumps(state))
+    (d / "config.yaml").write_text(f"train:\n  micro_batch_size: {mb}\n")
+    for r in range(world):
+        (d / f"rng_rank{r}.pt").write_bytes(b"")
+    (root / "latest").write_text(d.name)
+    return d.name
+
+
+@pytest.mark.parametrize("with_world", [True, False])  # False: a checkpoint of before world_size was kept (rng files, config.yaml)
+def test_resume_position_translates_the_micro_batch_and_refuses_other_ranks(tmp_path, with_world):
+    from train.resume import resume_position
+
+    tag = _checkpoint(tmp_path, 4, world=2, mb=2, pos=6, epoch=1, with_world=with_world)  # 6 x 2 x 2 = 24 items into epoch 1
+    assert resume_position(str(tmp_path), tag, world=2, mb=2) is None
+    assert resume_position(str(tmp_path), tag, world=2, mb=4) == 3
+    assert resume_position(str(tmp_path), tag, world=2, mb=1) == 12
+    with pytest.raises(ConfigError, match=r"stopped 24 items into epoch 1 \(micro_batch_size 2 x 2 rank\(s\)\), which "
+                                          r"train.micro_batch_size=5 x 2 does not divide: resume with micro_batch_size .*12"):
+        resume_position(str(tmp_path), tag, world=2, mb=5)
+    with pytest.raises(ConfigError, match=r"was written by 2 rank\(s\), this run has 1: resume it with 2"):
+        resume_position(str(tmp_path), tag, world=1, mb=2)
+
+
+def test_rotation_after_a_fresh_start_keeps_this_runs_newest(tmp_path):
+    from train.checkpoint import rotate
+
+    for step in (2, 4, 6, 8):  # an earlier run's
+        (tmp_path / f"step_{step:07d}").mkdir()
+    (tmp_path / "step_0000002").mkdir(exist_ok=True)  # this run's first save, over the earlier run's step 2
+    rotate(str(tmp_path), "step_0000002", keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002", "step_0000006", "step_0000008"]
+    (tmp_path / "step_0000004").mkdir()
+    rotate(str(tmp_path), "step_0000004", keep=3, best="step_0000008")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002", "step_0000004", "step_0000008"]
+    (tmp_path / "step_0000006").mkdir()
+    rotate(str(tmp_path), "step_0000006", keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004", "step_0000006"]
+
+
+def test_latest_naming_a_missing_checkpoint_is_one_sentence(tmp_path):
+    from train.resume import resume_path
+
+    _checkpoint(tmp_path, 2, world=1, mb=2, pos=2)
+    (tmp_path / "latest").write_text("step_0000004")
+    with pytest.raises(ValueError, match=r"names step_0000004, which is not a complete checkpoint there .*train.resume=.*step_0000002 "
+                                         r"continues from one that is kept, train.resume=none starts afresh"):
+        resume_path(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_micro_batch_trains_the_next_examples_and_other_ranks_are_refused(tmp_path):
+    """Steps 1-4 at micro_batch_size 2 read examples 0-7 of the epoch's order; resumed at 4, one step
+    reads 8-11: the two steps 5 and 6 of an uninterrupted run at size 2 (same target tokens), not
+    16-19 as the position counted in old-size micro-batches would say. Two ranks on a one-rank
+    checkpoint: refused in one sentence (exit 2), before DeepSpeed's own error."""
+    args = ["recipe=demo", "logger=none", "export.merge_at_end=false", "eval.every_n_steps=0", "eval.at_end=[]",
+            "data.eval_files=[]", "train.micro_batch_size=2", "train.grad_accum=1", "data.packing=false"]
+    train(args + ["train.max_steps=6", "run.name=ref"], tmp_path)
+    train(args + ["train.max_steps=6", "run.name=mb", "train.stop_after_steps=4"], tmp_path)
+    proc = train(args + ["train.max_steps=6", "run.name=mb", "train.resume=auto"], tmp_path, nproc=2, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dialtune: error:")]
+    assert proc.returncode == 2 and errors and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "step_0000004 was written by 1 rank(s), this run has 2: resume it with 1" in errors[0]
+    proc = train(args + ["train.max_steps=5", "run.name=mb", "train.resume=auto", "train.micro_batch_size=4"], tmp_path)
+    assert "micro-batch 4 of epoch 0 at the old size is 2 at the new one" in proc.stdout + proc.stderr
+    ref = {r["step"]: r for r in read_metrics(tmp_path / "ref") if "perf/target_tokens" in r}
+    mb = {r["step"]: r for r in read_metrics(tmp_path / "mb") if "perf/target_tokens" in r}
+    assert [mb[s]["perf/target_tokens"] for s in (1, 2, 3, 4)] == [ref[s]["perf/target_tokens"] for s in (1, 2, 3, 4)]
+    assert mb[5]["perf/target_tokens"] == ref[5]["perf/target_tokens"] + ref[6]["perf/target_tokens"]
+    assert mb[5]["train/epoch"] == pytest.approx(ref[6]["train/epoch"], abs=0.02)

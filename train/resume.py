@@ -1,0 +1,187 @@
+"""Resuming a run: which checkpoint (train.resume), whether this run may continue it (the same
+model, adapter and ranks; settings that changed are named), and where in the data it goes on."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, Optional, Tuple
+
+from .checkpoint import load
+
+log = logging.getLogger("dialtune")
+
+
+def find_resume(resume: str, ckpt_root: str) -> Optional[Tuple[str, str]]:
+    """(checkpoint root, tag) to resume from, or None."""
+    if resume == "none":
+        return None
+    if resume == "auto":  # this run's latest checkpoint, if it has one yet
+        return resume_path(ckpt_root) if os.path.isfile(os.path.join(ckpt_root, "latest")) else None
+    return resume_path(resume)
+
+
+def resume_path(resume: str) -> Tuple[str, str]:
+    """(checkpoint root, tag) for train.resume=<path>: a checkpoint directory (step_N), or the
+    `latest` file, the checkpoints/ directory or the run directory of a run (its latest
+    checkpoint). Raises ValueError (one sentence) for anything else."""
+    path = os.path.normpath(resume)
+    for latest in (path, os.path.join(path, "latest"), os.path.join(path, "checkpoints", "latest")):
+        if os.path.basename(latest) == "latest" and os.path.isfile(latest):
+            with open(latest) as f:
+                root, tag = os.path.dirname(latest), f.read().strip()
+            if not os.path.isfile(os.path.join(root, tag, "trainer_state.json")):
+                kept = sorted(p for p in os.listdir(root) if p.startswith("step_") and not p.endswith(".tmp"))
+                raise ValueError(f"{latest} names {tag}, which is not a complete checkpoint there (removed by hand?): "
+                                 + (f"train.resume={os.path.join(root, kept[-1])} continues from one that is kept, " if kept else "")
+                                 + "train.resume=none starts afresh.")
+            return root, tag
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return os.path.dirname(path), os.path.basename(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "config.yaml")):
+        raise ValueError(f"train.resume={resume!r} is a run directory without a finished checkpoint (no checkpoints/latest); "
+                         "train.resume=none starts afresh.")
+    if not os.path.exists(path):
+        parent = os.path.dirname(path)
+        kept = sorted(p for p in os.listdir(parent) if p.startswith("step_") and not p.endswith(".tmp")) if os.path.isdir(parent) else []
+        raise ValueError(f"train.resume={resume!r} does not exist" + (f" (train.keep_checkpoints may have rotated it away; "
+                         f"{parent} keeps {', '.join(kept)})" if kept else "") + ".")
+    raise ValueError(f"train.resume={resume!r} is neither none, auto, a checkpoint directory (checkpoints/step_N) nor a run directory.")
+
+
+# what a checkpoint's tensors and optimizer state are shaped by: a resume must keep them
+SHAPE_KEYS = ("model.name_or_path", "model.add_tokens", "peft.method", "peft.r", "peft.target_modules", "peft.bias",
+              "peft.modules_to_save", "quant.mode", "deepspeed.stage", "optim.name")
+
+
+def _saved_config(root: str, tag: str):
+    """The resolved config.yaml a checkpoint was written with, or None (older checkpoints)."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(root, tag, "config.yaml")
+    return OmegaConf.load(path) if os.path.isfile(path) else None
+
+
+def resume_mismatch(root: str, tag: str, cfg) -> Optional[str]:
+    """One sentence when the checkpoint was written under settings that shape its state
+    differently from this run's (DeepSpeed would print pages of size mismatches); else None."""
+    from omegaconf import OmegaConf
+
+    then = _saved_config(root, tag)
+    if then is None:
+        return None
+
+    def plain(value):  # lists come back as ListConfig: compare their contents
+        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+    for key in SHAPE_KEYS:
+        old, new = OmegaConf.select(then, key), OmegaConf.select(cfg, key)
+        if old is not None and plain(old) != plain(new):
+            return (f"checkpoint {os.path.join(root, tag)} was trained with {key}={old}, this run has {key}={new}: resume with "
+                    f"the checkpoint's settings, or start afresh (train.resume=none, or another run.name).")
+    return None
+
+
+# keys whose change on resume is routine (how the job runs, not what it trains)
+_ROUTINE = ("train.resume", "train.stop_after_steps", "train.progress_bar", "logger.", "run.root")
+
+
+def resume_changes(root: str, tag: str, cfg, limit: int = 6) -> Optional[str]:
+    """A warning naming the settings (besides routine ones) this run changes from the
+    checkpoint's config.yaml, e.g. a resubmission with another optim.lr; None when there are none."""
+    from omegaconf import OmegaConf
+
+    from .config import DialtuneConfig, flatten
+
+    saved = _saved_config(root, tag)
+    if saved is None:
+        return None
+    then = flatten(OmegaConf.to_container(saved, resolve=False))
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    # a setting newer than the checkpoint's dialtune, left at its default, is no change
+    default = flatten(OmegaConf.to_container(OmegaConf.structured(DialtuneConfig), resolve=False))
+    routine = _ROUTINE + (("run.name",) if cfg.train.resume != "auto" else ())  # a named checkpoint: another run's, on purpose
+    changed = [k for k in sorted(set(then) | set(now))
+               if not k.startswith(routine) and then.get(k) != now.get(k)
+               and not (k not in then and k in default and now.get(k) == default[k])]
+    if not changed:
+        return None
+    shown = ", ".join(f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in changed[:limit])
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return (f"resuming {os.path.join(root, tag)} with settings that differ from the checkpoint's: {shown}{more}; "
+            "training continues with the new values" + (" (is this the run you meant? another run.name starts afresh)."
+                                                          if cfg.train.resume == "auto" else "."))
+
+
+def saved_state(root: str, tag: str) -> Dict[str, Any]:
+    """The trainer state a checkpoint was written with (trainer_state.json), with its world_size
+    (older checkpoints: one rng_rank<r>.pt per rank) and micro_batch_size (older ones: config.yaml's)."""
+    path = os.path.join(root, tag)
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    if "world_size" not in state:
+        state["world_size"] = sum(1 for p in os.listdir(path) if p.startswith("rng_rank") and p.endswith(".pt"))
+    if "micro_batch_size" not in state and (saved := _saved_config(root, tag)) is not None:
+        from omegaconf import OmegaConf
+
+        state["micro_batch_size"] = OmegaConf.select(saved, "train.micro_batch_size")
+    return state
+
+
+def resume_position(root: str, tag: str, world: int, mb: int) -> Optional[int]:
+    """Where in its epoch's order a resume with `world` ranks of `mb` items each continues (the
+    micro-batch position MicroBatchStream takes), or None when it is the checkpoint's own. The
+    epoch's order does not depend on either, so another micro_batch_size continues at the same
+    item when the items consumed divide into the new micro-batches; ConfigError (one sentence)
+    when they do not, or when the number of ranks changed: DeepSpeed's partitioned optimizer
+    state and each rank's random state are per rank."""
+    from .config import ConfigError
+
+    then = saved_state(root, tag)
+    where = os.path.join(root, tag)
+    if then["world_size"] and then["world_size"] != world:
+        raise ConfigError(f"checkpoint {where} was written by {then['world_size']} rank(s), this run has {world}: resume it with "
+                          f"{then['world_size']} (the optimizer state and the data split are per rank), or start afresh "
+                          "(train.resume=none, or another run.name).")
+    old_mb = then.get("micro_batch_size")
+    if not old_mb or old_mb == mb:
+        return None
+    consumed = then["pos"] * old_mb * world  # items of this epoch's order already trained on
+    if consumed % (mb * world):
+        fits = [k for k in range(1, consumed // world + 1) if (consumed // world) % k == 0][-4:] if consumed else []
+        raise ConfigError(f"checkpoint {where} stopped {consumed} items into epoch {then['epoch']} (micro_batch_size {old_mb} x "
+                          f"{world} rank(s)), which train.micro_batch_size={mb} x {world} does not divide: resume with "
+                          f"micro_batch_size {' or '.join(map(str, fits or [old_mb]))}.")
+    return consumed // (mb * world)
+
+
+def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_key: str, is_main: bool,
+           world: int = 1, mb: Optional[int] = None) -> Dict[str, Any]:
+    """Continue from checkpoint root/tag: refuse one of another model or adapter or of another
+    number of ranks, warn about the settings and the data that changed since it, load it, and
+    train with this run's optimizer settings (what the warning says) from the same place in the
+    data (resume_position). data_key: the data cache key (file contents, tokenizer, data settings)
+    this run trains on; the state keeps it for the next resume."""
+    from . import optim
+    from .config import ConfigError
+
+    if mismatch := resume_mismatch(root, tag, cfg):
+        raise ConfigError(mismatch)
+    pos = resume_position(root, tag, world, mb or cfg.train.micro_batch_size)
+    if is_main and (changes := resume_changes(root, tag, cfg)):
+        log.warning(changes)
+    state = load(engine, root, tag, total_steps=total_steps)
+    if pos is not None:
+        if is_main:
+            log.info("train.micro_batch_size changed: micro-batch %d of epoch %d at the old size is %d at the new one, "
+                     "so training continues at the same example", state["pos"], state["epoch"], pos)
+        state["pos"] = pos
+    optim.reapply(scheduler, cfg.optim)
+    if is_main and state.get("data_key", data_key) != data_key:
+        log.warning("the data this run reads differ from those %s was trained on (another data cache key: the files' contents "
+                    "or paths, the tokenizer or the data settings changed; %s then, %s now): if the training examples changed, "
+                    "training continues at its position in the new data's order, which is not the run an uninterrupted job "
+                    "would have made", os.path.join(root, tag), state["data_key"], data_key)
+    state["data_key"] = data_key
+    log.info("resumed from %s/%s at step %d", root, tag, state["step"])
+    return state
