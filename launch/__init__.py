@@ -3,8 +3,9 @@ import logging
 import os
 
 # bitsandbytes' CPU backend warns at import that it cannot fetch an optional kernel from the hub
-# (kernels-community): nothing is downloaded here, and CPU 4-bit runs without it
-QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+# (kernels-community): nothing is downloaded here, and CPU 4-bit runs without it; LLM.int8's matmul
+# (kernels.fast_int8=false) warns at every call that it casts bf16 inputs to fp16, as designed
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions")
 
 
 # deprecations inside the libraries (PEFT asks transformers' old `is_gradient_checkpointing`,

@@ -136,7 +136,14 @@ def load_model(cfg, kind: str, model_dir: Path, base: Optional[str], dev):
         cfg.model.dtype = "fp32"
     model = loader.load_base(cfg, base, dev)
     model = loader.fit_embeddings(model, tokenizer)
-    return PeftModel.from_pretrained(model, str(model_dir)).to(dev).eval(), tokenizer
+    model = PeftModel.from_pretrained(model, str(model_dir)).to(dev).eval()
+    from model.dequantize import fast_int8
+
+    if fast_int8(cfg):  # the run trained through bf16 GEMMs of its dequantized int8 weights: evaluate that model
+        from model.kernels import dequantize_int8_linears
+
+        dequantize_int8_linears(model)
+    return model, tokenizer
 
 
 def _step_of(model_dir: Path) -> Optional[int]:

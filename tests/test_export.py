@@ -377,3 +377,18 @@ def test_bad_hub_repo_id_is_one_sentence(peft_runs, tmp_path):
     with pytest.raises(ExportError, match="export.hub_repo_id='a/b/c': Repo id must be in the form"):  # a run's config
         merge(str(_adapter(peft_runs["lora"])), str(tmp_path / "y"), hub_repo_id="a/b/c")
     assert not (tmp_path / "y").exists()
+
+
+def test_eval_of_an_int8_run_uses_the_kernel_it_trained_with(quant_runs):
+    """`dialtune eval` of an int8 run measures the model as trained (kernels.fast_int8: bf16 GEMMs of
+    the dequantized int8 weights), as the export's reference does, not LLM.int8's matmul."""
+    import torch
+
+    from launch.evaluate import load_model, resolve
+
+    cfg, kind, model_dir, _, base, _ = resolve(str(quant_runs["int8"]), [])
+    model, _ = load_model(cfg, kind, model_dir, base, torch.device("cpu"))
+    from bitsandbytes.nn import Linear8bitLt  # (PEFT's int8 LoRA layer has the same class name: not this one)
+
+    assert sum(type(m).__name__ == "Int8DequantLinear" for m in model.modules()) == 7 * model.config.num_hidden_layers
+    assert not any(isinstance(m, Linear8bitLt) for m in model.modules())
