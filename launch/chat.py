@@ -147,9 +147,11 @@ def pick_device(name: Optional[str]):
     return dev
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__).rstrip(".")
+def _first_line(e: BaseException, limit: int = 240) -> str:
+    """A library error as part of one sentence: its lines joined (a first line that ends in ':'
+    means nothing alone), cut at `limit` characters."""
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip()) or type(e).__name__
+    return text.rstrip(".") if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def generation_kwargs(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0) -> Dict:

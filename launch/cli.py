@@ -198,6 +198,14 @@ def cmd_merge(args) -> int:
         if problem := repo_id_problem(args.hub_repo_id):
             print(f"dialtune: error: --hub-repo-id {args.hub_repo_id!r}: {problem}.", file=sys.stderr)
             return 2
+    from train.bounds import value_problem
+
+    for flag, key, value in (("--tolerance", "export.verify_tolerance", args.tolerance),
+                             ("--dequantize-error", "export.verify_dequantize_error", args.dequantize_error),
+                             ("--eval-conversations", "export.eval_conversations", args.eval_conversations)):
+        if value is not None and (problem := value_problem(key, value)):
+            print(f"dialtune: error: {flag} {value}: {problem}", file=sys.stderr)
+            return 2
     from model.export import ExportError, export_checkpoint
     from omegaconf import OmegaConf
 
@@ -222,7 +230,7 @@ def cmd_merge(args) -> int:
         return 2
     cfg = OmegaConf.load(cfg_path)
     ckpt_root = run_dir / "checkpoints"
-    tag = args.checkpoint
+    tag = None if args.checkpoint == "latest" else args.checkpoint
     if tag is None:
         latest = ckpt_root / "latest"
         if not latest.is_file():
@@ -252,8 +260,10 @@ def cmd_merge(args) -> int:
         return 2
     latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else None
     if args.out is None and latest and os.path.basename(os.path.normpath(tag)) != latest:
-        print(f"dialtune: note: {run_dir / 'merged'} will hold {tag}, not the run's latest checkpoint {latest}: `dialtune chat/eval "
-              f"{run_dir}` read it (--out writes elsewhere)", file=sys.stderr)
+        read_by = f"`dialtune chat {run_dir}` and `dialtune eval {run_dir}`" if cfg.peft.method == "none" else \
+            f"`dialtune chat {run_dir}` and `dialtune eval {run_dir / 'merged'}` (`dialtune eval {run_dir}` evaluates the latest adapter)"
+        print(f"dialtune: note: {run_dir / 'merged'} will hold {tag}, not the run's latest checkpoint {latest}: {read_by} "
+              "read it (--out writes elsewhere)", file=sys.stderr)
     base = os.path.abspath(run_dir / "base") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
     out = args.out or str(run_dir / "merged")
     try:
@@ -270,6 +280,10 @@ def cmd_merge(args) -> int:
     if summary.get("eval_loss"):
         print("dialtune: held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval_loss"].items()))
     print(f"dialtune: merged checkpoint written to {out} (everything measured: {os.path.join(out, 'export_summary.json')})")
+    if os.path.abspath(out) == os.path.abspath(run_dir / "merged"):  # the run's own export: summary.json says which
+        from launch.train import note_merged
+
+        note_merged(str(run_dir), os.path.abspath(out), os.path.abspath(ckpt))
     if summary.get("hub_repo_id"):
         print(f"dialtune: push-ready; upload with: hf upload {summary['hub_repo_id']} {out} .")
     return 0
@@ -307,7 +321,7 @@ def main(argv=None) -> int:
     m = sub.add_parser("merge", help="merge a run's adapter into its full-precision base (a full fine-tune: export its weights)")
     m.add_argument("run_dir")
     m.add_argument("--out", default=None, help="output directory (default: <run_dir>/merged)")
-    m.add_argument("--checkpoint", default=None, help="checkpoint tag, e.g. step_0000020, or best (the lowest held-out loss the run recorded; default: latest)")
+    m.add_argument("--checkpoint", default=None, help="checkpoint tag, e.g. step_0000020, best (the lowest held-out loss the run recorded) or latest (the default)")
     m.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"], help="dtype of the merged weights")
     m.add_argument("--base", default=None, choices=["original", "dequantized"],
                    help="merge into the original full-precision base or the dequantized quantized base the run trained against (default: the run's export.base)")

@@ -70,6 +70,16 @@ def _key_problem(e) -> str:
     return f"{key} has an invalid value ({str(e).splitlines()[0]})"
 
 
+def _export_run_dir(merged: Path) -> Optional[Path]:
+    """The run directory an export's export_summary.json names, when it is there (a push-ready
+    export names only its last component: not found)."""
+    try:
+        run_dir = Path(json.loads((merged / "export_summary.json").read_text())["run_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return run_dir if run_dir.is_absolute() and (run_dir / "config.yaml").is_file() else None
+
+
 def resolve(path: str, overrides: List[str], run_cfg=None):
     """(cfg, kind, model_dir, adapter_dir, base_path, out_dir) for what the user pointed at.
     run_cfg: the run's config when the caller read it already (each config.yaml is read once)."""
@@ -83,9 +93,13 @@ def resolve(path: str, overrides: List[str], run_cfg=None):
         if problem:
             raise EvalError(problem)
         run_dir = p.parent if (p.parent / "config.yaml").is_file() else None
-        if run_dir is not None:
-            cfg = run_cfg if run_cfg is not None else _run_config(run_dir, overrides)
+        home = run_dir or _export_run_dir(p)  # an export written elsewhere (--out) names the run it came from
+        if home is not None:
+            cfg = run_cfg if run_cfg is not None else _run_config(home, overrides)
         else:
+            print(f"dialtune: note: {p} is neither inside a run directory nor names one (export_summary.json's run_dir): it is "
+                  "evaluated with the default config's data and settings (the bundled sample); pass overrides (e.g. "
+                  "data.eval_files=[...] data.max_seq_len=...) to match how it was trained", file=sys.stderr)
             from hydra.errors import HydraException
             from omegaconf.errors import OmegaConfBaseException
 

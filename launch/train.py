@@ -115,8 +115,9 @@ def print_summary(summary: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
-def note_merged(run_dir: str, merged_dir: str) -> None:
-    """Add the merged checkpoint to summary.json, which the recipe wrote before the merge."""
+def note_merged(run_dir: str, merged_dir: str, checkpoint: str = None) -> None:
+    """Add the merged checkpoint to summary.json, which the recipe wrote before the merge (and, for
+    a `dialtune merge --checkpoint` into <run_dir>/merged, the checkpoint it now holds)."""
     import json
 
     path = os.path.join(run_dir, "summary.json")
@@ -124,6 +125,8 @@ def note_merged(run_dir: str, merged_dir: str) -> None:
         with open(path) as f:
             data = json.load(f)
         data["merged"] = merged_dir
+        if checkpoint:
+            data["export_checkpoint"] = checkpoint
         with open(path + ".tmp", "w") as f:
             json.dump(data, f, indent=2)
         os.replace(path + ".tmp", path)

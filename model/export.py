@@ -228,6 +228,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
     if base == DEQUANTIZED and quant == "none":
         note = ("export.base=dequantized asked for, but the run trained a full-precision base"
                 + (" (or its config.yaml was not found)" if cfg is None else "") + ": merged into the original base.")
+        log.warning(note)
         base = ORIGINAL
     if tolerance is None:
         tolerance = ORIGINAL_TOLERANCE
@@ -334,7 +335,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
         tokenizer.save_pretrained(tmp)
         eos = write_generation_config(tmp, tokenizer, end_of_turn_token)
         summary = {"base": base_path, "adapter": os.path.abspath(adapter_dir),
-                   "checkpoint": os.path.dirname(os.path.abspath(adapter_dir)), "run_dir": run_dir, "merge_base": base, "quant": quant,
+                   "checkpoint": os.path.dirname(os.path.abspath(adapter_dir)), "run_dir": os.path.abspath(run_dir) if run_dir else None, "merge_base": base, "quant": quant,
                    "dtype": dtype, "verify_reference": verified["reference"],
                    "verify_max_abs_logit_diff": verified["max_abs_logit_diff"], "verify_tolerance": tolerance,
                    "eos_token_id": eos}

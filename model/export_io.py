@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional
 
@@ -28,6 +29,15 @@ def check_out_dir(out_dir: str) -> None:
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "export_summary.json")):
         raise ExportError(f"{out_dir} exists and holds other files than an export (no export_summary.json), which writing the "
                           f"export there would delete; pass a new or empty directory (--out).")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"{out_dir} exists and is not a directory; pass a new or empty directory (--out).")
+    parent = os.path.dirname(os.path.abspath(out_dir))  # where the export is built (<out>.tmp) and moved into place
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".dialtune-write-check-", dir=parent))
+    except OSError as e:
+        raise ExportError(f"the export cannot be written to {out_dir} ({e.strerror or e}: {parent}); pass a directory you can "
+                          "write to (--out).") from None
 
 
 @contextmanager

@@ -134,6 +134,8 @@ def export_full(ckpt_dir: str, out_dir: str, base_path: str, run_dir: Optional[s
     tolerance = ORIGINAL_TOLERANCE if tolerance is None else tolerance
     note = ("export.base=dequantized has no meaning for a full fine-tune (no quantized base): its trained weights are written."
             if merge_only.get("base") == "dequantized" else None)
+    if note:
+        log.warning(note)
     tokenizer = _run_tokenizer(ckpt_dir, base_path, cfg)
     if dtype == "auto":
         dtype = _training_dtype(ckpt_dir, cfg)

@@ -60,13 +60,19 @@ _BOUNDS = {
 def bounds_problem(node, prefix: str = "", skip: tuple = ()) -> Optional[str]:
     """The first numeric key (of _BOUNDS, under `prefix` when `node` is that section, none under a
     prefix in `skip`) outside its range, as one sentence; None when all are in range."""
-    for key, (lo, lo_open, hi, hi_open, note) in _BOUNDS.items():
-        if not key.startswith(prefix) or key.startswith(skip):
-            continue
-        value = OmegaConf.select(node, key[len(prefix):])
-        if (value > lo if lo_open else value >= lo) and (hi is None or (value < hi if hi_open else value <= hi)):
-            continue
-        where = (f"above {lo}" if lo_open else f"at least {lo}") if hi is None else \
-            f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        return f"{key}={value} must be {where}{note}."
+    for key in _BOUNDS:
+        if key.startswith(prefix) and not key.startswith(skip):
+            if problem := value_problem(key, OmegaConf.select(node, key[len(prefix):])):
+                return problem
     return None
+
+
+def value_problem(key: str, value) -> Optional[str]:
+    """One sentence when `value` is outside the range of numeric config key `key` (a command-line
+    flag that stands for it: `dialtune merge --tolerance`); None when it is inside."""
+    lo, lo_open, hi, hi_open, note = _BOUNDS[key]
+    if (value > lo if lo_open else value >= lo) and (hi is None or (value < hi if hi_open else value <= hi)):
+        return None
+    where = (f"above {lo}" if lo_open else f"at least {lo}") if hi is None else \
+        f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return f"{key}={value} must be {where}{note}."

@@ -1,0 +1,63 @@
+"""`dialtune merge` as a command: flags outside their config key's range and an --out that cannot
+be written are one sentence before anything is merged; a merge of an earlier checkpoint into the
+run's merged/ says what reads it and summary.json names it; notes the export makes reach the
+screen; `dialtune eval` of an export written elsewhere takes the run's config."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, run_env
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "launch.cli", *map(str, args)], env=run_env(), capture_output=True,
+                          text=True, cwd=str(ROOT), timeout=timeout)
+
+
+def test_bad_flags_and_unwritable_out_are_refused_before_merging(peft_runs, tmp_path, capsys):
+    from launch.cli import main
+
+    run = peft_runs["lora"]
+    (tmp_path / "file").write_text("")
+    cases = [(["--tolerance", "-1"], "--tolerance -1.0: export.verify_tolerance=-1.0 must be at least 0."),
+             (["--dequantize-error", "-1"], "--dequantize-error -1.0: export.verify_dequantize_error=-1.0 must be at least 0."),
+             (["--eval-conversations", "-5"], "--eval-conversations -5: export.eval_conversations=-5 must be at least 0 (0 skips)."),
+             (["--out", tmp_path / "file"], f"{tmp_path / 'file'} exists and is not a directory; pass a new or empty directory"),
+             (["--out", "/proc/dialtune-merge"], "the export cannot be written to /proc/dialtune-merge (")]
+    for flags, said in cases:
+        assert main(["merge", str(run), *map(str, flags)]) == 2, flags
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dialtune: error:")]
+        assert len(errors) == 1 and said in errors[0], (flags, errors)
+    assert not list(run.glob("merged.tmp")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_earlier_checkpoint_merged_into_the_run_and_an_export_elsewhere(peft_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(peft_runs["lora"], run)
+    (latest,) = (run / "checkpoints").glob("step_*")
+    shutil.copytree(latest, run / "checkpoints" / "step_0000001")  # an earlier checkpoint (the same weights)
+    proc = _cli("merge", run, "--checkpoint", "step_0000001", "--eval-conversations", "0", "--base", "dequantized")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"will hold step_0000001, not the run's latest checkpoint {latest.name}: `dialtune chat {run}` and "
+            f"`dialtune eval {run / 'merged'}` (`dialtune eval {run}` evaluates the latest adapter) read it") in proc.stderr
+    # export.base=dequantized on a full-precision run: said on the screen, not only in export_summary.json
+    assert "export.base=dequantized asked for, but the run trained a full-precision base" in proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["export_checkpoint"] == str(run / "checkpoints" / "step_0000001") and summary["merged"] == str(run / "merged")
+    # an export written outside the run is evaluated with the run's config (export_summary.json names the run)
+    from omegaconf import OmegaConf
+
+    from launch.evaluate import resolve
+
+    proc = _cli("merge", run, "--checkpoint", "latest", "--out", tmp_path / "elsewhere", "--eval-conversations", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "elsewhere" / "export_summary.json").read_text())["checkpoint"] == str(run / "checkpoints" / latest.name)
+    cfg, kind, _, _, _, out = resolve(str(tmp_path / "elsewhere"), [])
+    saved = OmegaConf.load(run / "config.yaml")
+    assert kind == "merged" and out == tmp_path / "elsewhere" / "eval"
+    assert cfg.data.max_seq_len == saved.data.max_seq_len == 512 and cfg.run.name == saved.run.name
