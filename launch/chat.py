@@ -288,6 +288,8 @@ def cmd_chat(args) -> int:
             raise ChatError(f"--temperature={args.temperature} must be 0 (greedy) or positive.")
         if args.temperature > 0 and not 0 < args.top_p <= 1:  # (greedy decoding reads no top-p)
             raise ChatError(f"--top-p={args.top_p} must be in (0, 1].")
+        if args.prompt is not None and not args.prompt.strip():
+            raise ChatError("--prompt is empty: give the user's message (or leave --prompt out to chat interactively).")
         model, tokenizer, device = load(args.checkpoint, args.device)
     except ChatError as e:
         print(f"dialtune: error: {e}", file=sys.stderr)

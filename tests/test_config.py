@@ -381,6 +381,11 @@ def test_resuming_with_other_hyperparameters_is_warned(tmp_path):
                                                                                         "kernels.memory_budget_gib=20"]))
     said = resume_changes(root, tag, _compose(["optim.lr=5e-3", "train.resume=auto", "data.seed=3"]))
     assert said.startswith(f"resuming {root}/{tag} with settings that differ from the checkpoint's: data.seed 1234 -> 3, optim.lr 0.0001 -> 0.005;"), said
+    assert "schedule" not in said
+    # a longer run: the schedule changes shape (cosine: the lr climbs back from the old floor); constant: nothing to say
+    said = resume_changes(root, tag, _compose(["optim.lr=1e-4", "train.max_steps=10"]))
+    assert "(the cosine lr schedule is rebuilt for the new length" in said, said
+    assert "is rebuilt" not in resume_changes(root, tag, _compose(["optim.lr=1e-4", "train.max_steps=10", "optim.scheduler=constant"]))
 
 
 def test_a_fresh_run_into_a_used_directory_is_flagged(tmp_path):

@@ -108,6 +108,9 @@ def resume_changes(root: str, tag: str, cfg, limit: int = 6) -> Optional[str]:
         return None
     shown = ", ".join(f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in changed[:limit])
     more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    if {"train.max_steps", "train.epochs"} & set(changed) and now.get("optim.scheduler") != "constant":
+        more += (f" (the {now.get('optim.scheduler')} lr schedule is rebuilt for the new length: the resumed steps follow it, "
+                 "so the lr moves from where the old schedule left it)")
     return (f"resuming {os.path.join(root, tag)} with settings that differ from the checkpoint's: {shown}{more}; "
             "training continues with the new values" + (" (is this the run you meant? another run.name starts afresh)."
                                                           if cfg.train.resume == "auto" else "."))
