@@ -5,7 +5,6 @@ import argparse
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -76,80 +75,6 @@ def _config_problem(overrides) -> Optional[str]:
     return override_problem(overrides, validate=True)
 
 
-def run_ranks(cmd: list[str], env: dict) -> int:
-    """Run a launch_command and return its exit code, passing SIGTERM and SIGUSR1 sent to this
-    process on to the training ranks themselves (they save a checkpoint at the next step boundary
-    and exit 143 or 85). The deepspeed launcher would not: its runner dies of either signal and
-    leaves the ranks training, and its per-node launcher kills them 30 s after SIGTERM."""
-    import signal
-
-    import psutil
-
-    from train.signals import REQUEUE_EXIT_CODE, TERM_EXIT_CODE
-
-    child = subprocess.Popen(cmd, env=env)
-    got, pending, seen = [], [], {}
-
-    def ranks():
-        try:
-            procs = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
-        except psutil.Error:
-            procs = []
-        for p in procs:
-            try:
-                script = next((a for a in p.cmdline()[1:] if not a.startswith("-")), None)
-                if script == str(TRAIN_PY):  # a rank (python [-u] train.py ...), not a launcher naming it
-                    seen.setdefault(p.pid, p)
-            except psutil.Error:
-                pass
-        return list(seen.values())
-
-    def deliver(signum) -> int:
-        sent = 0
-        for p in ranks():
-            try:
-                p.send_signal(signum)
-                sent += 1
-            except psutil.Error:
-                pass
-        return sent
-
-    def forward(signum, frame):
-        got.append(signum)
-        sent = deliver(signum)
-        if not sent:
-            pending.append(signum)  # the launcher has not started the ranks yet: they get it once it has
-        print(f"dialtune: got {signal.Signals(signum).name}; "
-              + (f"passed it to {sent} training process(es), which save a checkpoint at the next step and stop" if sent
-                 else "the training processes get it once started"), file=sys.stderr, flush=True)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        while True:
-            try:
-                rc = child.wait(timeout=2)
-                break
-            except subprocess.TimeoutExpired:
-                ranks()  # known before a signal to the whole group can orphan them
-                while pending and deliver(pending[0]):
-                    pending.pop(0)
-            except KeyboardInterrupt:  # Ctrl-C reached the ranks too (one terminal group): they stop at once
-                try:
-                    child.wait(timeout=30)
-                except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                    child.kill()
-                return 130
-        if got and rc < 0:
-            # the launcher died of the signal too (sent to the whole process group): the ranks
-            # go on saving; wait for them and report what they exit with after that signal
-            psutil.wait_procs([p for p in seen.values() if p.pid != child.pid])
-            rc = REQUEUE_EXIT_CODE if got[0] == signal.SIGUSR1 else TERM_EXIT_CODE
-        return rc
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def cmd_demo(args) -> int:
     if problem := _positive(steps=args.steps, nproc=args.nproc):
         print(f"dialtune: error: {problem}", file=sys.stderr)
@@ -172,6 +97,8 @@ def cmd_demo(args) -> int:
         print(f"dialtune: error: {e}", file=sys.stderr)
         return 2
     print("  $ " + " ".join(cmd), flush=True)
+    from launch.ranks import run_ranks
+
     return run_ranks(cmd, env)
 
 
@@ -188,6 +115,8 @@ def cmd_train(args) -> int:
     if nproc > 1 and (problem := _config_problem(args.overrides)):  # one process says it as clearly itself
         print(f"dialtune: error: {problem}", file=sys.stderr)
         return 2
+    from launch.ranks import run_ranks
+
     return run_ranks(cmd, launch_env(nproc))
 
 
@@ -213,6 +142,8 @@ def cmd_merge(args) -> int:
     logging.getLogger("dialtune").setLevel(logging.INFO)
 
     run_dir = Path(args.run_dir)
+    if args.checkpoint == "latest":
+        args.checkpoint = None
     if (run_dir / "trainer_state.json").is_file() and (run_dir.parent.parent / "config.yaml").is_file():
         if args.checkpoint not in (None, run_dir.name):  # <run>/checkpoints/step_N: that run's checkpoint N
             print(f"dialtune: error: {run_dir} is checkpoint {run_dir.name}, but --checkpoint says {args.checkpoint}; "
@@ -230,7 +161,7 @@ def cmd_merge(args) -> int:
         return 2
     cfg = OmegaConf.load(cfg_path)
     ckpt_root = run_dir / "checkpoints"
-    tag = None if args.checkpoint == "latest" else args.checkpoint
+    tag = args.checkpoint
     if tag is None:
         latest = ckpt_root / "latest"
         if not latest.is_file():

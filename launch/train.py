@@ -24,6 +24,11 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if __name__ == "__main__":  # before the imports below (seconds): a SIGTERM or SIGUSR1 sent at start-up is handled
+    from train import signals
+
+    signals.install()
+
 from launch import name_cpu_accelerator, quiet_loggers  # noqa: E402
 from train.config import CONF_DIR, register  # noqa: E402
 

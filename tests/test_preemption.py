@@ -170,23 +170,63 @@ def test_ctrl_c_is_one_sentence_naming_the_latest_checkpoint(tmp_path):
     assert "dialtune: interrupted; the latest checkpoint is step_" in err and "train.resume=auto" in err
 
 
+def _dialtune_train(args, nproc):
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--nproc", str(nproc), *args], env=run_env(1),
+                            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _ranks_of(proc):
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "launch/train.py" in " ".join(p.cmdline()[1:3])]
+
+
 def test_sigterm_to_dialtune_train_reaches_the_ranks_and_nothing_keeps_training(tmp_path):
-    """`kill -TERM <dialtune train pid>`: the deepspeed launcher's runner would die of it and leave
-    the ranks training; the command passes it to the ranks, which save and stop; it exits 143."""
+    """`kill -TERM` to `dialtune train`'s process group (a terminal's job, a scheduler): the
+    deepspeed launcher's runner would die of it and leave the ranks training, its per-node
+    launcher would kill them 30 s later; the command passes it to the ranks, which save and
+    stop; it exits 143."""
     args = [f"run.root={tmp_path}", "train.progress_bar=false", "recipe=demo", "train.max_steps=200", "logger=none",
             "eval.every_n_steps=0", "eval.at_end=[]", "export.merge_at_end=false", "run.name=cli"]
     run = tmp_path / "cli"
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--nproc", "2", *args], env=run_env(1),
-                            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _dialtune_train(args, 2)
     deadline = time.time() + 240
     while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else "timeout"
         time.sleep(0.2)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if any(a.startswith("--local_rank=") for a in p.cmdline())]
-    proc.send_signal(signal.SIGTERM)
+    ranks = _ranks_of(proc)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == TERM_EXIT_CODE, out[-3000:]
-    assert "passed it to 2 training process(es)" in out and "stopped by SIGTERM" in out
+    assert "got SIGTERM; passing it on to the training processes" in out and "stopped by SIGTERM" in out
     stopped = json.loads((run / "summary.json").read_text())["steps"]
     assert 2 <= stopped < 200 and (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:07d}"
     assert len(ranks) == 2 and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+
+
+def test_sigusr1_as_the_rank_starts_is_kept_for_the_first_step(tmp_path):
+    """A SIGUSR1 that reaches `dialtune train` as its rank is starting (before the rank could handle
+    it, it would have killed the rank): delivered once the rank handles it, a checkpoint at step 1,
+    exit 85."""
+    args = [f"run.root={tmp_path}", "train.progress_bar=false", "recipe=demo", "train.max_steps=200", "logger=none",
+            "eval.every_n_steps=0", "eval.at_end=[]", "export.merge_at_end=false", "run.name=early"]
+    proc = _dialtune_train(args, 1)
+    deadline = time.time() + 120
+    while not _ranks_of(proc):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == REQUEUE_EXIT_CODE, out[-3000:]
+    assert (tmp_path / "early" / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+
+
+def test_what_dialtune_train_reports_after_a_signal():
+    from launch.ranks import is_rank, outcome
+    from launch.train import __file__ as train_py
+
+    assert is_rank(["python", "-u", train_py, "--local_rank=0", "x=1"]) and is_rank(["python", train_py])
+    assert not is_rank(["python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30=", train_py])
+    assert not is_rank(["python", "/usr/bin/deepspeed", "--num_gpus", "2", train_py])
+    assert outcome(143, [], True) == 143 and outcome(-15, [], True) == 143 and outcome(2, [], False) == 2
+    # the launcher chain died of the signal, the ranks (reaped here) saved: their codes
+    assert outcome(-10, [85, 85], True) == 85 and outcome(-15, [143, 143], True) == 143 and outcome(-15, [143, -9], True) == 143
+    assert outcome(-15, [-9, 143], True) == 137 and outcome(-15, [0, 0], True) == 0

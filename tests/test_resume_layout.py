@@ -10,12 +10,13 @@ from tests.conftest import read_metrics, train
 from train.config import ConfigError
 
 
-def _checkpoint(root, step, world, mb, pos, epoch=0, with_world=True):
+def _checkpoint(root, step, world, mb, pos, epoch=0, with_world=True, gas=1):
     d = root / f"step_{step:07d}"
     d.mkdir(parents=True)
-    state = {"step": step, "epoch": epoch, "pos": pos, **({"world_size": world, "micro_batch_size": mb} if with_world else {})}
+    state = {"step": step, "epoch": epoch, "pos": pos, **({"world_size": world, "micro_batch_size": mb, "grad_accum": gas}
+                                                          if with_world else {})}
     (d / "trainer_state.json").write_text(json.dumps(state))
-    (d / "config.yaml").write_text(f"train:\n  micro_batch_size: {mb}\n")
+    (d / "config.yaml").write_text(f"train:\n  micro_batch_size: {mb}\n  grad_accum: {gas}\n")
     for r in range(world):
         (d / f"rng_rank{r}.pt").write_bytes(b"")
     (root / "latest").write_text(d.name)
@@ -27,14 +28,22 @@ def test_resume_position_translates_the_micro_batch_and_refuses_other_ranks(tmp_
     from train.resume import resume_position
 
     tag = _checkpoint(tmp_path, 4, world=2, mb=2, pos=6, epoch=1, with_world=with_world)  # 6 x 2 x 2 = 24 items into epoch 1
-    assert resume_position(str(tmp_path), tag, world=2, mb=2) is None
-    assert resume_position(str(tmp_path), tag, world=2, mb=4) == 3
-    assert resume_position(str(tmp_path), tag, world=2, mb=1) == 12
+    root = str(tmp_path)
+    assert resume_position(root, tag, world=2, mb=2) is None
+    assert resume_position(root, tag, world=2, mb=4) == (1, 3)
+    assert resume_position(root, tag, world=2, mb=1, n_items=100) == (1, 12)
     with pytest.raises(ConfigError, match=r"stopped 24 items into epoch 1 \(micro_batch_size 2 x 2 rank\(s\)\), which "
-                                          r"train.micro_batch_size=5 x 2 does not divide: resume with micro_batch_size .*12"):
-        resume_position(str(tmp_path), tag, world=2, mb=5)
+                                          r"train.micro_batch_size=5 x 2 does not divide: resume with micro_batch_size 2 or 3 or 4 or 6\."):
+        resume_position(root, tag, world=2, mb=5)
     with pytest.raises(ConfigError, match=r"was written by 2 rank\(s\), this run has 1: resume it with 2"):
-        resume_position(str(tmp_path), tag, world=1, mb=2)
+        resume_position(root, tag, world=1, mb=2)
+    # at the end of its epoch (6 micro-batches of 2 x 2 of 26 items): the next epoch, whatever the new size
+    assert resume_position(root, tag, world=2, mb=5, n_items=26) == (2, 0)
+    # a run measured in epochs: another number of items a step would change what its steps count
+    with pytest.raises(ConfigError, match=r"trained 2 items per rank a step \(micro_batch_size 2 x grad_accum 1\), this run 4: "
+                                          r"a run measured in train.epochs .* keep 2 \(micro_batch_size 2\), or set train.max_steps"):
+        resume_position(root, tag, world=2, mb=4, gas=1, by_epochs=True)
+    assert resume_position(root, tag, world=2, mb=1, gas=2, by_epochs=True) == (1, 12)  # 2 x 1 = 1 x 2: the same steps
 
 
 def test_rotation_after_a_fresh_start_keeps_this_runs_newest(tmp_path):
@@ -78,7 +87,7 @@ def test_a_resume_with_another_micro_batch_trains_the_next_examples_and_other_ra
     assert proc.returncode == 2 and errors and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "step_0000004 was written by 1 rank(s), this run has 2: resume it with 1" in errors[0]
     proc = train(args + ["train.max_steps=5", "run.name=mb", "train.resume=auto", "train.micro_batch_size=4"], tmp_path)
-    assert "micro-batch 4 of epoch 0 at the old size is 2 at the new one" in proc.stdout + proc.stderr
+    assert "micro-batch 4 of epoch 0 at the old size is 2 of epoch 0 at the new one" in proc.stdout + proc.stderr
     ref = {r["step"]: r for r in read_metrics(tmp_path / "ref") if "perf/target_tokens" in r}
     mb = {r["step"]: r for r in read_metrics(tmp_path / "mb") if "perf/target_tokens" in r}
     assert [mb[s]["perf/target_tokens"] for s in (1, 2, 3, 4)] == [ref[s]["perf/target_tokens"] for s in (1, 2, 3, 4)]

@@ -171,12 +171,12 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     except ValueError as e:  # checkpoints/latest naming a checkpoint that is gone
         raise ConfigError(str(e)) from None
     if found:
-        state = resume.resume(engine, *found, cfg, scheduler, total_steps, state["data_key"], is_main, world, mb)
+        state = resume.resume(engine, *found, cfg, scheduler, total_steps, state["data_key"], is_main, world, mb, gas, n_items)
     elif is_main and (earlier := checkpoint.earlier_run_note(ckpt_root)):
         log.warning(earlier)
     elif t.resume == "auto" and is_main:
         log.info("train.resume=auto: no finished checkpoint in %s yet; starting at step 1", ckpt_root)
-    state.update(world_size=world, micro_batch_size=mb)  # what pos counts in (resume.resume_position)
+    state.update(world_size=world, micro_batch_size=mb, grad_accum=gas)  # what pos counts in (resume.resume_position)
     last_step = state["step"] if checkpoint.early_stopped(state, cfg.eval.early_stopping_patience) else total_steps  # (it stopped early)
     stream = batching.MicroBatchStream(n_items, mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
 

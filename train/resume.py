@@ -128,16 +128,21 @@ def saved_state(root: str, tag: str) -> Dict[str, Any]:
         from omegaconf import OmegaConf
 
         state["micro_batch_size"] = OmegaConf.select(saved, "train.micro_batch_size")
+        state["grad_accum"] = OmegaConf.select(saved, "train.grad_accum")
     return state
 
 
-def resume_position(root: str, tag: str, world: int, mb: int) -> Optional[int]:
-    """Where in its epoch's order a resume with `world` ranks of `mb` items each continues (the
-    micro-batch position MicroBatchStream takes), or None when it is the checkpoint's own. The
-    epoch's order does not depend on either, so another micro_batch_size continues at the same
-    item when the items consumed divide into the new micro-batches; ConfigError (one sentence)
-    when they do not, or when the number of ranks changed: DeepSpeed's partitioned optimizer
-    state and each rank's random state are per rank."""
+def resume_position(root: str, tag: str, world: int, mb: int, gas: int = 0, n_items: int = 0,
+                    by_epochs: bool = False) -> Optional[Tuple[int, int]]:
+    """(epoch, micro-batch position) where a resume with `world` ranks of `mb` items (of the
+    n_items an epoch has: conversations or packed rows) and `gas` accumulation steps continues, as
+    MicroBatchStream takes them; None when the checkpoint's own. The epoch's order does not depend
+    on the sizes, so another micro_batch_size continues at the same item when the items consumed
+    divide into the new micro-batches (a checkpoint at an epoch's end continues with the next).
+    ConfigError (one sentence) when they do not; when the number of ranks changed (DeepSpeed's
+    partitioned optimizer state and each rank's random state are per rank); and, in a run whose
+    length is train.epochs (by_epochs), when the items of a step changed: its step count would be
+    another run's."""
     from .config import ConfigError
 
     then = saved_state(root, tag)
@@ -146,20 +151,29 @@ def resume_position(root: str, tag: str, world: int, mb: int) -> Optional[int]:
         raise ConfigError(f"checkpoint {where} was written by {then['world_size']} rank(s), this run has {world}: resume it with "
                           f"{then['world_size']} (the optimizer state and the data split are per rank), or start afresh "
                           "(train.resume=none, or another run.name).")
-    old_mb = then.get("micro_batch_size")
+    old_mb, old_gas = then.get("micro_batch_size"), then.get("grad_accum")
+    if by_epochs and old_mb and old_gas and gas and old_mb * old_gas != mb * gas:
+        per_rank = old_mb * old_gas
+        keep = f"grad_accum {per_rank // mb} with micro_batch_size {mb}" if per_rank % mb == 0 else f"micro_batch_size {old_mb}"
+        raise ConfigError(f"checkpoint {where} trained {per_rank} items per rank a step (micro_batch_size {old_mb} x grad_accum "
+                          f"{old_gas}), this run {mb * gas}: a run measured in train.epochs would count its steps anew; keep "
+                          f"{per_rank} ({keep}), or set train.max_steps.")
     if not old_mb or old_mb == mb:
         return None
+    if n_items and then["pos"] >= n_items // (old_mb * world):  # the epoch was finished: the next one starts afresh
+        return then["epoch"] + 1, 0
     consumed = then["pos"] * old_mb * world  # items of this epoch's order already trained on
     if consumed % (mb * world):
-        fits = [k for k in range(1, consumed // world + 1) if (consumed // world) % k == 0][-4:] if consumed else []
+        per_rank = consumed // world
+        fits = sorted({k for k in range(1, per_rank + 1) if per_rank % k == 0 and k != mb} | {old_mb}, key=lambda k: (abs(k - mb), k))[:4]
         raise ConfigError(f"checkpoint {where} stopped {consumed} items into epoch {then['epoch']} (micro_batch_size {old_mb} x "
                           f"{world} rank(s)), which train.micro_batch_size={mb} x {world} does not divide: resume with "
-                          f"micro_batch_size {' or '.join(map(str, fits or [old_mb]))}.")
-    return consumed // (mb * world)
+                          f"micro_batch_size {' or '.join(map(str, sorted(fits)))}.")
+    return then["epoch"], consumed // (mb * world)
 
 
 def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_key: str, is_main: bool,
-           world: int = 1, mb: Optional[int] = None) -> Dict[str, Any]:
+           world: int = 1, mb: Optional[int] = None, gas: int = 0, n_items: int = 0) -> Dict[str, Any]:
     """Continue from checkpoint root/tag: refuse one of another model or adapter or of another
     number of ranks, warn about the settings and the data that changed since it, load it, and
     train with this run's optimizer settings (what the warning says) from the same place in the
@@ -170,15 +184,16 @@ def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_k
 
     if mismatch := resume_mismatch(root, tag, cfg):
         raise ConfigError(mismatch)
-    pos = resume_position(root, tag, world, mb or cfg.train.micro_batch_size)
+    mb = mb or cfg.train.micro_batch_size
+    position = resume_position(root, tag, world, mb, gas, n_items, by_epochs=cfg.train.max_steps <= 0)
     if is_main and (changes := resume_changes(root, tag, cfg)):
         log.warning(changes)
     state = load(engine, root, tag, total_steps=total_steps)
-    if pos is not None:
+    if position is not None:
         if is_main:
-            log.info("train.micro_batch_size changed: micro-batch %d of epoch %d at the old size is %d at the new one, "
-                     "so training continues at the same example", state["pos"], state["epoch"], pos)
-        state["pos"] = pos
+            log.info("train.micro_batch_size changed: micro-batch %d of epoch %d at the old size is %d of epoch %d at the new "
+                     "one, so training continues at the same example", state["pos"], state["epoch"], position[1], position[0])
+        state["epoch"], state["pos"] = position
     optim.reapply(scheduler, cfg.optim)
     if is_main and state.get("data_key", data_key) != data_key:
         log.warning("the data this run reads differ from those %s was trained on (another data cache key: the files' contents "

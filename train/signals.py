@@ -42,8 +42,13 @@ _installed: Optional[StopFlag] = None
 
 
 def install() -> StopFlag:
+    """Handle SIGUSR1/SIGTERM with a new flag (launch/train.py installs one before its imports, the
+    recipe again at its start: a SIGUSR1 the earlier one kept carries over)."""
     global _installed
-    flag = _installed = StopFlag()
+    flag = StopFlag()
+    if _installed is not None and not _installed.armed:
+        flag.usr1 = _installed.usr1
+    _installed = flag
     for sig in SIGNALS:
         signal.signal(sig, flag)
     return flag

@@ -1,0 +1,158 @@
+"""`dialtune train` / `dialtune demo`: run the launcher command and stand between it and the
+signals meant for training.
+
+The deepspeed launcher handles them badly: its runner dies of SIGTERM or SIGUSR1 and leaves the
+ranks training; its per-node launcher (deepspeed.launcher.launch), signalled itself, kills the
+ranks 30 s later whether they finished their checkpoint or not, and exits 1. So the launcher
+chain runs in a session of its own (a Ctrl-C at the terminal or a signal to this command's
+process group reaches this process only), and this process passes SIGTERM, SIGUSR1, SIGINT and
+SIGHUP (as SIGTERM) on to the ranks themselves (`python [-u] launch/train.py ...`), once each
+rank handles the signal (launch/train.py installs its handler before its imports: a signal sent
+earlier waits). The ranks save and exit 143 or 85 (Ctrl-C: 130 without a checkpoint), the
+launcher passes the code on. A second Ctrl-C stops everything at once.
+
+Where something signals every process of the job (SLURM's scancel in a hand-written batch
+script), the launchers may die first: this process is the child subreaper of the chain (Linux),
+so orphaned ranks become its children and their own exit codes are the command's.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+TRAIN_PY = Path(__file__).resolve().parent / "train.py"
+FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1, signal.SIGINT: signal.SIGINT,
+             signal.SIGHUP: signal.SIGTERM}
+
+
+def _become_subreaper() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def handles(pid: int, signum: int) -> bool:
+    """Whether process pid has a handler for signum (Linux: SigCgt in /proc/<pid>/status); True
+    where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+        return bool(int(caught, 16) >> (signum - 1) & 1)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return True
+
+
+def is_rank(cmdline: List[str]) -> bool:
+    """A training process (python [-u] launch/train.py ...), not a launcher that names the script."""
+    return next((a for a in cmdline[1:] if not a.startswith("-")), None) == str(TRAIN_PY)
+
+
+def outcome(launcher_rc: int, orphan_codes: List[int], signalled: bool) -> int:
+    """The command's exit code: the launcher's (killed by a signal: 128 + it), unless a signal came
+    and the launcher chain died before its ranks, which this process then reaped: their codes (85
+    when any asked for a requeue, else the first failure)."""
+    if signalled and orphan_codes:
+        if 85 in orphan_codes:
+            return 85
+        failed = [c for c in orphan_codes if c != 0]
+        launcher_rc = failed[0] if failed else 0
+    return 128 - launcher_rc if launcher_rc < 0 else launcher_rc
+
+
+def run_ranks(cmd: List[str], env: Dict[str, str]) -> int:
+    """Run the launcher command; returns its exit code (see the module docstring)."""
+    import psutil
+
+    _become_subreaper()
+    got: List[int] = []
+    pending: List[int] = []  # signals not yet delivered to every rank
+    ranks: Dict[int, psutil.Process] = {}
+    delivered: Dict[int, set] = {}  # rank pid -> signals it got
+    codes: Dict[int, int] = {}  # pid -> exit code of what this process reaped besides the launcher (orphans)
+    state = {"child": None, "interrupts": 0}
+
+    def scan() -> None:
+        child = state["child"]
+        if child is None:
+            return
+        try:
+            procs = psutil.Process(os.getpid()).children(recursive=True)
+        except psutil.Error:
+            procs = []
+        for p in procs:
+            try:
+                if p.pid not in ranks and is_rank(p.cmdline()):
+                    ranks[p.pid] = p
+            except psutil.Error:
+                pass
+
+    def deliver() -> None:
+        scan()
+        for signum in list(pending):
+            sent = 0
+            for pid, p in ranks.items():
+                if pid in codes or signum in delivered.setdefault(pid, set()):
+                    sent += 1
+                    continue
+                if handles(pid, signum):
+                    try:
+                        p.send_signal(signum)
+                    except psutil.Error:
+                        pass
+                    delivered[pid].add(signum)
+                    sent += 1
+            if ranks and sent == len(ranks):
+                pending.remove(signum)
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT:
+            state["interrupts"] += 1
+            if state["interrupts"] > 1:  # a second Ctrl-C: everything stops now
+                for p in list(ranks.values()) + ([psutil.Process(state["child"].pid)] if state["child"] else []):
+                    try:
+                        p.kill()
+                    except psutil.Error:
+                        pass
+                return
+        got.append(signum)
+        pending.append(FORWARDED[signum])
+        deliver()
+        print(f"dialtune: got {signal.Signals(signum).name}; passing it on to the training processes"
+              + (" (a second Ctrl-C stops them at once)" if signum == signal.SIGINT else
+                 ", which save a checkpoint at the next step and stop"), file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in FORWARDED}
+    try:
+        child = state["child"] = subprocess.Popen(cmd, env=env, start_new_session=True)
+        launcher_rc = None
+        while True:
+            time.sleep(0.5)
+            deliver()
+            while True:  # reap: the launcher, and ranks orphaned to this process
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    pid = 0
+                if not pid:
+                    break
+                code = os.waitstatus_to_exitcode(status)
+                if pid == child.pid:
+                    launcher_rc = child.returncode = code
+                else:
+                    codes[pid] = code
+            if launcher_rc is not None and not psutil.Process(os.getpid()).children():
+                break
+        if state["interrupts"] > 1:
+            return 130
+        return outcome(launcher_rc, [codes[pid] for pid in sorted(codes) if pid in ranks], bool(got))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
