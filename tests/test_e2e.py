@@ -214,3 +214,29 @@ def test_a_resumed_job_continues_its_wandb_run(tmp_path):
     assert fresh[0] != first[0]
     ids = sorted(p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*"))
     assert ids == sorted([first[0], first[0], fresh[0]])  # (two jobs within one second sort by id)
+
+
+def test_a_dead_wandb_service_turns_wandb_off_not_the_training(tmp_path, caplog):
+    """SLURM's scancel signals every process of the step, W&B's service (wandb-core) too, while the
+    rank is saving: the next log must not end the job in a traceback; metrics.jsonl goes on."""
+    import psutil
+    from omegaconf import OmegaConf
+
+    from tests.conftest import read_metrics
+    from train.metrics import Metrics
+
+    logger = OmegaConf.create({"backend": "wandb", "mode": "offline", "project": "dialtune-test", "entity": None, "tags": []})
+    m = Metrics(str(tmp_path), logger, {}, True)
+    m.log({"train/loss": 1.0}, 1)
+    service = [p for p in psutil.Process().children(recursive=True) if "wandb" in " ".join(p.cmdline()).lower()]
+    assert service, "no W&B service process"
+    for p in service:
+        p.kill()
+    psutil.wait_procs(service, timeout=10)
+    with caplog.at_level("WARNING", logger="dialtune"):
+        for step in (2, 3):
+            m.log({"train/loss": float(step)}, step)
+            m.summary({"x": step})
+        m.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert sum("W&B stopped working" in r.message for r in caplog.records) == 1 and m.wandb_run is None

@@ -64,20 +64,40 @@ class Metrics:
             return
         row = {"step": step, "time": time.time(), **record}
         self.file.write(json.dumps(row) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(record, step=step)
+        self._wandb(lambda run: run.log(record, step=step))
+
+    def _wandb(self, call) -> None:
+        """A call on the W&B run. W&B is a copy of metrics.jsonl: when its service fails (SLURM's
+        scancel signals every process of the step, wandb-core too, while the rank saves its
+        checkpoint) training goes on with W&B off, said once, instead of dying of it."""
+        if not self.enabled or self.wandb_run is None:
+            return
+        try:
+            call(self.wandb_run)
+        except Exception as e:  # noqa: BLE001 - any failure of the W&B service
+            log.warning("W&B stopped working (%s); metrics go on to %s only (`wandb sync` can upload the run's offline "
+                        "files later)", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, self.path)
+            self.wandb_run = None
+            try:  # its own teardown now, while its failure is caught (at exit it would print a traceback)
+                import wandb
+
+                wandb.teardown()
+            except Exception:  # noqa: BLE001
+                pass
 
     def table(self, key: str, rows, step: int) -> None:
         """A list of same-keyed dicts as a W&B table (the run directory has the JSONL)."""
-        if self.enabled and self.wandb_run is not None and rows:
-            import wandb
+        if rows:
+            def call(run):
+                import wandb
 
-            cols = list(rows[0])
-            self.wandb_run.log({key: wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])}, step=step)
+                cols = list(rows[0])
+                run.log({key: wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])}, step=step)
+
+            self._wandb(call)
 
     def summary(self, values: Dict[str, Any]) -> None:
-        if self.enabled and self.wandb_run is not None:
-            self.wandb_run.summary.update(values)
+        self._wandb(lambda run: run.summary.update(values))
 
     def close(self) -> Optional[str]:
         if not self.enabled:
@@ -86,7 +106,7 @@ class Metrics:
         if self.wandb_run is None:
             return None
         run_dir = os.path.dirname(self.wandb_run.settings.sync_file) if hasattr(self.wandb_run.settings, "sync_file") else None
-        self.wandb_run.finish()
+        self._wandb(lambda run: run.finish())
         return run_dir
 
 
