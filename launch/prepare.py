@@ -60,25 +60,40 @@ def compose_problem(e: Exception, overrides) -> str:
             "check the override's key, value and syntax (key=value).")
 
 
-def _sweep_or_hydra(override: str) -> bool:
-    """A sweep (a,b / choice / range / glob / interval: Hydra's own parser says) or a key of Hydra's
-    own config (hydra.*, hydra/...), which Hydra checks itself; an unparsable override is kept,
-    so that composing it reports the error."""
+def _first_job(override: str) -> Optional[str]:
+    """The override as a sweep's first job has it (a,b / range / choice: Hydra's own parser says;
+    key=a for key=a,b), None for a key of Hydra's own config (hydra.*, hydra/...), which Hydra
+    checks itself, or a sweep without a first value (glob, interval); an override that is no sweep,
+    or that does not parse, as given (composing it reports the error)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     if override.lstrip("+~").startswith("hydra"):
-        return True
+        return None
     try:
-        return OverridesParser.create().parse_overrides([override])[0].is_sweep_override()
-    except HydraException:
-        return False
+        parsed = OverridesParser.create().parse_overrides([override])[0]
+        if not parsed.is_sweep_override():
+            return override
+        return f"{parsed.get_key_element()}={next(iter(parsed.sweep_string_iterator()))}"
+    except (HydraException, StopIteration, TypeError, ValueError):
+        return override if "," not in override else None
+
+
+def sweep_without_m(overrides) -> Optional[str]:
+    """One sentence for a sweep given without -m (Hydra would stop the job with 'Ambiguous value')."""
+    if any(o in ("-m", "--multirun") for o in overrides):
+        return None
+    for o in overrides:
+        if not o.lstrip("+~").startswith("hydra") and _first_job(o) not in (o, None):
+            return (f"{o} lists several values, which Hydra runs one job each only with -m: add -m (a sweep), or quote a "
+                    f"value that holds a comma ('{o.partition('=')[0]}=\"...\"').")
+    return None
 
 
 def plain_overrides(overrides) -> list:
-    """The overrides without -m/--multirun, sweep values and Hydra's own keys: one job's config,
-    composable alone."""
-    return [o for o in overrides if o not in ("-m", "--multirun") and not _sweep_or_hydra(o)]
+    """The overrides of a sweep's first job, without -m/--multirun and Hydra's own keys: one job's
+    config, composable alone (so a typo in a swept key, or a bad first value, is found too)."""
+    return [first for o in overrides if o not in ("-m", "--multirun") and (first := _first_job(o)) is not None]
 
 
 def _bool_problem(overrides) -> Optional[str]:
@@ -107,6 +122,8 @@ def override_problem(overrides, validate: bool = False, root: bool = False, **va
     overrides = normalize_argv(list(overrides))  # drops the --local_rank=N the deepspeed launcher appends
     if any(o.startswith("-") and o not in ("-m", "--multirun") for o in overrides):
         return None
+    if problem := sweep_without_m(overrides):
+        return problem
     plain = plain_overrides(overrides)
     try:
         cfg = compose(plain)

@@ -23,7 +23,8 @@ itself requeues what it preempts with PreemptMode=REQUEUE or what `scontrol requ
 Every other exit code passes through unchanged.
 
 Run directory: with no `run.name` override, `dialtune slurm` pins one for the job at submit
-time, the config's own name plus the submission time (`<model>-<peft>-<quant>-YYYYmmdd-HHMMSS`),
+time, the config's own name plus the submission time and the submitting process's id
+(`<model>-<peft>-<quant>-YYYYmmdd-HHMMSS-PID`),
 so that two submissions never share (and resume=auto never continues) each other's run, while
 the job's requeues keep it. Pass `run.name=<that name>` to continue an earlier job's run.
 
@@ -88,10 +89,13 @@ def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
 
 def job_overrides(overrides: Sequence[str]) -> list:
     """The user's overrides plus `train.resume=auto` (unless they set train.resume), so that a
-    requeued job resumes from its run directory's latest checkpoint."""
+    requeued job resumes from its run directory's latest checkpoint, and no progress bar (unless
+    they set train.progress_bar)."""
     out = list(overrides)
     if not any(override_key(o) == "train.resume" for o in out):
         out.append("train.resume=auto")
+    if not any(override_key(o) == "train.progress_bar" for o in out):
+        out.append("train.progress_bar=false")  # a log file, not a terminal: the per-step lines say the same
     return out
 
 
@@ -147,6 +151,10 @@ def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int 
                          ("--nproc-per-node", nproc_per_node, 1), ("--signal-seconds", signal_seconds, 0)):
         if not isinstance(v, int) or v < low:
             raise SlurmError(f"{flag} must be an integer >= {low}, not {v!r}")
+    if signal_seconds > 65535:
+        raise SlurmError(f"--signal-seconds {signal_seconds} is above SLURM's limit of 65535 s; give a smaller one.")
+    if "/" in str(job_name):
+        raise SlurmError(f"--job-name {job_name!r} cannot hold '/': it names the job's log file; pass a plain name.")
     if cpus_per_task is not None and (not isinstance(cpus_per_task, int) or cpus_per_task < 1):
         raise SlurmError(f"--cpus-per-task must be an integer >= 1, not {cpus_per_task!r}")
     if time is not None and str(time) != "":
@@ -223,8 +231,10 @@ def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int 
         "# SIGUSR1/SIGTERM sent to this batch shell go on to the training step. bash runs a trap only",
         "# once the foreground command returns, hence srun in the background and `wait`.",
         "step=",
+        "# (SIGTERM goes to the step's tasks through scancel: srun itself, given SIGTERM, kills the step at once)",
         'forward() { echo "dialtune: batch shell got SIG$1, forwarding it to the training step"; '
-        '[ -n "$step" ] && kill -s "$1" "$step" 2>/dev/null; }',
+        'if [ "$1" = TERM ]; then scancel --signal=TERM "$SLURM_JOB_ID.0" 2>/dev/null; '
+        'elif [ -n "$step" ]; then kill -s "$1" "$step" 2>/dev/null; fi; }',
         "trap 'forward USR1' USR1",
         "trap 'forward TERM' TERM",
         "",
@@ -307,7 +317,8 @@ def pinned_run_name(overrides: Sequence[str], now: Optional[float] = None) -> st
         from launch.prepare import compose_problem
 
         raise SlurmError(compose_problem(e, plain)) from None
-    return f"{name}-{_time.strftime('%Y%m%d-%H%M%S', _time.localtime(now))}"
+    # (and this process's id: two submissions in the same second, a loop of `dialtune slurm ... &`, stay apart)
+    return f"{name}-{_time.strftime('%Y%m%d-%H%M%S', _time.localtime(now))}-{os.getpid()}"
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -349,10 +360,18 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         f.write(script)
     log = os.path.join(log_dir, f"{job_name}-<job id>.out")
     if args.wait:
-        print(f"dialtune: submitting {path} and waiting for the job; log: {log}", file=sys.stderr, flush=True)
-        proc = subprocess.run(["sbatch", "--parsable", "--wait", path])
-        print(f"dialtune: job finished with exit code {proc.returncode}", file=sys.stderr, flush=True)
-        return proc.returncode
+        proc = subprocess.Popen(["sbatch", "--parsable", "--wait", path], stdout=subprocess.PIPE, text=True)
+        job_id = (proc.stdout.readline() or "").strip().split(";")[0]  # printed once submitted, before the wait
+        if not job_id:
+            code = proc.wait()
+            print(f"dialtune: error: sbatch failed with exit code {code} (its message is above).", file=sys.stderr)
+            return code or 1
+        print(job_id, flush=True)
+        print(f"dialtune: submitted job {job_id} ({path}), waiting for it; log: {log.replace('<job id>', job_id)}",
+              file=sys.stderr, flush=True)
+        code = proc.wait()
+        print(f"dialtune: job {job_id} finished with exit code {code}", file=sys.stderr, flush=True)
+        return code
     proc = subprocess.run(["sbatch", "--parsable", path], stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         print(f"dialtune: error: sbatch failed with exit code {proc.returncode} (its message is above).", file=sys.stderr)

@@ -246,6 +246,8 @@ def task(cfg) -> None:
         sys.exit(130)
     except OSError as e:
         if "does not appear to have" in str(e) or "not a valid model identifier" in str(e) or "offline mode" in str(e):
+            if rank() == 0 or os.environ.get("LOCAL_RANK") == "0":
+                drop_if_only_hydra(run_dir)
             fail(f"model {cfg.model.name_or_path!r} cannot be loaded ({str(e).splitlines()[0]}); check model.name_or_path or your hub access.")
         raise
 

@@ -93,3 +93,27 @@ def test_a_resume_with_another_micro_batch_trains_the_next_examples_and_other_ra
     assert [mb[s]["perf/target_tokens"] for s in (1, 2, 3, 4)] == [ref[s]["perf/target_tokens"] for s in (1, 2, 3, 4)]
     assert mb[5]["perf/target_tokens"] == ref[5]["perf/target_tokens"] + ref[6]["perf/target_tokens"]
     assert mb[5]["train/epoch"] == pytest.approx(ref[6]["train/epoch"], abs=0.02)
+
+
+def test_a_requeued_slurm_job_continues_from_its_own_checkpoint(tmp_path, monkeypatch):
+    """train.resume=<another run> (or none) starts the first job; a requeue of that job continues
+    from what it saved itself, not from the start again (it would redo every step at every requeue)."""
+    from train.resume import find_resume
+
+    other = tmp_path / "other"
+    _checkpoint(other, 10, world=1, mb=2, pos=10)
+    own = tmp_path / "run" / "checkpoints"
+    tag = _checkpoint(own, 17, world=1, mb=2, pos=17)
+    state = json.loads((own / tag / "trainer_state.json").read_text())
+    (own / tag / "trainer_state.json").write_text(json.dumps({**state, "slurm_job_id": "77"}))
+    for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    assert find_resume(str(other), str(own)) == (str(other), "step_0000010")  # not a SLURM job
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert find_resume(str(other), str(own)) == (str(other), "step_0000010")  # the job's first start
+    assert find_resume("none", str(own)) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert find_resume(str(other), str(own)) == find_resume("none", str(own)) == (str(own), "step_0000017")
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job's checkpoint in this run directory: not this job's to take
+    assert find_resume(str(other), str(own)) == (str(other), "step_0000010")

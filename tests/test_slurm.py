@@ -77,7 +77,7 @@ def test_gpu_job_one_srun_task_per_node_with_gres():
 def test_cpu_job_no_gres_threads_and_optional_directives():
     script = render([], nodes=1, nproc_per_node=2, log_dir="/l", signal_seconds=0)
     d = sbatch_directives(script)
-    assert not any("gres" in x for x in d) and "gres" not in script
+    assert not any("gres" in x for x in d) and "--gres" not in script
     assert "--cpus-per-task=2" in d  # one CPU per rank by default
     assert not any(x.split("=")[0] in ("--partition", "--account", "--qos", "--mem", "--time", "--signal") for x in d)
     assert "--nproc_per_node 2 " in script and "OMP_NUM_THREADS" in script
@@ -90,10 +90,15 @@ def _command_line(script: str) -> list:
     return shlex.split(line[:-2])
 
 
-def test_resume_auto_unless_the_user_set_it():
-    assert _command_line(render(["a=1"], log_dir="/l")) == [str(TRAIN_PY), "a=1", "train.resume=auto"]
+def test_resume_auto_and_no_progress_bar_unless_the_user_set_them():
+    assert _command_line(render(["a=1"], log_dir="/l")) == [str(TRAIN_PY), "a=1", "train.resume=auto", "train.progress_bar=false"]
     for own in ("train.resume=none", "+train.resume=/ck/step_1", "++train.resume=auto", "~train.resume"):
-        assert _command_line(render([own], log_dir="/l")) == [str(TRAIN_PY), own]
+        assert _command_line(render([own, "train.progress_bar=true"], log_dir="/l")) == [str(TRAIN_PY), own, "train.progress_bar=true"]
+    # a job name names the log file: no '/'; SLURM's --signal takes at most 65535 s
+    with pytest.raises(SlurmError, match="cannot hold '/'"):
+        render([], job_name="a/b", log_dir="/l")
+    with pytest.raises(SlurmError, match="above SLURM's limit of 65535 s"):
+        render([], signal_seconds=70000, log_dir="/l")
 
 
 @pytest.mark.parametrize("kw", [dict(job_name="a\nrm -rf /"), dict(partition="gpu a"), dict(time="1:00'"),
@@ -133,7 +138,7 @@ def test_dry_run_cli_prints_the_script(tmp_path):
     d = sbatch_directives(script)
     assert {"--nodes=2", "--gres=gpu:4", "--partition=p1", "--time=01:00:00",
             f"--output={tmp_path}/slurm-logs/%x-%j.out"} <= set(d)
-    expected = [str(TRAIN_PY), f"run.root={tmp_path}", *ov, "train.resume=auto"]
+    expected = [str(TRAIN_PY), f"run.root={tmp_path}", *ov, "train.resume=auto", "train.progress_bar=false"]
     assert " ".join(shlex.quote(a) for a in expected) + " &" in script
     assert not (tmp_path / "slurm-logs").exists()  # a dry run creates nothing
     assert list(markers.iterdir()) == []
@@ -151,13 +156,14 @@ def test_each_submission_gets_its_own_run_directory(tmp_path):
     from launch.slurm import pinned_run_name
 
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(0))
-    assert pinned_run_name(["recipe=demo", "optim.lr=1e-4"], now=0) == f"demo-{stamp}"
-    assert pinned_run_name(["-m", "optim.lr=1e-4,5e-4", "peft=dora", "seed=range(3)"], now=0) == f"tiny-dora-none-{stamp}"
+    pid = os.getpid()  # (two submissions in the same second: another process each)
+    assert pinned_run_name(["recipe=demo", "optim.lr=1e-4"], now=0) == f"demo-{stamp}-{pid}"
+    assert pinned_run_name(["-m", "optim.lr=1e-4,5e-4", "peft=dora", "data.seed=range(3)"], now=0) == f"tiny-dora-none-{stamp}-{pid}"
     proc = cli("--dry-run", f"run.root={tmp_path}", "recipe=demo")
     assert proc.returncode == 0, proc.stderr
     line = next(l for l in proc.stdout.splitlines() if l.endswith(" &"))
-    assert re.search(r" run\.name=demo-\d{8}-\d{6} train\.resume=auto &$", line), line
-    assert re.search(r"^#SBATCH --job-name=dialtune-demo-\d{8}-\d{6}$", proc.stdout, re.M)
+    assert re.search(r" run\.name=demo-\d{8}-\d{6}-\d+ train\.resume=auto train\.progress_bar=false &$", line), line
+    assert re.search(r"^#SBATCH --job-name=dialtune-demo-\d{8}-\d{6}-\d+$", proc.stdout, re.M)
     bad = cli("--dry-run", "optim.lrr=1")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "optim.lrr" in bad.stderr, bad.stderr
 
@@ -235,7 +241,7 @@ def test_script_quoting_and_exit_codes(fake_cluster, rc):
     assert list(fc["markers"].iterdir()) + list(fc["workdir"].iterdir()) == [], "the shell executed an override or path"
     assert _argv(fc["rec"] / "python_argv") == [
         "-u", str(NODE_LAUNCHER), "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "2",
-        "--master_addr", "node-a", "--master_port", str(15000 + 4242 % 15000), str(TRAIN_PY), *ov, "train.resume=auto"]
+        "--master_addr", "node-a", "--master_port", str(15000 + 4242 % 15000), str(TRAIN_PY), *ov, "train.resume=auto", "train.progress_bar=false"]
     srun = _argv(fc["rec"] / "srun_argv")
     assert srun[:2] == ["--ntasks-per-node=1", "--cpus-per-task=4"] and srun[2] == "bash"
     assert (fc["rec"] / "omp").read_text().strip() == "2"  # 4 CPUs for 2 ranks

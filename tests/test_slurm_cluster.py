@@ -108,7 +108,7 @@ def test_real_cluster_tiny_training_job(slurm, tmp_path):
     assert len(logs) == 1 and (tmp_path / "slurm-logs" / f"{name}.sbatch").is_file()
     assert "dialtune: training finished" in log and "(restart 0)" in log
     runs = list(tmp_path.glob("tiny-lora-none-*"))  # the run name pinned at submit time
-    assert len(runs) == 1 and re.fullmatch(r"tiny-lora-none-\d{8}-\d{6}", runs[0].name), runs
+    assert len(runs) == 1 and re.fullmatch(r"tiny-lora-none-\d{8}-\d{6}-\d+", runs[0].name), runs
     run_dir = runs[0]
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3]
     assert "resume: auto" in (run_dir / "config.yaml").read_text()
@@ -177,3 +177,36 @@ def test_real_cluster_preempted_training_resumes_from_saved_step(slurm, tmp_path
     summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
     assert summary["finished"] and summary["steps"] == 30
     assert [r["step"] for r in read_metrics(tmp_path / "pre")] == list(range(1, 31))
+
+
+@pytest.mark.slow
+def test_real_cluster_sigterm_to_the_batch_shell_saves_with_wandb_on(slurm, tmp_path):
+    """SIGTERM to the batch shell (`scancel --batch`, a preemption's grace signal): it goes on to the
+    step's tasks through SLURM (srun, given SIGTERM itself, kills the step at once: exit 137, no
+    checkpoint), every process of the step gets it, W&B's service too, and the job still saves and
+    exits 143 without a traceback (W&B off, said once)."""
+    name = f"dt-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "slurm", "--nodes", "1", "--nproc-per-node", "1",
+                          "--job-name", name, "--log-dir", str(tmp_path / "logs"), f"run.root={tmp_path}", "run.name=term",
+                          "recipe=demo", "train.max_steps=60", "logger=wandb", "logger.mode=offline", "export.merge_at_end=false",
+                          "eval.every_n_steps=0", "eval.at_end=[]", "data.eval_files=[]", "train.micro_batch_size=2"],
+                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=60)
+    assert out.returncode == 0, out.stderr
+    job = _job_ids(name)[0]
+    guard = Guard(timeout=300)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            guard.check(job)
+            time.sleep(0.3)
+        subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True, timeout=30)
+        while (st := guard.check(job)).get("JobState") in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING"):
+            time.sleep(0.5)
+    finally:
+        guard.cancel()
+    log = next((tmp_path / "logs").glob("*.out")).read_text()
+    assert st["ExitCode"] == "143:0" and st["Restarts"] == "0", (st, log[-4000:])
+    assert "stopped by SIGTERM after step" in log and "Traceback" not in log and "forcing job termination" not in log, log[-4000:]
+    stopped = json.loads((tmp_path / "term" / "summary.json").read_text())["steps"]
+    assert (tmp_path / "term" / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:07d}"

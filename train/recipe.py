@@ -176,7 +176,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         log.warning(earlier)
     elif t.resume == "auto" and is_main:
         log.info("train.resume=auto: no finished checkpoint in %s yet; starting at step 1", ckpt_root)
-    state.update(world_size=world, micro_batch_size=mb, grad_accum=gas)  # what pos counts in (resume.resume_position)
+    state.update(world_size=world, micro_batch_size=mb, grad_accum=gas,  # what pos counts in (resume.resume_position)
+                 slurm_job_id=os.environ.get("SLURM_JOB_ID"))  # a requeue of this job continues from it (resume.find_resume)
     last_step = state["step"] if checkpoint.early_stopped(state, cfg.eval.early_stopping_patience) else total_steps  # (it stopped early)
     stream = batching.MicroBatchStream(n_items, mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
 

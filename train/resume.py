@@ -13,12 +13,32 @@ log = logging.getLogger("dialtune")
 
 
 def find_resume(resume: str, ckpt_root: str) -> Optional[Tuple[str, str]]:
-    """(checkpoint root, tag) to resume from, or None."""
+    """(checkpoint root, tag) to resume from, or None. A requeued SLURM job continues from the
+    checkpoint it saved itself before the requeue, whatever train.resume says (none, or another
+    run's checkpoint to start from: taken again, it would redo every step since, at every requeue)."""
+    if resume != "auto" and (own := requeued_own_checkpoint(ckpt_root)):
+        log.info("requeued SLURM job %s (restart %s): continuing from its own checkpoint %s, not train.resume=%s",
+                 os.environ["SLURM_JOB_ID"], os.environ["SLURM_RESTART_COUNT"], own[1], resume)
+        return own
     if resume == "none":
         return None
     if resume == "auto":  # this run's latest checkpoint, if it has one yet
         return resume_path(ckpt_root) if os.path.isfile(os.path.join(ckpt_root, "latest")) else None
     return resume_path(resume)
+
+
+def requeued_own_checkpoint(ckpt_root: str) -> Optional[Tuple[str, str]]:
+    """The run's latest checkpoint when this is a requeued SLURM job (SLURM_RESTART_COUNT > 0) and
+    that checkpoint was saved by this very job (its trainer state keeps SLURM_JOB_ID); else None."""
+    job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
+    if not job or restarts in ("", "0") or not os.path.isfile(os.path.join(ckpt_root, "latest")):
+        return None
+    try:
+        root, tag = resume_path(ckpt_root)
+        with open(os.path.join(root, tag, "trainer_state.json")) as f:
+            return (root, tag) if str(json.load(f).get("slurm_job_id")) == job else None
+    except (OSError, ValueError):
+        return None
 
 
 def resume_path(resume: str) -> Tuple[str, str]:
