@@ -143,7 +143,7 @@ def test_real_cluster_usr1_checkpoint_exit_85_requeues(slurm, tmp_path):
     assert (tmp_path / "signalled").read_text() in ("1", "2")
     for restart in ("0", "1"):
         rec = json.loads((tmp_path / f"argv-{restart}.json").read_text())
-        assert rec["argv"] == [f"out={tmp_path}", "run.name=$(touch /tmp/dialtune-pwned-slurm)", "train.resume=auto"]
+        assert rec["argv"] == [f"out={tmp_path}", "run.name=$(touch /tmp/dialtune-pwned-slurm)", "train.resume=auto", "train.progress_bar=false"]
     assert not Path("/tmp/dialtune-pwned-slurm").exists()
 
 
@@ -210,3 +210,11 @@ def test_real_cluster_sigterm_to_the_batch_shell_saves_with_wandb_on(slurm, tmp_
     assert "stopped by SIGTERM after step" in log and "Traceback" not in log and "forcing job termination" not in log, log[-4000:]
     stopped = json.loads((tmp_path / "term" / "summary.json").read_text())["steps"]
     assert (tmp_path / "term" / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:07d}"
+
+
+def test_real_cluster_wait_says_when_sbatch_refused_the_job(slurm, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "slurm", "--wait", "--partition", "nosuch", "--log-dir",
+                           str(tmp_path / "logs"), f"run.root={tmp_path}", "recipe=demo"], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=60)
+    assert proc.returncode != 0 and "dialtune: error: sbatch failed with exit code" in proc.stderr, proc.stderr
+    assert "finished with exit code" not in proc.stderr
