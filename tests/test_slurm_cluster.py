@@ -80,6 +80,29 @@ def _signal_and_wait(guard, job):
         time.sleep(0.5)
 
 
+def _submit_and_wait_for_steps(tmp_path, run_name, overrides, steps=3, **env):
+    """`dialtune slurm` a tiny training job (run.root=tmp_path, log dir tmp_path/logs) and wait until
+    it has logged `steps` steps; (job id, its Guard: cancel it when done)."""
+    name = f"dt-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **env)
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "slurm", "--nodes", "1", "--nproc-per-node", "1", "--job-name", name,
+                          "--log-dir", str(tmp_path / "logs"), f"run.root={tmp_path}", f"run.name={run_name}", "recipe=demo",
+                          "export.merge_at_end=false", "eval.every_n_steps=0", "data.eval_files=[]", "train.micro_batch_size=2",
+                          *overrides], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=60)
+    assert out.returncode == 0, out.stderr
+    job = _job_ids(name)[0]
+    guard = Guard(timeout=300)
+    metrics = tmp_path / run_name / "metrics.jsonl"
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+            guard.check(job)
+            time.sleep(0.3)
+    except BaseException:
+        guard.cancel()
+        raise
+    return job, guard
+
+
 @pytest.mark.slow
 def test_real_cluster_tiny_training_job(slurm, tmp_path):
     name = f"dt-{uuid.uuid4().hex[:8]}"
@@ -152,22 +175,9 @@ def test_real_cluster_preempted_training_resumes_from_saved_step(slurm, tmp_path
     """Real training under the real scheduler: SIGUSR1 to the job step -> the ranks save and exit
     85 -> the script requeues -> the job comes back (same id) with train.resume=auto and continues
     from the saved step to the end."""
-    name = f"dt-{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-m", "launch.cli", "slurm", "--nodes", "1", "--nproc-per-node", "1",
-                          "--job-name", name, "--log-dir", str(tmp_path / "logs"), f"run.root={tmp_path}", "run.name=pre",
-                          "recipe=demo", "train.max_steps=30", "logger=none", "export.merge_at_end=false",
-                          "eval.every_n_steps=0", "eval.at_end=[lm]", "data.eval_files=[]", "train.progress_bar=false", "train.micro_batch_size=2",
-                          "train.grad_accum=1"],
-                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=60)
-    assert out.returncode == 0, out.stderr
-    job = _job_ids(name)[0]
-    guard = Guard(timeout=300)
-    metrics = tmp_path / "pre" / "metrics.jsonl"
+    job, guard = _submit_and_wait_for_steps(tmp_path, "pre", ["train.max_steps=30", "logger=none", "eval.at_end=[lm]",
+                                                              "train.progress_bar=false", "train.grad_accum=1"])
     try:
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            guard.check(job)
-            time.sleep(0.3)
         st = _signal_and_wait(guard, job)
     finally:
         guard.cancel()
@@ -185,21 +195,9 @@ def test_real_cluster_sigterm_to_the_batch_shell_saves_with_wandb_on(slurm, tmp_
     step's tasks through SLURM (srun, given SIGTERM itself, kills the step at once: exit 137, no
     checkpoint), every process of the step gets it, W&B's service too, and the job still saves and
     exits 143 without a traceback (W&B off, said once)."""
-    name = f"dt-{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
-    out = subprocess.run([sys.executable, "-m", "launch.cli", "slurm", "--nodes", "1", "--nproc-per-node", "1",
-                          "--job-name", name, "--log-dir", str(tmp_path / "logs"), f"run.root={tmp_path}", "run.name=term",
-                          "recipe=demo", "train.max_steps=60", "logger=wandb", "logger.mode=offline", "export.merge_at_end=false",
-                          "eval.every_n_steps=0", "eval.at_end=[]", "data.eval_files=[]", "train.micro_batch_size=2"],
-                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=60)
-    assert out.returncode == 0, out.stderr
-    job = _job_ids(name)[0]
-    guard = Guard(timeout=300)
-    metrics = tmp_path / "term" / "metrics.jsonl"
+    job, guard = _submit_and_wait_for_steps(tmp_path, "term", ["train.max_steps=60", "logger=wandb", "logger.mode=offline",
+                                                               "eval.at_end=[]"], WANDB_MODE="offline")
     try:
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            guard.check(job)
-            time.sleep(0.3)
         subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True, timeout=30)
         while (st := guard.check(job)).get("JobState") in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING"):
             time.sleep(0.5)
