@@ -116,10 +116,11 @@ def run_ranks(cmd: List[str], env: Dict[str, str]) -> int:
         if signum == signal.SIGINT:
             state["interrupts"] += 1
             if state["interrupts"] > 1:  # a second Ctrl-C: everything stops now
-                for p in list(ranks.values()) + ([psutil.Process(state["child"].pid)] if state["child"] else []):
+                alive = [pid for pid in ranks if pid not in codes]  # (not a pid already reaped here: it may be reused)
+                for pid in alive + ([state["child"].pid] if state["child"] and state["child"].returncode is None else []):
                     try:
-                        p.kill()
-                    except psutil.Error:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
                         pass
                 return
         got.append(signum)
