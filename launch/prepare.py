@@ -72,19 +72,31 @@ def _first_job(override: str) -> Optional[str]:
         return None
     try:
         parsed = OverridesParser.create().parse_overrides([override])[0]
-        if not parsed.is_sweep_override():
-            return override
+    except HydraException:
+        return override  # composing it says what is wrong
+    if not parsed.is_sweep_override():
+        return override
+    try:
         return f"{parsed.get_key_element()}={next(iter(parsed.sweep_string_iterator()))}"
-    except (HydraException, StopIteration, TypeError, ValueError):
-        return override if "," not in override else None
+    except Exception:  # noqa: BLE001 - glob(...), interval(...): no first value to compose alone (Hydra's job)
+        return None
 
 
 def sweep_without_m(overrides) -> Optional[str]:
     """One sentence for a sweep given without -m (Hydra would stop the job with 'Ambiguous value')."""
     if any(o in ("-m", "--multirun") for o in overrides):
         return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
     for o in overrides:
-        if not o.lstrip("+~").startswith("hydra") and _first_job(o) not in (o, None):
+        if o.lstrip("+~").startswith("hydra"):
+            continue
+        try:
+            sweep = OverridesParser.create().parse_overrides([o])[0].is_sweep_override()
+        except HydraException:
+            sweep = False
+        if sweep:
             return (f"{o} lists several values, which Hydra runs one job each only with -m: add -m (a sweep), or quote a "
                     f"value that holds a comma ('{o.partition('=')[0]}=\"...\"').")
     return None

@@ -72,17 +72,14 @@ def run_ranks(cmd: List[str], env: Dict[str, str]) -> int:
     import psutil
 
     _become_subreaper()
-    got: List[int] = []
-    pending: List[int] = []  # signals not yet delivered to every rank
+    got: List[int] = []  # signals received, in order (the handler only records them)
+    pending: List[int] = []  # signals to pass on, not yet delivered to every rank
     ranks: Dict[int, psutil.Process] = {}
     delivered: Dict[int, set] = {}  # rank pid -> signals it got
     codes: Dict[int, int] = {}  # pid -> exit code of what this process reaped besides the launcher (orphans)
-    state = {"child": None, "interrupts": 0}
+    state = {"child": None, "interrupts": 0, "said": 0}
 
     def scan() -> None:
-        child = state["child"]
-        if child is None:
-            return
         try:
             procs = psutil.Process(os.getpid()).children(recursive=True)
         except psutil.Error:
@@ -95,14 +92,33 @@ def run_ranks(cmd: List[str], env: Dict[str, str]) -> int:
                 pass
 
     def deliver() -> None:
-        scan()
+        while state["said"] < len(got):  # what the handler recorded since
+            signum = got[state["said"]]
+            state["said"] += 1
+            pending.append(FORWARDED[signum])
+            try:
+                print(f"dialtune: got {signal.Signals(signum).name}; passing it on to the training processes"
+                      + (" (a second Ctrl-C stops them at once)" if signum == signal.SIGINT else
+                         ", which save a checkpoint at the next step and stop"), file=sys.stderr, flush=True)
+            except OSError:  # (a terminal that hung up, a pipe whose reader left)
+                pass
+        scan()  # every round: ranks known before a signal to every process can orphan them
+        if not pending:
+            return
+        if not ranks and state["child"] is not None and not os.path.isdir("/proc"):  # no way to find the ranks: the chain
+            for signum in pending:
+                try:
+                    os.killpg(state["child"].pid, signum)
+                except OSError:
+                    pass
+            pending.clear()
+            return
         for signum in list(pending):
             sent = 0
             for pid, p in ranks.items():
                 if pid in codes or signum in delivered.setdefault(pid, set()):
                     sent += 1
-                    continue
-                if handles(pid, signum):
+                elif handles(pid, signum):
                     try:
                         p.send_signal(signum)
                     except psutil.Error:
@@ -116,44 +132,58 @@ def run_ranks(cmd: List[str], env: Dict[str, str]) -> int:
         if signum == signal.SIGINT:
             state["interrupts"] += 1
             if state["interrupts"] > 1:  # a second Ctrl-C: everything stops now
-                alive = [pid for pid in ranks if pid not in codes]  # (not a pid already reaped here: it may be reused)
-                for pid in alive + ([state["child"].pid] if state["child"] and state["child"].returncode is None else []):
+                try:
+                    os.killpg(state["child"].pid, signal.SIGKILL)  # the chain's own process group (its session)
+                except (OSError, AttributeError):
+                    pass
+                for p in list(ranks.values()):
                     try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
+                        p.kill()  # (psutil: not a pid reused since)
+                    except psutil.Error:
                         pass
                 return
         got.append(signum)
-        pending.append(FORWARDED[signum])
-        deliver()
-        print(f"dialtune: got {signal.Signals(signum).name}; passing it on to the training processes"
-              + (" (a second Ctrl-C stops them at once)" if signum == signal.SIGINT else
-                 ", which save a checkpoint at the next step and stop"), file=sys.stderr, flush=True)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in FORWARDED}
+    # a signal this process ignores (nohup's SIGHUP, a background job's SIGINT) stays ignored
+    previous = {sig: signal.signal(sig, on_signal) for sig in FORWARDED if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         child = state["child"] = subprocess.Popen(cmd, env=env, start_new_session=True)
-        launcher_rc = None
-        while True:
-            time.sleep(0.5)
-            deliver()
-            while True:  # reap: the launcher, and ranks orphaned to this process
+
+        def reap() -> None:  # the launcher, and ranks orphaned to this process
+            while True:
                 try:
                     pid, status = os.waitpid(-1, os.WNOHANG)
                 except ChildProcessError:
-                    pid = 0
+                    return
                 if not pid:
-                    break
+                    return
                 code = os.waitstatus_to_exitcode(status)
                 if pid == child.pid:
-                    launcher_rc = child.returncode = code
+                    child.returncode = code
                 else:
                     codes[pid] = code
-            if launcher_rc is not None and not psutil.Process(os.getpid()).children():
+
+        while True:
+            time.sleep(0.5)
+            deliver()
+            reap()
+            # done once the launcher and every rank have ended (another process the chain left behind is not waited for)
+            if child.returncode is not None and not any(_running(p) for pid, p in ranks.items() if pid not in codes):
                 break
+        reap()
+        launcher_rc = child.returncode
         if state["interrupts"] > 1:
             return 130
         return outcome(launcher_rc, [codes[pid] for pid in sorted(codes) if pid in ranks], bool(got))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -233,7 +233,7 @@ def render(overrides: Sequence[str] = (), *, nodes: int = 1, gpus_per_node: int 
         "step=",
         "# (SIGTERM goes to the step's tasks through scancel: srun itself, given SIGTERM, kills the step at once)",
         'forward() { echo "dialtune: batch shell got SIG$1, forwarding it to the training step"; '
-        'if [ "$1" = TERM ]; then scancel --signal=TERM "$SLURM_JOB_ID.0" 2>/dev/null; '
+        'if [ "$1" = TERM ] && scancel --signal=TERM "$SLURM_JOB_ID.0" 2>/dev/null; then :; '
         'elif [ -n "$step" ]; then kill -s "$1" "$step" 2>/dev/null; fi; }',
         "trap 'forward USR1' USR1",
         "trap 'forward TERM' TERM",

@@ -25,9 +25,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 if __name__ == "__main__":  # before the imports below (seconds): a SIGTERM or SIGUSR1 sent at start-up is handled
+    import signal
+
     from train import signals
 
     signals.install()
+    # and a Ctrl-C then ends the process quietly (main() gives Ctrl-C back to Python before training)
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 from launch import name_cpu_accelerator, quiet_loggers  # noqa: E402
 from train.config import CONF_DIR, register  # noqa: E402
@@ -265,8 +269,15 @@ def main() -> None:
     sys.argv = [sys.argv[0]] + normalize_argv(sys.argv[1:])
     if rank() != 0:  # the run's Hydra record is rank 0's (every rank writing it into one shared directory, the last won)
         sys.argv.append("hydra.output_subdir=null")
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, which task() reports
     hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(task)()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before training started (task() handles it from there): nothing to save
+        print("\ndialtune: interrupted before training started.", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -230,3 +230,19 @@ def test_what_dialtune_train_reports_after_a_signal():
     # the launcher chain died of the signal, the ranks (reaped here) saved: their codes
     assert outcome(-10, [85, 85], True) == 85 and outcome(-15, [143, 143], True) == 143 and outcome(-15, [143, -9], True) == 143
     assert outcome(-15, [-9, 143], True) == 137 and outcome(-15, [0, 0], True) == 0
+
+
+def test_dialtune_train_returns_when_its_launcher_and_ranks_are_done(tmp_path):
+    """A process the launcher chain leaves behind (a detached helper), orphaned to the command as
+    the chain's subreaper, is not waited for; a signal this process ignores (nohup's SIGHUP) stays
+    ignored."""
+    from launch.ranks import run_ranks
+
+    code = "import subprocess, sys; subprocess.Popen(['sleep', '30'], start_new_session=True); sys.exit(3)"
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        t0 = time.time()
+        assert run_ranks([sys.executable, "-c", code], dict(os.environ)) == 3
+        assert time.time() - t0 < 10 and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)

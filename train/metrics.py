@@ -82,7 +82,7 @@ class Metrics:
                 import wandb
 
                 wandb.teardown()
-            except Exception:  # noqa: BLE001
+            except (Exception, SystemExit):  # noqa: BLE001 - (its teardown exits with a failed service's code)
                 pass
 
     def table(self, key: str, rows, step: int) -> None:

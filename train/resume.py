@@ -144,11 +144,12 @@ def saved_state(root: str, tag: str) -> Dict[str, Any]:
         state = json.load(f)
     if "world_size" not in state:
         state["world_size"] = sum(1 for p in os.listdir(path) if p.startswith("rng_rank") and p.endswith(".pt"))
-    if "micro_batch_size" not in state and (saved := _saved_config(root, tag)) is not None:
+    missing = [k for k in ("micro_batch_size", "grad_accum") if k not in state]
+    if missing and (saved := _saved_config(root, tag)) is not None:
         from omegaconf import OmegaConf
 
-        state["micro_batch_size"] = OmegaConf.select(saved, "train.micro_batch_size")
-        state["grad_accum"] = OmegaConf.select(saved, "train.grad_accum")
+        for key in missing:
+            state[key] = OmegaConf.select(saved, f"train.{key}")
     return state
 
 

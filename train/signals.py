@@ -45,12 +45,12 @@ def install() -> StopFlag:
     """Handle SIGUSR1/SIGTERM with a new flag (launch/train.py installs one before its imports, the
     recipe again at its start: a SIGUSR1 the earlier one kept carries over)."""
     global _installed
-    flag = StopFlag()
-    if _installed is not None and not _installed.armed:
-        flag.usr1 = _installed.usr1
+    flag, earlier = StopFlag(), _installed
     _installed = flag
     for sig in SIGNALS:
         signal.signal(sig, flag)
+    if earlier is not None and not earlier.armed:  # (after the swap: one that came meanwhile reached either)
+        flag.usr1 = flag.usr1 or earlier.usr1
     return flag
 
 
