@@ -51,15 +51,16 @@ def test_the_launching_commands_say_a_config_error_before_starting_ranks(tmp_pat
     assert "deepspeed" not in proc.stdout.lower() + proc.stderr.lower() and not list(tmp_path.iterdir())
 
 
-def test_the_early_config_check_keeps_lists_and_leaves_sweeps_and_hydra_keys_to_hydra(tmp_path):
+def test_the_early_config_check_keeps_lists_and_checks_a_sweeps_first_job(tmp_path):
     """What launch/train.py, demo and train check before Hydra or the launcher: a list value is one
-    job's value (not a sweep), sweeps and Hydra's own keys are Hydra's, and the --local_rank=N the
-    deepspeed launcher appends does not switch the check off."""
+    job's value (not a sweep), a sweep is checked by its first job's values, Hydra's own keys are
+    Hydra's, and the --local_rank=N the deepspeed launcher appends does not switch the check off."""
     from launch.prepare import override_problem, plain_overrides
     from tests.data_helpers import GOOD, jsonl
 
     assert plain_overrides(["-m", "optim.lr=1e-4,2e-4", "train.seed=choice(1,2)", "data.train_files=[a.jsonl,b.jsonl]",
-                            "hydra.job.env_set.FOO=1", "hydra/job_logging=disabled"]) == ["data.train_files=[a.jsonl,b.jsonl]"]
+                            "hydra.job.env_set.FOO=1", "hydra/job_logging=disabled"]) == \
+        ["optim.lr=0.0001", "train.seed=1", "data.train_files=[a.jsonl,b.jsonl]"]
     a, b = jsonl(tmp_path / "a.jsonl", GOOD[:3]), jsonl(tmp_path / "b.jsonl", GOOD[3:])
     assert override_problem(["data=custom", f"data.train_files=[{a},{b}]", "hydra.job.env_set.FOO=1"], validate=True) is None
     assert override_problem(["-m", "data=custom", f"data.train_files=[{a},{b}]", "optim.lr=1e-4,2e-4"], validate=True) is None
