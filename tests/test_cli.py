@@ -67,6 +67,21 @@ def test_the_early_config_check_keeps_lists_and_checks_a_sweeps_first_job(tmp_pa
     assert "(did you mean train.max_steps?)" in override_problem(["--local_rank=0", "train.max_stepz=3"])
 
 
+def test_sweeps_are_checked_at_submission_by_their_first_job():
+    """A comma list without -m would stop the job with Hydra's 'Ambiguous value'; with -m, a typo in
+    a swept key or a bad first value is found before anything is queued."""
+    from launch.prepare import override_problem, plain_overrides
+
+    assert override_problem(["optim.lr=1e-3,2e-3"]).startswith("optim.lr=1e-3,2e-3 lists several values, which Hydra runs "
+                                                                "one job each only with -m")
+    assert "optim.lrr is not a config key (did you mean optim.lr?)" in override_problem(["-m", "optim.lrr=1e-3,2e-3"])
+    assert "Value 'abc'" in override_problem(["-m", "optim.lr=abc,1e-3"])
+    assert override_problem(["-m", "train.micro_batch_size=0,1"], validate=True) == "train.micro_batch_size=0 must be at least 1."
+    assert override_problem(["-m", "optim.lr=1e-3,2e-3", "peft=lora,dora", "data.train_files=[a.jsonl,b.jsonl]"]) is None
+    assert override_problem(["-m", "peft=glob(*)"], validate=True) is None  # (no first value: Hydra's own business)
+    assert plain_overrides(["-m", "peft=lora,dora", "data.seed=range(3)", "hydra.job.chdir=true"]) == ["peft=lora", "data.seed=0"]
+
+
 def test_bad_data_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})

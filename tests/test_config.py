@@ -386,16 +386,3 @@ def test_resuming_with_other_hyperparameters_is_warned(tmp_path):
     said = resume_changes(root, tag, _compose(["optim.lr=1e-4", "train.max_steps=10"]))
     assert "(the cosine lr schedule is rebuilt for the new length" in said, said
     assert "is rebuilt" not in resume_changes(root, tag, _compose(["optim.lr=1e-4", "train.max_steps=10", "optim.scheduler=constant"]))
-
-
-def test_a_fresh_run_into_a_used_directory_is_flagged(tmp_path):
-    from train.checkpoint import earlier_run_note
-
-    root = tmp_path / "checkpoints"
-    assert earlier_run_note(str(root)) is None
-    root.mkdir()
-    assert earlier_run_note(str(root)) is None
-    (root / "step_0000040").mkdir()
-    (root / "step_0000020").mkdir()
-    note = earlier_run_note(str(root))
-    assert "earlier run (step_0000020, step_0000040)" in note and "train.resume=auto continues" in note

@@ -62,6 +62,19 @@ def test_rotation_after_a_fresh_start_keeps_this_runs_newest(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004", "step_0000006"]
 
 
+def test_a_fresh_run_into_a_used_directory_is_flagged(tmp_path):
+    from train.checkpoint import earlier_run_note
+
+    root = tmp_path / "checkpoints"
+    assert earlier_run_note(str(root)) is None
+    root.mkdir()
+    assert earlier_run_note(str(root)) is None
+    (root / "step_0000040").mkdir()
+    (root / "step_0000020").mkdir()
+    note = earlier_run_note(str(root))
+    assert "earlier run (step_0000020, step_0000040)" in note and "train.resume=auto continues" in note
+
+
 def test_latest_naming_a_missing_checkpoint_is_one_sentence(tmp_path):
     from train.resume import resume_path
 

@@ -385,18 +385,3 @@ def test_submission_refuses_what_the_job_would_stop_on_but_not_the_nodes_paths(t
         proc = cli("--dry-run", f"run.root={tmp_path}", "run.name=t", "--time", limit)
         assert proc.returncode == 2 and proc.stderr.startswith(f"dialtune: error: {said}"), proc.stderr
     assert cli("--dry-run", f"run.root={tmp_path}", "run.name=t", "--time", "1-12:00").returncode == 0
-
-
-def test_sweeps_are_checked_at_submission_by_their_first_job():
-    """A comma list without -m would stop the job with Hydra's 'Ambiguous value'; with -m, a typo in
-    a swept key or a bad first value is found before anything is queued."""
-    from launch.prepare import override_problem, plain_overrides
-
-    assert override_problem(["optim.lr=1e-3,2e-3"]).startswith("optim.lr=1e-3,2e-3 lists several values, which Hydra runs "
-                                                                "one job each only with -m")
-    assert "optim.lrr is not a config key (did you mean optim.lr?)" in override_problem(["-m", "optim.lrr=1e-3,2e-3"])
-    assert "Value 'abc'" in override_problem(["-m", "optim.lr=abc,1e-3"])
-    assert override_problem(["-m", "train.micro_batch_size=0,1"], validate=True) == "train.micro_batch_size=0 must be at least 1."
-    assert override_problem(["-m", "optim.lr=1e-3,2e-3", "peft=lora,dora", "data.train_files=[a.jsonl,b.jsonl]"]) is None
-    assert override_problem(["-m", "peft=glob(*)"], validate=True) is None  # (no first value: Hydra's own business)
-    assert plain_overrides(["-m", "peft=lora,dora", "data.seed=range(3)", "hydra.job.chdir=true"]) == ["peft=lora", "data.seed=0"]
