@@ -22,10 +22,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List
 
-TRAIN_PY = Path(__file__).resolve().parent / "train.py"
+from launch.cli import TRAIN_PY  # what the launch command runs: a process running it is a rank
+
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1, signal.SIGINT: signal.SIGINT,
              signal.SIGHUP: signal.SIGTERM}
 
