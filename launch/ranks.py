@@ -9,7 +9,10 @@ process group reaches this process only), and this process passes SIGTERM, SIGUS
 SIGHUP (as SIGTERM) on to the ranks themselves (`python [-u] launch/train.py ...`), once each
 rank handles the signal (launch/train.py installs its handler before its imports: a signal sent
 earlier waits). The ranks save and exit 143 or 85 (Ctrl-C: 130 without a checkpoint), the
-launcher passes the code on. A second Ctrl-C stops everything at once.
+launcher passes the code on. A second Ctrl-C stops everything at once. Ctrl-Z stops the chain with
+this process, `fg` continues both. What this process cannot pass on (SIGKILL, SIGQUIT) still ends
+the ranks: each follows this process (train/signals.follow_supervisor) and stops within a second
+of it.
 
 Where something signals every process of the job (SLURM's scancel in a hand-written batch
 script), the launchers may die first: this process is the child subreaper of the chain (Linux),
@@ -25,6 +28,7 @@ import time
 from typing import Dict, List
 
 from launch.cli import TRAIN_PY  # what the launch command runs: a process running it is a rank
+from train.signals import SUPERVISOR_ENV, supervisor_value
 
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1, signal.SIGINT: signal.SIGINT,
              signal.SIGHUP: signal.SIGTERM}
@@ -77,7 +81,7 @@ def run_ranks(cmd: List[str], env: Dict[str, str]) -> int:
     ranks: Dict[int, psutil.Process] = {}
     delivered: Dict[int, set] = {}  # rank pid -> signals it got
     codes: Dict[int, int] = {}  # pid -> exit code of what this process reaped besides the launcher (orphans)
-    state = {"child": None, "interrupts": 0, "said": 0}
+    state = {"child": None, "interrupts": 0, "said": 0, "suspend": False}
 
     def scan() -> None:
         try:
@@ -128,7 +132,29 @@ def run_ranks(cmd: List[str], env: Dict[str, str]) -> int:
             if ranks and sent == len(ranks):
                 pending.remove(signum)
 
+    def chain(signum: int) -> None:  # the launcher's process group and every rank still running
+        try:
+            os.killpg(state["child"].pid, signum)
+        except OSError:
+            pass
+        for pid, p in ranks.items():
+            if pid not in codes:
+                try:
+                    p.send_signal(signum)
+                except psutil.Error:
+                    pass
+
+    def suspend() -> None:  # Ctrl-Z: the chain stops, then this process; `fg` continues both
+        state["suspend"] = False
+        scan()
+        chain(signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        chain(signal.SIGCONT)
+
     def on_signal(signum, frame):
+        if signum == signal.SIGTSTP:
+            state["suspend"] = True
+            return
         if signum == signal.SIGINT:
             state["interrupts"] += 1
             if state["interrupts"] > 1:  # a second Ctrl-C: everything stops now
@@ -145,8 +171,10 @@ def run_ranks(cmd: List[str], env: Dict[str, str]) -> int:
         got.append(signum)
 
     # a signal this process ignores (nohup's SIGHUP, a background job's SIGINT) stays ignored
-    previous = {sig: signal.signal(sig, on_signal) for sig in FORWARDED if signal.getsignal(sig) is not signal.SIG_IGN}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (*FORWARDED, signal.SIGTSTP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
+        env = {**env, SUPERVISOR_ENV: supervisor_value()}
         child = state["child"] = subprocess.Popen(cmd, env=env, start_new_session=True)
 
         def reap() -> None:  # the launcher, and ranks orphaned to this process
@@ -165,6 +193,8 @@ def run_ranks(cmd: List[str], env: Dict[str, str]) -> int:
 
         while True:
             time.sleep(0.5)
+            if state["suspend"]:
+                suspend()
             deliver()
             reap()
             # done once the launcher and every rank have ended (another process the chain left behind is not waited for)

@@ -30,6 +30,7 @@ if __name__ == "__main__":  # before the imports below (seconds): a SIGTERM or S
     from train import signals
 
     signals.install()
+    signals.follow_supervisor()  # ends with the `dialtune train` that started it
     # and a Ctrl-C then ends the process quietly (main() gives Ctrl-C back to Python before training)
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 

@@ -246,3 +246,33 @@ def test_dialtune_train_returns_when_its_launcher_and_ranks_are_done(tmp_path):
         assert time.time() - t0 < 10 and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_ctrl_z_stops_the_ranks_with_dialtune_train_and_a_sigkill_to_it_ends_them(tmp_path):
+    """The ranks run in a session of their own: Ctrl-Z (SIGTSTP) to `dialtune train` stops them with
+    it and SIGCONT (`fg`) continues them; SIGKILL to it (kill -9, a process-group SIGKILL) ends them
+    within seconds instead of leaving them training unattended."""
+    from launch.ranks import handles
+
+    args = [f"run.root={tmp_path}", "train.progress_bar=false", "recipe=demo", "train.max_steps=200", "logger=none",
+            "eval.every_n_steps=0", "eval.at_end=[]", "export.merge_at_end=false", "run.name=tstp"]
+    proc = _dialtune_train(args, 1)
+    deadline = time.time() + 120
+    while not (_ranks_of(proc) and handles(_ranks_of(proc)[0].pid, signal.SIGUSR1)):  # (set up before its watch)
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.05)
+    rank = _ranks_of(proc)[0]
+
+    def wait_for(check):
+        t0 = time.time()
+        while not check():
+            assert time.time() - t0 < 10
+            time.sleep(0.1)
+
+    proc.send_signal(signal.SIGTSTP)
+    wait_for(lambda: rank.status() == psutil.STATUS_STOPPED and psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED)
+    proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: rank.status() != psutil.STATUS_STOPPED)
+    proc.kill()
+    proc.communicate(timeout=30)
+    wait_for(lambda: not rank.is_running() or rank.status() == psutil.STATUS_ZOMBIE)

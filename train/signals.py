@@ -12,8 +12,12 @@ finds the run finished and writes the merge with a fresh time allocation.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-from typing import Iterator, Optional
+import sys
+import threading
+import time
+from typing import Iterator, Optional, Tuple
 
 REQUEUE_EXIT_CODE = 85
 TERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a process killed by SIGTERM reports
@@ -91,3 +95,45 @@ def ignore_further() -> None:
     """After the save a second signal must not kill the process before it exits 85."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+SUPERVISOR_ENV = "DIALTUNE_SUPERVISOR"  # "pid:start time" of the `dialtune train` that runs the ranks
+
+
+def _process(pid: int) -> Tuple[str, str]:
+    """(state, start time) of a process from /proc/<pid>/stat; ("X", "") when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
+    except (OSError, IndexError):
+        return "X", ""
+
+
+def supervisor_value() -> str:
+    """SUPERVISOR_ENV's value naming this process."""
+    return f"{os.getpid()}:{_process(os.getpid())[1]}"
+
+
+def follow_supervisor(interval: float = 1.0) -> None:
+    """A rank started by `dialtune train` (SUPERVISOR_ENV set) ends at once when that command is
+    gone (kill -9, a process-group SIGKILL, SIGQUIT): the launcher chain runs in a session of its
+    own, out of reach of what ends the command, and would otherwise train on unattended."""
+    pid, _, start = os.environ.pop(SUPERVISOR_ENV, "").partition(":")
+    if not pid.isdigit() or not start:
+        return
+
+    def watch():
+        while True:
+            state, started = _process(int(pid))
+            if state in ("Z", "X") or started != start:
+                break
+            time.sleep(interval)
+        try:
+            print(f"dialtune: the `dialtune train` command (pid {pid}) that started this process is gone; "
+                  "stopping now", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="dialtune-supervisor", daemon=True).start()
