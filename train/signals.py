@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -97,7 +98,7 @@ def ignore_further() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-SUPERVISOR_ENV = "DIALTUNE_SUPERVISOR"  # "pid:start time" of the `dialtune train` that runs the ranks
+SUPERVISOR_ENV = "DIALTUNE_SUPERVISOR"  # "host:pid:start time" of the `dialtune train` that runs the ranks
 
 
 def _process(pid: int) -> Tuple[str, str]:
@@ -112,15 +113,16 @@ def _process(pid: int) -> Tuple[str, str]:
 
 def supervisor_value() -> str:
     """SUPERVISOR_ENV's value naming this process."""
-    return f"{os.getpid()}:{_process(os.getpid())[1]}"
+    return f"{socket.gethostname()}:{os.getpid()}:{_process(os.getpid())[1]}"
 
 
 def follow_supervisor(interval: float = 1.0) -> None:
     """A rank started by `dialtune train` (SUPERVISOR_ENV set) ends at once when that command is
     gone (kill -9, a process-group SIGKILL, SIGQUIT): the launcher chain runs in a session of its
     own, out of reach of what ends the command, and would otherwise train on unattended."""
-    pid, _, start = os.environ.pop(SUPERVISOR_ENV, "").partition(":")
-    if not pid.isdigit() or not start:
+    host, _, rest = os.environ.pop(SUPERVISOR_ENV, "").partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit() or not start:  # (a rank on another node: not ours to watch)
         return
 
     def watch():
