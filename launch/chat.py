@@ -308,9 +308,13 @@ def cmd_chat(args) -> int:
 
 def main(argv=None) -> int:
     """`python -m launch.chat ...` = `dialtune chat ...`."""
-    from launch.cli import main as cli_main
+    from launch.cli import main as cli_main, quiet_exit
 
-    return cli_main(["chat", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return cli_main(["chat", *(sys.argv[1:] if argv is None else argv)])
+    finally:
+        if argv is None:
+            quiet_exit()
 
 
 if __name__ == "__main__":

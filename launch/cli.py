@@ -300,6 +300,19 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `dialtune config-doc | head`: the reader left, nothing to say (Python's documented recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except KeyboardInterrupt:  # Ctrl-C while a model loads, a merge writes...: one line, not a traceback of the import
+        print(f"\ndialtune {args.cmd}: stopped by Ctrl-C", file=sys.stderr)
+        return 130
+    finally:
+        if argv is None:  # the program itself: a Ctrl-C while Python shuts down (torch's exit hooks) is no traceback
+            quiet_exit()
+
+
+def quiet_exit() -> None:
+    """From now on Ctrl-C ends the process at once, quietly, with 130."""
+    import signal
+
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The command line as a user meets it: clear one-sentence errors, Hydra overrides that work
 under every launcher, quantized recipes on CPU."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -215,3 +217,19 @@ def test_srun_with_several_tasks_and_no_ranks_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(TRAIN_PY), f"run.root={tmp_path}", *QUICK], env=env, cwd=str(ROOT),
                           capture_output=True, text=True, timeout=300)
     _one_sentence_error(proc, "started by srun as 2 tasks without RANK/WORLD_SIZE")
+
+
+def test_a_ctrl_c_while_the_command_exits_is_no_traceback():
+    """Ctrl-C to leave `dialtune chat`, pressed twice, lands in Python's shutdown (torch's exit hooks):
+    exit 130, nothing on stderr."""
+    code = ("import atexit, os, signal, sys; from launch.cli import main; sys.argv = ['dialtune', 'config-doc']; "
+            "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT)); sys.exit(main())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr == ""
+    # and one while the command works (a model loading): one line
+    code = ("import os, signal, sys; import launch.cli as cli; "
+            "cli.cmd_config_doc = lambda args: os.kill(os.getpid(), signal.SIGINT); "
+            "sys.argv = ['dialtune', 'config-doc']; sys.exit(cli.main())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip() == "dialtune config-doc: stopped by Ctrl-C"
