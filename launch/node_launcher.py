@@ -81,6 +81,7 @@ def torchrun_main(argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGUSR1, forward)
     signal.signal(signal.SIGTERM, forward)
+    _quiet_expected_exits()
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -103,6 +104,21 @@ def torchrun_main(argv: Sequence[str]) -> int:
         return 128 - code if code < 0 else (code or 1)
     except SignalException as e:
         return 128 + int(e.sigval)
+
+
+def _quiet_expected_exits() -> None:
+    """torch-elastic logs every rank that exits non-zero as an ERROR ("failed (exitcode: 85)"):
+    not the ranks that stopped as asked (85: checkpoint saved, requeue; 143: SIGTERM, saved).
+    What failed is said above in one line either way."""
+    import logging
+    import signal
+
+    expected = {REQUEUE_EXIT_CODE, 128 + signal.SIGTERM, -signal.SIGTERM}
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("failed (exitcode") and record.args and record.args[0] in expected)
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(keep)
 
 
 if __name__ == "__main__":
