@@ -69,8 +69,19 @@ DEQUANTIZE_ERROR = 0.05  # largest relative output error of a dequantized layer,
 
 def _held_out_batch(tokenizer, texts: List[List[Dict[str, str]]], max_len: int = 256):
     rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in texts]
-    return tokenizer(rendered, return_tensors="pt", padding=True, truncation=True, max_length=max_len,
-                     add_special_tokens=False)
+    # a fast tokenizer keeps the call's truncation and padding as its state, which save_pretrained
+    # writes into tokenizer.json (whatever reads that file with `tokenizers` would cut at max_len):
+    # put them back as they were
+    backend = getattr(tokenizer, "_tokenizer", None)
+    before = (backend.truncation, backend.padding) if backend is not None else None
+    try:
+        return tokenizer(rendered, return_tensors="pt", padding=True, truncation=True, max_length=max_len,
+                         add_special_tokens=False)
+    finally:
+        if before is not None:
+            truncation, padding = before
+            backend.no_truncation() if truncation is None else backend.enable_truncation(**truncation)
+            backend.no_padding() if padding is None else backend.enable_padding(**padding)
 
 
 def default_probe() -> List[List[Dict[str, str]]]:

@@ -106,6 +106,9 @@ def test_merged_equals_base_plus_adapter(peft_runs, method):
     summary = _summary(merged_dir)
     assert summary["merge_base"] == "original" and summary["verify_max_abs_logit_diff"] <= 1e-4
     assert set(summary["eval_loss"]) == {"adapter", "merged_original"}
+    # the tokenizer as trained: no truncation/padding state left in tokenizer.json by the export's check
+    saved = json.loads((merged_dir / "tokenizer.json").read_text())
+    assert saved["truncation"] is None and saved["padding"] is None
 
 
 def test_merge_refuses_a_logit_mismatch_and_writes_nothing(peft_runs, tmp_path):

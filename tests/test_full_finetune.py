@@ -104,6 +104,8 @@ def test_the_export_holds_every_trained_weight_and_scores_the_training_runs_loss
         assert not any("lora" in n for n, _ in model.named_parameters())
         card = (merged / "README.md").read_text()
         assert "full fine-tuning (`peft=none`)" in card and "| the fine-tuned model as written |" in card
+        saved = json.loads((merged / "tokenizer.json").read_text())  # no truncation left by the export's check
+        assert saved["truncation"] is None and saved["padding"] is None
         assert (run_dir / "checkpoints" / f"step_{STEPS:07d}" / "tokenizer" / "tokenizer_config.json").is_file()
 
 
