@@ -239,6 +239,22 @@ def test_intent_examples_outside_the_label_set_are_left_out(tmp_path):
         suite.load_intents([str(f)], IntentConfig(), 0, ["z"])
 
 
+def test_intent_examples_above_the_cap_are_a_fixed_sample_across_labels_and_empty_labels_are_refused(tmp_path):
+    """A file sorted by label (BANKING77's): the first 200 of 10,000 would be one or two labels."""
+    from train.config import IntentConfig
+
+    f = tmp_path / "sorted.jsonl"
+    f.write_text("".join(json.dumps({"text": f"t{k}", "label": f"l{k // 100}"}) + "\n" for k in range(10_000)))
+    ex, labels = suite.load_intents([str(f)], IntentConfig(), 200)
+    assert len(ex) == 200 and len(labels) == 100 and len({g for _, g in ex}) > 70
+    assert ex == suite.load_intents([str(f)], IntentConfig(), 200)[0]  # the same sample every time (and rank)
+    assert [int(m[-1]["content"][1:]) for m, _ in ex] == sorted(int(m[-1]["content"][1:]) for m, _ in ex)  # file order
+    for bad, said in (({"text": "hi", "label": " "}, "the label is empty"), ({"text": "", "label": "a"}, "the text is empty")):
+        f.write_text(json.dumps({"text": "hello", "label": "a"}) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match=f"sorted.jsonl:2: {said}"):
+            suite.load_intents([str(f)], IntentConfig(), 0)
+
+
 @pytest.mark.slow
 def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path, capsys):
     """All three parts every step under ZeRO-3 with every parameter partitioned (generation with

@@ -193,7 +193,7 @@ class EvalConfig:
     intent_files: List[str] = doc([], "Labelled utterances ({'text','label'}; JSONL/JSON/CSV/Parquet) for intent accuracy, rendered like data.intent records; empty: no intent eval.")
     intent_labels: List[str] = doc([], "The label set the classifier chooses from (utterances with other labels are left out); empty: every label found in intent_files.")
     intent_modes: List[str] = doc(["loglik", "generate"], "loglik: pick the label with the highest log-likelihood (constrained choice); generate: greedy generation matched to a label (else counted unknown).")
-    intent_max_examples: int = doc(200, "Utterances scored (the first N of intent_files); 0: all.")
+    intent_max_examples: int = doc(200, "Utterances scored: a fixed random sample of N (seed 0) of intent_files; 0: all.")
     response_conversations: int = doc(32, "Held-out conversations whose last assistant turn is generated and scored (chrF, BLEU, ROUGE-L, stop and loop shares); 0: skip.")
     decoding: List[str] = doc(["greedy"], "Decodings for response quality: greedy and/or sampled.")
     temperature: float = doc(0.7, "Sampling temperature of the sampled decoding.")

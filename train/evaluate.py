@@ -134,8 +134,10 @@ def lm_eval(forward: Callable, ds, source_names: List[str], pad_id: int, mb: int
 def load_intents(files: Sequence[str], intent_cfg, max_examples: int,
                  only_labels: Sequence[str] = ()) -> Tuple[List[Tuple[List[Dict], str]], List[str]]:
     """[(prompt messages, gold label)] and the sorted label set, from {"text","label"} files.
-    With only_labels (eval.intent_labels), the examples of other labels are left out before the
-    first max_examples are taken: they could only be scored wrong and would cap the accuracy."""
+    Above max_examples, a fixed random sample of that many (seed 0, the same on every rank and run)
+    is scored, not the first ones: a file sorted by label would be scored on one or two labels. With
+    only_labels (eval.intent_labels), the examples of other labels are left out before the sample is
+    taken: they could only be scored wrong and would cap the accuracy."""
     from data_pipeline.records import Problem, read_records, to_messages
 
     examples = []
@@ -147,6 +149,9 @@ def load_intents(files: Sequence[str], intent_cfg, max_examples: int,
             if isinstance(conv, Problem):
                 raise DataError(f"{where}: {conv.message} (eval.intent_files takes {{\"text\", \"label\"}} records).")
             messages = conv[0]
+            if not messages[-1]["content"].strip() or not str(rec.get("text", "")).strip():
+                raise DataError(f"{where}: the {'label' if not messages[-1]['content'].strip() else 'text'} is empty; "
+                                "give every utterance its text and label, or leave the line out.")
             examples.append((messages[:-1], messages[-1]["content"]))
     if not examples:
         raise DataError(f"eval.intent_files {list(files)} hold no labelled utterance.")
@@ -157,7 +162,11 @@ def load_intents(files: Sequence[str], intent_cfg, max_examples: int,
             raise DataError(f"eval.intent_files {list(files)} hold no utterance labelled with one of eval.intent_labels "
                             f"{list(only_labels)}; check the label names.")
     labels = sorted({label for _, label in examples})
-    return (examples[:max_examples] if max_examples else examples), labels
+    if max_examples and len(examples) > max_examples:  # a fixed random sample, in file order: files are often sorted by label
+        import random
+
+        examples = [examples[i] for i in sorted(random.Random(0).sample(range(len(examples)), max_examples))]
+    return examples, labels
 
 
 def intent_eval(model, forward: Callable, tokenizer, eot: int, examples, labels: List[str], modes: Sequence[str],
