@@ -75,6 +75,22 @@ def test_a_fresh_run_into_a_used_directory_is_flagged(tmp_path):
     assert "earlier run (step_0000020, step_0000040)" in note and "train.resume=auto continues" in note
 
 
+def test_a_fresh_run_sets_an_earlier_runs_results_aside(tmp_path):
+    """Rerunning a run name afresh (train.resume=none, the default) and stopping early: its summary,
+    report and chat must not read the earlier run's summary.json and merged/ as this run's."""
+    args = ["recipe=demo", "logger=none", "eval.every_n_steps=0", "eval.at_end=[]", "run.name=again"]
+    train(args + ["train.max_steps=2"], tmp_path)
+    run = tmp_path / "again"
+    assert json.loads((run / "summary.json").read_text())["finished"] and (run / "merged").is_dir()
+    proc = train(args + ["train.max_steps=4", "train.stop_after_steps=1", "optim.lr=1e-3"], tmp_path)
+    earlier = [p for p in run.iterdir() if p.name.startswith("earlier-")]
+    assert len(earlier) == 1 and f"moved to {earlier[0]}" in proc.stdout + proc.stderr
+    assert json.loads((earlier[0] / "summary.json").read_text())["steps"] == 2 and (earlier[0] / "merged" / "config.json").is_file()
+    assert [r["step"] for r in read_metrics(earlier[0]) if "train/loss" in r] == [1, 2]
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1] and not (run / "merged").exists()
+    assert not json.loads((run / "summary.json").read_text()).get("finished")
+
+
 def test_latest_naming_a_missing_checkpoint_is_one_sentence(tmp_path):
     from train.resume import resume_path
 

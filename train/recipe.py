@@ -172,10 +172,12 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         raise ConfigError(str(e)) from None
     if found:
         state = resume.resume(engine, *found, cfg, scheduler, total_steps, state["data_key"], is_main, world, mb, gas, n_items)
-    elif is_main and (earlier := checkpoint.earlier_run_note(ckpt_root)):
-        log.warning(earlier)
-    elif t.resume == "auto" and is_main:
-        log.info("train.resume=auto: no finished checkpoint in %s yet; starting at step 1", ckpt_root)
+    elif is_main:  # a fresh start: an earlier run's results set aside (its checkpoints stay, with a note)
+        resume.set_aside_earlier(run_dir)
+        if earlier := checkpoint.earlier_run_note(ckpt_root):
+            log.warning(earlier)
+        elif t.resume == "auto":
+            log.info("train.resume=auto: no finished checkpoint in %s yet; starting at step 1", ckpt_root)
     state.update(world_size=world, micro_batch_size=mb, grad_accum=gas,  # what pos counts in (resume.resume_position)
                  slurm_job_id=os.environ.get("SLURM_JOB_ID"))  # a requeue of this job continues from it (resume.find_resume)
     last_step = state["step"] if checkpoint.early_stopped(state, cfg.eval.early_stopping_patience) else total_steps  # (it stopped early)

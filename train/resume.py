@@ -224,3 +224,30 @@ def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_k
     state["data_key"] = data_key
     log.info("resumed from %s/%s at step %d", root, tag, state["step"])
     return state
+
+
+EARLIER_RESULTS = ("metrics.jsonl", "summary.json", "data_stats.json", "export_summary.json", "merged", "eval", "report")
+
+
+def set_aside_earlier(run_dir: str) -> Optional[str]:
+    """A run that starts afresh in a directory an earlier run of the same name wrote: that run's
+    results (metrics, summary, merged export, eval, report) move to run_dir/earlier-<their time>/,
+    so that what this run writes is never read with them (`dialtune report`, `chat`, `eval` of a
+    run still training or stopped early). Its checkpoints stay (checkpoint.earlier_run_note).
+    Returns the folder, or None when there was nothing."""
+    import time
+
+    found = [name for name in EARLIER_RESULTS if os.path.exists(os.path.join(run_dir, name))]
+    if not found:
+        return None
+    when = max(os.path.getmtime(os.path.join(run_dir, name)) for name in found)
+    stamp = os.path.join(run_dir, "earlier-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(when)))
+    kept, n = stamp, 1
+    while os.path.exists(kept):
+        n += 1
+        kept = f"{stamp}-{n}"
+    os.makedirs(kept)
+    for name in found:
+        os.replace(os.path.join(run_dir, name), os.path.join(kept, name))
+    log.warning("%s holds an earlier run's results (%s): moved to %s, apart from this run's (delete it when no longer needed)", run_dir, ", ".join(found), kept)
+    return kept
