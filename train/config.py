@@ -259,11 +259,18 @@ def _sample(name: str) -> str:
     return str(SAMPLE_DATA / name)
 
 
-DATA_DIR_DEFAULT = "../shared/data"  # where conf/data/customer_service.yaml reads when DIALTUNE_DATA_DIR is not set
+DATA_DIR_DEFAULT = str(REPO_ROOT.parent / "shared" / "data")  # conf/data/customer_service.yaml without DIALTUNE_DATA_DIR
+
+
+def data_dir() -> str:
+    """Where data=customer_service reads: $DIALTUNE_DATA_DIR, else a shared/data folder beside the
+    project's; absolute, so that a run's config.yaml (read again by eval, merge, resume) does not
+    depend on the directory it was started from."""
+    return os.path.abspath(os.environ.get("DIALTUNE_DATA_DIR") or DATA_DIR_DEFAULT)
 
 
 def _data_dir(name: str) -> str:
-    return os.path.join(os.environ.get("DIALTUNE_DATA_DIR", DATA_DIR_DEFAULT), name)
+    return os.path.join(data_dir(), name)
 
 
 def _basename(path: str) -> str:

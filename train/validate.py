@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from data_pipeline.records import expand_pattern, is_bundled_sample
 from model.memory import budget_problem
 
-from .config import CONF_DIR, DATA_DIR_DEFAULT, ConfigError, DialtuneConfig, iter_docs
+from . import config
+from .config import CONF_DIR, ConfigError, DialtuneConfig, iter_docs
 from .bounds import bounds_problem
 from .ds_config import extra_problem, mixed_precision
 
@@ -295,10 +296,14 @@ def _missing_path_problem(key: str, path: str) -> Optional[str]:
     if found != [path]:  # a glob pattern
         return (f"{key}: the pattern {path!r} matches no file; check it ({where}"
                 + ("; a [ or ] of a folder's name is written [[] or []]" if "[" in path else "") + ").")
-    if path.startswith(DATA_DIR_DEFAULT + "/") and "DIALTUNE_DATA_DIR" not in os.environ:  # data=customer_service
-        return (f"{key}: file {path!r} does not exist: data=customer_service reads the full public files from "
-                "$DIALTUNE_DATA_DIR, which is not set; set it to the folder that holds them (the datasets "
-                "data_pipeline/sample_data/README.md names).")
+    if path.startswith(config.data_dir() + os.sep):  # data=customer_service
+        names = "data_pipeline/sample_data/FULL_DATA.md names the files and their sources"
+        if not os.environ.get("DIALTUNE_DATA_DIR"):
+            return (f"{key}: file {path!r} does not exist: data=customer_service reads the full public files from "
+                    f"$DIALTUNE_DATA_DIR, which is not set (nor is there a {config.DATA_DIR_DEFAULT}); set it to the "
+                    f"folder that holds them ({names}).")
+        return (f"{key}: file {path!r} does not exist: DIALTUNE_DATA_DIR={os.environ['DIALTUNE_DATA_DIR']} "
+                f"holds no {os.path.relpath(path, config.data_dir())}; set it to the folder that holds the full files ({names}).")
     return f"{key}: file {path!r} does not exist; check the path ({where})."
 
 
