@@ -289,6 +289,9 @@ def main(argv=None) -> int:
     args, extra = p.parse_known_args(argv)
     if extra and args.cmd == "eval" and all("=" in x and not x.startswith("-") for x in extra):
         args.overrides += extra  # overrides given after the options
+    elif extra and args.cmd == "train" and all(x in ("-m", "--multirun") or ("=" in x and not x.startswith("-")) for x in extra):
+        # a sweep, `dialtune train -m optim.lr=1e-4,2e-4` (argparse takes -m for an option of its own)
+        args.overrides = ["-m", *args.overrides, *(x for x in extra if x not in ("-m", "--multirun"))]
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd in ("demo", "train", "merge", "eval", "chat"):  # what runs DeepSpeed here (a submitted job's nodes detect theirs)

@@ -69,6 +69,17 @@ def test_the_early_config_check_keeps_lists_and_checks_a_sweeps_first_job(tmp_pa
     assert "(did you mean train.max_steps?)" in override_problem(["--local_rank=0", "train.max_stepz=3"])
 
 
+def test_dialtune_train_takes_a_sweeps_m_anywhere(capsys):
+    """`dialtune train -m ...` (as README's `python launch/train.py -m ...`) is a sweep, not an
+    unrecognized argument; checked by its first job like any other."""
+    from launch.cli import main
+
+    for argv in (["-m", "optim.lr=1e-4,2e-4", "quant=int4"], ["optim.lr=1e-4,2e-4", "--multirun", "quant=int4"]):
+        assert main(["train", "--nproc", "2", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" not in err and "quant=int4" in err and err.count("dialtune: error:") == 1, err
+
+
 def test_sweeps_are_checked_at_submission_by_their_first_job():
     """A comma list without -m would stop the job with Hydra's 'Ambiguous value'; with -m, a typo in
     a swept key or a bad first value is found before anything is queued."""
