@@ -109,7 +109,8 @@ def resolve(path: str, overrides: List[str], run_cfg=None):
                 cfg = compose(overrides)
             except (HydraException, OmegaConfBaseException) as e:
                 raise EvalError(compose_problem(e, overrides)) from None
-        return cfg, "merged", p, None, None, (run_dir / "eval" if run_dir else p / "eval")
+        # outside a run directory, beside the export: its folder stays what was exported (one to upload as it is)
+        return cfg, "merged", p, None, None, (run_dir / "eval" if run_dir else p.parent / f"{p.name}-eval")
     if ((p / "adapter").is_dir() or (p / "trainer_state.json").is_file()) and (p.parent.parent / "config.yaml").is_file():
         run_dir, adapter = p.parent.parent, p / "adapter"
         cfg = _run_config(run_dir, overrides)

@@ -59,5 +59,5 @@ def test_an_earlier_checkpoint_merged_into_the_run_and_an_export_elsewhere(peft_
     assert json.loads((tmp_path / "elsewhere" / "export_summary.json").read_text())["checkpoint"] == str(run / "checkpoints" / latest.name)
     cfg, kind, _, _, _, out = resolve(str(tmp_path / "elsewhere"), [])
     saved = OmegaConf.load(run / "config.yaml")
-    assert kind == "merged" and out == tmp_path / "elsewhere" / "eval"
+    assert kind == "merged" and out == tmp_path / "elsewhere-eval"  # beside it: the export stays as exported
     assert cfg.data.max_seq_len == saved.data.max_seq_len == 512 and cfg.run.name == saved.run.name
