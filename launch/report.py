@@ -10,6 +10,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
+from typing import Optional
 
 from train.eval_metrics import md_fence
 
@@ -171,10 +172,40 @@ def _eval_section(res: dict) -> list:
     return blocks
 
 
+def run_title(run_dir: Path) -> str:
+    """The run's name; a sweep's job: <name>-sweep/<job>."""
+    return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.parent.name.endswith("-sweep") else run_dir.name
+
+
+def _overrides(run_dir: Path) -> Optional[str]:
+    """The command line's overrides of the run (a sweep job's own values), from Hydra's record."""
+    try:
+        import yaml
+
+        found = yaml.safe_load((run_dir / "hydra" / "overrides.yaml").read_text())
+    except (OSError, ValueError, ImportError, AttributeError):
+        return None
+    return " ".join(map(str, found)) if isinstance(found, list) and found else None
+
+
+def _nothing_held_out(run_dir: Path) -> bool:
+    """Whether the run's config has nothing `dialtune eval` could measure without more files."""
+    try:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        return not (cfg.data.eval_files or cfg.data.eval_fraction or any(s.split == "eval" for s in cfg.data.sources)
+                    or cfg.eval.intent_files)
+    except Exception:  # noqa: BLE001 - no or an older config: say the usual
+        return False
+
+
 def build_blocks(run_dir: Path, rows: list, plots: dict, notes: list, max_samples: int) -> list:
-    blocks = [("h1", f"dialtune report: {run_dir.name}"), ("p", f"Run directory {run_dir.resolve()}.")]
+    blocks = [("h1", f"dialtune report: {run_title(run_dir)}"), ("p", f"Run directory {run_dir.resolve()}.")]
     summary = _load_json(run_dir / "summary.json", notes)
     last = {"logged steps": len(rows), "last logged step": rows[-1]["step"]}
+    if overrides := _overrides(run_dir):
+        last = {"overrides": overrides, **last}
     for key in ("train/loss", "eval/loss", "eval/ppl"):
         s, v = series(rows, key)
         if v:
@@ -206,7 +237,9 @@ def build_blocks(run_dir: Path, rows: list, plots: dict, notes: list, max_sample
         notes.append(f"No merged/export_summary.json: the run has no merged checkpoint yet (`dialtune merge {run_dir}`).")
     res = _load_json(run_dir / "eval" / "results.json", notes)
     if res is None and not (run_dir / "eval" / "results.json").exists():
-        notes.append(f"No eval/results.json: no end-of-training evaluation yet (`dialtune eval {run_dir}`).")
+        notes.append(f"No eval/results.json: the run has no held-out set or intent files to evaluate (`dialtune eval {run_dir} "
+                     "data.eval_files=[...]` or `eval.intent_files=[...]` measures it on files you give)." if _nothing_held_out(run_dir)
+                     else f"No eval/results.json: no end-of-training evaluation yet (`dialtune eval {run_dir}`).")
     if isinstance(res, dict):
         try:
             blocks += [("h2", "Latest evaluation"), *_eval_section(res)]
@@ -288,6 +321,10 @@ def write_report(run_dir, out_dir=None, max_samples: int = 10) -> dict:
         for up in (run_dir.parent, run_dir.parent.parent):  # <run>/merged, <run>/eval, <run>/checkpoints/step_N
             if (up / "metrics.jsonl").is_file():
                 raise ReportError(f"{run_dir} lies inside the run directory {up}: pass that (`dialtune report {up}`).")
+        jobs = sorted((d.name for d in run_dir.iterdir() if (d / "metrics.jsonl").is_file()), key=lambda n: (len(n), n))
+        if jobs:  # <name>-sweep/: a run directory per job
+            raise ReportError(f"{run_dir} holds the runs of a sweep, each a run directory of its own: report one of them, "
+                              f"e.g. `dialtune report {run_dir / jobs[0]}` (jobs: {', '.join(jobs)}).")
         raise ReportError(f"{run_dir} has no metrics.jsonl: is it a dialtune run directory?")
     notes = []
     rows = read_metrics(metrics, notes)
@@ -305,7 +342,7 @@ def write_report(run_dir, out_dir=None, max_samples: int = 10) -> dict:
             written[name] = out / f"{name}.png"
     blocks = build_blocks(run_dir, rows, dict(written), notes, max_samples)
     (out / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
-    (out / "report.html").write_text(to_html(blocks, f"dialtune report: {run_dir.name}"), encoding="utf-8")
+    (out / "report.html").write_text(to_html(blocks, f"dialtune report: {run_title(run_dir)}"), encoding="utf-8")
     written.update(markdown=out / "report.md", html=out / "report.html")
     return {k: str(v) for k, v in written.items()}
 

@@ -146,6 +146,25 @@ def test_metrics_without_eval_or_anything_else(tmp_path):
     assert "No data_stats.json" in md
 
 
+def test_a_sweeps_directory_names_its_jobs_and_a_jobs_report_its_values(tmp_path):
+    from launch.report import ReportError
+
+    sweep = tmp_path / "demo-sweep"
+    for job, lr in (("0", "0.0001"), ("1", "0.0002"), ("10", "0.0003")):
+        (sweep / job / "hydra").mkdir(parents=True)
+        _write_jsonl(sweep / job / "metrics.jsonl", _metrics_rows(with_eval=False))
+        (sweep / job / "hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n- train.max_steps=10\n")
+    (sweep / "multirun.yaml").write_text("{}\n")
+    with pytest.raises(ReportError, match=rf"^{sweep} holds the runs of a sweep.*`dialtune report {sweep / '0'}` \(jobs: 0, 1, 10\)"):
+        write_report(sweep)
+    (sweep / "1" / "config.yaml").write_text("data:\n  eval_files: []\n  eval_fraction: 0.0\n  sources: []\neval:\n  intent_files: []\n")
+    write_report(sweep / "1")
+    md = (sweep / "1" / "report" / "report.md").read_text()
+    assert md.startswith("# dialtune report: demo-sweep/1") and "| overrides | optim.lr=0.0002 train.max_steps=10 |" in md
+    # nothing held out: the note does not send the user to an eval that has nothing to measure
+    assert "No eval/results.json: the run has no held-out set or intent files to evaluate" in md
+
+
 def test_a_directory_inside_a_run_names_the_run(run_dir):
     from launch.report import ReportError
 
