@@ -17,6 +17,16 @@ os.environ.pop("WANDB_API_KEY", None)
 TRAIN_PY = ROOT / "launch" / "train.py"
 TOKENIZER_DIR = ROOT / "model" / "tiny" / "tokenizer"
 
+# The files that take longest (real 2-rank runs, the SLURM cluster), started first: with two
+# workers (pytest-xdist, a file per worker at a time) none of them is left to run alone at the end.
+LONGEST_FIRST = ("test_slurm_cluster.py", "test_e2e.py", "test_preemption.py", "test_resume.py", "test_robustness.py",
+                 "test_full_finetune.py", "test_eval.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(LONGEST_FIRST)))  # (stable: the rest as collected)
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
