@@ -15,7 +15,7 @@ import shutil
 import time
 from typing import Dict, List
 
-from .cache_lock import read_holder, take_lock
+from .cache_lock import holder_is_dead, read_holder, take_lock
 from .chat import DataError
 from .dataset import DATA_VERSION, EVAL_MESSAGES, build, data_warnings, sources_of, validated_conversations
 from .records import is_bundled_sample
@@ -108,6 +108,23 @@ def _stop_as_strict(d, path: str, stats: Dict) -> None:
                     "to train without them.")
 
 
+def _waiting_note(lock: str, path: str, waited: float, tried: bool) -> str:
+    """What a waiting process says every minute: who builds, and what to do if nobody does any more
+    (tried: this process just failed to take the lock, so it is held)."""
+    excl = lock + ".excl"
+    if os.path.isfile(excl):
+        holder = read_holder(excl) or "another process"
+        return (f"data: waiting for {holder} to prepare {path} ({waited:.0f} s so far; if that process died, "
+                f"delete {excl})")
+    holder = read_holder(lock) or "another process"
+    if tried and holder_is_dead(lock):  # held, yet not by the process that took it
+        return (f"data: waiting for {lock} ({waited:.0f} s so far): {holder} took it and is gone, and a process it started "
+                f"still holds it (`fuser -v {lock}` names it); end that process, or delete {lock} if nothing prepares "
+                f"{path} any more.")
+    return (f"data: waiting for {holder} to prepare {path} ({waited:.0f} s so far; if no process prepares it any more, "
+            f"`fuser -v {lock}` names the one that holds the lock: end it, or delete {lock})")
+
+
 def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, poll_s: float = 1.0):
     """(train, eval, train_packs, stats, path): a cache hit loads; otherwise one process per
     cache directory builds while the others wait on the filesystem. Either way the stats'
@@ -156,10 +173,7 @@ def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, po
             if info.get("token") == _job_token():
                 raise DataError(info["message"])
         if time.time() - last_note > 60:
-            excl = lock + ".excl"
-            holder = read_holder(excl) or read_holder(lock) or "another process"
-            log(f"data: waiting for {holder} to prepare {path} ({time.time() - waited:.0f} s so far"
-                + (f"; if that process died, delete {excl})" if os.path.isfile(excl) else ")"))
+            log(_waiting_note(lock, path, time.time() - waited, local_rank == 0))
             last_note = time.time()
         time.sleep(poll_s)
     train, evals, packs, stats = load(path)
