@@ -106,6 +106,7 @@ def validated_conversations(d, report: Report):
             yield {"messages": cleaned, "source": k, "where": where, "split": split, "hash": content}
         if report.read == read_before:
             report.empty_files.append(s["path"])
+    report.finished = True
     report.raise_errors()
 
 
@@ -197,7 +198,7 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                 cause = cause.__cause__ or cause.__context__
             if cause is not None:
                 raise cause from None
-            if report.kept:
+            if report.kept or not report.finished:  # (a failure to read, not a build without rows)
                 raise
             raw = None
         if report.kept == 0:

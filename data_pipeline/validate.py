@@ -94,6 +94,7 @@ class Report:
         self.read = 0
         self.kept = 0
         self.empty_files: List[str] = []  # sources that held no record at all
+        self.finished = False  # every source read to its end
 
     def problem(self, where: str, p: Problem) -> None:
         self.counts[p.reason] += 1

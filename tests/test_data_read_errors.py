@@ -36,3 +36,39 @@ def test_a_lone_surrogate_is_named_in_strict_mode_and_skipped_in_lenient(tmp_pat
     p = subprocess.run([sys.executable, "-m", "launch.cli", "prepare", "data=custom", f"data.train_files=[{path}]",
                         f"data.cache_dir={tmp_path / 'c'}"], env=run_env(), capture_output=True, text=True, cwd=str(ROOT), timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr and f"dialtune: error: {path}:3: " in p.stderr, p.stderr[-2000:]
+
+
+def test_invalid_utf8_in_json_and_csv_files_is_one_error_per_line_like_jsonl(tmp_path):
+    items = [json.dumps(r, indent=1) for r in GOOD]
+    text = ("[\n" + ",\n".join(items) + "\n]\n").encode()
+    bad_line = text[:text.index(b"question 2")].count(b"\n") + 1
+    path = tmp_path / "a.json"
+    path.write_bytes(text.replace(b"question 2", b"question \xff2"))
+    _fails(tmp_path, [path], f"{path}:{bad_line}: invalid UTF-8 byte 0xff at byte ")
+    stats = _build(tmp_path, [path], on_error="lenient")
+    v = stats["validation"]
+    assert v["records_read"] == len(GOOD) and v["skipped"] == {"invalid_utf8": 1}
+    assert v["skipped_examples"]["invalid_utf8"] == [f"{path}:{bad_line}"]
+
+    rows = [b"prompt,completion", b"p0,c0", b"p\xff1,c1", b"p2,c2", b'"p3\nstill p3",c3', b"p4,\" \"", b"p5,c5"]
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    _fails(tmp_path, [path], f"{path}:3: invalid UTF-8 byte 0xff at byte 1 of the line")
+    v = _build(tmp_path, [path], on_error="lenient")["validation"]
+    assert v["records_read"] == 6 and v["records_kept"] == 4  # the bad row counted, not dropped
+    assert v["skipped_examples"] == {"invalid_utf8": [f"{path}:3"], "empty_content": [f"{path}:7"]}  # lines after it right
+    path.write_bytes(b"pr\xffompt,completion\np,c\n")
+    _fails(tmp_path, [path], f"{path}:1: invalid UTF-8 byte 0xff at byte 2 of the line; re-encode the file as UTF-8 (in the header row).")
+
+
+def test_a_damaged_parquet_file_is_named_with_the_parquet_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(6)], "completion": [f"c{i}" for i in range(6)]}), good)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[:200])
+    want = f"{cut}: not a readable Parquet file (Parquet magic bytes not found in footer."
+    _fails(tmp_path, [cut], want)  # the only file: not "no usable conversation (0 records read)"
+    _fails(tmp_path, [jsonl(tmp_path / "a.jsonl", GOOD), cut], want)  # a second file: not a traceback
