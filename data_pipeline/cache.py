@@ -18,7 +18,7 @@ from typing import Dict, List
 from .cache_lock import holder_is_dead, read_holder, take_lock
 from .chat import DataError
 from .dataset import DATA_VERSION, EVAL_MESSAGES, build, data_warnings, sources_of, validated_conversations
-from .records import is_bundled_sample
+from .records import folder_problem, is_bundled_sample
 from .validate import Report, counts_text
 
 
@@ -37,6 +37,8 @@ def cache_key(d, tokenizer, eot_id: int) -> str:
 
     h = hashlib.sha256(f"dialtune-data-v{DATA_VERSION}".encode())
     for s in sources_of(d):
+        if problem := folder_problem(s["path"]):  # before hashing all of it
+            raise DataError(problem)
         h.update(json.dumps(s, sort_keys=True).encode())
         _digest_path(h, s["path"])
     h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer).encode())

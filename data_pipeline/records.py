@@ -22,6 +22,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
@@ -88,25 +89,64 @@ def _text_lines(path: str, utf16: str) -> Iterator[Tuple[int, Any]]:
     """(line number, str | Problem) for each line; UTF-8 with optional BOM, UTF-16 by policy."""
     from .chat import DataError
 
-    with _open_binary(path) as raw:
-        head = raw.peek(4)[:4]  # look without consuming
-        is_utf16 = head[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(head) >= 2 and (head[0] == 0 or head[1] == 0))
-        if is_utf16:
-            if utf16 != "convert":
-                raise DataError(f"{path}: the file is UTF-16 encoded; re-encode it as UTF-8 or set data.utf16=convert.")
-            data = raw.read()
-            enc = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-16-be" if head[0] == 0 else "utf-16-le")
-            for n, line in enumerate(io.StringIO(data.decode(enc)), 1):
-                yield n, line
-            return
-        for n, line in enumerate(raw, 1):
-            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            try:
-                yield n, line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, Problem("invalid_utf8", f"invalid UTF-8 byte 0x{line[e.start]:02x} at byte {e.start} of the line; "
-                                 "re-encode the file as UTF-8", line.decode("utf-8", errors="replace"))
+    n = 0
+    try:
+        with _open_binary(path) as raw:
+            head = raw.peek(4)[:4]  # look without consuming
+            if head[:2] == b"\x1f\x8b" and not path.endswith(".gz"):
+                raise DataError(f"{path}: the file is gzip-compressed (it starts with the bytes 1f 8b), though its name does "
+                                f"not end in .gz; name it {os.path.basename(path)}.gz.")
+            is_utf16 = head[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(head) >= 2 and (head[0] == 0 or head[1] == 0))
+            if is_utf16:
+                if utf16 != "convert":
+                    raise DataError(f"{path}: the file is UTF-16 encoded; re-encode it as UTF-8 or set data.utf16=convert.")
+                data = raw.read()
+                enc = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-16-be" if head[0] == 0 else "utf-16-le")
+                for n, line in enumerate(io.StringIO(data.decode(enc)), 1):
+                    yield n, line
+                return
+            for n, line in enumerate(raw, 1):
+                if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                try:
+                    yield n, line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield n, Problem("invalid_utf8", f"invalid UTF-8 byte 0x{line[e.start]:02x} at byte {e.start} of the line; "
+                                     "re-encode the file as UTF-8", line.decode("utf-8", errors="replace"))
+    except gzip.BadGzipFile as e:
+        if n == 0 and str(e).startswith("Not a gzipped file"):
+            raise DataError(f"{path}: not gzip-compressed, though its name ends in .gz; rename it without .gz (or compress "
+                            "it with gzip).") from None
+        raise _corrupt_gzip(path, n, e) from None
+    except (zlib.error, EOFError) as e:
+        if not path.endswith(".gz"):
+            raise
+        raise _corrupt_gzip(path, n, e) from None
+
+
+def _corrupt_gzip(path: str, n: int, e: Exception):
+    from .chat import DataError
+
+    where = f"after line {n}" if n else "at its start"
+    if isinstance(e, EOFError):
+        return DataError(f"{path}: the gzip data is cut short {where} ({e}); the file is incomplete (an interrupted copy or "
+                         "download): fetch or compress it again.")
+    return DataError(f"{path}: the gzip data is corrupt (found {where}: {e}); the file was damaged (in a copy or a "
+                     "download): fetch or compress it again.")
+
+
+def gzip_damage(path: str) -> Optional[str]:
+    """For a .gz file whose records read as garbage: the sentence saying where its gzip data is corrupt, else None."""
+    if not path.endswith(".gz") or not os.path.isfile(path):
+        return None
+    n = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            for n, _ in enumerate(f, 1):
+                pass
+    except (gzip.BadGzipFile, zlib.error, EOFError) as e:
+        return None if n == 0 and str(e).startswith("Not a gzipped file") else str(_corrupt_gzip(path, n, e))
+    return None
 
 
 def _json_items(path: str, utf16: str) -> Iterator[Tuple[str, Any]]:
@@ -204,6 +244,8 @@ def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:
         elif kind == "parquet":
             yield from _parquet_rows(path)
         else:
+            if problem := folder_problem(path):
+                raise DataError(problem)
             from datasets import load_from_disk
 
             ds = load_from_disk(path)
@@ -211,9 +253,6 @@ def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:
                 ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
             for i, row in enumerate(ds):
                 yield f"{path}:row {i + 1}", row
-    except gzip.BadGzipFile:
-        raise DataError(f"{path}: not gzip-compressed, though its name ends in .gz; rename it without .gz (or compress "
-                        "it with gzip).") from None
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot be read ({e}); check that it exists and is a readable {kind} file.") from None
 
@@ -234,6 +273,18 @@ def _parquet_rows(path: str) -> Iterator[Tuple[str, Any]]:
         after = f" after row {n}" if n else ""
         raise DataError(f"{path}: not a readable Parquet file{after} ({str(e).strip().splitlines()[0]}); it is damaged or cut "
                         "short, or not Parquet: write or copy it again.") from None
+
+
+def folder_problem(path: str) -> Optional[str]:
+    """The sentence for a data path that is a plain folder (not one `datasets` saved), else None."""
+    if not os.path.isdir(path) or _saved_dataset(path):
+        return None
+    names = sorted(os.listdir(path))
+    ext = next((e for e in (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".parquet")
+                if any(n.endswith(e) for n in names)), ".jsonl")
+    return (f"{path} is a folder, not a data file or a saved `datasets` directory; to read the files in it, give a glob "
+            f"pattern, such as '{os.path.join(path, '*' + ext)}' (or '{os.path.join(path, '**', '*' + ext)}' to take its "
+            "subfolders' too).")
 
 
 def _parse_json(line: str):

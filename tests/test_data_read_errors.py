@@ -1,7 +1,9 @@
 """Files that cannot be read as they are (bad bytes, lone surrogates, damaged gzip or Parquet, a
 gzip file without .gz, a folder): one sentence naming the file (and line), never a traceback, and
 never a record lost without a word."""
+import gzip
 import json
+import random
 import re
 import subprocess
 import sys
@@ -72,3 +74,52 @@ def test_a_damaged_parquet_file_is_named_with_the_parquet_error(tmp_path):
     want = f"{cut}: not a readable Parquet file (Parquet magic bytes not found in footer."
     _fails(tmp_path, [cut], want)  # the only file: not "no usable conversation (0 records read)"
     _fails(tmp_path, [jsonl(tmp_path / "a.jsonl", GOOD), cut], want)  # a second file: not a traceback
+
+
+def _compressed(rng_seed=0, n=3000):
+    rng = random.Random(rng_seed)
+    rows = [{"messages": [{"role": "user", "content": f"q{i} {rng.random()}"}, {"role": "assistant", "content": "a"}]}
+            for i in range(n)]
+    return gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), mtime=0)
+
+
+@pytest.mark.parametrize("on_error", ["strict", "lenient"])
+def test_a_damaged_gzip_file_is_called_corrupt_or_cut_short(tmp_path, on_error):
+    data = _compressed()
+    crc = bytearray(data)
+    crc[-8] ^= 0xFF  # the CRC-32 in the trailer
+    mid = bytearray(data)
+    for k in range(len(mid) // 2, len(mid) // 2 + 40):
+        mid[k] ^= 0x55
+    files = {"crc": bytes(crc), "mid": bytes(mid), "cut": data[: len(data) // 2]}
+    for name, content in files.items():
+        path = tmp_path / f"{name}.jsonl.gz"
+        path.write_bytes(content)
+        with pytest.raises(DataError) as e:
+            _build(tmp_path, [path], on_error=on_error)
+        said = str(e.value)
+        assert "not gzip-compressed" not in said and "\n" not in said, said
+        if name == "cut":
+            assert re.fullmatch(rf"{re.escape(str(path))}: the gzip data is cut short after line \d+ \(Compressed file ended .*\); "
+                                r"the file is incomplete \(an interrupted copy or download\): fetch or compress it again\.", said), said
+        else:
+            assert said.startswith(f"{path}: the gzip data is corrupt (found after line ") and said.endswith(
+                "the file was damaged (in a copy or a download): fetch or compress it again."), said
+
+
+def test_a_gzip_file_without_gz_and_a_folder_are_named_as_such(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(_compressed(n=5))
+    _fails(tmp_path, [path], f"{path}: the file is gzip-compressed (it starts with the bytes 1f 8b), though its name does not "
+                             "end in .gz; name it a.jsonl.gz.")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(2):
+        jsonl(folder / f"part-{k}.jsonl", GOOD[3 * k:3 * k + 3])
+    _fails(tmp_path, [folder], f"{folder} is a folder, not a data file or a saved `datasets` directory; to read the files "
+                               f"in it, give a glob pattern, such as '{folder}/*.jsonl' (or '{folder}/**/*.jsonl'")
+    from data_pipeline.cache import prepare_cached  # the key hashes no folder it is refused for
+
+    with pytest.raises(DataError, match="is a folder"):
+        prepare_cached(dcfg(tmp_path, train_files=[str(folder)]), *tiny_tok(), log=lambda m: None)
+    assert _build(tmp_path, [f"{folder}/*.jsonl"])["train"]["conversations"] == len(GOOD)  # what it says works
