@@ -8,10 +8,12 @@ collective times out while a large corpus is prepared.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from typing import Dict, List
 
@@ -110,6 +112,29 @@ def _stop_as_strict(d, path: str, stats: Dict) -> None:
                     "to train without them.")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _as_data_error(e: BaseException, d, path: str):
+    """A build failure the user can fix, as one sentence (DataError), or None."""
+    if isinstance(e, DataError):
+        return e
+    chain, seen = e, set()
+    while chain is not None and id(chain) not in seen:  # datasets wraps what its writer or generator raised
+        seen.add(id(chain))
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = f" ({chain.filename})" if chain.filename else ""
+            return DataError(f"writing the data cache {path} failed: {chain.strerror}{where}; free space there (or raise the "
+                             "disk quota or file-size limit), or set data.cache_dir to a disk with room.")
+        if isinstance(chain, RuntimeError) and "subprocesses has abruptly died" in str(chain):
+            return DataError(f"a tokenization worker (data.num_proc={d.num_proc}) died while preparing {path}, killed (most "
+                             "likely out of memory); lower data.num_proc, or give the job more memory.")
+        chain = chain.__cause__ or chain.__context__
+    return None
+
+
 def _waiting_note(lock: str, path: str, waited: float, tried: bool) -> str:
     """What a waiting process says every minute: who builds, and what to do if nobody does any more
     (tried: this process just failed to take the lock, so it is held)."""
@@ -118,6 +143,8 @@ def _waiting_note(lock: str, path: str, waited: float, tried: bool) -> str:
         holder = read_holder(excl) or "another process"
         return (f"data: waiting for {holder} to prepare {path} ({waited:.0f} s so far; if that process died, "
                 f"delete {excl})")
+    if not os.path.exists(lock):  # nobody builds yet (the local rank 0 that will has not looked)
+        return f"data: waiting for {path} to be prepared ({waited:.0f} s so far)"
     holder = read_holder(lock) or "another process"
     if tried and holder_is_dead(lock):  # held, yet not by the process that took it
         return (f"data: waiting for {lock} ({waited:.0f} s so far): {holder} took it and is gone, and a process it started "
@@ -163,10 +190,18 @@ def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, po
                     for line in data_warnings(stats):
                         log(line)
                     return (*load(path)[:3], stats, path)
-                except DataError as e:
-                    with open(failed, "w") as f:
-                        json.dump({"token": _job_token(), "message": str(e)}, f)
-                    raise
+                except BaseException as e:  # any failure: the job's other ranks wait for this file, never forever
+                    known = _as_data_error(e, d, path)
+                    try:
+                        with open(failed, "w") as f:
+                            json.dump({"token": _job_token(), "message": str(known) if known else
+                                       f"preparing {path} failed on {socket.gethostname()} ({_first_line(e)}); its "
+                                       "traceback is in that process's output."}, f)
+                    except OSError:
+                        pass  # (a full disk) what failed the build matters more
+                    if known is None or known is e:
+                        raise
+                    raise known from None
                 finally:
                     release()
         if os.path.isfile(failed):

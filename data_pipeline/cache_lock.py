@@ -15,12 +15,14 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Callable, Optional
 
 _held_fds: set = set()  # flock'd fds of the locks this process holds
 _holding = 0  # locks (of either kind) this process holds
 _holder_pid = 0  # the process that took them (a forked child is not it)
+_main_forks = True  # the thread that forks now is the main thread
 _PR_SET_PDEATHSIG = 1
 
 
@@ -32,6 +34,12 @@ def _libc():
 
 
 _LIBC = _libc()  # resolved here: a forked child of a threaded parent should not load libraries
+
+
+def _forking() -> None:
+    """Before fork, in the parent: note whether the main thread forks (see _in_forked_child)."""
+    global _main_forks
+    _main_forks = threading.current_thread() is threading.main_thread()
 
 
 def _in_forked_child() -> None:
@@ -47,14 +55,23 @@ def _in_forked_child() -> None:
             pass
     _held_fds.clear()
     _holding = 0
-    if _LIBC is not None:
+    if _LIBC is not None and _main_forks:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != _holder_pid:  # the parent died before prctl: nobody would send the signal
-            os._exit(1)
+    else:  # the kernel's signal follows the forking *thread*, and a pool's helper thread that starts a replacement
+        # worker ends before the pool: the worker would die too soon, holding the pool's queue lock (terminate hangs)
+        threading.Thread(target=_exit_with_parent, daemon=True).start()
+    if os.getppid() != _holder_pid:  # the parent died before we looked: nobody would signal us
+        os._exit(1)
+
+
+def _exit_with_parent() -> None:
+    while os.getppid() == _holder_pid:
+        time.sleep(1)
+    os._exit(1)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_in_forked_child)
+    os.register_at_fork(before=_forking, after_in_child=_in_forked_child)
 
 
 def _hold(fd: Optional[int]) -> None:
