@@ -8,17 +8,19 @@ collective times out while a large corpus is prepared.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from typing import Dict, List
 
-from .cache_lock import read_holder, take_lock
+from .cache_lock import holder_is_dead, read_holder, take_lock
 from .chat import DataError
 from .dataset import DATA_VERSION, EVAL_MESSAGES, build, data_warnings, sources_of, validated_conversations
-from .records import is_bundled_sample
+from .records import folder_problem, is_bundled_sample
 from .validate import Report, counts_text
 
 
@@ -37,6 +39,8 @@ def cache_key(d, tokenizer, eot_id: int) -> str:
 
     h = hashlib.sha256(f"dialtune-data-v{DATA_VERSION}".encode())
     for s in sources_of(d):
+        if problem := folder_problem(s["path"]):  # before hashing all of it
+            raise DataError(problem)
         h.update(json.dumps(s, sort_keys=True).encode())
         _digest_path(h, s["path"])
     h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer).encode())
@@ -108,6 +112,48 @@ def _stop_as_strict(d, path: str, stats: Dict) -> None:
                     "to train without them.")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _as_data_error(e: BaseException, d, path: str):
+    """A build failure the user can fix, as one sentence (DataError), or None."""
+    if isinstance(e, DataError):
+        return e
+    chain, seen = e, set()
+    while chain is not None and id(chain) not in seen:  # datasets wraps what its writer or generator raised
+        seen.add(id(chain))
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = f" ({chain.filename})" if chain.filename else ""
+            return DataError(f"writing the data cache {path} failed: {chain.strerror}{where}; free space there (or raise the "
+                             "disk quota or file-size limit), or set data.cache_dir to a disk with room.")
+        if isinstance(chain, RuntimeError) and "subprocesses has abruptly died" in str(chain):
+            return DataError(f"a tokenization worker (data.num_proc={d.num_proc}) died while preparing {path}, killed (most "
+                             "likely out of memory); lower data.num_proc, or give the job more memory.")
+        chain = chain.__cause__ or chain.__context__
+    return None
+
+
+def _waiting_note(lock: str, path: str, waited: float, tried: bool) -> str:
+    """What a waiting process says every minute: who builds, and what to do if nobody does any more
+    (tried: this process just failed to take the lock, so it is held)."""
+    excl = lock + ".excl"
+    if os.path.isfile(excl):
+        holder = read_holder(excl) or "another process"
+        return (f"data: waiting for {holder} to prepare {path} ({waited:.0f} s so far; if that process died, "
+                f"delete {excl})")
+    if not os.path.exists(lock):  # nobody builds yet (the local rank 0 that will has not looked)
+        return f"data: waiting for {path} to be prepared ({waited:.0f} s so far)"
+    holder = read_holder(lock) or "another process"
+    if tried and holder_is_dead(lock):  # held, yet not by the process that took it
+        return (f"data: waiting for {lock} ({waited:.0f} s so far): {holder} took it and is gone, and a process it started "
+                f"still holds it (`fuser -v {lock}` names it); end that process, or delete {lock} if nothing prepares "
+                f"{path} any more.")
+    return (f"data: waiting for {holder} to prepare {path} ({waited:.0f} s so far; if no process prepares it any more, "
+            f"`fuser -v {lock}` names the one that holds the lock: end it, or delete {lock})")
+
+
 def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, poll_s: float = 1.0):
     """(train, eval, train_packs, stats, path): a cache hit loads; otherwise one process per
     cache directory builds while the others wait on the filesystem. Either way the stats'
@@ -144,10 +190,18 @@ def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, po
                     for line in data_warnings(stats):
                         log(line)
                     return (*load(path)[:3], stats, path)
-                except DataError as e:
-                    with open(failed, "w") as f:
-                        json.dump({"token": _job_token(), "message": str(e)}, f)
-                    raise
+                except BaseException as e:  # any failure: the job's other ranks wait for this file, never forever
+                    known = _as_data_error(e, d, path)
+                    try:
+                        with open(failed, "w") as f:
+                            json.dump({"token": _job_token(), "message": str(known) if known else
+                                       f"preparing {path} failed on {socket.gethostname()} ({_first_line(e)}); its "
+                                       "traceback is in that process's output."}, f)
+                    except OSError:
+                        pass  # (a full disk) what failed the build matters more
+                    if known is None or known is e:
+                        raise
+                    raise known from None
                 finally:
                     release()
         if os.path.isfile(failed):
@@ -156,10 +210,7 @@ def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, po
             if info.get("token") == _job_token():
                 raise DataError(info["message"])
         if time.time() - last_note > 60:
-            excl = lock + ".excl"
-            holder = read_holder(excl) or read_holder(lock) or "another process"
-            log(f"data: waiting for {holder} to prepare {path} ({time.time() - waited:.0f} s so far"
-                + (f"; if that process died, delete {excl})" if os.path.isfile(excl) else ")"))
+            log(_waiting_note(lock, path, time.time() - waited, local_rank == 0))
             last_note = time.time()
         time.sleep(poll_s)
     train, evals, packs, stats = load(path)

@@ -1,14 +1,91 @@
 """The cache-build lock of data_pipeline/cache.py: one builder per cache key, and a killed
 builder blocks nobody (flock, released by the kernel however its holder exits; an O_EXCL file
-with dead-pid takeover on filesystems without flock)."""
+with dead-pid takeover on filesystems without flock).
+
+An flock belongs to the open file, which fork shares: a process forked while the lock is held
+(the `datasets` map workers of data.num_proc > 1) would keep it after the builder was killed,
+and such workers, orphaned, wait forever. So a child forked while this process holds a lock
+closes its copy of the lock's fd at once and is killed by the kernel when its parent dies."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 from typing import Callable, Optional
+
+_held_fds: set = set()  # flock'd fds of the locks this process holds
+_holding = 0  # locks (of either kind) this process holds
+_holder_pid = 0  # the process that took them (a forked child is not it)
+_main_forks = True  # the thread that forks now is the main thread
+_PR_SET_PDEATHSIG = 1
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()  # resolved here: a forked child of a threaded parent should not load libraries
+
+
+def _forking() -> None:
+    """Before fork, in the parent: note whether the main thread forks (see _in_forked_child)."""
+    global _main_forks
+    _main_forks = threading.current_thread() is threading.main_thread()
+
+
+def _in_forked_child() -> None:
+    """After fork, in the child: drop this process's locks and die with the parent (it is a worker
+    of the build, e.g. a datasets map worker, that must neither outlive it nor hold its lock)."""
+    global _holding
+    if not _holding:
+        return
+    for fd in _held_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+    _holding = 0
+    if _LIBC is not None and _main_forks:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    else:  # the kernel's signal follows the forking *thread*, and a pool's helper thread that starts a replacement
+        # worker ends before the pool: the worker would die too soon, holding the pool's queue lock (terminate hangs)
+        threading.Thread(target=_exit_with_parent, daemon=True).start()
+    if os.getppid() != _holder_pid:  # the parent died before we looked: nobody would signal us
+        os._exit(1)
+
+
+def _exit_with_parent() -> None:
+    while os.getppid() == _holder_pid:
+        time.sleep(1)
+    os._exit(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_forking, after_in_child=_in_forked_child)
+
+
+def _hold(fd: Optional[int]) -> None:
+    global _holding, _holder_pid
+    if fd is not None:
+        _held_fds.add(fd)
+    _holding += 1
+    _holder_pid = os.getpid()
+
+
+def _unhold(fd: Optional[int]) -> None:
+    global _holding
+    _held_fds.discard(fd)
+    _holding = max(0, _holding - 1)
 
 
 def _holder_line() -> str:
@@ -58,9 +135,11 @@ def take_lock(lock: str) -> Optional[Callable[[], None]]:
             continue
         os.ftruncate(fd, 0)
         os.write(fd, _holder_line().encode())
+        _hold(fd)
 
         def release():
             _remove(lock)  # while still holding it: a waiter that opened this file sees the inode change
+            _unhold(fd)
             os.close(fd)
 
         return release
@@ -71,17 +150,23 @@ def _take_excl_lock(lock: str) -> Optional[Callable[[], None]]:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
-            if not _holder_is_dead(lock):
+            if not holder_is_dead(lock):
                 return None
             _remove(lock)  # its holder died on this host: take over
             continue
         with os.fdopen(fd, "w") as f:
             f.write(_holder_line())
-        return lambda: _remove(lock)
+        _hold(None)
+
+        def release():
+            _unhold(None)
+            _remove(lock)
+
+        return release
     return None
 
 
-def _holder_is_dead(lock: str) -> bool:
+def holder_is_dead(lock: str) -> bool:
     """True only for a holder on this host whose pid no longer exists (elsewhere: unknowable)."""
     try:
         host, _, pid = read_holder(lock).split()[:3]

@@ -18,7 +18,7 @@ import numpy as np
 
 from .chat import DataError, encode
 from .packing import fill_ratio, pack
-from .records import Problem, expand_pattern, read_records, to_messages
+from .records import Problem, expand_pattern, gzip_damage, read_records, to_messages
 from .validate import Report, clean, counts_text
 
 EVAL_MESSAGES = "eval_messages.jsonl"
@@ -75,37 +75,43 @@ def validated_conversations(d, report: Report):
     intent = SimpleNamespace(**d.intent)
     for k, s in enumerate(sources_of(d)):
         read_before = report.read
-        for where, rec in read_records(s["path"], d.utf16):
-            report.read += 1
-            if isinstance(rec, Problem):
-                report.problem(where, rec)
-                continue
-            conv = to_messages(rec, s["format"], intent)
-            if isinstance(conv, Problem):
-                report.problem(where, conv)
-                continue
-            messages, rid = conv
-            if rid is not None and d.duplicate_ids == "reject":
-                key = (s["split"], str(rid))
-                if key in seen_ids:
-                    report.problem(where, Problem("duplicate_id", f"id {rid!r} already appeared at {seen_ids[key]}; "
-                                                                  "remove one copy (or set data.duplicate_ids=keep)"))
+        try:
+            for where, rec in read_records(s["path"], d.utf16):
+                report.read += 1
+                if isinstance(rec, Problem):
+                    report.problem(where, rec)
                     continue
-                seen_ids[key] = where
-            if s["system_prompt"] and isinstance(messages, list) and not (
-                    messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
-                messages = [{"role": "system", "content": s["system_prompt"]}] + messages
-            cleaned = clean(messages, policy, report.fixes)
-            if isinstance(cleaned, Problem):
-                report.problem(where, cleaned)
-                continue
-            report.kept += 1
-            split, content = s["split"], content_hash(cleaned)
-            if carve and split == "train" and _in_eval(content, d.seed, d.eval_fraction):
-                split = "eval"
-            yield {"messages": cleaned, "source": k, "where": where, "split": split, "hash": content}
+                conv = to_messages(rec, s["format"], intent)
+                if isinstance(conv, Problem):
+                    report.problem(where, conv)
+                    continue
+                messages, rid = conv
+                if rid is not None and d.duplicate_ids == "reject":
+                    key = (s["split"], str(rid))
+                    if key in seen_ids:
+                        report.problem(where, Problem("duplicate_id", f"id {rid!r} already appeared at {seen_ids[key]}; "
+                                                                      "remove one copy (or set data.duplicate_ids=keep)"))
+                        continue
+                    seen_ids[key] = where
+                if s["system_prompt"] and isinstance(messages, list) and not (
+                        messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+                    messages = [{"role": "system", "content": s["system_prompt"]}] + messages
+                cleaned = clean(messages, policy, report.fixes)
+                if isinstance(cleaned, Problem):
+                    report.problem(where, cleaned)
+                    continue
+                report.kept += 1
+                split, content = s["split"], content_hash(cleaned)
+                if carve and split == "train" and _in_eval(content, d.seed, d.eval_fraction):
+                    split = "eval"
+                yield {"messages": cleaned, "source": k, "where": where, "split": split, "hash": content}
+        except DataError:  # (strict: enough errors) garbage lines of a damaged .gz: say that instead
+            if damage := gzip_damage(s["path"]):
+                raise DataError(damage) from None
+            raise
         if report.read == read_before:
             report.empty_files.append(s["path"])
+    report.finished = True
     report.raise_errors()
 
 
@@ -197,7 +203,7 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                 cause = cause.__cause__ or cause.__context__
             if cause is not None:
                 raise cause from None
-            if report.kept:
+            if report.kept or not report.finished:  # (a failure to read, not a build without rows)
                 raise
             raw = None
         if report.kept == 0:

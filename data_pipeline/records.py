@@ -16,12 +16,14 @@ Formats, detected per record by their keys (or pinned with `data.format=`):
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import gzip
 import io
 import json
 import os
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -68,6 +70,7 @@ ROLE_ALIASES = {
 class Problem:
     reason: str
     message: str
+    text: str = field(default="", repr=False)  # an undecodable line, its bad bytes replaced (U+FFFD)
 
 
 def _open_binary(path: str):
@@ -86,24 +89,139 @@ def _text_lines(path: str, utf16: str) -> Iterator[Tuple[int, Any]]:
     """(line number, str | Problem) for each line; UTF-8 with optional BOM, UTF-16 by policy."""
     from .chat import DataError
 
-    with _open_binary(path) as raw:
-        head = raw.peek(4)[:4]  # look without consuming
-        is_utf16 = head[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(head) >= 2 and (head[0] == 0 or head[1] == 0))
-        if is_utf16:
-            if utf16 != "convert":
-                raise DataError(f"{path}: the file is UTF-16 encoded; re-encode it as UTF-8 or set data.utf16=convert.")
-            data = raw.read()
-            enc = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-16-be" if head[0] == 0 else "utf-16-le")
-            for n, line in enumerate(io.StringIO(data.decode(enc)), 1):
-                yield n, line
-            return
-        for n, line in enumerate(raw, 1):
-            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            try:
-                yield n, line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, Problem("invalid_utf8", f"invalid UTF-8 byte 0x{line[e.start]:02x} at byte {e.start} of the line; re-encode the file as UTF-8")
+    n = 0
+    try:
+        with _open_binary(path) as raw:
+            head = raw.peek(4)[:4]  # look without consuming
+            if head[:2] == b"\x1f\x8b" and not path.endswith(".gz"):
+                raise DataError(f"{path}: the file is gzip-compressed (it starts with the bytes 1f 8b), though its name does "
+                                f"not end in .gz; name it {os.path.basename(path)}.gz.")
+            is_utf16 = head[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(head) >= 2 and (head[0] == 0 or head[1] == 0))
+            if is_utf16:
+                if utf16 != "convert":
+                    raise DataError(f"{path}: the file is UTF-16 encoded; re-encode it as UTF-8 or set data.utf16=convert.")
+                data = raw.read()
+                enc = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-16-be" if head[0] == 0 else "utf-16-le")
+                for n, line in enumerate(io.StringIO(data.decode(enc)), 1):
+                    yield n, line
+                return
+            for n, line in enumerate(raw, 1):
+                if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                try:
+                    yield n, line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield n, Problem("invalid_utf8", f"invalid UTF-8 byte 0x{line[e.start]:02x} at byte {e.start} of the line; "
+                                     "re-encode the file as UTF-8", line.decode("utf-8", errors="replace"))
+    except gzip.BadGzipFile as e:
+        if n == 0 and str(e).startswith("Not a gzipped file"):
+            raise DataError(f"{path}: not gzip-compressed, though its name ends in .gz; rename it without .gz (or compress "
+                            "it with gzip).") from None
+        raise _corrupt_gzip(path, n, e) from None
+    except (zlib.error, EOFError) as e:
+        if not path.endswith(".gz"):
+            raise
+        raise _corrupt_gzip(path, n, e) from None
+
+
+def _corrupt_gzip(path: str, n: int, e: Exception):
+    from .chat import DataError
+
+    where = f"after line {n}" if n else "at its start"
+    if isinstance(e, EOFError):
+        return DataError(f"{path}: the gzip data is cut short {where} ({e}); the file is incomplete (an interrupted copy or "
+                         "download): fetch or compress it again.")
+    return DataError(f"{path}: the gzip data is corrupt (found {where}: {e}); the file was damaged (in a copy or a "
+                     "download): fetch or compress it again.")
+
+
+def gzip_damage(path: str) -> Optional[str]:
+    """For a .gz file whose records read as garbage: the sentence saying where its gzip data is corrupt, else None."""
+    if not path.endswith(".gz") or not os.path.isfile(path):
+        return None
+    n = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            for n, _ in enumerate(f, 1):
+                pass
+    except (gzip.BadGzipFile, zlib.error, EOFError) as e:
+        return None if n == 0 and str(e).startswith("Not a gzipped file") else str(_corrupt_gzip(path, n, e))
+    return None
+
+
+def _json_items(path: str, utf16: str) -> Iterator[Tuple[str, Any]]:
+    """The records of a .json file (one array); an item on a line with invalid UTF-8 is that line's Problem."""
+    from .chat import DataError
+
+    parts, bad = [], {}
+    for n, line in _text_lines(path, utf16):
+        if isinstance(line, Problem):
+            bad[n], line = line, line.text
+        parts.append(line)
+    text = "".join(parts)
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        if (first := min((n for n in bad if n <= e.lineno), default=None)) is not None:
+            raise DataError(f"{path}:{first}: {bad[first].message}.") from None
+        lines_hint = ("; it reads as one JSON object per line: that is JSON Lines, name the file .jsonl"
+                      if e.msg == "Extra data" and text.lstrip().startswith("{") else "")
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); a .json file must hold one JSON array of "
+                        f"records{lines_hint}.") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: a .json file must hold a JSON array of records (use .jsonl for one record per line).")
+    spans = _array_spans(text, len(items)) if bad else None
+    if spans is not None:
+        starts = [0]
+        for part in parts[:-1]:
+            starts.append(starts[-1] + len(part))
+        bad_lines = sorted(bad)
+    for i, item in enumerate(items):
+        if spans is not None:  # the item's lines, numbered from 1
+            first, last = (bisect.bisect_right(starts, x) for x in (spans[i][0], spans[i][1] - 1))
+            k = bisect.bisect_left(bad_lines, first)
+            if k < len(bad_lines) and bad_lines[k] <= last:
+                yield f"{path}:{bad_lines[k]}", bad[bad_lines[k]]
+                continue
+        yield f"{path}:item {i}", item
+
+
+def _array_spans(text: str, count: int) -> list:
+    """[(start, end)] character offsets of the items of the JSON array `text` (known to parse)."""
+    decoder, spans = json.JSONDecoder(), []
+    pos = text.index("[") + 1
+    for _ in range(count):
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        end = decoder.raw_decode(text, pos)[1]
+        spans.append((pos, end))
+        pos = end
+    return spans
+
+
+def _csv_rows(path: str, utf16: str) -> Iterator[Tuple[str, Any]]:
+    """The rows of a .csv file (a header row, then records); a row with a line of invalid UTF-8 is that line's Problem."""
+    from .chat import DataError
+
+    bad = {}
+
+    def lines():
+        for n, line in _text_lines(path, utf16):
+            if isinstance(line, Problem):
+                if n == 1:
+                    raise DataError(f"{path}:1: {line.message} (in the header row).")
+                bad[n], line = line, line.text
+            yield line
+
+    reader = csv.DictReader(lines())
+    reader.fieldnames  # reads the header row (or none, in an empty file)
+    end = reader.line_num
+    for row in reader:
+        start, end = end + 1, reader.line_num
+        hit = [n for n in bad if start <= n <= end]
+        yield (f"{path}:{min(hit)}", bad[min(hit)]) if hit else (f"{path}:{end}", dict(row))
+        for n in hit:
+            del bad[n]
 
 
 def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:
@@ -120,32 +238,14 @@ def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:
                 elif line.strip():
                     yield where, _parse_json(line)
         elif kind == "json":
-            text = "".join(l for _, l in _text_lines(path, utf16) if isinstance(l, str))
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError as e:
-                lines_hint = ("; it reads as one JSON object per line: that is JSON Lines, name the file .jsonl"
-                              if e.msg == "Extra data" and text.lstrip().startswith("{") else "")
-                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); a .json file must hold one JSON array of "
-                                f"records{lines_hint}.") from None
-            if not isinstance(items, list):
-                raise DataError(f"{path}: a .json file must hold a JSON array of records (use .jsonl for one record per line).")
-            for i, item in enumerate(items):
-                yield f"{path}:item {i}", item
+            yield from _json_items(path, utf16)
         elif kind == "csv":
-            lines = (l for _, l in _text_lines(path, utf16) if isinstance(l, str))
-            reader = csv.DictReader(lines)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", dict(row)
+            yield from _csv_rows(path, utf16)
         elif kind == "parquet":
-            import pyarrow.parquet as pq
-
-            n = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                for row in batch.to_pylist():
-                    n += 1
-                    yield f"{path}:row {n}", row
+            yield from _parquet_rows(path)
         else:
+            if problem := folder_problem(path):
+                raise DataError(problem)
             from datasets import load_from_disk
 
             ds = load_from_disk(path)
@@ -153,11 +253,38 @@ def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:
                 ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
             for i, row in enumerate(ds):
                 yield f"{path}:row {i + 1}", row
-    except gzip.BadGzipFile:
-        raise DataError(f"{path}: not gzip-compressed, though its name ends in .gz; rename it without .gz (or compress "
-                        "it with gzip).") from None
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot be read ({e}); check that it exists and is a readable {kind} file.") from None
+
+
+def _parquet_rows(path: str) -> Iterator[Tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .chat import DataError
+
+    n = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                yield f"{path}:row {n}", row
+    except (pa.ArrowException, ValueError, OSError) as e:  # ArrowInvalid is a ValueError
+        after = f" after row {n}" if n else ""
+        raise DataError(f"{path}: not a readable Parquet file{after} ({str(e).strip().splitlines()[0]}); it is damaged or cut "
+                        "short, or not Parquet: write or copy it again.") from None
+
+
+def folder_problem(path: str) -> Optional[str]:
+    """The sentence for a data path that is a plain folder (not one `datasets` saved), else None."""
+    if not os.path.isdir(path) or _saved_dataset(path):
+        return None
+    names = sorted(os.listdir(path))
+    ext = next((e for e in (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".parquet")
+                if any(n.endswith(e) for n in names)), ".jsonl")
+    return (f"{path} is a folder, not a data file or a saved `datasets` directory; to read the files in it, give a glob "
+            f"pattern, such as '{os.path.join(path, '*' + ext)}' (or '{os.path.join(path, '**', '*' + ext)}' to take its "
+            "subfolders' too).")
 
 
 def _parse_json(line: str):

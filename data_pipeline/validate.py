@@ -7,6 +7,7 @@ and prints a table of counts per reason.
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections import Counter, defaultdict
 from typing import Dict, List, Union
@@ -14,6 +15,7 @@ from typing import Dict, List, Union
 from .records import Problem
 
 ROLES = ("system", "user", "assistant")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone one: JSON's "\\ud800" escape (a pair decodes to one character)
 
 
 def is_blank(text: str) -> bool:
@@ -42,6 +44,10 @@ def clean(messages: List, policy, fixes: Counter) -> Union[List[Dict[str, str]],
             return Problem("bad_type", f"messages[{i}] 'content' must be text, got {type(content).__name__}" + (
                 " (content parts such as [{'type': 'text', 'text': ...}] are not read: join their text into one string)"
                 if isinstance(content, list) else ""))
+        if not content.isascii() and (bad := _SURROGATE.search(content)):
+            return Problem("lone_surrogate", f"messages[{i}] ({role}) holds a lone surrogate, \\u{ord(bad.group()):04x} at "
+                           f"character {bad.start()}, which is no character and cannot be written as UTF-8; fix that \\u "
+                           "escape (a character above U+FFFF is a pair, such as \\ud83d\\ude00) or remove it")
         if role not in ROLES:
             return Problem("unknown_role", f"messages[{i}] has role {role!r}; use one of {', '.join(ROLES)}")
         if is_blank(content):
@@ -88,6 +94,7 @@ class Report:
         self.read = 0
         self.kept = 0
         self.empty_files: List[str] = []  # sources that held no record at all
+        self.finished = False  # every source read to its end
 
     def problem(self, where: str, p: Problem) -> None:
         self.counts[p.reason] += 1
