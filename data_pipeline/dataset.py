@@ -235,9 +235,10 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
         built = Counter()  # the truncated rows of the sets as built (training after the sources' weights)
         shutil.rmtree(out_dir + ".part", ignore_errors=True)  # a killed build's files must not ride along
         os.makedirs(out_dir + ".part")
+        training = any(s["split"] == "train" for s in srcs)
         for name in ("train", "eval"):
             part = tok.select(np.flatnonzero(split == name))
-            if name == "train":
+            if name == "train" and training:  # (an eval's build reads the held-out files alone)
                 if len(part) == 0:
                     files = ", ".join(s["path"] for s in srcs if s["split"] == "train")
                     too_long = int((is_train & (outcome == "dropped")).sum())
@@ -267,7 +268,7 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                         f"it drew none of the {int(is_train.sum())} training conversations (a share drawn by content); raise it "
                         "or give data.eval_files" if asked.startswith("data.eval_fraction") else
                         "no usable record (an empty file, or every record skipped as reported above)") +
-                    "; or train without a held-out loss: data.eval_files=[] and data.eval_fraction=0.")
+                    ("; or train without a held-out loss: data.eval_files=[] and data.eval_fraction=0." if training else "."))
             if len(part) == 0:
                 continue
             if name == "eval":  # the text of the eval conversations, row for row, for generation evals

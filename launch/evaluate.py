@@ -80,6 +80,21 @@ def _export_run_dir(merged: Path) -> Optional[Path]:
     return run_dir if run_dir.is_absolute() and (run_dir / "config.yaml").is_file() else None
 
 
+def held_out_only(d):
+    """The data config an eval reads: without data.eval_fraction the held-out set is the held-out
+    files alone, built without the training files (one that has moved since, or 17k conversations
+    to tokenize, must not stop or slow an eval); with it, it is drawn from them, so all are read.
+    The held-out rows are the same either way."""
+    if d.eval_fraction > 0:
+        return d
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.create(OmegaConf.to_container(d, resolve=True))
+    d.train_files = []
+    d.sources = [s for s in d.sources if s.split == "eval"]
+    return d
+
+
 def resolve(path: str, overrides: List[str], run_cfg=None):
     """(cfg, kind, model_dir, adapter_dir, base_path, out_dir) for what the user pointed at.
     run_cfg: the run's config when the caller read it already (each config.yaml is read once)."""
@@ -231,10 +246,14 @@ def cmd_eval(args) -> int:
         eot = end_of_turn_id(tokenizer, cfg.model.end_of_turn_token)
         eval_ds, texts, names = None, [], []
         if {"lm", "response"} & set(parts):
-            validate_data(cfg.data, training=False)
-            _, eval_ds, _, _, data_path = prepare_cached(cfg.data, tokenizer, eot, log=lambda m: print(m, file=sys.stderr))
+            data = held_out_only(cfg.data)
+            validate_data(data, training=False)
+            _, eval_ds, _, _, data_path = prepare_cached(data, tokenizer, eot, log=lambda m: print(m, file=sys.stderr))
             texts = eval_conversations(data_path) if eval_ds is not None else []
-            names = suite.source_names([s["path"] for s in sources_of(cfg.data)])
+            run_sources = sources_of(cfg.data)  # the names the run's tables use; the rows count the built config's sources
+            names = suite.source_names([s["path"] for s in run_sources])
+            if data is not cfg.data:  # (its sources: the run's held-out ones, in their order)
+                names = [n for s, n in zip(run_sources, names) if s["split"] == "eval"]
         # a full fine-tune's base, measured by training before its first step
         base_rows = (eval_results.read_base_rows(str(model_dir.parent / "eval"))
                      if kind == "merged" and cfg.peft.method == "none" and cfg.eval.base_comparison else None)

@@ -287,13 +287,15 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
     from launch.cli import main as cli  # in-process: the same code path as the console script
 
     out = tmp_path / "cli_eval"
+    # (a training file that is gone since: the held-out files alone are read)
     assert cli(["eval", str(run_dir), "--parts", "lm,intent", "--out", str(out), "eval.intent_modes=[loglik]",
-                "eval.intent_max_examples=3"]) == 0
+                "eval.intent_max_examples=3", f"data.train_files=[{tmp_path / 'moved.jsonl'}]"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert "over the run's 2 ranks: reading the same first 4 micro-batches" in capsys.readouterr().err
     # the same adapter, data and loss as the end of training (fp32 here as there), from the same
     # micro-batches: eval.lm_max_batches=2 (tests/conftest.py) per rank of the 2 that trained
     assert [r["loss"] for r in again["lm"]["rows"]] == pytest.approx([r["loss"] for r in res["lm"]["rows"]], rel=1e-4)
+    assert [(r["model"], r["source"]) for r in again["lm"]["rows"]] == [(r["model"], r["source"]) for r in res["lm"]["rows"]]
     assert cli(["eval", str(run_dir / "merged"), "--parts", "lm", "--out", str(tmp_path / "merged_eval")]) == 0
     merged_res = json.loads((tmp_path / "merged_eval" / "results.json").read_text())
     merged = merged_res["lm"]["rows"]

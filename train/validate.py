@@ -275,7 +275,7 @@ def validate_data(d, training: bool = True, files: bool = True) -> None:
         if s.split == "eval" and s.weight != 1:
             raise ConfigError(f"data.sources[{i}].weight={s.weight}: weights mix the training data only; a split: eval source "
                               "is read once, whole (to evaluate on less, give a smaller file).")
-    if not d.train_files and not any(s.split == "train" for s in d.sources):
+    if training and not d.train_files and not any(s.split == "train" for s in d.sources):
         raise ConfigError("no training data: pass data.train_files=[path/to/train.jsonl] or data.sources=[{path: ..., weight: 1}].")
     for key, path, _ in _data_paths(d) if files else ():
         if problem := _missing_path_problem(key, path):
