@@ -192,11 +192,17 @@ def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, po
                     return (*load(path)[:3], stats, path)
                 except BaseException as e:  # any failure: the job's other ranks wait for this file, never forever
                     known = _as_data_error(e, d, path)
-                    try:
-                        with open(failed, "w") as f:
-                            json.dump({"token": _job_token(), "message": str(known) if known else
-                                       f"preparing {path} failed on {socket.gethostname()} ({_first_line(e)}); its "
-                                       "traceback is in that process's output."}, f)
+                    if known is not None:
+                        message = str(known)
+                    elif isinstance(e, (KeyboardInterrupt, SystemExit)):  # a signal (SIGTERM before training, Ctrl-C)
+                        message = f"preparing {path} was stopped on {socket.gethostname()} (a signal or Ctrl-C), not finished."
+                    else:
+                        message = (f"preparing {path} failed on {socket.gethostname()} ({_first_line(e)}); its traceback is in "
+                                   "that process's output.")
+                    try:  # whole or not at all: the ranks waiting read it as soon as it is there
+                        with open(failed + ".tmp", "w") as f:
+                            json.dump({"token": _job_token(), "message": message}, f)
+                        os.replace(failed + ".tmp", failed)
                     except OSError:
                         pass  # (a full disk) what failed the build matters more
                     if known is None or known is e:

@@ -269,6 +269,8 @@ def _parquet_rows(path: str) -> Iterator[Tuple[str, Any]]:
             for row in batch.to_pylist():
                 n += 1
                 yield f"{path}:row {n}", row
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise  # (read_records says it cannot be read)
     except (pa.ArrowException, ValueError, OSError) as e:  # ArrowInvalid is a ValueError
         after = f" after row {n}" if n else ""
         raise DataError(f"{path}: not a readable Parquet file{after} ({str(e).strip().splitlines()[0]}); it is damaged or cut "

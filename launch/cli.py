@@ -312,10 +312,20 @@ def main(argv=None) -> int:
 
 
 def quiet_exit() -> None:
-    """From now on Ctrl-C ends the process at once, quietly, with 130."""
+    """From now on Ctrl-C ends the process at once, quietly, with 130 (what is written so far
+    flushed first); an ignored SIGINT (a background job) stays ignored."""
     import signal
 
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    def leave(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130)
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, leave)
 
 
 if __name__ == "__main__":

@@ -245,8 +245,8 @@ def cmd_eval(args) -> int:
         apply_named_template(tokenizer, None)
         eot = end_of_turn_id(tokenizer, cfg.model.end_of_turn_token)
         eval_ds, texts, names = None, [], []
-        if {"lm", "response"} & set(parts):
-            data = held_out_only(cfg.data)
+        data = held_out_only(cfg.data)
+        if {"lm", "response"} & set(parts) and sources_of(data):  # (nothing held out: those parts say so below)
             validate_data(data, training=False)
             _, eval_ds, _, _, data_path = prepare_cached(data, tokenizer, eot, log=lambda m: print(m, file=sys.stderr))
             texts = eval_conversations(data_path) if eval_ds is not None else []

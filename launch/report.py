@@ -173,8 +173,10 @@ def _eval_section(res: dict) -> list:
 
 
 def run_title(run_dir: Path) -> str:
-    """The run's name; a sweep's job: <name>-sweep/<job>."""
-    return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.parent.name.endswith("-sweep") else run_dir.name
+    """The run's name; a sweep's job: <name>-sweep/<job> (as W&B names it)."""
+    from train.config import run_label
+
+    return run_label(run_dir)[0]
 
 
 def _overrides(run_dir: Path) -> Optional[str]:
@@ -321,7 +323,8 @@ def write_report(run_dir, out_dir=None, max_samples: int = 10) -> dict:
         for up in (run_dir.parent, run_dir.parent.parent):  # <run>/merged, <run>/eval, <run>/checkpoints/step_N
             if (up / "metrics.jsonl").is_file():
                 raise ReportError(f"{run_dir} lies inside the run directory {up}: pass that (`dialtune report {up}`).")
-        jobs = sorted((d.name for d in run_dir.iterdir() if (d / "metrics.jsonl").is_file()), key=lambda n: (len(n), n))
+        jobs = sorted((d.name for d in run_dir.iterdir() if (d / "metrics.jsonl").is_file() and not d.name.startswith("earlier-")),
+                      key=lambda n: (len(n), n))
         if jobs:  # <name>-sweep/: a run directory per job
             raise ReportError(f"{run_dir} holds the runs of a sweep, each a run directory of its own: report one of them, "
                               f"e.g. `dialtune report {run_dir / jobs[0]}` (jobs: {', '.join(jobs)}).")

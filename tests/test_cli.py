@@ -238,6 +238,12 @@ def test_a_ctrl_c_while_the_command_exits_is_no_traceback():
     proc = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, timeout=120)
     assert proc.returncode == 130 and proc.stderr == ""
+    # started with SIGINT ignored (a script's background job): it stays ignored
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); from launch.cli import main; "
+            "sys.argv = ['dialtune', 'config-doc']; main(); print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    assert proc.stderr.strip() == "True"
     # and one while the command works (a model loading): one line
     code = ("import os, signal, sys; import launch.cli as cli; "
             "cli.cmd_config_doc = lambda args: os.kill(os.getpid(), signal.SIGINT); "

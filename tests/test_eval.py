@@ -296,6 +296,11 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
     # micro-batches: eval.lm_max_batches=2 (tests/conftest.py) per rank of the 2 that trained
     assert [r["loss"] for r in again["lm"]["rows"]] == pytest.approx([r["loss"] for r in res["lm"]["rows"]], rel=1e-4)
     assert [(r["model"], r["source"]) for r in again["lm"]["rows"]] == [(r["model"], r["source"]) for r in res["lm"]["rows"]]
+    # nothing held out (no files, no fraction): lm has nothing to read and says so; intent still runs
+    assert cli(["eval", str(run_dir), "--parts", "lm,intent", "--out", str(tmp_path / "no_held_out"), "data.eval_files=[]",
+                "eval.intent_modes=[loglik]", "eval.intent_max_examples=3"]) == 0
+    assert "lm" not in json.loads((tmp_path / "no_held_out" / "results.json").read_text()) and "intent" in json.loads(
+        (tmp_path / "no_held_out" / "results.json").read_text())
     assert cli(["eval", str(run_dir / "merged"), "--parts", "lm", "--out", str(tmp_path / "merged_eval")]) == 0
     merged_res = json.loads((tmp_path / "merged_eval" / "results.json").read_text())
     merged = merged_res["lm"]["rows"]

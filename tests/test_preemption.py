@@ -250,8 +250,8 @@ def test_dialtune_train_returns_when_its_launcher_and_ranks_are_done(tmp_path):
 
 def test_ctrl_z_stops_the_ranks_with_dialtune_train_and_a_sigkill_to_it_ends_them(tmp_path):
     """The ranks run in a session of their own: Ctrl-Z (SIGTSTP) to `dialtune train` stops them with
-    it and SIGCONT (`fg`) continues them; SIGKILL to it (kill -9, a process-group SIGKILL) ends them
-    within seconds instead of leaving them training unattended."""
+    it and SIGCONT (`fg`) continues them; SIGKILL to it (kill -9, a process-group SIGKILL; also while
+    it is stopped) ends them within seconds instead of leaving them training (or stopped) unattended."""
     from launch.ranks import handles
 
     args = [f"run.root={tmp_path}", "train.progress_bar=false", "recipe=demo", "train.max_steps=200", "logger=none",
@@ -273,6 +273,26 @@ def test_ctrl_z_stops_the_ranks_with_dialtune_train_and_a_sigkill_to_it_ends_the
     wait_for(lambda: rank.status() == psutil.STATUS_STOPPED and psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED)
     proc.send_signal(signal.SIGCONT)
     wait_for(lambda: rank.status() != psutil.STATUS_STOPPED)
+    proc.send_signal(signal.SIGTSTP)  # and `kill -9 %1` while stopped: the stopped rank is continued, then ends
+    wait_for(lambda: rank.status() == psutil.STATUS_STOPPED)
     proc.kill()
     proc.communicate(timeout=30)
     wait_for(lambda: not rank.is_running() or rank.status() == psutil.STATUS_ZOMBIE)
+
+
+def test_a_rank_follows_only_a_supervisor_on_its_own_host(monkeypatch):
+    """A hostfile launch starts ranks on other nodes, where the supervisor's pid means nothing."""
+    import socket
+    import threading
+
+    from train import signals
+
+    def watchers():
+        return sum(t.name == "dialtune-supervisor" for t in threading.enumerate())
+
+    here = signals.supervisor_value()  # this (live) process: a watch that starts stays idle
+    for value, watched in ((here.replace(socket.gethostname(), "another-node", 1), 0), ("garbage", 0), (here, 1)):
+        monkeypatch.setenv(signals.SUPERVISOR_ENV, value)
+        before = watchers()
+        signals.follow_supervisor()
+        assert watchers() - before == watched and signals.SUPERVISOR_ENV not in os.environ

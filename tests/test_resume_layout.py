@@ -86,6 +86,7 @@ def test_a_fresh_run_sets_an_earlier_runs_results_aside(tmp_path):
     earlier = [p for p in run.iterdir() if p.name.startswith("earlier-")]
     assert len(earlier) == 1 and f"moved to {earlier[0]}" in proc.stdout + proc.stderr
     assert json.loads((earlier[0] / "summary.json").read_text())["steps"] == 2 and (earlier[0] / "merged" / "config.json").is_file()
+    assert "max_steps: 2" in (earlier[0] / "config.yaml").read_text() and "max_steps: 4" in (run / "config.yaml").read_text()
     assert [r["step"] for r in read_metrics(earlier[0]) if "train/loss" in r] == [1, 2]
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1] and not (run / "merged").exists()
     assert not json.loads((run / "summary.json").read_text()).get("finished")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -271,6 +271,13 @@ def data_dir() -> str:
 
 def _data_dir(name: str) -> str:
     return os.path.join(data_dir(), name)
+
+
+def run_label(run_dir) -> Tuple[str, Optional[str]]:
+    """(label, sweep) of a run directory: a sweep job's `<name>-sweep/<job>` and `<name>-sweep`
+    (conf/train.yaml: hydra.sweep.dir), else its folder's name and None."""
+    leaf, parent = (os.path.basename(p) for p in (os.path.normpath(str(run_dir)), os.path.dirname(os.path.normpath(str(run_dir)))))
+    return (f"{parent}/{leaf}", parent) if parent.endswith("-sweep") else (leaf, None)
 
 
 def _basename(path: str) -> str:

@@ -130,14 +130,15 @@ def _init_wandb(run_dir: str, cfg, config: Dict[str, Any], resuming: bool):
     run_id = run_id or secrets.token_hex(4)  # W&B ids: 8 lowercase alphanumerics, as its own
     with open(id_path, "w") as f:
         f.write(run_id + "\n")
-    leaf, parent = (os.path.basename(p) for p in (os.path.normpath(run_dir), os.path.dirname(os.path.normpath(run_dir))))
-    sweep = parent if parent.endswith("-sweep") else None
+    from train.config import run_label
+
+    name, sweep = run_label(run_dir)
     return wandb.init(
         project=cfg.project,
         entity=cfg.entity,
         id=run_id,
         resume="allow",
-        name=f"{sweep}/{leaf}" if sweep else leaf,
+        name=name,
         group=sweep,
         dir=run_dir,
         mode=mode,

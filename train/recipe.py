@@ -65,6 +65,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         if is_main:
             log.info("global batch %d = micro %d x accumulation %d x %d ranks", t.global_batch_size, mb, gas, world)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    earlier_config = resume.read_text(os.path.join(run_dir, "config.yaml"))  # (an earlier run's, set aside with its results)
     if is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(config_yaml)
@@ -173,7 +174,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if found:
         state = resume.resume(engine, *found, cfg, scheduler, total_steps, state["data_key"], is_main, world, mb, gas, n_items)
     elif is_main:  # a fresh start: an earlier run's results set aside (its checkpoints stay, with a note)
-        resume.set_aside_earlier(run_dir)
+        resume.set_aside_earlier(run_dir, earlier_config)
         if earlier := checkpoint.earlier_run_note(ckpt_root):
             log.warning(earlier)
         elif t.resume == "auto":

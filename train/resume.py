@@ -229,12 +229,21 @@ def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_k
 EARLIER_RESULTS = ("metrics.jsonl", "summary.json", "data_stats.json", "export_summary.json", "merged", "eval", "report")
 
 
-def set_aside_earlier(run_dir: str) -> Optional[str]:
+def read_text(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def set_aside_earlier(run_dir: str, earlier_config: Optional[str] = None) -> Optional[str]:
     """A run that starts afresh in a directory an earlier run of the same name wrote: that run's
     results (metrics, summary, merged export, eval, report) move to run_dir/earlier-<their time>/,
-    so that what this run writes is never read with them (`dialtune report`, `chat`, `eval` of a
-    run still training or stopped early). Its checkpoints stay (checkpoint.earlier_run_note).
-    Returns the folder, or None when there was nothing."""
+    with its config.yaml (earlier_config: read before this run wrote its own), so that what this
+    run writes is never read with them (`dialtune report`, `chat`, `eval` of a run still training
+    or stopped early). Its checkpoints stay (checkpoint.earlier_run_note). Returns the folder, or
+    None when there was nothing."""
     import time
 
     found = [name for name in EARLIER_RESULTS if os.path.exists(os.path.join(run_dir, name))]
@@ -249,5 +258,8 @@ def set_aside_earlier(run_dir: str) -> Optional[str]:
     os.makedirs(kept)
     for name in found:
         os.replace(os.path.join(run_dir, name), os.path.join(kept, name))
+    if earlier_config is not None:
+        with open(os.path.join(kept, "config.yaml"), "w") as f:
+            f.write(earlier_config)
     log.warning("%s holds an earlier run's results (%s): moved to %s, apart from this run's (delete it when no longer needed)", run_dir, ", ".join(found), kept)
     return kept

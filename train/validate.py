@@ -300,8 +300,9 @@ def _missing_path_problem(key: str, path: str) -> Optional[str]:
         names = "data_pipeline/sample_data/FULL_DATA.md names the files and their sources"
         if not os.environ.get("DIALTUNE_DATA_DIR"):
             return (f"{key}: file {path!r} does not exist: data=customer_service reads the full public files from "
-                    f"$DIALTUNE_DATA_DIR, which is not set (nor is there a {config.DATA_DIR_DEFAULT}); set it to the "
-                    f"folder that holds them ({names}).")
+                    "$DIALTUNE_DATA_DIR, which is not set" + ("" if os.path.isdir(config.DATA_DIR_DEFAULT) else
+                                                              f" (nor is there a {config.DATA_DIR_DEFAULT})")
+                    + f"; set it to the folder that holds them ({names}).")
         return (f"{key}: file {path!r} does not exist: DIALTUNE_DATA_DIR={os.environ['DIALTUNE_DATA_DIR']} "
                 f"holds no {os.path.relpath(path, config.data_dir())}; set it to the folder that holds the full files ({names}).")
     return f"{key}: file {path!r} does not exist; check the path ({where})."
