@@ -69,9 +69,8 @@ DEQUANTIZE_ERROR = 0.05  # largest relative output error of a dequantized layer,
 
 def _held_out_batch(tokenizer, texts: List[List[Dict[str, str]]], max_len: int = 256):
     rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in texts]
-    # a fast tokenizer keeps the call's truncation and padding as its state, which save_pretrained
-    # writes into tokenizer.json (whatever reads that file with `tokenizers` would cut at max_len):
-    # put them back as they were
+    # a fast tokenizer keeps this call's truncation and padding as state that save_pretrained writes
+    # into tokenizer.json (`tokenizers` would then cut every input at max_len): put them back
     backend = getattr(tokenizer, "_tokenizer", None)
     before = (backend.truncation, backend.padding) if backend is not None else None
     try:
@@ -79,9 +78,8 @@ def _held_out_batch(tokenizer, texts: List[List[Dict[str, str]]], max_len: int =
                          add_special_tokens=False)
     finally:
         if before is not None:
-            truncation, padding = before
-            backend.no_truncation() if truncation is None else backend.enable_truncation(**truncation)
-            backend.no_padding() if padding is None else backend.enable_padding(**padding)
+            backend.no_truncation() if before[0] is None else backend.enable_truncation(**before[0])
+            backend.no_padding() if before[1] is None else backend.enable_padding(**before[1])
 
 
 def default_probe() -> List[List[Dict[str, str]]]:

@@ -163,9 +163,8 @@ def test_customer_service_data_without_its_folder_names_the_variable(monkeypatch
 
     monkeypatch.delenv("DIALTUNE_DATA_DIR", raising=False)
     monkeypatch.setattr(config, "DATA_DIR_DEFAULT", str(tmp_path / "shared" / "data"))  # (a clone: no shared/data beside it)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"data=customer_service reads the full public files from \$DIALTUNE_DATA_DIR, "
-                                          r"which is not set .*FULL_DATA.md names the files"):
+    monkeypatch.chdir(tmp_path)  # (and not there either)
+    with pytest.raises(ConfigError, match=r"reads the full public files from \$DIALTUNE_DATA_DIR, which is not set .*FULL_DATA.md names the files"):
         validate(_compose(["data=customer_service"]), cuda_available=False)
     # a relative DIALTUNE_DATA_DIR is taken from here, once: the run's config holds absolute paths
     monkeypatch.setenv("DIALTUNE_DATA_DIR", "cs")
@@ -173,10 +172,9 @@ def test_customer_service_data_without_its_folder_names_the_variable(monkeypatch
     assert cfg.data.train_files[0] == str(tmp_path / "cs" / "bitext_customer_support.jsonl.gz")
     with pytest.raises(ConfigError, match=r"DIALTUNE_DATA_DIR=cs holds no bitext_customer_support.jsonl.gz; set it to the folder"):
         validate(cfg, cuda_available=False)
-    # not set: the shared/data folder beside the project's, wherever the command runs
-    monkeypatch.delenv("DIALTUNE_DATA_DIR")
+    monkeypatch.delenv("DIALTUNE_DATA_DIR")  # not set: the shared/data folder beside the project's, from any directory
     monkeypatch.setattr(config, "DATA_DIR_DEFAULT", str(config.REPO_ROOT.parent / "shared" / "data"))
-    assert _compose(["data=customer_service"]).data.eval_files[0] == str(config.REPO_ROOT.parent / "shared" / "data" / "validation" / "sgd_dev.jsonl.gz")
+    assert _compose(["data=customer_service"]).data.eval_files[0] == str(config.DATA_DIR_DEFAULT + "/validation/sgd_dev.jsonl.gz")
 
 
 def test_default_config_is_valid():
