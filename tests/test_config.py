@@ -164,7 +164,7 @@ def test_customer_service_data_without_its_folder_names_the_variable(monkeypatch
     monkeypatch.delenv("DIALTUNE_DATA_DIR", raising=False)
     monkeypatch.setattr(config, "DATA_DIR_DEFAULT", str(tmp_path / "shared" / "data"))  # (a clone: no shared/data beside it)
     monkeypatch.chdir(tmp_path)  # (and not there either)
-    with pytest.raises(ConfigError, match=r"reads the full public files from \$DIALTUNE_DATA_DIR, which is not set .*FULL_DATA.md names the files"):
+    with pytest.raises(ConfigError, match=r"data=customer_service reads the full public files from \$DIALTUNE_DATA_DIR, which is not set .*FULL_DATA.md names the files"):
         validate(_compose(["data=customer_service"]), cuda_available=False)
     # a relative DIALTUNE_DATA_DIR is taken from here, once: the run's config holds absolute paths
     monkeypatch.setenv("DIALTUNE_DATA_DIR", "cs")
