@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Dict, List
 
 from launch.cli import TRAIN_PY  # what the launch command runs: a process running it is a rank
@@ -32,30 +33,6 @@ from train.signals import SUPERVISOR_ENV, supervisor_value
 
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1, signal.SIGINT: signal.SIGINT,
              signal.SIGHUP: signal.SIGTERM}
-
-
-# argv: this process, the chain's process group, the ranks; once this process is gone, they continue
-WATCHER = """
-import os, signal, sys, time
-me, group, *ranks = map(int, sys.argv[1:])
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-while alive(me):
-    time.sleep(0.5)
-for pid in ranks:
-    try:
-        os.kill(pid, signal.SIGCONT)
-    except OSError:
-        pass
-try:
-    os.killpg(group, signal.SIGCONT)
-except OSError:
-    pass
-"""
 
 
 def _become_subreaper() -> None:
@@ -175,9 +152,9 @@ def run_ranks(cmd: List[str], env: Dict[str, str]) -> int:
         # stopped, the ranks cannot see this process go (a `kill -9 %1` now): a watcher in a session of its own
         # continues them if it does, and they end as they do when it goes (train/signals.follow_supervisor)
         live = [str(pid) for pid in ranks if pid not in codes]
-        watcher = subprocess.Popen([sys.executable, "-c", WATCHER, str(os.getpid()), str(state["child"].pid), *live],
-                                   start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+        watcher = subprocess.Popen([sys.executable, "-m", "train.signals", str(os.getpid()), str(state["child"].pid), *live],
+                                   start_new_session=True, cwd=str(Path(TRAIN_PY).parent.parent), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.kill(os.getpid(), signal.SIGSTOP)
         watcher.kill()
         watcher.wait()

@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 REQUEUE_EXIT_CODE = 85
 TERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a process killed by SIGTERM reports
@@ -139,3 +139,23 @@ def follow_supervisor(interval: float = 1.0) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="dialtune-supervisor", daemon=True).start()
+
+
+def continue_when_gone(me: int, group: int, ranks: List[int]) -> None:
+    """The watcher of a stopped `dialtune train` (launch/ranks.py, Ctrl-Z): once process `me` is
+    gone, SIGCONT to the ranks and to the launcher's process group, which then end as above."""
+    while _process(me)[0] not in ("Z", "X"):
+        time.sleep(0.5)
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except OSError:
+            pass
+    try:
+        os.killpg(group, signal.SIGCONT)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":  # python -m train.signals <me> <group> <rank pids>: continue_when_gone
+    continue_when_gone(int(sys.argv[1]), int(sys.argv[2]), [int(a) for a in sys.argv[3:]])
