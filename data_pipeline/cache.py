@@ -164,7 +164,7 @@ def prepare_cached(d, tokenizer, eot_id: int, local_rank: int = 0, log=print, po
         if s["split"] == "eval" and os.path.realpath(s["path"]) in trained:
             log(f"warning: held-out file {s['path']} is also a training file: the eval loss will be in-sample")
     sample_eval = [s["path"] for s in sources if s["split"] == "eval" and is_bundled_sample(s["path"])]
-    if sample_eval and not any(is_bundled_sample(p) for p in trained):
+    if sample_eval and trained and not any(is_bundled_sample(p) for p in trained):  # (an eval's build reads no training file)
         log(f"warning: the held-out set holds the bundled sample's {sample_eval[0]} (data=sample, the default, lists it in "
             "data.eval_files), not held out from your data: set data.eval_files=[your held-out files], or "
             "data.eval_files=[] with data.eval_fraction=0.02 to hold out 2% of your conversations")

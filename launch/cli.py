@@ -13,6 +13,22 @@ HERE = Path(__file__).resolve().parent
 TRAIN_PY = HERE / "train.py"
 
 
+def _first_build_note(nproc: int) -> None:
+    """Ranks on CPU need DeepSpeed's CPU communication op, compiled on a machine's first run (~30 s
+    in which only compiler lines appear): say so then."""
+    if nproc < 2 or _cuda_count():
+        return
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        built = any(f.endswith(".so") for f in os.listdir(_get_build_directory("deepspeed_shm_comm", False)))
+    except Exception:  # noqa: BLE001 - (a torch without that helper): nothing to say
+        return
+    if not built:
+        print("dialtune: DeepSpeed first compiles its CPU communication op for this machine (once, about 30 s)",
+              file=sys.stderr, flush=True)
+
+
 def _cuda_count() -> int:
     try:
         import torch
@@ -97,6 +113,7 @@ def cmd_demo(args) -> int:
         print(f"dialtune: error: {e}", file=sys.stderr)
         return 2
     print("  $ " + " ".join(cmd), flush=True)
+    _first_build_note(args.nproc)
     from launch.ranks import run_ranks
 
     return run_ranks(cmd, env)
@@ -115,6 +132,7 @@ def cmd_train(args) -> int:
     if nproc > 1 and (problem := _config_problem(args.overrides)):  # one process says it as clearly itself
         print(f"dialtune: error: {problem}", file=sys.stderr)
         return 2
+    _first_build_note(nproc)
     from launch.ranks import run_ranks
 
     return run_ranks(cmd, launch_env(nproc))

@@ -250,3 +250,16 @@ def test_a_ctrl_c_while_the_command_exits_is_no_traceback():
             "sys.argv = ['dialtune', 'config-doc']; sys.exit(cli.main())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130 and proc.stderr.strip() == "dialtune config-doc: stopped by Ctrl-C"
+
+
+def test_the_first_cpu_run_says_that_deepspeed_compiles(tmp_path, monkeypatch, capsys):
+    """Its ~30 s of compiling print only compiler lines: one line of ours first; nothing once built."""
+    from launch.cli import _first_build_note
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    _first_build_note(2)
+    assert "DeepSpeed first compiles its CPU communication op" in capsys.readouterr().err
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    _first_build_note(2)
+    _first_build_note(1)
+    assert capsys.readouterr().err == ""

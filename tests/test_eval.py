@@ -291,7 +291,9 @@ def test_suite_inside_two_rank_zero3_training_then_eval_and_report_cli(tmp_path,
     assert cli(["eval", str(run_dir), "--parts", "lm,intent", "--out", str(out), "eval.intent_modes=[loglik]",
                 "eval.intent_max_examples=3", f"data.train_files=[{tmp_path / 'moved.jsonl'}]"]) == 0
     again = json.loads((out / "results.json").read_text())
-    assert "over the run's 2 ranks: reading the same first 4 micro-batches" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "over the run's 2 ranks: reading the same first 4 micro-batches" in err
+    assert "not held out from your data" not in err  # (the run trained on the bundled sample: its held-out file is right)
     # the same adapter, data and loss as the end of training (fp32 here as there), from the same
     # micro-batches: eval.lm_max_batches=2 (tests/conftest.py) per rank of the 2 that trained
     assert [r["loss"] for r in again["lm"]["rows"]] == pytest.approx([r["loss"] for r in res["lm"]["rows"]], rel=1e-4)
