@@ -80,6 +80,16 @@ def write_export(tmp: str, out_dir: str, summary: Dict, cfg, peft_cfg, run_dir: 
         json.dump(summary, f, indent=2)
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(model_card(summary, cfg, peft_cfg, out_dir, hub_repo_id=hub_repo_id, license=license))
+    # safetensors writes its files 0600: give them the mode of every other file (the umask's), so
+    # that others on a shared cluster can read the export too
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in os.listdir(tmp):
+        if os.path.isfile(os.path.join(tmp, name)):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+    from train.signals import check_stop
+
+    check_stop()  # (a SIGUSR1/SIGTERM during the merge that Python could not raise where it came)
     check_out_dir(out_dir)
     # the earlier export moves aside in one rename and goes after the new one is in place: a crash
     # leaves out_dir whole (old or new), never half-deleted

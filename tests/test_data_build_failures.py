@@ -59,13 +59,14 @@ def test_a_killed_multiprocess_build_leaves_no_worker_and_blocks_no_later_run(tm
         d = dcfg(Path({str(tmp_path)!r}), train_files=[{path!r}], num_proc=2, fast_tokenization=False)
         prepare_cached(d, *tiny_tok(), log=lambda m: None)
     """)
+    err = open(tmp_path / "build.err", "w")
     proc = subprocess.Popen([sys.executable, "-c", script], env=run_env(1), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=str(ROOT))
+                            stderr=err, text=True, cwd=str(ROOT))
     workers, forked = [], set()
     try:
         while len(workers) < 2:
             line = proc.stdout.readline()
-            assert line, "the build ended before its map workers started"
+            assert line, f"the build ended before its map workers started: {(tmp_path / 'build.err').read_text()[-3000:]}"
             if line.startswith("WORKER"):
                 workers.append(int(line.split()[1]))
         forked = set(_children(proc.pid)) | set(workers)  # the map workers and datasets' queue manager

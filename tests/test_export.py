@@ -109,6 +109,8 @@ def test_merged_equals_base_plus_adapter(peft_runs, method):
     # the tokenizer as trained: no truncation/padding state left in tokenizer.json by the export's check
     saved = json.loads((merged_dir / "tokenizer.json").read_text())
     assert saved["truncation"] is None and saved["padding"] is None
+    modes = {p.name: p.stat().st_mode & 0o777 for p in merged_dir.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes  # the weights too (safetensors writes 0600): readable as the rest
 
 
 def test_merge_refuses_a_logit_mismatch_and_writes_nothing(peft_runs, tmp_path):

@@ -103,6 +103,27 @@ def test_stopping_raises_for_a_signal_that_came_before_or_comes_during_the_block
             signal.signal(sig, handler)
 
 
+def test_a_stop_signal_lost_in_a_finalizer_is_raised_where_the_merge_commits(capsys):
+    """The merge's Stopped, raised by the signal handler inside a finalizer or weakref callback, is
+    only printed by Python, and the merge went on to write the export: it is raised again where the
+    export would take its place (model/export_io.write_export), and nothing is printed."""
+    from train import signals
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(10_000):  # (the handler runs between these)
+                pass
+
+    with pytest.raises(signals.Stopped) as stopped:
+        with signals.stopping():
+            Finalized()  # (collected at once: the handler's exception is raised inside __del__)
+            signals.check_stop()
+    assert stopped.value.signal_name == "SIGUSR1" and "Exception ignored" not in capsys.readouterr().err
+    with signals.stopping():  # a new block starts clean
+        signals.check_stop()
+
+
 def test_sigusr1_during_the_final_merge_then_the_requeued_job_writes_it_and_a_third_keeps_everything(tmp_path):
     """The run finished and saved; SIGUSR1 while the merge runs (it can take minutes on a real
     model) aborts the merge, leaves nothing half-written, and exits 85. The requeued job

@@ -72,24 +72,48 @@ class Stopped(BaseException):
         return REQUEUE_EXIT_CODE if self.signal_name == "SIGUSR1" else TERM_EXIT_CODE
 
 
+_lost: Optional[str] = None  # the signal of a Stopped that `stopping` raised where Python can only print it
+
+
 @contextlib.contextmanager
 def stopping() -> Iterator[None]:
     """Run the block (the final merge) so that SIGUSR1/SIGTERM abort it with Stopped: at once when
     one already reached the installed flag after the training loop's last look, else when it
-    arrives. The previous handlers come back afterwards."""
+    arrives. Raised inside a finalizer or a weakref callback, the exception is lost (Python prints
+    it and goes on): it is kept instead and raised again where the block commits its work
+    (check_stop). The previous handlers come back afterwards."""
+    global _lost
     if _installed is not None and (_installed.usr1 or _installed.term):
         raise Stopped("SIGUSR1" if _installed.usr1 else "SIGTERM")
 
     def stop(signum, frame):
+        global _lost
         ignore_further()  # one-shot: a second signal must not break the cleanup
-        raise Stopped(signal.Signals(signum).name)
+        _lost = signal.Signals(signum).name  # (until it gets through)
+        raise Stopped(_lost)
 
+    def unraisable(info):
+        if not isinstance(info.exc_value, Stopped):
+            hook(info)
+
+    _lost, hook, sys.unraisablehook = None, sys.unraisablehook, unraisable
     previous = {sig: signal.signal(sig, stop) for sig in SIGNALS}
     try:
         yield
+    except Stopped:
+        _lost = None
+        raise
     finally:
+        sys.unraisablehook = hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def check_stop() -> None:
+    """Where a `stopping` block commits its work (the export taking its place): raise the Stopped
+    that a signal raised where it was lost."""
+    if _lost:
+        raise Stopped(_lost)
 
 
 def ignore_further() -> None:
