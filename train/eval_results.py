@@ -85,6 +85,19 @@ def tables_text(res: Dict) -> str:
     return "\n".join(lines)
 
 
+def earlier_dir(parent: str, when: float) -> str:
+    """A new folder parent/earlier-<when, local time>[-N] for results set aside; returns its path."""
+    import time
+
+    stamp = os.path.join(parent, "earlier-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(when)))
+    kept, n = stamp, 1
+    while os.path.exists(kept):  # two set aside within a second
+        n += 1
+        kept = f"{stamp}-{n}"
+    os.makedirs(kept)
+    return kept
+
+
 def keep_earlier(out_dir: str) -> Optional[str]:
     """Move the results already in out_dir (results.json, samples.jsonl/.md; e.g. the end of
     training's, which `dialtune eval` would replace) into out_dir/earlier-<their time>/; returns
@@ -92,14 +105,7 @@ def keep_earlier(out_dir: str) -> Optional[str]:
     results = os.path.join(out_dir, "results.json")
     if not os.path.isfile(results):
         return None
-    import time
-
-    stamp = os.path.join(out_dir, "earlier-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(results))))
-    kept, n = stamp, 1
-    while os.path.exists(kept):  # two results written within a second
-        n += 1
-        kept = f"{stamp}-{n}"
-    os.makedirs(kept)
+    kept = earlier_dir(out_dir, os.path.getmtime(results))
     for name in ("results.json", "samples.jsonl", "samples.md"):
         if os.path.isfile(os.path.join(out_dir, name)):
             os.replace(os.path.join(out_dir, name), os.path.join(kept, name))

@@ -65,7 +65,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         if is_main:
             log.info("global batch %d = micro %d x accumulation %d x %d ranks", t.global_batch_size, mb, gas, world)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    earlier_config = resume.read_text(os.path.join(run_dir, "config.yaml"))  # (an earlier run's, set aside with its results)
+    earlier_config = resume.read_text(os.path.join(run_dir, "config.yaml")) if is_main else None  # (an earlier run's: set aside with its results)
     if is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(config_yaml)

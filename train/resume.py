@@ -244,18 +244,12 @@ def set_aside_earlier(run_dir: str, earlier_config: Optional[str] = None) -> Opt
     run writes is never read with them (`dialtune report`, `chat`, `eval` of a run still training
     or stopped early). Its checkpoints stay (checkpoint.earlier_run_note). Returns the folder, or
     None when there was nothing."""
-    import time
+    from .eval_results import earlier_dir
 
     found = [name for name in EARLIER_RESULTS if os.path.exists(os.path.join(run_dir, name))]
     if not found:
         return None
-    when = max(os.path.getmtime(os.path.join(run_dir, name)) for name in found)
-    stamp = os.path.join(run_dir, "earlier-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(when)))
-    kept, n = stamp, 1
-    while os.path.exists(kept):
-        n += 1
-        kept = f"{stamp}-{n}"
-    os.makedirs(kept)
+    kept = earlier_dir(run_dir, max(os.path.getmtime(os.path.join(run_dir, name)) for name in found))
     for name in found:
         os.replace(os.path.join(run_dir, name), os.path.join(kept, name))
     if earlier_config is not None:
