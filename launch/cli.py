@@ -46,7 +46,11 @@ def launch_command(overrides: list[str], nproc: int) -> list[str]:
     prefix = [runner] if runner else [sys.executable, "-c", "from deepspeed.launcher.runner import main; main()"]
     from train.distributed import free_port
 
-    return [*prefix, *_devices(nproc), "--master_port", str(free_port()), str(TRAIN_PY), *overrides]
+    # --log_level error: the launcher's INFO lines (its command, world info, CUDA_VISIBLE_DEVICES=0,1
+    # on CPU, each spawned process) and its warning that there is no hostfile (this launch is local)
+    # say nothing a user acts on; a rank's failure is still an error line
+    return [*prefix, "--log_level", "error", *_devices(nproc), "--master_port", str(free_port()), str(TRAIN_PY),
+            *overrides]
 
 
 def _devices(nproc: int) -> list[str]:

@@ -71,7 +71,9 @@ def rank() -> int:
 def setup_logging() -> None:
     level = logging.INFO if rank() == 0 else logging.WARNING
     logging.getLogger().setLevel(level)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx"):
+    # "compilers": setuptools' compiler, which DeepSpeed runs at import to probe for libaio (two gcc
+    # lines per run at INFO)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "compilers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         from deepspeed.utils import logger as ds_logger

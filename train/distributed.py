@@ -1,7 +1,9 @@
 """Process-group setup for deepspeed / torchrun / plain python, and small collectives."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
 import socket
 import time
@@ -33,7 +35,10 @@ def init(timeout_minutes: int = 30) -> tuple[int, int, int]:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
+        # DeepSpeed prints "deepspeed_shm_comm_op built successfully" per rank and run (also when
+        # the op was built long ago); a failing build still raises
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

@@ -228,14 +228,16 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     def run_eval(parts, step, final):
         faults.fail_eval(parts)
         base = final and ev.base_comparison
-        res = suite_result(parts, base_ctx=engine.module.disable_adapter if base and cfg.peft.method != "none" else None,
+        new = suite_result(parts, base_ctx=engine.module.disable_adapter if base and cfg.peft.method != "none" else None,
                            base_rows=full_base_rows if base else None)
-        res = {**written["res"], **res} if written["step"] == step else res  # (parts run after the final save join the rest)
+        joined = written["step"] == step  # (parts run after the final save join the rest: only theirs are shown)
+        res = {**written["res"], **new} if joined else new
         written.update(step=step, res=res)
         if is_main and res:
             eval_results.write(res, os.path.join(run_dir, "eval"), step, os.path.join(ckpt_root, checkpoint.tag_for(step)))
             metrics.table("eval/samples", res.get("samples", []), step)
-            log.info("eval at step %d:\n%s", step, eval_results.tables_text(res))
+            if text := eval_results.tables_text(new):
+                log.info("eval at step %d%s:\n%s", step, " (continued)" if joined else "", text)
         return eval_results.scalars(res)
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True) if is_main and t.progress_bar else None
