@@ -228,8 +228,9 @@ def test_a_resumed_job_continues_its_wandb_run(tmp_path):
     first, requeued, fresh = job(None, [1, 2, 3]), job(2, [3, 4]), job(None, [1])
     assert first == requeued == (first[0], "lr-sweep/0", "lr-sweep")
     assert fresh[0] != first[0]
-    ids = sorted(p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*"))
-    assert ids == sorted([first[0], first[0], fresh[0]])  # (two jobs within one second sort by id)
+    # offline-run-<time>-<id>, and -<n> after it for a second folder of one id within one second
+    ids = sorted(p.name.split("-")[3] for p in (run / "wandb").glob("offline-run-*"))
+    assert ids == sorted([first[0], first[0], fresh[0]]), sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
 
 
 def test_a_dead_wandb_service_turns_wandb_off_not_the_training(tmp_path, caplog):
@@ -256,3 +257,19 @@ def test_a_dead_wandb_service_turns_wandb_off_not_the_training(tmp_path, caplog)
         m.close()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert sum("W&B stopped working" in r.message for r in caplog.records) == 1 and m.wandb_run is None
+
+
+def test_wandb_auto_mode_follows_wandb_login_and_wandb_mode(monkeypatch, tmp_path):
+    """logger.mode=auto is online for a user who ran `wandb login` (a netrc entry, no WANDB_API_KEY),
+    and keeps a WANDB_MODE the user exported (wandb.init's mode argument would override it)."""
+    from train.metrics import wandb_mode
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_mode("auto", {}) == "offline"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / "netrc").chmod(0o600)
+    assert wandb_mode("auto", {}) == "online"
+    assert wandb_mode("auto", {"WANDB_MODE": "offline"}) == "offline" and wandb_mode("auto", {"WANDB_MODE": "dryrun"}) == "offline"
+    assert wandb_mode("auto", {"WANDB_MODE": "disabled"}) == "disabled"
+    assert wandb_mode("offline", {"WANDB_MODE": "online"}) == "offline"  # an explicit logger.mode is what it says

@@ -209,7 +209,7 @@ class LoggerConfig:
     backend: str = doc("wandb", "Metrics backend besides the always-written metrics.jsonl: wandb or none.")
     project: str = doc("dialtune", "W&B project.")
     entity: Optional[str] = doc(None, "W&B entity (team or user); default: your W&B default.")
-    mode: str = doc("auto", "W&B mode: auto (online when WANDB_API_KEY is set, else offline), online or offline.")
+    mode: str = doc("auto", "W&B mode: auto (WANDB_MODE if set, else online when W&B has an API key: WANDB_API_KEY or `wandb login`, else offline), online or offline.")
     tags: List[str] = doc([], "W&B run tags.")
 
 

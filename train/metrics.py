@@ -113,15 +113,39 @@ class Metrics:
 ID_FILE = "wandb_run_id"
 
 
+def wandb_api_key_found() -> bool:
+    """Whether W&B will find an API key: WANDB_API_KEY, or the netrc entry `wandb login` writes."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(mode: str, env=os.environ) -> str:
+    """logger.mode as W&B takes it. auto: WANDB_MODE where the user set it (W&B's own switch, which
+    the mode passed to wandb.init would override), else online when W&B has an API key (WANDB_API_KEY
+    or `wandb login`'s netrc entry), else offline."""
+    if mode != "auto":
+        return mode
+    own = {"dryrun": "offline", "run": "online"}.get(env.get("WANDB_MODE", ""), env.get("WANDB_MODE", ""))
+    if own in ("online", "offline", "disabled"):
+        return own
+    return "online" if wandb_api_key_found() else "offline"
+
+
 def _init_wandb(run_dir: str, cfg, config: Dict[str, Any], resuming: bool):
     """One W&B run per run directory: a resumed job (a requeue, train.resume) continues the W&B
     run of the job before it (its id is kept in <run_dir>/wandb_run_id), a fresh start gets a new
     one. A Hydra sweep's runs (<name>-sweep/<n>) are named <name>-sweep/<n> and grouped by sweep."""
     import wandb
 
-    mode = cfg.mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    mode = wandb_mode(cfg.mode)
     id_path = os.path.join(run_dir, ID_FILE)
     run_id = None
     if resuming and os.path.isfile(id_path):

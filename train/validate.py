@@ -15,6 +15,7 @@ from . import config
 from .config import CONF_DIR, ConfigError, DialtuneConfig, iter_docs
 from .bounds import bounds_problem
 from .ds_config import extra_problem, mixed_precision
+from .metrics import wandb_api_key_found
 
 _CHOICES = {
     "model.dtype": ("fp32", "bf16", "fp16"),
@@ -203,7 +204,7 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
             resume_path(t.resume)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if cfg.logger.backend == "wandb" and cfg.logger.mode == "online" and not _wandb_key():
+    if cfg.logger.backend == "wandb" and cfg.logger.mode == "online" and not wandb_api_key_found():
         raise ConfigError("logger.mode=online needs a W&B API key, and neither WANDB_API_KEY nor ~/.netrc has one: run "
                           "`wandb login`, set WANDB_API_KEY, or use logger.mode=offline (sync later) or logger=none.")
     from model.stream_merge import MergeError, parse_size
@@ -354,18 +355,4 @@ def _has_flash_attn() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("flash_attn") is not None
-
-
-def _wandb_key() -> bool:
-    """Whether W&B will find an API key: WANDB_API_KEY, or the netrc entry `wandb login` writes."""
-    import netrc
-    from urllib.parse import urlparse
-
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
 
