@@ -103,6 +103,39 @@ def _tokenize_by_prefix(tokenizer, messages, eot_id):
     return list(ids), labels
 
 
+def _runs(labels: List[int]) -> List[Tuple[int, int]]:
+    """[start, end) of each run of labelled tokens: one per assistant turn, in order (user turns lie
+    between them)."""
+    runs, i = [], 0
+    while i < len(labels):
+        if labels[i] == IGNORE:
+            i += 1
+            continue
+        j = i
+        while j < len(labels) and labels[j] != IGNORE:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def _drop_untrained(labels: List[int], messages: Sequence[Dict]) -> List[int]:
+    """Labels without the assistant turns of weight 0 (context only)."""
+    turns = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+    if all(turns):
+        return labels
+    runs = _runs(labels)
+    if len(runs) != len(turns):
+        raise DataError(f"the chat template's {len(runs)} assistant spans do not match the conversation's {len(turns)} "
+                        "assistant turns, so a turn of weight 0 cannot be told apart; remove the weights or set "
+                        "data.chat_template to a named template.")
+    out = list(labels)
+    for (a, b), weight in zip(runs, turns):
+        if not weight:
+            out[a:b] = [IGNORE] * (b - a)
+    return out
+
+
 def _only_last_turn(labels: List[int]) -> List[int]:
     """Keep the labels of the final labelled span only."""
     out = [IGNORE] * len(labels)
@@ -129,10 +162,13 @@ def encode(tokenizer, messages: List[Dict[str, str]], eot_id: int, max_len: int,
     fits, that is cut on the right ("cut": its last reply loses its end and end-of-turn token);
     `right` always cuts so ("truncated"). A conversation left without an assistant target is dropped. `fast` (a fastchat.FastEncoder)
     gives the same tokens without rendering the template; where it declines, the template is used.
+    Assistant messages with "weight": 0 are context, not targets (last_turn_only: the final turn
+    that is a target).
     """
     def enc(msgs):
         got = fast.encode(msgs) if fast is not None else None
         ids, labels = got if got is not None else tokenize_conversation(tokenizer, msgs, eot_id)
+        labels = _drop_untrained(labels, msgs)
         return ids, (_only_last_turn(labels) if last_turn_only else labels)
 
     ids, labels = enc(messages)
@@ -144,7 +180,7 @@ def encode(tokenizer, messages: List[Dict[str, str]], eot_id: int, max_len: int,
         head = messages[:1] if messages[0]["role"] == "system" else []
         body = messages[len(head):]
         starts = [i for i, m in enumerate(body) if m["role"] == "user" and i > 0 and
-                  any(x["role"] == "assistant" for x in body[i:])]
+                  any(x["role"] == "assistant" and x.get("weight", 1) for x in body[i:])]
         lo, hi, best = 0, len(starts) - 1, None
         while lo <= hi:  # smallest cut (most context kept) that fits
             mid = (lo + hi) // 2

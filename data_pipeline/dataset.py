@@ -22,7 +22,7 @@ from .records import Problem, expand_pattern, gzip_damage, read_records, to_mess
 from .validate import Report, clean, counts_text
 
 EVAL_MESSAGES = "eval_messages.jsonl"
-DATA_VERSION = 9  # 9: lenient skips what the template cannot render; 8: a reply's leading whitespace stripped; 7: truncation counted over the sets as built, a source weighted to nothing listed; 6: an empty held-out set is refused, dropped conversations located; 5: assistant spans of tag-free templates end at the turn's end-of-turn token (trimming templates); 4: eval_fraction split by content
+DATA_VERSION = 10  # 10: assistant messages' weight 0 (OpenAI's format) honoured; 9: lenient skips what the template cannot render; 8: a reply's leading whitespace stripped; 7: truncation counted over the sets as built, a source weighted to nothing listed; 6: an empty held-out set is refused, dropped conversations located; 5: assistant spans of tag-free templates end at the turn's end-of-turn token (trimming templates); 4: eval_fraction split by content
 TRUNCATED_WARN_SHARE = 0.10  # warn when more of the conversations than this were truncated (the bundled sample: 5.4% at 512)
 
 
@@ -104,7 +104,11 @@ def validated_conversations(d, report: Report):
                 split, content = s["split"], content_hash(cleaned)
                 if carve and split == "train" and _in_eval(content, d.seed, d.eval_fraction):
                     split = "eval"
-                yield {"messages": cleaned, "source": k, "where": where, "split": split, "hash": content}
+                # assistant turns of weight 0 (context only) by index: every row's messages keep one Arrow type
+                untrained = [i for i, m in enumerate(cleaned) if "weight" in m]
+                if untrained:
+                    cleaned = [{"role": m["role"], "content": m["content"]} for m in cleaned]
+                yield {"messages": cleaned, "source": k, "where": where, "split": split, "hash": content, "untrained": untrained}
         except DataError:  # (strict: enough errors) garbage lines of a damaged .gz: say that instead
             if damage := gzip_damage(s["path"]):
                 raise DataError(damage) from None
@@ -113,6 +117,16 @@ def validated_conversations(d, report: Report):
             report.empty_files.append(s["path"])
     report.finished = True
     report.raise_errors()
+
+
+def _features():
+    """The Arrow types of validated_conversations' rows, given: inferred from the first rows, an
+    `untrained` column empty in all of them would be typed null and a later index refused."""
+    from datasets import Features, Sequence, Value
+
+    return Features({"messages": [{"role": Value("string"), "content": Value("string")}], "source": Value("int64"),
+                     "where": Value("string"), "split": Value("string"), "hash": Value("int64"),
+                     "untrained": Sequence(Value("int64"))})
 
 
 def fast_encoder(tokenizer, eot_id: int, sample):
@@ -128,13 +142,25 @@ def fast_encoder(tokenizer, eot_id: int, sample):
     return enc, f"fast path ({enc.backend}), identical to the chat template's on the first {len(sample)} conversations"
 
 
+def with_weights(messages: List[Dict[str, str]], untrained: List[int]) -> List[Dict]:
+    """The messages with weight 0 on the assistant turns not trained on (data_pipeline/chat.encode reads it)."""
+    return [{**m, "weight": 0} if i in untrained else m for i, m in enumerate(messages)] if untrained else messages
+
+
+def through_last_target(messages: List[Dict], untrained: List[int]) -> List[Dict]:
+    """The conversation up to its last assistant turn that is trained on (a generation eval's reference)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant" and i not in untrained)
+    return messages[:last + 1]
+
+
 def _tokenize_fn(tokenizer, eot_id: int, d, fast):
     max_len, truncation, last_turn = d.max_seq_len, d.truncation, d.labels == "last_turn"  # no OmegaConf per row
     lenient = d.on_error == "lenient"
 
     def fn(batch):
         out = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "outcome": []}
-        for messages, where in zip(batch["messages"], batch["where"]):
+        for messages, where, untrained in zip(batch["messages"], batch["where"], batch["untrained"]):
+            messages = with_weights(messages, untrained)
             try:
                 ids, labels, outcome = encode(tokenizer, messages, eot_id, max_len, truncation, last_turn, fast)
             except Exception as e:  # e.g. a template that raises on this conversation's roles
@@ -193,7 +219,7 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
     work = tempfile.mkdtemp(prefix=f"dialtune-data-{os.path.basename(out_dir)}-", dir=os.path.dirname(out_dir))
     try:
         try:
-            raw = Dataset.from_generator(validated_conversations, gen_kwargs={"d": d, "report": report},
+            raw = Dataset.from_generator(validated_conversations, gen_kwargs={"d": d, "report": report}, features=_features(),
                                          cache_dir=os.path.join(work, "gen"), keep_in_memory=False)
         except DataError:
             raise
@@ -273,7 +299,8 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                 continue
             if name == "eval":  # the text of the eval conversations, row for row, for generation evals
                 with open(os.path.join(out_dir + ".part", EVAL_MESSAGES), "w", encoding="utf-8") as f:
-                    for row in raw.select(kept[split == "eval"]).select_columns(["messages", "source"]):
+                    for row in raw.select(kept[split == "eval"]).select_columns(["messages", "source", "untrained"]):
+                        row["messages"] = through_last_target(row["messages"], row.pop("untrained"))
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
             built.update(_column(part, "outcome").tolist())
             built["rows"] += len(part)

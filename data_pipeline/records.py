@@ -347,7 +347,7 @@ def to_messages(rec: Any, fmt: str, intent_cfg=None):
                 role = "system"
             if role is None:
                 return Problem("unknown_role", f"conversations[{i}] is from {who!r}, which maps to no role; known: {', '.join(sorted(ROLE_ALIASES))}")
-            out.append({"role": role, "content": turn["value"]})
+            out.append({"role": role, "content": turn["value"], **({"weight": turn["weight"]} if "weight" in turn else {})})
         return out, rid
     if kind == "alpaca":
         ins, inp, outp = rec.get("instruction"), rec.get("input"), rec.get("output")

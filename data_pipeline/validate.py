@@ -54,6 +54,12 @@ def clean(messages: List, policy, fixes: Counter) -> Union[List[Dict[str, str]],
             return Problem("empty_content", f"messages[{i}] ({role}) is empty or whitespace/zero-width only")
         if role == "system" and i != 0:
             return Problem("system_not_first", f"messages[{i}] is a system message; a system message may only come first")
+        weight = m.get("weight", 1)
+        if "weight" in m and role != "assistant":
+            return Problem("bad_weight", f"messages[{i}] ({role}) has a weight; only assistant messages take one (0: context "
+                           "only, not trained on; 1: trained on)")
+        if weight not in (0, 1) or not isinstance(weight, (int, float)):  # (True/False are 1/0, as in OpenAI's format)
+            return Problem("bad_weight", f"messages[{i}] has weight {weight!r}; use 0 (context only, not trained on) or 1")
         if len(content) > policy.max_message_chars:
             if policy.long_message == "drop":
                 return Problem("message_too_long", f"messages[{i}] has {len(content)} characters > data.max_message_chars={policy.max_message_chars}")
@@ -67,10 +73,13 @@ def clean(messages: List, policy, fixes: Counter) -> Union[List[Dict[str, str]],
         if out and out[-1]["role"] == role:
             if policy.same_role == "reject":
                 return Problem("consecutive_same_role", f"messages[{i - 1}] and [{i}] are both {role}; roles must alternate (or set data.same_role=merge)")
-            out[-1] = {"role": role, "content": out[-1]["content"] + "\n" + content}
+            if out[-1].get("weight", 1) != weight:
+                return Problem("bad_weight", f"messages[{i - 1}] and [{i}] are consecutive assistant turns with different weights, "
+                               "which cannot be merged into one turn; give them one weight, or put a user turn between them")
+            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + content}
             fixes["merged_same_role"] += 1
             continue
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, "weight": 0} if not weight else {"role": role, "content": content})
     if out[-1]["role"] == "user":
         if policy.trailing_user == "reject":
             return Problem("trailing_user", "the conversation ends with a user turn, which nothing answers (or set data.trailing_user=trim)")
@@ -79,6 +88,8 @@ def clean(messages: List, policy, fixes: Counter) -> Union[List[Dict[str, str]],
         fixes["trimmed_trailing_user"] += 1
     if not any(m["role"] == "assistant" for m in out):
         return Problem("no_assistant", "the conversation has no assistant turn, so there is nothing to learn")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
+        return Problem("no_target", "every assistant turn has weight 0, so there is nothing to learn")
     return out
 
 

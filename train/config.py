@@ -105,7 +105,7 @@ class DataConfig:
     eval_fraction: float = doc(0.0, "Share of training conversations held out for eval when no eval files are given (deterministic).")
     max_seq_len: int = doc(2048, "Token budget of one conversation (and of one packed row).")
     truncation: str = doc("keep_recent", "Over-long conversations: keep_recent (drop the oldest turns, keep >= 1 assistant target; cut the end where even the last exchange is too long), right (cut the end) or drop.")
-    labels: str = doc("all_assistant", "Which turns are targets: all_assistant or last_turn (only the final assistant turn).")
+    labels: str = doc("all_assistant", "Which turns are targets: all_assistant or last_turn (only the final assistant turn); assistant messages with 'weight': 0 are never targets (context only).")
     chat_template: Optional[str] = doc(None, "Named template (chatml, llama-3, qwen2, mistral) for tokenizers without one, or to override theirs.")
     packing: bool = doc(False, "Pack several conversations per row (best-fit-decreasing) with boundary-safe attention.")
     on_error: str = doc("strict", "Bad records: strict (stop with file:line for the first errors) or lenient (skip, count, report).")
