@@ -47,7 +47,9 @@ def cache_key(d, tokenizer, eot_id: int) -> str:
     h.update((tokenizer.chat_template or "").encode())
     h.update(json.dumps([tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, eot_id]).encode())
     cfg = OmegaConf.to_container(d, resolve=True)
-    for k in ("cache_dir", "num_proc", "on_error", "max_errors_shown", "fast_tokenization"):  # don't change the result
+    # these don't change the result (fast_tokenization does not either, by design, but it stays in: a
+    # user who turns it off to rule the fast path out gets the exact path's build, not the cache)
+    for k in ("cache_dir", "num_proc", "on_error", "max_errors_shown"):
         cfg.pop(k, None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]

@@ -119,7 +119,7 @@ class DataConfig:
     intent: IntentConfig = field(default_factory=IntentConfig, metadata={"help": "How intent records become conversations."})
     cache_dir: Optional[str] = doc(None, "Tokenized-data cache (shared or node-local); default ~/.cache/dialtune/data.")
     num_proc: int = doc(1, "Processes used for tokenization.")
-    fast_tokenization: bool = doc(True, "Tokenize from the chat template read once (tiktoken for byte-level BPE) instead of rendering it per conversation; used only where it gives the same tokens as the template on the first 64 conversations.")
+    fast_tokenization: bool = doc(True, "Tokenize from the chat template read once (tiktoken for byte-level BPE) instead of rendering it per conversation; used only where it gives the same tokens as the template on the first 64 conversations; false builds with the template per conversation (a cache entry of its own).")
     seed: int = doc(1234, "Seed of shuffling, packing, source sampling and the eval split.")
 
 
