@@ -12,7 +12,9 @@ QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functi
 # DeepSpeed calls torch's old all_gather_into_tensor): nothing a user can act on, printed per rank
 # and per step
 QUIET_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated", r"`gradient_checkpointing_enable` is deprecated",
-                      r"`torch.distributed.all_gather_into_tensor` is deprecated")
+                      r"`torch.distributed.all_gather_into_tensor` is deprecated",
+                      # PEFT's own patterns for a mixture of experts' fused expert weights, which it then adapts otherwise
+                      r"The following (rank|alpha)_pattern keys did not match any targeted module")
 
 
 def quiet_loggers() -> None:
@@ -22,6 +24,7 @@ def quiet_loggers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for message in QUIET_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        warnings.filterwarnings("ignore", message=message, category=RuntimeWarning)
 
 
 def name_cpu_accelerator(env=os.environ) -> None:

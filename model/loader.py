@@ -286,6 +286,14 @@ def attach_adapter(model, cfg):
                         if isinstance(m, (torch.nn.Linear, Conv1D)) or type(m).__name__ in ("Linear8bitLt", "Linear4bit")} - {"lm_head"})
         raise ConfigError(f"peft.target_modules={list(p.target_modules)} matches no layer of {type(model).__name__}; its linear "
                           f"layers are {', '.join(names)} (or use [all-linear]).") from None
+    except ValueError as e:  # (PEFT's own sentence, e.g. "lora.ParamWrapper does not work with lora_dropout != 0.")
+        if "ParamWrapper" not in str(e) or "dropout" not in str(e):
+            raise
+        from train.config import ConfigError
+
+        raise ConfigError(f"{type(model).__name__} keeps its experts' weights as parameters, which PEFT adapts (peft.target_modules="
+                          f"{list(p.target_modules)}) only without dropout: set peft.dropout=0, or peft.target_modules to "
+                          "the attention layers (e.g. [q_proj,k_proj,v_proj,o_proj]).") from None
 
 
 _LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"}  # a table of position embeddings: nothing past its end

@@ -81,6 +81,32 @@ def test_mixture_of_experts_is_refused():
         flops.matmul_params(cfg)
 
 
+def test_a_mixture_of_experts_trains_without_flops_metrics(tmp_path):
+    """A MoE's active parameters per token are not counted: training logs no FLOPs/MFU and says so
+    once (it crashed at step 1); PEFT's adapters on its fused expert weights refuse dropout: one sentence."""
+    from transformers import AutoTokenizer, MixtralForCausalLM
+
+    from tests.conftest import TOKENIZER_DIR, read_metrics, train
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    cfg = transformers.MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    MixtralForCausalLM(cfg).save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    args = [f"model={tmp_path / 'moe'}", "model.dtype=fp32", "train.max_steps=1", "logger=none", "eval.at_end=[]",
+            "export.merge_at_end=false", "data.max_seq_len=256", "run.name=moe", "kernels.peak_tflops=1"]
+    proc = train(args, tmp_path, check=False)
+    assert proc.returncode == 2 and "keeps its experts' weights as parameters" in proc.stderr and "peft.dropout=0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = train(args + ["peft.dropout=0"], tmp_path)
+    assert "perf/model_tflops_per_device and perf/mfu are not logged: MixtralConfig is a mixture of experts" in proc.stdout + proc.stderr
+    (row,) = [r for r in read_metrics(tmp_path / "moe") if "train/loss" in r]
+    assert "perf/mfu" not in row and "perf/model_tflops_per_device" not in row and row["perf/target_tokens"] > 0
+    assert flops.step_metrics(0.0, 1.0, 1, 1e12) == {} and flops.step_metrics(2e12, 1.0, 2, 2e12) == {
+        "perf/model_tflops_per_device": 1.0, "perf/mfu": 0.5}
+
+
 @pytest.mark.parametrize("name,peak", [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
     ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),

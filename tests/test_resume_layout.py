@@ -90,6 +90,15 @@ def test_a_fresh_run_sets_an_earlier_runs_results_aside(tmp_path):
     assert [r["step"] for r in read_metrics(earlier[0]) if "train/loss" in r] == [1, 2]
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1] and not (run / "merged").exists()
     assert not json.loads((run / "summary.json").read_text()).get("finished")
+    # starting from another run's checkpoint (train.resume=<run>) in a directory an earlier run used is
+    # a new run there too: the earlier results are set aside, not continued with the other run's steps
+    copy = tmp_path / "copy"
+    train(args + ["run.name=copy", "train.max_steps=3"], tmp_path)
+    proc = train(args + ["run.name=copy", "train.max_steps=4", f"train.resume={run}"], tmp_path)
+    earlier = [p for p in copy.iterdir() if p.name.startswith("earlier-")]
+    assert len(earlier) == 1 and f"moved to {earlier[0]}" in proc.stdout + proc.stderr
+    assert [r["step"] for r in read_metrics(earlier[0]) if "train/loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(copy) if "train/loss" in r] == [2, 3, 4]
 
 
 def test_latest_naming_a_missing_checkpoint_is_one_sentence(tmp_path):

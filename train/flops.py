@@ -110,9 +110,30 @@ def effective_seq_len(lengths: Sequence[int]) -> float:
 
 
 def flops_for_documents(cfg, lengths: Sequence[int]) -> float:
-    """Training FLOPs of a step over conversations of these token lengths (padding excluded)."""
+    """Training FLOPs of a step over conversations of these token lengths (padding excluded); 0 for
+    a model countable() turned down (cfg None)."""
     total = sum(lengths)
-    return total * flops_per_token(cfg, effective_seq_len(lengths))
+    return total * flops_per_token(cfg, effective_seq_len(lengths)) if cfg is not None else 0.0
+
+
+def countable(cfg, log=None):
+    """cfg when its FLOPs can be counted, else None, said once through log (a mixture of experts:
+    its active parameters per token are not counted here, and a wrong MFU is worse than none)."""
+    try:
+        shape(cfg)
+        return cfg
+    except ValueError as e:
+        if log is not None:
+            log.info("perf/model_tflops_per_device and perf/mfu are not logged: %s", e)
+        return None
+
+
+def step_metrics(step_flops: float, elapsed: float, world: int, peak: Optional[float]) -> dict:
+    """The step's FLOPs metrics ({} when they are not counted: step_flops 0)."""
+    if not step_flops:
+        return {}
+    per_device = step_flops / elapsed / world
+    return {"perf/model_tflops_per_device": per_device / 1e12, **({"perf/mfu": per_device / peak} if peak else {})}
 
 
 def peak_flops(device=None, dtype: torch.dtype = torch.bfloat16, override: Optional[float] = None) -> Optional[float]:

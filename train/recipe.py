@@ -133,7 +133,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                                   log.info if is_main else (lambda *_: None))
     except levers.LeverError as e:
         raise ConfigError(str(e)) from None
-    model_config = model.config
+    model_config = flops.countable(model.config, log if is_main else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
@@ -171,9 +171,11 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         found = resume.find_resume(t.resume, ckpt_root)
     except ValueError as e:  # checkpoints/latest naming a checkpoint that is gone
         raise ConfigError(str(e)) from None
+    # this run's own checkpoint continues it (metrics, W&B run); another run's only gives the start
+    own = bool(found) and os.path.realpath(found[0]) == os.path.realpath(ckpt_root)
     if found:
         state = resume.resume(engine, *found, cfg, scheduler, total_steps, state["data_key"], is_main, world, mb, gas, n_items)
-    elif is_main:  # a fresh start: an earlier run's results set aside (its checkpoints stay, with a note)
+    if is_main and not own:  # a new run here: an earlier run's results set aside (its checkpoints stay, with a note)
         resume.set_aside_earlier(run_dir, earlier_config)
         if earlier := checkpoint.earlier_run_note(ckpt_root):
             log.warning(earlier)
@@ -185,7 +187,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     stream = batching.MicroBatchStream(n_items, mb, world, rank, cfg.data.seed, state["epoch"], state["pos"])
 
     metrics = Metrics(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), enabled=is_main,
-                      resume_step=state["step"] if found else None)
+                      resume_step=state["step"] if own else None)
     source_paths = [s["path"] for s in sources_of(cfg.data)]  # (their short names name the per-source metrics)
     if is_main:
         with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
@@ -218,10 +220,13 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             full_base_rows = [{**row, "model": "base"} for row in suite_result(["lm"]).get("lm", {}).get("rows", [])]
             if is_main:
                 eval_results.write_base_rows(eval_dir, full_base_rows)
-        elif (full_base_rows := eval_results.read_base_rows(eval_dir)) is None and is_main:
+        elif (full_base_rows := eval_results.read_base_rows(src := eval_dir if own else os.path.join(
+                os.path.dirname(found[0]), "eval"))) is None and is_main:  # (started from another run: its base)
             log.warning("no base comparison at the end: %s was not written before this run's first step (it started before "
                         "dialtune measured a full fine-tune's base, or without eval.base_comparison)",
-                        os.path.join(eval_dir, eval_results.BASE_LM))
+                        os.path.join(src, eval_results.BASE_LM))
+        elif not own and is_main:
+            eval_results.write_base_rows(eval_dir, full_base_rows)
 
     written = {"step": None, "res": {}}
 
@@ -329,8 +334,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                   "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "perf/target_tokens": int(n_targets), "perf/tokens": int(n_real), "perf/padded_tokens": int(n_padded),
                   "perf/target_tok_s": n_targets / elapsed, "perf/tok_s": n_real / elapsed,
-                  "perf/step_time_s": elapsed, "perf/model_tflops_per_device": step_flops / elapsed / world / 1e12,
-                  **({"perf/mfu": step_flops / elapsed / world / peak} if peak else {}), **memory_gb()}
+                  "perf/step_time_s": elapsed, **flops.step_metrics(step_flops, elapsed, world, peak), **memory_gb()}
         preempted, final = stop_signal is not None, step == total_steps
         parts, late = suite.parts_at(ev, step, t.save_every, cfg.export.checkpoint == "best", final, preempted)
         if parts:
