@@ -27,6 +27,15 @@ def epoch_micro_batches(n: int, micro_batch_size: int, world: int, rank: int, se
     return out
 
 
+def epoch_steps(n: int, micro_batch_size: int, world: int, grad_accum: int, epochs: int) -> int:
+    """Optimizer steps for `epochs` passes, rounded up: the last step may take up to grad_accum - 1
+    micro-batches of the next pass rather than leave the last ones of the final pass out (each
+    pass's micro-batches continue where the previous pass's step ended). 0 when one pass has fewer
+    micro-batches than one step takes."""
+    per_epoch = n // (micro_batch_size * world)
+    return 0 if per_epoch < grad_accum else -(-epochs * per_epoch // grad_accum)
+
+
 class MicroBatchStream:
     """Endless, resumable stream of this rank's micro-batches (epoch_micro_batches, epoch after
     epoch): (epoch, position) is the state a checkpoint keeps."""

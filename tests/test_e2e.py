@@ -38,6 +38,7 @@ def test_two_ranks_ran_and_loss_goes_down(demo_run):
     run_dir, proc = demo_run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
+    assert summary["target_tokens_seen"] == sum(r["perf/target_tokens"] for r in read_metrics(run_dir) if "perf/target_tokens" in r)
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))  # every step is in the metrics file
     first, last = [losses[s] for s in (1, 2, 3)], [losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)]

@@ -71,6 +71,18 @@ def test_train_batches_are_disjoint_across_ranks_and_deterministic():
     assert a != batching.epoch_micro_batches(50, 4, 2, 0, seed=1, epoch=1)
 
 
+def test_epochs_are_rounded_up_to_whole_steps():
+    """train.epochs=N passes: 10 conversations in micro-batches of 2 = 5 a pass; accumulating 3, 2
+    passes take 4 steps (the last reaches into a third pass), not 2 (1.2 passes)."""
+    assert batching.epoch_steps(10, 2, 1, 3, 2) == 4 and batching.epoch_steps(10, 2, 1, 1, 2) == 10
+    assert batching.epoch_steps(307, 4, 8, 4, 3) == 7  # 9 micro-batches a pass per rank: 27 / 4 (floor: 6 = 2.67 passes)
+    assert batching.epoch_steps(10, 2, 1, 6, 1) == 0  # fewer micro-batches than a step takes: refused by the recipe
+    stream = batching.MicroBatchStream(10, 2, 1, 0, 0)
+    for _ in range(4 * 3):
+        stream.next()
+    assert stream.epoch + stream.pos / len(stream._plan) >= 2  # what train/epoch logs at the last step
+
+
 def test_a_tokenizer_that_adds_bos_itself_still_gives_one_bos_and_the_same_labels(tokenizer):
     """Llama-style tokenizers add BOS in their post-processor while the chat template also writes
     it: every encoding path (template mask, prefix fallback, fast path, eval prompt) must give one

@@ -42,6 +42,7 @@ def test_nonfinite_loss_on_one_rank_is_skipped_by_all(tmp_path):
     rows = {r["step"]: r for r in read_metrics(tmp_path / "skip")}
     assert sorted(rows) == [1, 2, 3, 4, 5]
     assert "train/loss" not in rows[3] and rows[3]["train/skipped_steps"] == 1
+    assert "train/grad_norm" not in rows[3] and all(rows[s]["train/grad_norm"] > 0 for s in (1, 2, 4, 5))  # (not the zeroed 0.0)
     assert all(rows[s]["train/loss"] == rows[s]["train/loss"] for s in (1, 2, 4, 5))  # finite
     summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
     assert summary["skipped_steps"] == 1 and summary["finished"]

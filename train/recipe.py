@@ -99,8 +99,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if cfg.eval.intent_files and "intent" in {*cfg.eval.during_training, *cfg.eval.at_end}:  # a bad file stops now, not after training
         suite.load_intents(cfg.eval.intent_files, cfg.data.intent, cfg.eval.intent_max_examples, cfg.eval.intent_labels)
     n_items = len(packs) if packs is not None else len(train_ds)  # packed rows, or conversations
-    steps_per_epoch = len(batching.epoch_micro_batches(n_items, mb, world, rank, 0, 0)) // gas
-    if steps_per_epoch == 0:
+    if batching.epoch_steps(n_items, mb, world, gas, 1) == 0:
         what = "packed rows" if packs is not None else "conversations"
         raise ConfigError(f"the training set has {n_items} {what}, fewer than one optimizer step needs "
                           f"(micro_batch_size {mb} x grad_accum {gas} x {world} ranks); lower train.micro_batch_size or train.grad_accum.")
@@ -116,7 +115,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         return (collate_packed(rows, pad_id, layout["attn"], dtype=loader.DTYPES[mixed_precision(cfg)],
                                sliding_window=layout["window"], pad_to=cfg.data.max_seq_len if cfg.kernels.compile else None),
                 [len(d["input_ids"]) for row in rows for d in row])
-    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    total_steps = t.max_steps if t.max_steps > 0 else batching.epoch_steps(n_items, mb, world, gas, t.epochs)
     pad_id = tokenizer.pad_token_id
 
     # ---- model --------------------------------------------------------------------------------
@@ -331,7 +330,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                      target_tokens_seen=state["target_tokens_seen"] + int(n_targets))
 
         record = {"train/loss": None if bad_step else loss, "train/skipped_steps": skipped, "train/lr": lr, "train/epoch": stream.epoch + stream.pos / max(1, len(stream._plan)),
-                  "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  # (a skipped step's is the norm of the zeroed gradients: left out, as its loss; a non-finite one is no JSON)
+                  "train/grad_norm": float(grad_norm) if grad_norm is not None and not bad_step and math.isfinite(grad_norm) else None,
                   "perf/target_tokens": int(n_targets), "perf/tokens": int(n_real), "perf/padded_tokens": int(n_padded),
                   "perf/target_tok_s": n_targets / elapsed, "perf/tok_s": n_real / elapsed,
                   "perf/step_time_s": elapsed, **flops.step_metrics(step_flops, elapsed, world, peak), **memory_gb()}
@@ -384,7 +384,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
                "fused_lora_parts": sorted(fused_lora.fused_parts(model)) if ran["fused_lora"] else [], "fused_ce": not no_fused,
                "checkpointed_layers": ran["checkpointed"],
                "packed_attention": layout["path"] if packs is not None else None, "peak_tflops": peak / 1e12 if peak else None,
-               "params_trainable": n_trainable, "params_total": n_total}
+               "params_trainable": n_trainable, "params_total": n_total, "target_tokens_seen": state["target_tokens_seen"]}
     # the last step's eval only (an earlier one is in metrics); a job that trained nothing has what an earlier job
     # measured at that step (the held-out loss before the final save, when a generating part failed after it)
     eval_result = (eval_result if written["step"] == state["step"] else
