@@ -148,11 +148,13 @@ def drop_if_only_hydra(run_dir: str) -> None:
     """A run refused at start leaves no directory behind (e.g. outputs/llama3_8bb-lora-none of a
     mistyped model=): Hydra creates it with its record and log before dialtune checks anything, the
     recipe its config.yaml (and the tiny base) before the checks that need the model; a directory
-    with anything else in it (an earlier run's checkpoints, metrics) is kept."""
+    with anything else in it (an earlier run's checkpoints, metrics), or that another training holds, is kept."""
     import shutil
 
+    from train.run_lock import held_elsewhere
+
     try:
-        if set(os.listdir(run_dir)) <= {"hydra", ".hydra", "train.log", "config.yaml", "base"}:  # (nothing trained)
+        if not held_elsewhere(run_dir) and set(os.listdir(run_dir)) <= {"hydra", ".hydra", "train.log", "config.yaml", "base", ".dialtune-lock"}:  # (nothing trained)
             shutil.rmtree(run_dir)
     except OSError:
         pass
@@ -164,6 +166,7 @@ def task(cfg) -> None:
     from data_pipeline.chat import DataError
     from model.export import ExportError
     from train.config import ConfigError
+    from train.run_lock import RunDirInUse
     from train.validate import validate
 
     setup_logging()
@@ -240,6 +243,8 @@ def task(cfg) -> None:
             if rank() == 0:
                 print(f"dialtune: stopped by SIGUSR1 after step {summary['steps']}; checkpoint saved, asking to be requeued (exit {REQUEUE_EXIT_CODE})", flush=True)
             sys.exit(REQUEUE_EXIT_CODE)
+    except RunDirInUse as e:  # (the directory is the other training's: nothing of it is dropped)
+        fail(str(e))
     except (ConfigError, DataError, ExportError) as e:
         if rank() == 0 or os.environ.get("LOCAL_RANK") == "0":  # (a node-local run.root has one per node)
             drop_if_only_hydra(run_dir)

@@ -28,7 +28,7 @@ from data_pipeline.dataset import sources_of
 from data_pipeline.packing import collate_packed
 from model import attention, fused_lora, kernels, levers, loader, memory
 
-from . import checkpoint, distributed, eval_results, faults, flops, optim, resume, signals
+from . import checkpoint, distributed, eval_results, faults, flops, optim, resume, run_lock, signals
 from . import evaluate as suite
 from .config import ConfigError
 from .ds_config import lr_lambda, mixed_precision, render
@@ -55,6 +55,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     os.makedirs(run_dir, exist_ok=True)
     if problem := distributed.shared_dir_problem(run_dir, rank, dev):
         raise ConfigError(problem)
+    run_lock.claim_for_all(run_dir, rank)  # (before anything of an earlier run's is set aside or replaced)
     deepspeed.runtime.utils.set_random_seed(t.seed)
     mb, gas = t.micro_batch_size, t.grad_accum
     if t.global_batch_size:
@@ -64,11 +65,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         gas = cfg.train.grad_accum = t.global_batch_size // (mb * world)  # the global size wins (in config.yaml too)
         if is_main:
             log.info("global batch %d = micro %d x accumulation %d x %d ranks", t.global_batch_size, mb, gas, world)
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # (<run_dir>/config.yaml once the run is sure to start: resume checks)
     earlier_config = resume.read_text(os.path.join(run_dir, "config.yaml")) if is_main else None  # (an earlier run's: set aside with its results)
-    if is_main:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(config_yaml)
 
     base_path = cfg.model.name_or_path
     if base_path == "tiny":
@@ -180,6 +178,9 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
             log.warning(earlier)
         elif t.resume == "auto":
             log.info("train.resume=auto: no finished checkpoint in %s yet; starting at step 1", ckpt_root)
+    if is_main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(config_yaml)
     state.update(world_size=world, micro_batch_size=mb, grad_accum=gas,  # what pos counts in (resume.resume_position)
                  slurm_job_id=os.environ.get("SLURM_JOB_ID"))  # a requeue of this job continues from it (resume.find_resume)
     last_step = state["step"] if checkpoint.early_stopped(state, cfg.eval.early_stopping_patience) else total_steps  # (it stopped early)

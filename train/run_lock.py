@@ -1,0 +1,102 @@
+"""One training at a time per run directory.
+
+Two trainings started into one run directory (the same run.name twice, a loop of submissions that
+pin it) would set each other's results aside, write each other's checkpoints and `merged/`, and
+each report the other's model as its own. Rank 0 holds an flock on `<run_dir>/.dialtune-lock` for
+as long as its process trains there (the kernel releases it however the process ends, so a killed
+or requeued job leaves no stale lock on a local disk); a second training is refused in one
+sentence naming the first. A lock held from another host (a shared filesystem) is waited for a
+while first: NFS keeps a crashed client's lock until its lease runs out. Filesystems without
+flock (some Lustre mounts) run without the lock.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+from typing import Dict, Optional
+
+LOCK_NAME = ".dialtune-lock"
+OTHER_HOST_WAIT_S = 90.0  # NFSv4's default lease, after which a crashed holder's lock is released
+
+_held: Dict[str, int] = {}  # run dir -> fd of the lock this process holds
+
+
+class RunDirInUse(Exception):
+    """Another training holds the run directory (the message is one sentence)."""
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def claim(run_dir: str, wait_other_host_s: float = OTHER_HOST_WAIT_S) -> Optional[str]:
+    """Take the run directory's lock for this process (releasing one it holds for another run
+    directory: a sweep's next job); returns None, or the sentence why another training has it."""
+    run_dir = os.path.realpath(run_dir)
+    for other in [d for d in _held if d != run_dir]:
+        os.close(_held.pop(other))
+    if run_dir in _held:
+        return None
+    path = os.path.join(run_dir, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):  # no flock here: run without it
+                os.close(fd)
+                return None
+        holder = _holder(path)  # "host pid started"
+        host = holder.split(" ")[0] if holder else ""
+        if host and host != socket.gethostname():
+            deadline = deadline or time.monotonic() + wait_other_host_s
+            if time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+        os.close(fd)
+        who = f" (pid {holder.split(' ')[1]} on {host}, started {' '.join(holder.split(' ')[2:])})" if len(holder.split(" ")) > 2 else ""
+        return (f"{run_dir} is in use by another training{who}: wait for it to end, or give this run another run.name "
+                "(two trainings in one run directory would overwrite each other's checkpoints and results).")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    _held[run_dir] = fd
+    return None
+
+
+def claim_for_all(run_dir: str, rank: int) -> None:
+    """Rank 0 claims the run directory; every rank raises RunDirInUse with its sentence when taken."""
+    import torch.distributed as dist
+
+    problem = [claim(run_dir) if rank == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise RunDirInUse(problem[0])
+
+
+def held_elsewhere(run_dir: str) -> bool:
+    """Whether another process trains in run_dir now (holds its lock)."""
+    run_dir = os.path.realpath(run_dir)
+    path = os.path.join(run_dir, LOCK_NAME)
+    if run_dir in _held or not os.path.exists(path):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN)
+    finally:
+        os.close(fd)
