@@ -171,6 +171,9 @@ def task(cfg) -> None:
 
     setup_logging()
     run_dir = HydraConfig.get().runtime.output_dir
+    from train.config import absolute_paths
+
+    absolute_paths(cfg)  # (config.yaml is read again by merge, eval and resume from any directory)
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the ranks agree: one node's own paths stop them all
             from train import distributed

@@ -228,6 +228,22 @@ def _target_modules(peft_cfg):
     return "all-linear" if targets == ["all-linear"] else targets
 
 
+def _tied_target(model, targets) -> None:
+    """LoRA on the input embeddings or output head of a model that ties them (one weight): merged,
+    the update lands on both, and base + adapter is no longer what trained. Refused before training."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if targets == "all-linear" or inp is None or out is None or getattr(out, "weight", None) is not getattr(inp, "weight", 0):
+        return
+    names = {id(m): n.split(".")[-1] for n, m in model.named_modules()}
+    if hit := [t for t in targets if t in (names.get(id(inp)), names.get(id(out)))]:
+        from train.config import ConfigError
+
+        raise ConfigError(f"peft.target_modules has {', '.join(hit)}, and {type(model).__name__} ties its input embeddings "
+                          f"and output head ({names.get(id(inp))} = {names.get(id(out))}, one weight), so a merged LoRA update "
+                          "would change both: leave them out of peft.target_modules, or train them in full with "
+                          f"peft.modules_to_save=[{names.get(id(inp))},{names.get(id(out))}].")
+
+
 def _modules_to_save(model, cfg):
     """The user's list, plus the embeddings and output head when tokens were added (their new
     rows must be learnt, and they are saved with the adapter)."""
@@ -264,6 +280,7 @@ def attach_adapter(model, cfg):
         param.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
         model.enable_input_require_grads()
+    _tied_target(model, _target_modules(p))
     lora = LoraConfig(
         r=p.r,
         lora_alpha=p.alpha,

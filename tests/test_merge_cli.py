@@ -61,3 +61,30 @@ def test_an_earlier_checkpoint_merged_into_the_run_and_an_export_elsewhere(peft_
     saved = OmegaConf.load(run / "config.yaml")
     assert kind == "merged" and out == tmp_path / "elsewhere-eval"  # beside it: the export stays as exported
     assert cfg.data.max_seq_len == saved.data.max_seq_len == 512 and cfg.run.name == saved.run.name
+
+
+def test_relative_model_and_data_paths_are_recorded_absolute(tmp_path):
+    """A run started with model=<relative dir> and relative data files records them absolute: merge
+    and eval from another directory found neither (a traceback looking the model up on the Hub)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TOKENIZER_DIR, TRAIN_PY
+
+    work = tmp_path / "work"
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+                     ).save_pretrained(work / "bases" / "llama")
+    tok.save_pretrained(work / "bases" / "llama")
+    shutil.copy(ROOT / "data_pipeline" / "sample_data" / "train.jsonl", work / "mine.jsonl")
+    subprocess.run([sys.executable, str(TRAIN_PY), "model=bases/llama", "model.dtype=fp32", "data=custom",
+                    "data.train_files=[mine.jsonl]", "data.eval_fraction=0.1", "run.root=out", "logger=none", "train.max_steps=1",
+                    "eval.at_end=[]", "export.merge_at_end=false", "train.progress_bar=false"],
+                   env=run_env(), cwd=str(work), check=True, capture_output=True, timeout=300)
+    run = work / "out" / "llama-lora-none"
+    saved = (run / "config.yaml").read_text()
+    assert f"name_or_path: {work / 'bases' / 'llama'}" in saved and f"- {work / 'mine.jsonl'}" in saved
+    proc = _cli("merge", run, "--eval-conversations", "0")  # (from the project's folder, not the run's)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _cli("eval", run, "--parts", "lm")
+    assert proc.returncode == 0 and (run / "eval" / "results.json").is_file(), proc.stderr[-2000:]

@@ -92,6 +92,26 @@ def test_targets_or_modules_to_save_that_match_nothing_are_one_sentence():
     assert any("modules_to_save" in n for n, _ in model.named_modules())
 
 
+def test_lora_on_tied_embeddings_or_head_is_refused_before_training():
+    """One weight serves both: a merged LoRA update on lm_head changes embed_tokens too (the export
+    failed its logit check after training, or took a --tolerance that accepted a wrong model)."""
+    import transformers
+
+    from train.config import ConfigError
+
+    def tied():
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True))
+
+    for target in (["q_proj", "lm_head"], ["embed_tokens", "v_proj"]):
+        with pytest.raises(ConfigError, match=r"ties its input embeddings and output head \(embed_tokens = lm_head, one "
+                                              r"weight\).*peft.modules_to_save=\[embed_tokens,lm_head\]"):
+            loader.attach_adapter(tied(), _cfg(target_modules=target))
+    loader.attach_adapter(tied(), _cfg(target_modules=["q_proj"]))  # the rest of a tied model is fine,
+    loader.attach_adapter(_tiny("llama"), _cfg(target_modules=["q_proj", "lm_head"]))  # and an untied head
+
+
 def test_kbit_base_keeps_embeddings_and_head_in_16_bit(tmp_path):
     """No fp32 upcast of embed_tokens / lm_head (memory); the adapter still trains."""
     base = _tiny("llama")

@@ -269,6 +269,26 @@ def data_dir() -> str:
     return os.path.abspath(os.environ.get("DIALTUNE_DATA_DIR") or DATA_DIR_DEFAULT)
 
 
+def absolute_paths(cfg) -> None:
+    """Local paths of the config (a model or tokenizer directory, data files and patterns, intent
+    files) made absolute in place, so that the run's config.yaml, read again by merge, eval, report
+    and resume, means the same files from any directory. Hub ids (no such local path) stay as given."""
+    def local(p):
+        return os.path.abspath(p) if isinstance(p, str) and p and not os.path.isabs(p) and os.path.exists(p) else p
+
+    def pattern(p):  # (a glob or a file that is missing now: made absolute too, relative to where the run starts)
+        return os.path.abspath(p) if isinstance(p, str) and p and not os.path.isabs(p) and p != "???" else p
+
+    m, d = cfg.model, cfg.data
+    m.name_or_path = local(m.name_or_path) if m.name_or_path != "tiny" else m.name_or_path
+    m.tokenizer = local(m.tokenizer)
+    d.train_files = [pattern(p) for p in d.train_files]
+    d.eval_files = [pattern(p) for p in d.eval_files]
+    for src in d.sources:
+        src.path = pattern(src.path)
+    cfg.eval.intent_files = [pattern(p) for p in cfg.eval.intent_files]
+
+
 def _data_dir(name: str) -> str:
     return os.path.join(data_dir(), name)
 
