@@ -11,11 +11,13 @@ def compose(overrides):
     from hydra import initialize_config_dir
 
     from launch.train import normalize_argv
-    from train.config import CONF_DIR, register
+    from train.config import CONF_DIR, absolute_paths, register
 
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=normalize_argv(list(overrides)))
+        cfg = hydra_compose(config_name="train", overrides=normalize_argv(list(overrides)))
+    absolute_paths(cfg)  # (as training records them: `dialtune prepare` fills the cache key training reads)
+    return cfg
 
 
 def compose_problem(e: Exception, overrides) -> str:

@@ -84,6 +84,12 @@ def test_relative_model_and_data_paths_are_recorded_absolute(tmp_path):
     run = work / "out" / "llama-lora-none"
     saved = (run / "config.yaml").read_text()
     assert f"name_or_path: {work / 'bases' / 'llama'}" in saved and f"- {work / 'mine.jsonl'}" in saved
+    key = json.loads((run / "data_stats.json").read_text())["cache"]["key"]
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "prepare", "model=bases/llama", "data=custom",
+                           "data.train_files=[mine.jsonl]", "data.eval_fraction=0.1"], env={**run_env(), "PYTHONPATH": str(ROOT)},
+                          cwd=str(work), capture_output=True, text=True, timeout=300)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("cache hit: ") and last.endswith(key), proc.stderr[-2000:]  # (the key training filled)
     proc = _cli("merge", run, "--eval-conversations", "0")  # (from the project's folder, not the run's)
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = _cli("eval", run, "--parts", "lm")
