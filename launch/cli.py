@@ -56,7 +56,10 @@ def launch_command(overrides: list[str], nproc: int) -> list[str]:
 def _devices(nproc: int) -> list[str]:
     """deepspeed's device arguments: `--num_gpus N` makes it drop CUDA_VISIBLE_DEVICES and take
     physical GPUs 0..N-1, so GPUs the user (or a shared node's scheduler) made visible are named
-    with --include instead."""
+    with --include instead. On a machine without GPUs CUDA_VISIBLE_DEVICES names nothing (a
+    leftover export, a scheduler's default): --num_gpus N, which there starts N CPU ranks."""
+    if _cuda_count() == 0:
+        return ["--num_gpus", str(nproc)]
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if visible and all(d.isdigit() for d in visible):
         if len(visible) < nproc:
