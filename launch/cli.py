@@ -73,11 +73,19 @@ class LaunchError(ValueError):
     """A user-fixable launch problem (one sentence)."""
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, a cgroup or SLURM cpuset), not all the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (no affinity on macOS, Windows)
+        return os.cpu_count() or 2
+
+
 def launch_env(nproc: int) -> dict:
     env = dict(os.environ)
     if _cuda_count() == 0:
         # Two ranks fighting for the same cores make tiny CPU steps 10-30x slower.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(1, nproc))))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // max(1, nproc))))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

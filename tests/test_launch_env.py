@@ -20,3 +20,17 @@ def test_cuda_visible_devices_is_ignored_without_gpus(monkeypatch, capsys):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
         cmd = launch_command(["a=1"], 2)
         assert cmd[cmd.index("--num_gpus") + 1] == "2" and "--include" not in cmd
+
+
+def test_cpu_threads_follow_the_cpu_affinity(monkeypatch):
+    """OMP_NUM_THREADS per rank counts the CPUs this process may use (taskset, a SLURM cpuset), not
+    the machine's."""
+    from launch import cli
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli, "_cuda_count", lambda: 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert cli.launch_env(2)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.delattr(os, "sched_getaffinity")  # (macOS): the machine's count
+    assert cli.launch_env(2)["OMP_NUM_THREADS"] == "32"
