@@ -34,3 +34,16 @@ def test_cpu_threads_follow_the_cpu_affinity(monkeypatch):
     assert cli.launch_env(2)["OMP_NUM_THREADS"] == "2"
     monkeypatch.delattr(os, "sched_getaffinity")  # (macOS): the machine's count
     assert cli.launch_env(2)["OMP_NUM_THREADS"] == "32"
+
+
+def test_node_launcher_names_its_node_outside_slurm():
+    """Outside SLURM every node called itself "node 0" in its lines (it read SLURM_NODEID only):
+    torchrun's own --node_rank names it."""
+    from launch.node_launcher import node_rank
+
+    tail = ["--nproc_per_node", "2", str(TRAIN_PY), "recipe=demo"]
+    assert node_rank(["--nnodes", "2", "--node_rank", "1", *tail], {}) == "1"
+    assert node_rank(["--nnodes=2", "--node_rank=3", *tail], {}) == "3"
+    assert node_rank(["--node-rank", "2", *tail], {}) == "2"
+    assert node_rank(["--nnodes", "1", *tail], {}) == "0"  # torchrun's default
+    assert node_rank(["--node_rank", "1", *tail], {"SLURM_NODEID": "4"}) == "4"  # a SLURM step: SLURM's own
