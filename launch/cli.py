@@ -103,7 +103,7 @@ def _config_problem(overrides) -> Optional[str]:
     start-up lines would bury the sentence."""
     from launch.prepare import override_problem
 
-    return override_problem(overrides, validate=True)
+    return override_problem(overrides, validate=True, root=True)
 
 
 def cmd_demo(args) -> int:

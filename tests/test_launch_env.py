@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import ROOT, TRAIN_PY, run_env
 
 
@@ -47,3 +45,25 @@ def test_node_launcher_names_its_node_outside_slurm():
     assert node_rank(["--node-rank", "2", *tail], {}) == "2"
     assert node_rank(["--nnodes", "1", *tail], {}) == "0"  # torchrun's default
     assert node_rank(["--node_rank", "1", *tail], {"SLURM_NODEID": "4"}) == "4"  # a SLURM step: SLURM's own
+
+
+def test_a_run_directory_that_cannot_be_created_is_one_sentence(tmp_path):
+    """<run.root>/<run.name> a file: Hydra's FileExistsError traceback (exit 1, once per rank),
+    before dialtune's checks ran; now one sentence, exit 2."""
+    from launch.prepare import override_problem
+
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "afile-sweep").write_text("")
+    p = subprocess.run([sys.executable, str(TRAIN_PY), "logger=none", f"run.root={tmp_path}", "run.name=afile"],
+                       env=run_env(1), capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines() == [
+        f"dialtune: error: run.name='afile': the run directory <run.root>/<run.name>, '{tmp_path / 'afile'}', exists and "
+        "is not a directory; choose another run.name (or run.root), or move it away."]
+    sweep = override_problem(["-m", f"run.root={tmp_path}", "run.name=afile", "optim.lr=1e-4,2e-4"], root=True)
+    assert "<run.name>-sweep" in sweep and "exists and is not a directory" in sweep
+    assert override_problem([f"run.root={tmp_path}", "run.name=afile/sub"], root=True).endswith(
+        "cannot be created (Not a directory); choose another run.name (or run.root).")
+    # a run directory Hydra is told elsewhere: run.root/run.name are not used
+    assert override_problem([f"run.root={tmp_path}", "run.name=afile", f"hydra.run.dir={tmp_path}/elsewhere"], root=True) is None
+    assert override_problem([f"run.root={tmp_path}", "run.name=fine"], root=True) is None and (tmp_path / "fine").is_dir()
