@@ -67,3 +67,69 @@ def test_a_run_directory_that_cannot_be_created_is_one_sentence(tmp_path):
     # a run directory Hydra is told elsewhere: run.root/run.name are not used
     assert override_problem([f"run.root={tmp_path}", "run.name=afile", f"hydra.run.dir={tmp_path}/elsewhere"], root=True) is None
     assert override_problem([f"run.root={tmp_path}", "run.name=fine"], root=True) is None and (tmp_path / "fine").is_dir()
+
+
+RANKS = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
+
+
+def test_an_incomplete_launcher_environment_is_one_sentence():
+    """RANK/WORLD_SIZE without LOCAL_RANK or MASTER_*: DeepSpeed tried MPI discovery ("No module
+    named 'mpi4py'"); a RANK not below WORLD_SIZE waited for the timeout."""
+    from train.distributed import launcher_env_problem
+
+    assert launcher_env_problem({}) is None and launcher_env_problem({"WORLD_SIZE": "1"}) is None
+    assert launcher_env_problem(RANKS) is None and launcher_env_problem({"OMPI_COMM_WORLD_RANK": "0", "RANK": "0"}) is None
+    no_local = {k: v for k, v in RANKS.items() if k != "LOCAL_RANK"}
+    assert launcher_env_problem(no_local) == (
+        "RANK=0, WORLD_SIZE=2, MASTER_ADDR=127.0.0.1, MASTER_PORT=29555 are set, but LOCAL_RANK is not: a run of several "
+        "processes needs all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, which launchers such as torchrun and "
+        "deepspeed set; start it with one of them (or `dialtune train --nproc N`), or unset RANK and WORLD_SIZE to run one process.")
+    assert launcher_env_problem({"RANK": "1"}).startswith("RANK=1 is set, but WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not")
+    assert launcher_env_problem(dict(RANKS, RANK="2")).startswith("RANK=2 is not below WORLD_SIZE=2")
+    assert launcher_env_problem(dict(RANKS, LOCAL_RANK="x")).startswith("LOCAL_RANK=x is not a whole number")
+    assert launcher_env_problem(dict(RANKS, MASTER_PORT="70000")).startswith("MASTER_PORT=70000 is not a port number")
+    # launch/train.py says it before Hydra (no run directory), on rank 0
+    p = subprocess.run([sys.executable, str(TRAIN_PY), "logger=none", "run.root=/nonexistent/never-made"],
+                       env={**run_env(1), **no_local}, capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert p.returncode == 2 and p.stderr.strip() == "dialtune: error: " + launcher_env_problem(no_local), p.stderr[-3000:]
+
+
+def test_rendezvous_timeouts_are_one_sentence():
+    """The exceptions torch.distributed raises when the ranks do not meet (rank 0 waiting for the
+    others, another rank that cannot reach rank 0), or rank 0 cannot listen, become one sentence."""
+    from torch.distributed import DistNetworkError, DistStoreError
+
+    from train.distributed import rendezvous_problem
+
+    waited = rendezvous_problem(DistStoreError("Timed out after 61 seconds waiting for clients. 1/2 clients joined."), RANKS, 1)
+    assert waited == ("rank 0 of 2 could not meet the other ranks at 127.0.0.1:29555 within 1 minute(s) "
+                      "(deepspeed.timeout_minutes): start all 2 ranks (each with its own RANK, the same WORLD_SIZE, MASTER_ADDR "
+                      "and MASTER_PORT), and check that the other hosts can reach rank 0's host at that address and port.")
+    client = DistNetworkError("The client socket has timed out after 60000ms while trying to connect to (127.0.0.1, 29555).\n"
+                              "Exception raised from throwTimeoutError at socket.cpp:1030 (most recent call first):\nframe #0: ...")
+    assert rendezvous_problem(client, dict(RANKS, RANK="1", LOCAL_RANK="1"), 30).startswith("rank 1 of 2 could not meet")
+    in_use = DistNetworkError("The server socket has failed to listen on any local network address. port: 29555, useIpv6: "
+                              "false, code: -98, name: EADDRINUSE, message: address already in use")
+    assert rendezvous_problem(in_use, RANKS, 1).startswith("rank 0 cannot listen on MASTER_PORT=29555: the port is in use")
+    assert rendezvous_problem(RuntimeError("something else"), RANKS, 1) is None
+
+
+def test_ranks_that_never_meet_stop_with_one_sentence_and_no_run_directory(tmp_path):
+    """One rank of two started (RANK=1 WORLD_SIZE=2; rank 0 alone: DistStoreError, its translation
+    is tested above): a traceback after deepspeed.timeout_minutes; now the sentence, exit 2, and Hydra's run directory is dropped. The
+    timeout (whole minutes in the config) is cut to 3 s here by calling init with 0.05 minutes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = ("import runpy, sys; import train.distributed as d; init = d.init; d.init = lambda minutes=30: init(0.05); "
+              f"sys.argv = [{str(TRAIN_PY)!r}, 'logger=none', 'run.root={tmp_path}']; "
+              f"runpy.run_path({str(TRAIN_PY)!r}, run_name='__main__')")
+    # rank 1 alone (neither rank 0 nor a node's first rank, which say other errors): it says it, and drops it too
+    env = {**run_env(1), **RANKS, "RANK": "1", "LOCAL_RANK": "1", "MASTER_PORT": port}
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180, cwd=str(ROOT))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(
+        f"dialtune: error: rank 1 of 2 could not meet the other ranks at 127.0.0.1:{port} within 0.05 minute(s)"), p.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
