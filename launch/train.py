@@ -93,9 +93,10 @@ def setup_logging() -> None:
 
 
 def fail(message: str, every_rank: bool = False) -> None:
-    """A user-fixable error: one sentence on stderr (rank 0; with every_rank by each rank: ranks
-    that did not meet, where rank 0 may be the one missing), exit code 2, no traceback."""
-    if every_rank or rank() == 0:
+    """A user-fixable error: one sentence on stderr, exit code 2, no traceback. Said by rank 0 and by
+    each node's first rank (LOCAL_RANK 0), so that every node's own log says why it stopped (once on
+    one node); with every_rank by each rank (ranks that did not meet: rank 0 may be the one missing)."""
+    if every_rank or rank() == 0 or os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"dialtune: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, TRAIN_PY, run_env
 
 
@@ -133,3 +135,23 @@ def test_ranks_that_never_meet_stop_with_one_sentence_and_no_run_directory(tmp_p
     assert p.stderr.strip().splitlines()[-1].startswith(
         f"dialtune: error: rank 1 of 2 could not meet the other ranks at 127.0.0.1:{port} within 0.05 minute(s)"), p.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rank,local_rank,said", [("0", "0", True), ("1", "0", True), ("3", "1", False), ("0", None, True),
+                                                  ("1", None, True)])
+def test_each_nodes_first_rank_says_why_it_stopped(monkeypatch, capsys, rank, local_rank, said):
+    """fail() said its sentence on rank 0 only: a node of a multi-node run (deepspeed --no_ssh,
+    torchrun, `dialtune slurm`) logged only its ranks' exit code 2. Each node's first rank says it."""
+    from launch.train import fail
+
+    monkeypatch.setenv("RANK", rank)
+    if local_rank is None:  # (an environment without LOCAL_RANK: refused with a sentence someone must say)
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with pytest.raises(SystemExit) as stop:
+        fail("a sentence.")
+    assert stop.value.code == 2 and (capsys.readouterr().err == "dialtune: error: a sentence.\n") == said
+    with pytest.raises(SystemExit):
+        fail("ranks did not meet.", every_rank=True)
+    assert capsys.readouterr().err == "dialtune: error: ranks did not meet.\n"
