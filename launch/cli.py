@@ -56,7 +56,10 @@ def launch_command(overrides: list[str], nproc: int) -> list[str]:
 def _devices(nproc: int) -> list[str]:
     """deepspeed's device arguments: `--num_gpus N` makes it drop CUDA_VISIBLE_DEVICES and take
     physical GPUs 0..N-1, so GPUs the user (or a shared node's scheduler) made visible are named
-    with --include instead."""
+    with --include instead. On a machine without GPUs CUDA_VISIBLE_DEVICES names nothing (a
+    leftover export, a scheduler's default): --num_gpus N, which there starts N CPU ranks."""
+    if _cuda_count() == 0:
+        return ["--num_gpus", str(nproc)]
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if visible and all(d.isdigit() for d in visible):
         if len(visible) < nproc:
@@ -70,11 +73,19 @@ class LaunchError(ValueError):
     """A user-fixable launch problem (one sentence)."""
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, a cgroup or SLURM cpuset), not all the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (no affinity on macOS, Windows)
+        return os.cpu_count() or 2
+
+
 def launch_env(nproc: int) -> dict:
     env = dict(os.environ)
     if _cuda_count() == 0:
         # Two ranks fighting for the same cores make tiny CPU steps 10-30x slower.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(1, nproc))))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // max(1, nproc))))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
@@ -92,7 +103,7 @@ def _config_problem(overrides) -> Optional[str]:
     start-up lines would bury the sentence."""
     from launch.prepare import override_problem
 
-    return override_problem(overrides, validate=True)
+    return override_problem(overrides, validate=True, root=True)
 
 
 def cmd_demo(args) -> int:

@@ -50,6 +50,22 @@ def _ranks_need_forwarded_signals() -> bool:
     return re.search(r"^ProctrackType\s*=\s*proctrack/pgid\s*$", config, re.M) is not None
 
 
+def node_rank(argv: Sequence[str], env) -> str:
+    """The node this launcher runs on, as its lines name it: SLURM_NODEID in a SLURM step, else
+    torchrun's own --node_rank (`--node_rank N`, `--node_rank=N`, or the --node-rank spelling; 0,
+    torchrun's default, when not given; parsed here, before torch is imported, so that the signal
+    handlers are in place at once)."""
+    if env.get("SLURM_NODEID"):
+        return env["SLURM_NODEID"]
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg in ("--node_rank", "--node-rank") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(("--node_rank=", "--node-rank=")):
+            return arg.split("=", 1)[1]
+    return "0"
+
+
 def torchrun_main(argv: Sequence[str]) -> int:
     """`python launch/slurm.py torchrun <torchrun arguments>`: torch.distributed.run, except that
     SIGUSR1/SIGTERM are forwarded to the ranks (torchrun keeps monitoring them) and a rank's exit
@@ -62,7 +78,7 @@ def torchrun_main(argv: Sequence[str]) -> int:
     # (torch >= 2.13 takes its --signals-to-handle from PET_SIGNALS_TO_HANDLE, older ones read
     # TORCHELASTIC_SIGNALS_TO_HANDLE).
     os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
-    node = os.environ.get("SLURM_NODEID", "0")
+    node = node_rank(argv, os.environ)
     forwarding = _ranks_need_forwarded_signals()
 
     def forward(signum, frame):

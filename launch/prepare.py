@@ -126,7 +126,7 @@ def _bool_problem(overrides) -> Optional[str]:
 def override_problem(overrides, validate: bool = False, root: bool = False, **validate_kw) -> Optional[str]:
     """compose_problem's sentence when the overrides (sweeps aside) do not compose, and with
     validate, train/validate.py's when the config cannot run (validate_kw: its options); with root,
-    the run.root that Hydra could not create its run directory in; else None. None too when Hydra flags
+    the run.root and run directory that Hydra could not create (run_dir_problem); else None. None too when Hydra flags
     other than -m are given (--cfg, --help, -cn ...: Hydra's own business)."""
     from train.config import ConfigError
     from train.validate import validate as validate_config
@@ -150,10 +150,31 @@ def override_problem(overrides, validate: bool = False, root: bool = False, **va
             validate_config(cfg, **validate_kw)
         except ConfigError as e:
             return str(e)
-    if root and not any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in plain):  # (then run.root is unused)
+    # (plain holds no hydra.* override: a given hydra.run.dir / hydra.sweep.dir leaves run.root unused)
+    if root and not any(o.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
         from train.validate import directory_problem
 
-        return directory_problem("run.root", str(cfg.run.root))
+        return directory_problem("run.root", str(cfg.run.root)) or run_dir_problem(
+            str(cfg.run.root), str(cfg.run.name), sweep="-m" in overrides or "--multirun" in overrides)
+    return None
+
+
+def run_dir_problem(root: str, name: str, sweep: bool = False) -> Optional[str]:
+    """One sentence when Hydra could not create the run directory <run.root>/<run.name> (a sweep's
+    <run.name>-sweep) in a usable run.root: something there that is not a directory, a name the
+    file system refuses, a directory not writable. Creates it, as Hydra does next; else None."""
+    import os
+
+    path = os.path.join(root, f"{name}-sweep" if sweep else name)
+    what = f"the run directory <run.root>/<run.name>{'-sweep' if sweep else ''}, {path!r},"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"run.name={name!r}: {what} exists and is not a directory; choose another run.name (or run.root), or move it away."
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"run.name={name!r}: {what} cannot be created ({e.strerror}); choose another run.name (or run.root)."
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"run.name={name!r}: {what} is not writable; choose another run.name (or run.root)."
     return None
 
 

@@ -65,7 +65,10 @@ NONFINITE_EXIT_CODE = 3
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", 0))
+    try:
+        return int(os.environ.get("RANK", 0))
+    except ValueError:  # (a RANK that is no number: main() refuses it with one sentence)
+        return 0
 
 
 def setup_logging() -> None:
@@ -89,9 +92,11 @@ def setup_logging() -> None:
     datasets.logging.set_verbosity_error()
 
 
-def fail(message: str) -> None:
-    """A user-fixable error: one sentence on stderr (rank 0), exit code 2, no traceback."""
-    if rank() == 0:
+def fail(message: str, every_rank: bool = False) -> None:
+    """A user-fixable error: one sentence on stderr, exit code 2, no traceback. Said by rank 0 and by
+    each node's first rank (LOCAL_RANK 0), so that every node's own log says why it stopped (once on
+    one node); with every_rank by each rank (ranks that did not meet: rank 0 may be the one missing)."""
+    if every_rank or rank() == 0 or os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"dialtune: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -249,9 +254,10 @@ def task(cfg) -> None:
     except RunDirInUse as e:  # (the directory is the other training's: nothing of it is dropped)
         fail(str(e))
     except (ConfigError, DataError, ExportError) as e:
-        if rank() == 0 or os.environ.get("LOCAL_RANK") == "0":  # (a node-local run.root has one per node)
+        every_rank = getattr(e, "every_rank", False)  # (ranks that did not meet: rank 0 may be the one missing)
+        if every_rank or rank() == 0 or os.environ.get("LOCAL_RANK") == "0":  # (a node-local run.root has one per node)
             drop_if_only_hydra(run_dir)
-        fail(str(e))
+        fail(str(e), every_rank=every_rank)
     except KeyboardInterrupt:  # Ctrl-C: no checkpoint is written for it (SIGTERM / SIGUSR1 write one)
         if rank() == 0:
             latest = os.path.join(run_dir, "checkpoints", "latest")
@@ -273,7 +279,10 @@ def main() -> None:
     name_cpu_accelerator()  # (here, not at import: `dialtune slurm` imports this module, and sbatch passes its environment on)
     register()
     from launch.prepare import override_problem
+    from train.distributed import launcher_env_problem
 
+    if problem := launcher_env_problem(os.environ):  # before Hydra makes a run directory (train/distributed.py checks it too)
+        fail(problem)
     # before Hydra, whose own message for a mistyped key suggests `+key=value` (which adds it)
     if problem := override_problem(sys.argv[1:], root=True):
         fail(problem)

@@ -203,6 +203,7 @@ def test_launcher_keeps_the_gpus_made_visible(monkeypatch, capsys):
     shared node's other jobs' GPUs): visible GPUs are named with --include instead."""
     from launch.cli import LaunchError, launch_command, main
 
+    monkeypatch.setattr("launch.cli._cuda_count", lambda: 8)  # a GPU node (on a CPU machine the variable is ignored)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
     cmd = launch_command(["a=1"], 2)
     assert cmd[cmd.index("--include") + 1] == "localhost:2,3" and "--num_gpus" not in cmd

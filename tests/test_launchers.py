@@ -74,5 +74,8 @@ def test_a_problem_of_one_node_only_stops_every_node_with_its_sentence(tmp_path)
         head = f"dialtune: error: rank 1 on {host} (1 of 2 ranks): "
         lines = [ln for ln in procs[0].stderr_text.splitlines() if ln.startswith("dialtune: error:")]
         assert len(lines) == 1 and lines[0].startswith(head) and said in lines[0], procs[0].stderr_text[-3000:]
+        # node 1's own log says it too (its first rank, LOCAL_RANK 0), once: not only "exits with code 2"
+        assert [ln for ln in procs[1].stderr_text.splitlines() if ln.startswith("dialtune: error:")] == lines, \
+            procs[1].stderr_text[-3000:]
         assert f'File "{ROOT}' not in procs[0].stderr_text + procs[1].stderr_text  # (torchrun prints its own ChildFailedError)
     assert not (tmp_path / "root0" / "demo").exists() and not (tmp_path / "root1" / "demo").exists()  # refused at start

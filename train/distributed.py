@@ -11,6 +11,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from train.config import ConfigError
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -26,9 +28,7 @@ def init(timeout_minutes: int = 30) -> tuple[int, int, int]:
     """
     import deepspeed
 
-    if problem := srun_tasks_problem(os.environ):
-        from train.config import ConfigError
-
+    if problem := srun_tasks_problem(os.environ) or launcher_env_problem(os.environ):
         raise ConfigError(problem)
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
@@ -37,8 +37,13 @@ def init(timeout_minutes: int = 30) -> tuple[int, int, int]:
     if not dist.is_initialized():
         # DeepSpeed prints "deepspeed_shm_comm_op built successfully" per rank and run (also when
         # the op was built long ago); a failing build still raises
-        with contextlib.redirect_stdout(io.StringIO()):
-            deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
+        except RuntimeError as e:  # (DistStoreError, DistNetworkError are RuntimeErrors)
+            if problem := rendezvous_problem(e, os.environ, timeout_minutes):
+                raise RendezvousError(problem) from None
+            raise
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -57,6 +62,57 @@ def srun_tasks_problem(env) -> str | None:
     return (f"started by srun as {tasks} tasks without RANK/WORLD_SIZE, which would give {tasks} separate one-process trainings "
             "writing one run directory; submit with `dialtune slurm` (torchrun on every node), or run one srun task per node "
             "that starts torchrun or the deepspeed launcher.")
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env_problem(env) -> str | None:
+    """One sentence for a multi-process environment DeepSpeed cannot start from: some of
+    LAUNCHER_VARS set, others not (DeepSpeed then tries MPI discovery: "No module named 'mpi4py'"),
+    a rank that is no number or not below WORLD_SIZE, a port that is none. A lone WORLD_SIZE=1 is
+    one process; mpirun's OMPI_COMM_WORLD_* is DeepSpeed's MPI discovery, left to it."""
+    if "OMPI_COMM_WORLD_RANK" in env or ("RANK" not in env and env.get("WORLD_SIZE", "1").strip() == "1"):
+        return None
+    given = ", ".join(f"{k}={env[k]}" for k in LAUNCHER_VARS if k in env)
+    missing = [k for k in LAUNCHER_VARS if not env.get(k, "").strip()]
+    if missing:
+        return (f"{given} {'is' if ',' not in given else 'are'} set, but {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not: a run of several processes "
+                f"needs all of {', '.join(LAUNCHER_VARS)}, which launchers such as torchrun and deepspeed set; start it with "
+                "one of them (or `dialtune train --nproc N`), or unset RANK and WORLD_SIZE to run one process.")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        if not env[key].strip().isdigit():
+            return f"{key}={env[key]} is not a whole number; set it to one (or start the run with torchrun or deepspeed, which set it)."
+    rank, world, port = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["MASTER_PORT"])
+    if world < 1 or rank >= world:
+        return (f"RANK={rank} is not below WORLD_SIZE={world}: the ranks of a run are 0 to WORLD_SIZE-1, each process with "
+                "its own; set WORLD_SIZE to the number of processes.")
+    if not 0 < port < 65536:
+        return f"MASTER_PORT={port} is not a port number; set it to a free port (1-65535) of MASTER_ADDR's host."
+    return None
+
+
+class RendezvousError(ConfigError):
+    """The ranks did not meet: every rank that waited says so (rank 0 alone may be the one missing)."""
+
+    every_rank = True  # (launch/train.py's fail(): rank 0 and each node's first rank may be the ones missing)
+
+
+def rendezvous_problem(e: BaseException, env, timeout_minutes: float) -> str | None:
+    """One sentence for torch.distributed's rendezvous failures (TCPStore: rank 0 waiting for the
+    others, another rank failing to reach rank 0, MASTER_PORT in use), else None."""
+    text = str(e).split("\n", 1)[0]
+    where = f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
+    rank, world = env.get("RANK", "?"), env.get("WORLD_SIZE", "?")
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return (f"rank {rank} cannot listen on MASTER_PORT={env.get('MASTER_PORT')}: the port is in use on this host; "
+                "choose a free MASTER_PORT (the same for every rank).")
+    if "timed out" in text.lower() or "clients joined" in text:
+        return (f"rank {rank} of {world} could not meet the other ranks at {where} within {timeout_minutes:g} minute(s) "
+                f"(deepspeed.timeout_minutes): start all {world} ranks (each with its own RANK, the same WORLD_SIZE, "
+                "MASTER_ADDR and MASTER_PORT), and check that the other hosts can reach rank 0's host at that address and port.")
+    return None
 
 
 SHM_WORKSPACE = "deepspeed_allreduce_buffer"
