@@ -1,0 +1,58 @@
+"""Export fixes: LoRA on the embeddings or the output layer in the streamed merge, the base's own
+stop tokens in generation_config.json, one sentence instead of a traceback for a run without its
+tiny base or with a truncated adapter, the int8 kernel the model card names, a checkpoint path
+given as the run directory, a relative --out in the card, a --checkpoint of another run."""
+
+import pytest
+import torch
+
+from model.stream_merge import merge_to_dir
+from tests.test_stream_merge import _tiny
+
+
+def _lora(model, targets, dora=False, grow=0):
+    from peft import LoraConfig, get_peft_model
+
+    if grow:
+        model.resize_token_embeddings(model.get_input_embeddings().num_embeddings + grow)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=dora))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))  # B non-zero, magnitudes move
+    return peft.eval()
+
+
+@pytest.mark.parametrize("kind,targets,dora,grow", [("llama", ["lm_head", "v_proj"], False, 0),
+                                                    ("llama", ["embed_tokens", "v_proj"], False, 0),
+                                                    ("llama", ["embed_tokens", "lm_head", "q_proj"], True, 0),
+                                                    ("llama", ["embed_tokens", "lm_head", "q_proj"], False, 5),
+                                                    ("tied", ["lm_head", "v_proj"], False, 0),
+                                                    ("tied", ["embed_tokens", "lm_head"], True, 5)])
+def test_stream_merge_of_lora_on_embeddings_and_head(tmp_path, kind, targets, dora, grow):
+    """PEFT saves <module>.base_layer.weight beside a LoRA'd embedding or head: it became a whole
+    weight that replaced the base's and the LoRA update went nowhere ("weights the base lacks: lm_head"),
+    and lora_embedding_A/B were not known at all. Now the same weights as merge_and_unload (untied
+    bases), the same logits as base + adapter (tied ones too: the head is written untied)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _tiny(kind).save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    peft = _lora(_tiny(kind), targets, dora, grow)
+    peft.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 300 + grow, (2, 12))
+    with torch.no_grad():
+        ref = peft(input_ids=ids).logits
+    merge_to_dir(str(tmp_path / "adapter"), str(tmp_path / "base"), str(tmp_path / "out"), torch.float32, "30KB",
+                 rows=300 + grow if grow else None)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - ref).abs().max() <= 1e-4
+    if kind != "tied":
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+        if grow:
+            base.resize_token_embeddings(300 + grow)
+        by_peft = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
+        for key, value in merged.state_dict().items():
+            assert torch.allclose(value, by_peft[key], atol=1e-6), key
