@@ -154,7 +154,8 @@ def export_full(ckpt_dir: str, out_dir: str, base_path: str, run_dir: Optional[s
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         del model
         tokenizer.save_pretrained(tmp)
-        eos = write_generation_config(tmp, tokenizer, end_of_turn_token)
+        eos = write_generation_config(tmp, tokenizer, end_of_turn_token, base_path,
+                                      cfg.model.revision if base_path == cfg.model.name_or_path else None)
         log.info("export: loading it back to check its logits")
         written = AutoModelForCausalLM.from_pretrained(tmp, dtype=out_dtype, low_cpu_mem_usage=True,
                                                        trust_remote_code=cfg.model.trust_remote_code).eval()

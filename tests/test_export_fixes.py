@@ -3,6 +3,8 @@ stop tokens in generation_config.json, one sentence instead of a traceback for a
 tiny base or with a truncated adapter, the int8 kernel the model card names, a checkpoint path
 given as the run directory, a relative --out in the card, a --checkpoint of another run."""
 
+import json
+
 import pytest
 import torch
 
@@ -56,3 +58,34 @@ def test_stream_merge_of_lora_on_embeddings_and_head(tmp_path, kind, targets, do
         by_peft = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
         for key, value in merged.state_dict().items():
             assert torch.allclose(value, by_peft[key], atol=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, tokenizer):
+    """A base directory (a small random Llama with the tiny tokenizer, whose generation_config.json
+    stops at [2, 3], as Mistral-style bases do) and a LoRA adapter on it; no training."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("small_run")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    (root / "base" / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 3]}))
+    _lora(model, ["q_proj", "v_proj"]).save_pretrained(root / "adapter")
+    return root
+
+
+@pytest.mark.parametrize("stream_above_gb", [12.0, 0.0])
+def test_the_base_stop_tokens_stay_in_the_export(small_run, tmp_path, tokenizer, stream_above_gb):
+    """generation_config.json kept only the tokenizer's EOS and the end-of-turn token ([2, 4] for a
+    base that stops at [2, 3]): both merge paths keep the base's own stop ids."""
+    from data_pipeline.chat import end_of_turn_id
+    from model.export import merge
+
+    summary = merge(str(small_run / "adapter"), str(tmp_path / "out"), base_path=str(small_run / "base"), dtype="fp32",
+                    stream_above_gb=stream_above_gb)
+    want = sorted({2, 3, end_of_turn_id(tokenizer)})
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == want
+    assert summary["eos_token_id"] == want
