@@ -217,9 +217,11 @@ def cmd_merge(args) -> int:
             f"`dialtune chat {run_dir}` and `dialtune eval {run_dir / 'merged'}` (`dialtune eval {run_dir}` evaluates the latest adapter)"
         print(f"dialtune: note: {run_dir / 'merged'} will hold {tag}, not the run's latest checkpoint {latest}: {read_by} "
               "read it (--out writes elsewhere)", file=sys.stderr)
-    base = os.path.abspath(run_dir / "base") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
     out = args.out or str(run_dir / "merged")
     try:
+        from model.export_run import run_base
+
+        base = run_base(cfg, str(run_dir))
         summary = export_checkpoint(cfg, str(ckpt), out, base_path=base, run_dir=str(run_dir), dtype=args.dtype, base=args.base,
                                     eval_conversations=args.eval_conversations, tolerance=args.tolerance,
                                     dequantize_error=args.dequantize_error, hub_repo_id=args.hub_repo_id, license=args.license)

@@ -57,7 +57,7 @@ import torch
 from .card import repo_id_problem
 from .dequantize import dequantize_, fast_int8
 from .export_io import ExportError, cast_, check_out_dir, export_tmp, write_export, write_generation_config
-from .export_run import _load_run_cfg, eval_loss, eval_set_path, find_run_dir, load_eval_batches  # noqa: F401 - (their home was here)
+from .export_run import _load_run_cfg, check_adapter, check_base, eval_loss, eval_set_path, find_run_dir, load_eval_batches  # noqa: F401 - (their home was here)
 from .loader import DTYPES, fit_embeddings
 
 log = logging.getLogger("dialtune")
@@ -169,8 +169,10 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
     if tolerance is None:
         tolerance = ORIGINAL_TOLERANCE
 
+    check_adapter(adapter_dir)
     peft_cfg = PeftConfig.from_pretrained(adapter_dir)
     base_path = base_path or peft_cfg.base_model_name_or_path
+    check_base(base_path)
     from .stream_merge import MergeError, fp32_bytes, merge_to_dir
 
     revision = cfg.model.revision if cfg is not None and base_path == cfg.model.name_or_path else None

@@ -4,10 +4,15 @@ loads anything (the adapter's files, a local base), each failing in one sentence
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional
 
 import torch
+
+from .export_io import ExportError
+
+log = logging.getLogger("dialtune")
 
 
 
@@ -79,3 +84,48 @@ def eval_loss(model, eval_set) -> float:
                                  reduction="sum").item()
         count += int((labels != IGNORE).sum())
     return total / max(count, 1)
+
+
+def run_base(cfg, run_dir: str) -> str:
+    """The base a run trained on: model.name_or_path, or for the embedded tiny model <run_dir>/base,
+    rebuilt when it is missing (a run directory copied without it; the build is deterministic from
+    model.tiny and model.add_tokens)."""
+    if cfg.model.name_or_path != "tiny":
+        return cfg.model.name_or_path
+    base = os.path.abspath(os.path.join(run_dir, "base"))
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        from .loader import tiny_base
+
+        try:
+            tiny_base(cfg.model, os.path.abspath(run_dir), build=True)
+        except (OSError, ValueError) as e:
+            raise ExportError(f"the run's tiny base {base} is missing and cannot be rebuilt there ({getattr(e, 'strerror', None) or e}); "
+                              "copy the run directory with its base/ or make it writable.") from None
+        log.warning("the run's tiny base %s was missing: rebuilt from its config (model.tiny, seed %s)", base, cfg.model.tiny.seed)
+    return base
+
+
+def check_adapter(adapter_dir: str) -> None:
+    """ExportError (one sentence) for an adapter whose files cannot be read (a truncated copy, an
+    interrupted save), before anything loads them."""
+    config = os.path.join(adapter_dir, "adapter_config.json")
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    path = config
+    try:
+        with open(config) as f:
+            json.load(f)
+        if os.path.isfile(weights) or not os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin")):
+            from safetensors import safe_open
+
+            path = weights
+            with safe_open(weights, framework="pt") as f:
+                f.keys()
+    except Exception as e:  # noqa: BLE001 - missing, truncated, not JSON, not safetensors
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"{path} cannot be read ({reason}); is the checkpoint complete? Pass another with --checkpoint.") from None
+
+
+def check_base(base_path: Optional[str]) -> None:
+    """ExportError (one sentence) for a local base directory that is gone (a hub id is left to the hub)."""
+    if base_path and (os.path.isabs(base_path) or base_path.startswith(".")) and not os.path.isdir(base_path):
+        raise ExportError(f"the base model {base_path} does not exist; put it back where the run trained on it (model.name_or_path).")

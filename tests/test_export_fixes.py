@@ -89,3 +89,48 @@ def test_the_base_stop_tokens_stay_in_the_export(small_run, tmp_path, tokenizer,
     want = sorted({2, 3, end_of_turn_id(tokenizer)})
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == want
     assert summary["eos_token_id"] == want
+
+
+def _run_copy(run, dest, without=("merged",)):
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns(*without))
+    return dest
+
+
+def _errors(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    return [line for line in err.splitlines() if line.startswith("dialtune: error:")]
+
+
+def test_a_run_copied_without_its_tiny_base_rebuilds_it(peft_runs, tmp_path, caplog):
+    """`dialtune merge` of a model=tiny run without <run>/base ended in a 16-frame traceback ("Repo id
+    must be in the form ..."): the base is rebuilt from the run's config, the same weights."""
+    from safetensors.torch import load_file
+
+    from launch.cli import main
+
+    src = peft_runs["lora"]
+    run = _run_copy(src, tmp_path / "run", ("merged", "base"))
+    assert main(["merge", str(run), "--eval-conversations", "0"]) == 0
+    assert "was missing: rebuilt from its config" in caplog.text
+    for name in ("base", "merged"):
+        want, got = load_file(str(src / name / "model.safetensors")), load_file(str(run / name / "model.safetensors"))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+
+
+def test_a_truncated_adapter_or_a_missing_base_is_one_sentence(peft_runs, small_run, tmp_path, capsys):
+    from launch.cli import main
+    from model.export import ExportError, merge
+
+    run = _run_copy(peft_runs["lora"], tmp_path / "run")
+    (adapter,) = run.glob("checkpoints/step_*/adapter")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # (an interrupted copy)
+    assert main(["merge", str(run), "--eval-conversations", "0"]) == 2
+    assert _errors(capsys) == [f"dialtune: error: {weights} cannot be read (Error while deserializing header: incomplete metadata, "
+                               "file not fully covered); is the checkpoint complete? Pass another with --checkpoint."]
+    assert not (run / "merged").exists() and not (run / "merged.tmp").exists()
+    with pytest.raises(ExportError, match=f"^the base model {tmp_path / 'gone'} does not exist; put it back"):
+        merge(str(small_run / "adapter"), str(tmp_path / "out"), base_path=str(tmp_path / "gone"))
