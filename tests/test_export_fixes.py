@@ -134,3 +134,38 @@ def test_a_truncated_adapter_or_a_missing_base_is_one_sentence(peft_runs, small_
     assert not (run / "merged").exists() and not (run / "merged.tmp").exists()
     with pytest.raises(ExportError, match=f"^the base model {tmp_path / 'gone'} does not exist; put it back"):
         merge(str(small_run / "adapter"), str(tmp_path / "out"), base_path=str(tmp_path / "gone"))
+
+
+def _card(run, out_dir, **cfg_changes):
+    from omegaconf import OmegaConf
+    from peft import PeftConfig
+
+    from model.card import model_card
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    for key, value in cfg_changes.items():
+        OmegaConf.update(cfg, key, value)
+    summary = json.loads((run / "merged" / "export_summary.json").read_text())
+    summary["quant"] = cfg.quant.mode
+    (adapter,) = run.glob("checkpoints/step_*/adapter")
+    return model_card(summary, cfg, PeftConfig.from_pretrained(str(adapter)), out_dir)
+
+
+def test_the_card_names_the_int8_kernel_that_ran(peft_runs):
+    """kernels.fast_int8 (the default) trains through 16-bit GEMMs of the dequantized weights, no
+    outlier decomposition; the card said "LLM.int8, outlier threshold 6.0" all the same."""
+    run = peft_runs["lora"]
+    fast = _card(run, "merged", **{"quant.mode": "int8", "kernels.fast_int8": True, "model.dtype": "bf16"})
+    assert ("| base quantization during training | int8 (bitsandbytes int8 weights, dequantized per layer into bf16 GEMMs "
+            "by `kernels.fast_int8`; no outlier decomposition) |") in fast and "outlier threshold" not in fast
+    llm = _card(run, "merged", **{"quant.mode": "int8", "kernels.fast_int8": False})
+    assert "| base quantization during training | int8 (LLM.int8, bitsandbytes, outlier threshold 6.0) |" in llm
+
+
+def test_a_relative_out_is_named_absolute_in_the_card(peft_runs, tmp_path, monkeypatch):
+    """`--out relout` wrote `path = 'relout'` and `dialtune chat relout` into the card, true only from
+    the directory the merge ran in."""
+    monkeypatch.chdir(tmp_path)
+    card = _card(peft_runs["lora"], "relout")
+    assert f"path = {str(tmp_path / 'relout')!r}" in card and f"`dialtune chat {tmp_path / 'relout'}`" in card
+    assert "'relout'" not in card
