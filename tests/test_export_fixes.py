@@ -169,3 +169,36 @@ def test_a_relative_out_is_named_absolute_in_the_card(peft_runs, tmp_path, monke
     card = _card(peft_runs["lora"], "relout")
     assert f"path = {str(tmp_path / 'relout')!r}" in card and f"`dialtune chat {tmp_path / 'relout'}`" in card
     assert "'relout'" not in card
+
+
+def test_a_checkpoint_path_given_as_the_run_names_the_run_and_tag(peft_runs, capsys):
+    """`dialtune merge <run>/checkpoints/step_N/adapter` said the adapter "lies inside the run
+    directory <run>/checkpoints/step_N": a checkpoint, not the run."""
+    from launch.cli import main
+
+    run = peft_runs["lora"]
+    (adapter,) = run.glob("checkpoints/step_*/adapter")
+    assert main(["merge", str(adapter)]) == 2
+    assert _errors(capsys) == [f"dialtune: error: {adapter} is not a dialtune run directory (no config.yaml); pass its run "
+                               f"directory and the checkpoint: dialtune merge {run} --checkpoint {adapter.parent.name}."]
+
+
+def test_another_runs_checkpoint_is_refused(peft_runs, tmp_path, capsys):
+    """`--checkpoint ../../<other run>/checkpoints/step_N` merged the other run's adapter with this
+    run's config, base and tokenizer, quietly; a path inside this run's checkpoints still works."""
+    import os
+
+    from launch.cli import main
+
+    run = _run_copy(peft_runs["lora"], tmp_path / "run")
+    other = peft_runs["dora"]
+    (theirs,) = other.glob("checkpoints/step_*")
+    for given in (os.path.relpath(theirs, run / "checkpoints"), str(theirs)):
+        assert main(["merge", str(run), "--checkpoint", given, "--out", str(tmp_path / "out")]) == 2
+        assert _errors(capsys) == [f"dialtune: error: --checkpoint {given} is not one of {run}'s checkpoints (a tag like step_N, "
+                                   f"best or latest, or a path inside {run / 'checkpoints'}); for that run's: dialtune merge "
+                                   f"{other} --checkpoint {theirs.name}."]
+    assert not (tmp_path / "out").exists()
+    (ours,) = run.glob("checkpoints/step_*")
+    assert main(["merge", str(run), "--checkpoint", str(ours / "adapter"), "--out", str(tmp_path / "out"), "--eval-conversations", "0"]) == 0
+    assert json.loads((tmp_path / "out" / "export_summary.json").read_text())["checkpoint"] == str(ours)
