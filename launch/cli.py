@@ -186,10 +186,9 @@ def cmd_merge(args) -> int:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         hint = "pass the directory training wrote"
-        if (run_dir.parent / "config.yaml").is_file():  # <run>/merged
-            hint = f"it lies inside the run directory {run_dir.parent}: pass that"
-        elif (run_dir.parent.parent / "config.yaml").is_file():  # <run>/checkpoints/step_N, unfinished
-            hint = f"pass its run directory and the checkpoint: dialtune merge {run_dir.parent.parent} --checkpoint {run_dir.name}"
+        if found := _enclosing_run(run_dir):  # <run>/merged; <run>/checkpoints/step_N (unfinished), its adapter/
+            hint = (f"pass its run directory and the checkpoint: dialtune merge {found[0]} --checkpoint {found[1]}" if found[1]
+                    else f"it lies inside the run directory {found[0]}: pass that")
         print(f"dialtune: error: {run_dir} is not a dialtune run directory (no config.yaml); {hint}.", file=sys.stderr)
         return 2
     cfg = OmegaConf.load(cfg_path)
@@ -217,6 +216,16 @@ def cmd_merge(args) -> int:
             return 2
         tag = best_tag({"best": best})
         print(f"dialtune: best: {tag} (held-out loss {best['eval_loss']:.4f}, the lowest measured at a checkpoint)", file=sys.stderr)
+    root = Path(os.path.abspath(ckpt_root))
+    given = [Path(os.path.abspath(ckpt_root / tag)), Path(os.path.abspath(tag))]  # (a tag, or a path from the checkpoints or from here)
+    ckpt = next((c for c in given if root in c.parents and c.exists()), next((c for c in given if root in c.parents), given[0]))
+    if root not in ckpt.parents:  # another run's checkpoint would be merged with this run's config, base and tokenizer
+        found = _enclosing_run(Path(tag) if Path(tag).exists() else ckpt)
+        hint = f"; for that run's: dialtune merge {found[0]} --checkpoint {found[1]}" if found and found[1] else ""
+        print(f"dialtune: error: --checkpoint {tag} is not one of {run_dir}'s checkpoints (a tag like step_N, best or latest, "
+              f"or a path inside {ckpt_root}){hint}.", file=sys.stderr)
+        return 2
+    tag = ckpt.relative_to(root).parts[0]  # (a path inside: its checkpoint)
     ckpt = ckpt_root / tag
     needed = ckpt / ("trainer_state.json" if cfg.peft.method == "none" else "adapter")
     if not needed.exists():
@@ -228,9 +237,11 @@ def cmd_merge(args) -> int:
             f"`dialtune chat {run_dir}` and `dialtune eval {run_dir / 'merged'}` (`dialtune eval {run_dir}` evaluates the latest adapter)"
         print(f"dialtune: note: {run_dir / 'merged'} will hold {tag}, not the run's latest checkpoint {latest}: {read_by} "
               "read it (--out writes elsewhere)", file=sys.stderr)
-    base = os.path.abspath(run_dir / "base") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
     out = args.out or str(run_dir / "merged")
     try:
+        from model.export_run import run_base
+
+        base = run_base(cfg, str(run_dir))
         summary = export_checkpoint(cfg, str(ckpt), out, base_path=base, run_dir=str(run_dir), dtype=args.dtype, base=args.base,
                                     eval_conversations=args.eval_conversations, tolerance=args.tolerance,
                                     dequantize_error=args.dequantize_error, hub_repo_id=args.hub_repo_id, license=args.license)
@@ -251,6 +262,17 @@ def cmd_merge(args) -> int:
     if summary.get("hub_repo_id"):
         print(f"dialtune: push-ready; upload with: hf upload {summary['hub_repo_id']} {out} .")
     return 0
+
+
+def _enclosing_run(path: Path):
+    """(run directory, checkpoint tag or None) for a path inside a dialtune run directory (the
+    nearest parent with config.yaml and checkpoints/); None outside one."""
+    path = Path(os.path.abspath(path))
+    for parent in path.parents:
+        if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir():
+            rel = path.relative_to(parent).parts
+            return parent, (rel[1] if len(rel) > 1 and rel[0] == "checkpoints" else None)
+    return None
 
 
 def cmd_config_doc(args) -> int:

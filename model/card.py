@@ -13,6 +13,8 @@ from typing import Dict, Optional
 
 from data_pipeline.records import SAMPLE_DATA, is_bundled_sample
 
+from .dequantize import fast_int8
+
 
 def sample_license_notice() -> str:
     """The 'Licenses' section of data_pipeline/sample_data/README.md."""
@@ -98,7 +100,10 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional
     targets = None if full else peft_cfg.target_modules
     targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
     quant = summary["quant"]
-    if cfg is not None and quant == "int8":
+    if cfg is not None and quant == "int8" and fast_int8(cfg):  # what ran: no LLM.int8 matmul, no outlier threshold
+        qdesc = (f"int8 (bitsandbytes int8 weights, dequantized per layer into {cfg.model.dtype} GEMMs by `kernels.fast_int8`; "
+                 "no outlier decomposition)")
+    elif cfg is not None and quant == "int8":
         qdesc = f"int8 (LLM.int8, bitsandbytes, outlier threshold {cfg.quant.int8_threshold})"
     elif cfg is not None and quant == "nf4":
         qdesc = f"nf4 (bitsandbytes, double quant {'on' if cfg.quant.double_quant else 'off'}, compute {cfg.quant.compute_dtype})"
@@ -164,7 +169,7 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional
               (f"`{license}` (`export.license`)." if license else "No license id was set for this checkpoint (`export.license`).")
               + " The base model's license and the terms of the training data apply to it as well.", ""]
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f"path = {hub_repo_id or out_dir!r}",
+              f"path = {hub_repo_id or os.path.abspath(out_dir)!r}",  # (a relative --out: where it is, from anywhere)
               "tok = AutoTokenizer.from_pretrained(path)",
               "model = AutoModelForCausalLM.from_pretrained(path)",
               "messages = [{\"role\": \"user\", \"content\": \"Where is my order?\"}]",
@@ -174,5 +179,5 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional
               "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
               "```", "",
               (f"Or interactively: `hf download {hub_repo_id} --local-dir model && dialtune chat model`." if hub_repo_id
-               else f"Or interactively: `dialtune chat {out_dir}`."), ""]
+               else f"Or interactively: `dialtune chat {os.path.abspath(out_dir)}`."), ""]
     return "\n".join(lines)

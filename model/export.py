@@ -48,7 +48,6 @@ generation_config whose eos_token_id includes the end-of-turn token) go `export_
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 from typing import Dict, List, Optional
@@ -58,6 +57,7 @@ import torch
 from .card import repo_id_problem
 from .dequantize import dequantize_, fast_int8
 from .export_io import ExportError, cast_, check_out_dir, export_tmp, write_export, write_generation_config
+from .export_run import _load_run_cfg, check_adapter, check_base, eval_loss, eval_set_path, find_run_dir, load_eval_batches  # noqa: F401 - (their home was here)
 from .loader import DTYPES, fit_embeddings
 
 log = logging.getLogger("dialtune")
@@ -88,79 +88,6 @@ def default_probe() -> List[List[Dict[str, str]]]:
          {"role": "assistant", "content": "Of course. Could you tell me the order number?"}],
         [{"role": "user", "content": "Where is my refund?"}],
     ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Run directory: the resolved config, the tokenized eval set.
-
-def find_run_dir(adapter_dir: str) -> Optional[str]:
-    """<run_dir> for <run_dir>/checkpoints/step_N/adapter, when it holds a config.yaml."""
-    run_dir = os.path.normpath(os.path.join(adapter_dir, "..", "..", ".."))
-    return run_dir if os.path.isfile(os.path.join(run_dir, "config.yaml")) else None
-
-
-def _load_run_cfg(run_dir: Optional[str]):
-    if not run_dir or not os.path.isfile(os.path.join(run_dir, "config.yaml")):
-        return None
-    from omegaconf import OmegaConf
-
-    return OmegaConf.load(os.path.join(run_dir, "config.yaml"))
-
-
-def eval_set_path(run_dir: Optional[str]) -> Optional[str]:
-    """The run's tokenized eval set: <run_dir>/data/eval, else the data cache it names in
-    <run_dir>/data_stats.json (`cache.path`); None when the run has no eval set."""
-    if not run_dir:
-        return None
-    path = os.path.join(run_dir, "data", "eval")
-    if os.path.isdir(path):
-        return path
-    try:
-        with open(os.path.join(run_dir, "data_stats.json")) as f:
-            cache = (json.load(f).get("cache") or {}).get("path")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if cache and os.path.isdir(os.path.join(cache, "eval")):
-        return os.path.join(cache, "eval")
-    return None
-
-
-def load_eval_batches(run_dir: Optional[str], pad_id: int, max_conversations: int, micro_batch_size: int = 4):
-    """The first max_conversations rows of the run's tokenized eval set (columns input_ids and
-    labels, -100 on non-targets) as padded micro-batches; None when there is none (or
-    max_conversations is 0)."""
-    path = eval_set_path(run_dir) if max_conversations > 0 else None
-    if path is None:
-        return None
-    from datasets import load_from_disk
-
-    from data_pipeline import batching
-
-    ds = load_from_disk(path)
-    n = min(len(ds), max_conversations)
-    if n == 0:
-        return None
-    batches = [batching.collate(batching.fetch(ds, list(range(s, min(s + micro_batch_size, n)))), pad_id)
-               for s in range(0, n, micro_batch_size)]
-    return {"batches": batches, "path": path, "conversations": n,
-            "target_tokens": sum(batching.target_tokens(b) for b in batches)}
-
-
-@torch.no_grad()
-def eval_loss(model, eval_set) -> float:
-    """Token-weighted next-token cross-entropy over the target (assistant) tokens."""
-    import torch.nn.functional as F
-
-    from data_pipeline.chat import IGNORE
-
-    total, count = 0.0, 0
-    for b in eval_set["batches"]:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-        labels = b["labels"][:, 1:]
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                                 reduction="sum").item()
-        count += int((labels != IGNORE).sum())
-    return total / max(count, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,12 +169,15 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
     if tolerance is None:
         tolerance = ORIGINAL_TOLERANCE
 
+    check_adapter(adapter_dir)
     peft_cfg = PeftConfig.from_pretrained(adapter_dir)
     base_path = base_path or peft_cfg.base_model_name_or_path
+    check_base(base_path)
     from .stream_merge import MergeError, fp32_bytes, merge_to_dir
 
+    revision = cfg.model.revision if cfg is not None and base_path == cfg.model.name_or_path else None
     try:
-        size_gb = fp32_bytes(base_path, cfg.model.revision if cfg is not None and base_path == cfg.model.name_or_path else None) / 1e9
+        size_gb = fp32_bytes(base_path, revision) / 1e9
     except Exception:  # noqa: BLE001 - no safetensors or no local copy: the in-memory merge loads it as usual
         size_gb = 0.0
     stream = size_gb > stream_above_gb
@@ -342,7 +272,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: Optional[str] = None, dtype
             gc.collect()
 
         tokenizer.save_pretrained(tmp)
-        eos = write_generation_config(tmp, tokenizer, end_of_turn_token)
+        eos = write_generation_config(tmp, tokenizer, end_of_turn_token, base_path, revision)
         summary = {"base": base_path, "adapter": os.path.abspath(adapter_dir),
                    "checkpoint": os.path.dirname(os.path.abspath(adapter_dir)), "run_dir": os.path.abspath(run_dir) if run_dir else None, "merge_base": base, "quant": quant,
                    "dtype": dtype, "verify_reference": verified["reference"],

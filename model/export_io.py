@@ -102,15 +102,39 @@ def write_export(tmp: str, out_dir: str, summary: Dict, cfg, peft_cfg, run_dir: 
     return summary
 
 
-def write_generation_config(out: str, tokenizer, end_of_turn_token: Optional[str]) -> List[int]:
-    """generation_config.json in out: greedy, stopping at EOS and at the end-of-turn token; returns
-    the stop ids."""
+def base_eos_ids(base_path: Optional[str], revision: Optional[str] = None) -> List[int]:
+    """The stop ids of the base's own generation_config.json (a local directory or a hub id's, from
+    the cache or downloaded); [] when it has none."""
+    if not base_path:
+        return []
+    path = os.path.join(base_path, "generation_config.json")
+    if not os.path.isdir(base_path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(base_path, "generation_config.json", revision=revision)
+        except Exception:  # noqa: BLE001 - none on the hub, offline without a cached copy: the tokenizer's EOS alone
+            return []
+    try:
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    eos = eos if isinstance(eos, list) else [eos]
+    return [i for i in eos if isinstance(i, int)]
+
+
+def write_generation_config(out: str, tokenizer, end_of_turn_token: Optional[str], base_path: Optional[str] = None,
+                            revision: Optional[str] = None) -> List[int]:
+    """generation_config.json in out: greedy, stopping at the base's own stop ids (its
+    generation_config.json: e.g. Llama-3's <|eot_id|> and <|end_of_text|>), the tokenizer's EOS and
+    the end-of-turn token; returns the stop ids."""
     from transformers import GenerationConfig
 
     from data_pipeline.chat import end_of_turn_id
 
     eot = end_of_turn_id(tokenizer, end_of_turn_token)
-    eos = sorted({i for i in (tokenizer.eos_token_id, eot) if i is not None})
+    eos = sorted({i for i in (*base_eos_ids(base_path, revision), tokenizer.eos_token_id, eot) if i is not None})
     gen = GenerationConfig(eos_token_id=eos if len(eos) > 1 else eos[0], pad_token_id=tokenizer.pad_token_id,
                            bos_token_id=tokenizer.bos_token_id, do_sample=False)
     gen.save_pretrained(out)

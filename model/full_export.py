@@ -36,6 +36,7 @@ from .card import repo_id_problem
 from .export import (ORIGINAL_TOLERANCE, _held_out_batch, _load_run_cfg, _logits, _max_diff, _training_dtype, default_probe,
                      eval_loss, load_eval_batches)
 from .export_io import ExportError, cast_, check_out_dir, export_tmp, write_export, write_generation_config
+from .export_run import check_base
 from .loader import DTYPES
 
 log = logging.getLogger("dialtune")
@@ -127,6 +128,7 @@ def export_full(ckpt_dir: str, out_dir: str, base_path: str, run_dir: Optional[s
     if hub_repo_id and (problem := repo_id_problem(hub_repo_id)):
         raise ExportError(f"export.hub_repo_id={hub_repo_id!r}: {problem}.")
     check_out_dir(out_dir)
+    check_base(base_path)
     run_dir = os.path.abspath(run_dir or os.path.join(ckpt_dir, "..", ".."))
     cfg = _load_run_cfg(run_dir)
     if cfg is None:
@@ -154,7 +156,8 @@ def export_full(ckpt_dir: str, out_dir: str, base_path: str, run_dir: Optional[s
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         del model
         tokenizer.save_pretrained(tmp)
-        eos = write_generation_config(tmp, tokenizer, end_of_turn_token)
+        eos = write_generation_config(tmp, tokenizer, end_of_turn_token, base_path,
+                                      cfg.model.revision if base_path == cfg.model.name_or_path else None)
         log.info("export: loading it back to check its logits")
         written = AutoModelForCausalLM.from_pretrained(tmp, dtype=out_dtype, low_cpu_mem_usage=True,
                                                        trust_remote_code=cfg.model.trust_remote_code).eval()

@@ -10,7 +10,10 @@ bench/merge_memory.py), whatever the model size.
 The merge is PEFT's own arithmetic, per linear layer with weight W [out, in]:
     LoRA / rsLoRA:  W' = W + s * B @ A,    s = alpha / r  (rsLoRA: alpha / sqrt(r))
     DoRA:           W' = m / ||W + s * B @ A||_row * (W + s * B @ A)   (m: the learnt magnitude)
-(fan_in_fan_out layers such as GPT-2's Conv1D store W transposed, so the delta is too). Tensors
+(fan_in_fan_out layers such as GPT-2's Conv1D store W transposed, so the delta is too; a LoRA'd
+embedding stores lora_embedding_A [r, rows] and _B [dim, r], its delta is (s * B @ A).T, and PEFT
+saves its weight, or the LoRA'd head's, beside it as <module>.base_layer.weight: the update goes into
+that one, and on a tied base the head is written untied, as the adapter model computes it). Tensors
 the adapter saves whole (modules_to_save, e.g. resized embeddings and lm_head; trained biases)
 replace the base's. Every adapter tensor must be used exactly once, else the merge fails.
 """
@@ -26,6 +29,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 PREFIX = "base_model.model."
+# adapter tensor name endings -> their part of a LoRA layer (embeddings: lora_embedding_A/B, no .weight)
+_PARTS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "lora_magnitude_vector",
+          "lora_embedding_A": "embedding_A", "lora_embedding_B": "embedding_B"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B\s*$", re.I)
 
 
@@ -71,9 +77,9 @@ def _adapter(adapter_dir: str):
     wrapped: Dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        for part in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"):
+        for part, short in _PARTS.items():
             if name.endswith("." + part):
-                lora.setdefault(name[: -len(part) - 1], {})[part.split(".")[0]] = t
+                lora.setdefault(name[: -len(part) - 1], {})[short] = t
                 break
         else:
             if ".original_module." in name:  # the frozen copy PEFT saves beside a module trained in full (grown vocabulary)
@@ -84,6 +90,11 @@ def _adapter(adapter_dir: str):
             whole[name.replace(".base_layer.", ".")] = t  # (a trained bias of a LoRA layer: <module>.base_layer.bias)
     for name, t in wrapped.items():
         whole.setdefault(name, t)
+    for module, parts in lora.items():
+        if module + ".weight" in whole:  # <module>.base_layer.weight, saved with a LoRA'd embedding or head (grown
+            parts["base"] = whole.pop(module + ".weight")  # vocabulary): the weight the update goes into, as PEFT loads it
+        if "embedding_A" in parts:  # nn.Embedding: A [r, num_embeddings], B [dim, r], delta (B @ A).T
+            parts.update(lora_A=parts.pop("embedding_A"), lora_B=parts.pop("embedding_B"), embedding=True)
     return cfg, lora, whole
 
 
@@ -111,6 +122,13 @@ def merged_tensor(w: torch.Tensor, parts: Dict[str, torch.Tensor], scale: float,
 _INPUT_ROWS = ("embed_tokens.weight", "wte.weight", "embed_in.weight")
 _HEAD = "lm_head.weight"
 _VOCAB_ROWS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "lm_head.weight", "embed_out.weight")
+
+
+def _grow(t: torch.Tensor, rows: Optional[int]) -> torch.Tensor:
+    """A vocabulary matrix grown to `rows` with its mean row, as training's loader.fit_embeddings did."""
+    if not rows or t.dim() != 2 or t.shape[0] >= rows:
+        return t
+    return torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype).expand(rows - t.shape[0], -1)])
 
 
 def merge_to_dir(adapter_dir: str, base_path: str, out_dir: str, dtype: torch.dtype, max_shard_size: str = "2GB",
@@ -144,25 +162,33 @@ def merge_to_dir(adapter_dir: str, base_path: str, out_dir: str, dtype: torch.dt
 
     from transformers import AutoConfig
 
+    def lora_merged(w: torch.Tensor, module: str) -> torch.Tensor:
+        parts = lora[module]
+        w = parts.get("base", w)
+        if rows and (module + ".weight").endswith(_VOCAB_ROWS):
+            w = _grow(w, rows)
+        used_lora.add(module)
+        return merged_tensor(w, parts, _scale(cfg, module), fan or bool(parts.get("embedding")))
+
     tied = bool(getattr(AutoConfig.from_pretrained(base_dir), "tie_word_embeddings", False))
-    untie = tied and any(k.endswith(_INPUT_ROWS) or k == _HEAD for k in whole)  # (the trained side no longer shares)
+    trained = list(whole) + [m + ".weight" for m in lora]
+    untie = tied and any(k.endswith(_INPUT_ROWS) or k == _HEAD for k in trained)  # (the trained side no longer shares)
     kept_input = None  # the base's input embedding, which the untied output layer keeps (as the in-memory merge does)
     for path in files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 module = key[: -len(".weight")] if key.endswith(".weight") else None
                 if untie and key.endswith(_INPUT_ROWS):
-                    kept_input = f.get_tensor(key)
+                    kept_input = lora[module]["base"] if "base" in lora.get(module, {}) else f.get_tensor(key)
                 if key in whole:
                     t = whole[key]
                     used_whole.add(key)
                 elif module in lora:
-                    t = merged_tensor(f.get_tensor(key), lora[module], _scale(cfg, module), fan)
-                    used_lora.add(module)
+                    t = lora_merged(f.get_tensor(key), module)
                 else:
                     t = f.get_tensor(key)
-                    if rows and key.endswith(_VOCAB_ROWS) and t.dim() == 2 and t.shape[0] < rows:
-                        t = torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype).expand(rows - t.shape[0], -1)])
+                    if rows and key.endswith(_VOCAB_ROWS):
+                        t = _grow(t, rows)
                 t = t.to(dtype) if t.is_floating_point() else t
                 shapes[key] = list(t.shape)
                 nbytes = t.numel() * t.element_size()
@@ -177,8 +203,9 @@ def merge_to_dir(adapter_dir: str, base_path: str, out_dir: str, dtype: torch.dt
         used_whole.add(_HEAD) if _HEAD in whole else None
         if head is not None:
             want = rows or max((v[0] for k, v in shapes.items() if k.endswith(_INPUT_ROWS)), default=0)  # (the trained rows)
-            if want and head.shape[0] < want:
-                head = torch.cat([head, head.float().mean(0, keepdim=True).to(head.dtype).expand(want - head.shape[0], -1)])
+            head = _grow(head, want)
+            if "lm_head" in lora:  # LoRA on the output layer of a tied base: it goes into the head alone
+                head = lora_merged(head, "lm_head")
             shard[_HEAD] = head.to(dtype).contiguous()
             shapes[_HEAD] = list(head.shape)
             total += head.numel() * shard[_HEAD].element_size()
