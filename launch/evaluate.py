@@ -146,7 +146,12 @@ def resolve(path: str, overrides: List[str], run_cfg=None):
                         f"write them as a model with `dialtune merge {run_dir}{which}` and evaluate {adapter.parent / 'merged' if which else run_dir / 'merged'}.")
     if not adapter.is_dir():
         raise EvalError(f"{adapter} does not exist; pass a checkpoint directory that holds adapter/, or the merged checkpoint.")
-    base = str(run_dir / "base") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
+    from model.export_run import ExportError, run_base
+
+    try:
+        base = run_base(cfg, str(run_dir))  # (a tiny run copied without its base/: rebuilt)
+    except ExportError as e:
+        raise EvalError(str(e)) from None
     return cfg, "adapter", adapter, adapter, base, run_dir / "eval"
 
 

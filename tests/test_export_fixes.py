@@ -118,6 +118,10 @@ def test_a_run_copied_without_its_tiny_base_rebuilds_it(peft_runs, tmp_path, cap
     for name in ("base", "merged"):
         want, got = load_file(str(src / name / "model.safetensors")), load_file(str(run / name / "model.safetensors"))
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+    import shutil
+
+    shutil.rmtree(run / "base")  # `dialtune eval` of such a copy rebuilds it too
+    assert main(["eval", str(run), "--parts", "lm"]) == 0 and (run / "base" / "config.json").is_file()
 
 
 def test_a_truncated_adapter_or_a_missing_base_is_one_sentence(peft_runs, small_run, tmp_path, capsys):
