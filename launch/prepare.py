@@ -165,17 +165,14 @@ def run_dir_problem(root: str, name: str, sweep: bool = False) -> Optional[str]:
     file system refuses, a directory not writable. Creates it, as Hydra does next; else None."""
     import os
 
+    from train.validate import unusable_directory
+
     path = os.path.join(root, f"{name}-sweep" if sweep else name)
-    what = f"the run directory <run.root>/<run.name>{'-sweep' if sweep else ''}, {path!r},"
-    if os.path.lexists(path) and not os.path.isdir(path):
-        return f"run.name={name!r}: {what} exists and is not a directory; choose another run.name (or run.root), or move it away."
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        return f"run.name={name!r}: {what} cannot be created ({e.strerror}); choose another run.name (or run.root)."
-    if not os.access(path, os.W_OK | os.X_OK):
-        return f"run.name={name!r}: {what} is not writable; choose another run.name (or run.root)."
-    return None
+    what = f"run.name={name!r}: the run directory <run.root>/<run.name>{'-sweep' if sweep else ''}, {path!r},"
+    why, detail = unusable_directory(path) or (None, "")
+    fix = "choose another run.name (or run.root)"
+    return {"file": f"{what} exists and is not a directory; {fix}, or move it away.",
+            "create": f"{what} cannot be created ({detail}); {fix}.", "write": f"{what} is not writable; {fix}."}.get(why)
 
 
 def report_text(stats) -> str:

@@ -6,10 +6,11 @@ import re
 
 import pytest
 
-from data_pipeline.chat import IGNORE, TEMPLATES, _tokenize_by_prefix, encode, end_of_turn_id
+from data_pipeline.chat import TEMPLATES, _tokenize_by_prefix, encode, end_of_turn_id
 from data_pipeline.dataset import build
 from data_pipeline.fastchat import FastEncoder
 from tests.data_helpers import dcfg, jsonl, tiny_tok
+from tests.test_labels import _spans as _targets  # (the decoded text of each run of labelled tokens)
 
 BAD, GOOD = "A wrong answer the agent gave.", "The answer to learn."
 CONV = [{"role": "system", "content": "You are the support agent of Acme."},
@@ -17,18 +18,6 @@ CONV = [{"role": "system", "content": "You are the support agent of Acme."},
         {"role": "assistant", "content": BAD, "weight": 0},
         {"role": "user", "content": "That is not right."},
         {"role": "assistant", "content": GOOD, "weight": 1}]
-
-
-def _targets(tok, ids, labels):
-    """The decoded text of each run of labelled tokens."""
-    runs, cur = [], []
-    for t, label in zip(ids, labels):
-        if label != IGNORE:
-            assert label == t
-            cur.append(t)
-        elif cur:
-            runs, cur = runs + [cur], []
-    return [tok.decode(r) for r in runs + ([cur] if cur else [])]
 
 
 @pytest.mark.parametrize("path", ["template", "prefix", "fast", "llama-3 template"])

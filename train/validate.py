@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -336,19 +336,27 @@ def data_mix_problem(d) -> Optional[str]:
     return None
 
 
-def directory_problem(key: str, path: str) -> Optional[str]:
-    """One sentence when `path` cannot serve as a directory to write into (it is a file, or it
-    cannot be created: a read-only or virtual file system), else None. Creates it, as the run
-    would (run.root, data.cache_dir)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"{key}={path!r} is a file, not a directory; point it at a directory (it is created when missing)."
+def unusable_directory(path: str) -> Optional[Tuple[str, str]]:
+    """Why `path` cannot serve as a directory to write into: ("file", ""), ("create", the OS's
+    reason: a read-only or virtual file system, a file on the way) or ("write", ""); None when it
+    can. Creates it, as the run would."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return "file", ""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        return f"{key}={path!r} cannot be used as a directory ({e.strerror}); point it at a directory you can write to."
-    if not os.access(path, os.W_OK | os.X_OK):
-        return f"{key}={path!r} is not writable; point it at a directory you can write to."
-    return None
+        return "create", str(e.strerror)
+    return ("write", "") if not os.access(path, os.W_OK | os.X_OK) else None
+
+
+def directory_problem(key: str, path: str) -> Optional[str]:
+    """One sentence when `path` (run.root, data.cache_dir) cannot serve as a directory to write
+    into, else None (unusable_directory)."""
+    why, detail = unusable_directory(path) or (None, "")
+    fix = "point it at a directory you can write to"
+    return {"file": f"{key}={path!r} is a file, not a directory; point it at a directory (it is created when missing).",
+            "create": f"{key}={path!r} cannot be used as a directory ({detail}); {fix}.",
+            "write": f"{key}={path!r} is not writable; {fix}."}.get(why)
 
 
 def _has_flash_attn() -> bool:
