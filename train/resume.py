@@ -218,7 +218,7 @@ def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_k
     optim.reapply(scheduler, cfg.optim)
     if is_main and state.get("data_key", data_key) != data_key:
         log.warning("the data this run reads differ from those %s was trained on (another data cache key: the files' contents "
-                    "or paths, the tokenizer or the data settings changed; %s then, %s now): if the training examples changed, "
+                    "or paths, the tokenizer, the data settings or dialtune's data pipeline version changed; %s then, %s now): if the training examples changed, "
                     "training continues at its position in the new data's order, which is not the run an uninterrupted job "
                     "would have made", os.path.join(root, tag), state["data_key"], data_key)
     state["data_key"] = data_key
