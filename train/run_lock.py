@@ -18,6 +18,8 @@ import socket
 import time
 from typing import Dict, Optional
 
+from data_pipeline.cache_lock import read_holder
+
 LOCK_NAME = ".dialtune-lock"
 OTHER_HOST_WAIT_S = 90.0  # NFSv4's default lease, after which a crashed holder's lock is released
 
@@ -26,14 +28,6 @@ _held: Dict[str, int] = {}  # run dir -> fd of the lock this process holds
 
 class RunDirInUse(Exception):
     """Another training holds the run directory (the message is one sentence)."""
-
-
-def _holder(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def claim(run_dir: str, wait_other_host_s: float = OTHER_HOST_WAIT_S) -> Optional[str]:
@@ -55,7 +49,7 @@ def claim(run_dir: str, wait_other_host_s: float = OTHER_HOST_WAIT_S) -> Optiona
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):  # no flock here: run without it
                 os.close(fd)
                 return None
-        holder = _holder(path)  # "host pid started"
+        holder = read_holder(path)  # "host pid started"
         host = holder.split(" ")[0] if holder else ""
         if host and host != socket.gethostname():
             deadline = deadline or time.monotonic() + wait_other_host_s
