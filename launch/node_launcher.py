@@ -124,12 +124,12 @@ def torchrun_main(argv: Sequence[str]) -> int:
 
 def _quiet_expected_exits() -> None:
     """torch-elastic logs every rank that exits non-zero as an ERROR ("failed (exitcode: 85)"):
-    not the ranks that stopped as asked (85: checkpoint saved, requeue; 143: SIGTERM, saved).
-    What failed is said above in one line either way."""
+    not the ranks that stopped as asked (85: checkpoint saved, requeue; 143: SIGTERM, saved) or
+    with dialtune's one-sentence error (2: said above it). What failed is said in one line either way."""
     import logging
     import signal
 
-    expected = {REQUEUE_EXIT_CODE, 128 + signal.SIGTERM, -signal.SIGTERM}
+    expected = {2, REQUEUE_EXIT_CODE, 128 + signal.SIGTERM, -signal.SIGTERM}
 
     def keep(record: logging.LogRecord) -> bool:
         return not (str(record.msg).startswith("failed (exitcode") and record.args and record.args[0] in expected)

@@ -171,6 +171,10 @@ def run_dir_problem(root: str, name: str, sweep: bool = False) -> Optional[str]:
     what = f"run.name={name!r}: the run directory <run.root>/<run.name>{'-sweep' if sweep else ''}, {path!r},"
     why, detail = unusable_directory(path) or (None, "")
     fix = "choose another run.name (or run.root)"
+    if why is None and not sweep:  # (before Hydra writes its record into a directory another training holds)
+        from train.run_lock import in_use_problem
+
+        return in_use_problem(path)
     return {"file": f"{what} exists and is not a directory; {fix}, or move it away.",
             "create": f"{what} cannot be created ({detail}); {fix}.", "write": f"{what} is not writable; {fix}."}.get(why)
 

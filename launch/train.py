@@ -239,6 +239,17 @@ def task(cfg) -> None:
                 print(f"dialtune: error: non-finite loss at step {summary['nonfinite_stop_step']} ({why}); "
                       f"the last good state is saved in {summary['checkpoint']}", file=sys.stderr, flush=True)
             sys.exit(NONFINITE_EXIT_CODE)
+        from train.signals import pending
+
+        if not summary.get("preempted") and (late := pending()):  # after the last step, and no merge stopped for it
+            from train.signals import REQUEUE_EXIT_CODE, TERM_EXIT_CODE, ignore_further
+
+            ignore_further()  # (a sweep's next job would drop it: SLURM's time-limit warning, lost)
+            code = REQUEUE_EXIT_CODE if late == "SIGUSR1" else TERM_EXIT_CODE
+            if rank() == 0:
+                print(f"dialtune: {late} after the last step: training is finished and saved"
+                      + ("; asking to be requeued" if code == REQUEUE_EXIT_CODE else "") + f" (exit {code})", flush=True)
+            sys.exit(code)
         if summary.get("preempted"):
             from train.signals import REQUEUE_EXIT_CODE, TERM_EXIT_CODE, ignore_further
 

@@ -171,6 +171,24 @@ def test_sigusr1_during_the_final_merge_then_the_requeued_job_writes_it_and_a_th
     assert rerun() == written
 
 
+def test_sigusr1_after_the_last_step_without_a_merge_still_asks_to_be_requeued(tmp_path):
+    """SLURM's time-limit warning during the final eval of a run that merges nothing (a sweep's job
+    with export.merge_at_end=false) was dropped: exit 0, and the sweep's next job trained on into
+    the time limit without its warning. It exits 85; the requeued job finds the run finished."""
+    from tests.conftest import TRAIN_PY
+
+    args = [f"run.root={tmp_path}", "train.progress_bar=false", "recipe=demo", "train.max_steps=2", "logger=none",
+            "eval.every_n_steps=0", "eval.at_end=[lm]", "run.name=late", "train.resume=auto", "export.merge_at_end=false"]
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), *args], env={**run_env(1), "DIALTUNE_INJECT_SIGNAL": "eval:lm"},
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "dialtune: SIGUSR1 after the last step: training is finished and saved; asking to be requeued (exit 85)" in proc.stdout
+    assert json.loads((tmp_path / "late" / "summary.json").read_text())["finished"]
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), *args], env=run_env(1), cwd=str(ROOT), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "already finished at step 2" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
 def test_ctrl_c_is_one_sentence_naming_the_latest_checkpoint(tmp_path):
     """SIGINT (Ctrl-C) stops a one-process run at once: exit 130 and a sentence naming the latest
     checkpoint and how to continue, not a page of KeyboardInterrupt traceback."""

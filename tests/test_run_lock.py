@@ -36,7 +36,9 @@ def test_a_second_training_into_a_busy_run_directory_is_refused(tmp_path):
         while not (tmp_path / "busy" / "metrics.jsonl").is_file() or not read_metrics(tmp_path / "busy"):
             assert first.poll() is None and time.time() < deadline, "the first training did not start"
             time.sleep(0.5)
+        record = (tmp_path / "busy" / "hydra" / "overrides.yaml").read_text()
         second = train(["run.name=busy", "logger=none", "train.max_steps=2", "optim.lr=1e-3"], tmp_path, check=False)
+        assert (tmp_path / "busy" / "hydra" / "overrides.yaml").read_text() == record  # (refused before Hydra wrote its own)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"dialtune: error: {tmp_path / 'busy'} is in use by another training (pid {first.pid} on " in second.stderr
         assert not [p for p in (tmp_path / "busy").iterdir() if p.name.startswith("earlier-")]  # nothing set aside

@@ -31,6 +31,10 @@ def fail_eval(parts) -> None:
     generation that runs out of GPU memory does."""
     if (part := os.environ.get("DIALTUNE_INJECT_EVAL_ERROR")) and part in parts:
         raise RuntimeError(f"injected failure of the {part} evaluation (DIALTUNE_INJECT_EVAL_ERROR)")
+    if (when := os.environ.get("DIALTUNE_INJECT_SIGNAL", "")).startswith("eval:") and when[5:] in parts:
+        import signal  # DIALTUNE_INJECT_SIGNAL=eval:part: SIGUSR1 as an evaluation of that part starts
+
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def signal_at(step: int) -> None:

@@ -30,6 +30,21 @@ class RunDirInUse(Exception):
     """Another training holds the run directory (the message is one sentence)."""
 
 
+def _in_use(run_dir: str, holder: str) -> str:
+    parts = holder.split(" ")
+    who = f" (pid {parts[1]} on {parts[0]}, started {' '.join(parts[2:])})" if len(parts) > 2 else ""
+    return (f"{run_dir} is in use by another training{who}: wait for it to end, or give this run another run.name "
+            "(two trainings in one run directory would overwrite each other's checkpoints and results).")
+
+
+def in_use_problem(run_dir: str) -> Optional[str]:
+    """claim()'s sentence when another process trains in run_dir now, without claiming it: checked
+    before Hydra writes its record (hydra/) into the directory; else None."""
+    if held_elsewhere(run_dir):
+        return _in_use(os.path.realpath(run_dir), read_holder(os.path.join(run_dir, LOCK_NAME)))
+    return None
+
+
 def claim(run_dir: str, wait_other_host_s: float = OTHER_HOST_WAIT_S) -> Optional[str]:
     """Take the run directory's lock for this process (releasing one it holds for another run
     directory: a sweep's next job); returns None, or the sentence why another training has it."""
@@ -57,9 +72,7 @@ def claim(run_dir: str, wait_other_host_s: float = OTHER_HOST_WAIT_S) -> Optiona
                 time.sleep(2.0)
                 continue
         os.close(fd)
-        who = f" (pid {holder.split(' ')[1]} on {host}, started {' '.join(holder.split(' ')[2:])})" if len(holder.split(" ")) > 2 else ""
-        return (f"{run_dir} is in use by another training{who}: wait for it to end, or give this run another run.name "
-                "(two trainings in one run directory would overwrite each other's checkpoints and results).")
+        return _in_use(run_dir, holder)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     _held[run_dir] = fd

@@ -116,6 +116,14 @@ def check_stop() -> None:
         raise Stopped(_lost)
 
 
+def pending() -> Optional[str]:
+    """"SIGUSR1" or "SIGTERM" when one reached the installed flag and nothing answered it yet (it
+    came after the training loop's last look, and no merge ran to stop for it); else None."""
+    if _installed is not None and (_installed.usr1 or _installed.term):
+        return "SIGUSR1" if _installed.usr1 else "SIGTERM"
+    return None
+
+
 def ignore_further() -> None:
     """After the save a second signal must not kill the process before it exits 85."""
     for sig in SIGNALS:
