@@ -101,7 +101,7 @@ def model_card(summary: Dict, cfg, peft_cfg, out_dir: str, hub_repo_id: Optional
     targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
     quant = summary["quant"]
     if cfg is not None and quant == "int8" and fast_int8(cfg):  # what ran: no LLM.int8 matmul, no outlier threshold
-        qdesc = (f"int8 (bitsandbytes int8 weights, dequantized per layer into {cfg.model.dtype} GEMMs by `kernels.fast_int8`; "
+        qdesc = (f"int8 (bitsandbytes int8 weights, dequantized per layer into {cfg.quant.compute_dtype} GEMMs by `kernels.fast_int8`; "
                  "no outlier decomposition)")
     elif cfg is not None and quant == "int8":
         qdesc = f"int8 (LLM.int8, bitsandbytes, outlier threshold {cfg.quant.int8_threshold})"

@@ -162,6 +162,10 @@ def test_the_card_names_the_int8_kernel_that_ran(peft_runs):
     fast = _card(run, "merged", **{"quant.mode": "int8", "kernels.fast_int8": True, "model.dtype": "bf16"})
     assert ("| base quantization during training | int8 (bitsandbytes int8 weights, dequantized per layer into bf16 GEMMs "
             "by `kernels.fast_int8`; no outlier decomposition) |") in fast and "outlier threshold" not in fast
+    # the GEMMs run in the run's compute dtype (quant.compute_dtype under int8), not model.dtype's
+    fp32 = _card(run, "merged", **{"quant.mode": "int8", "kernels.fast_int8": True, "model.dtype": "bf16",
+                                   "quant.compute_dtype": "fp32"})
+    assert "dequantized per layer into fp32 GEMMs" in fp32
     llm = _card(run, "merged", **{"quant.mode": "int8", "kernels.fast_int8": False})
     assert "| base quantization during training | int8 (LLM.int8, bitsandbytes, outlier threshold 6.0) |" in llm
 
