@@ -21,6 +21,17 @@ def test_claim_is_per_process_and_released_for_a_sweeps_next_job(tmp_path):
     held, said = out.splitlines()
     assert held == "True" and said.startswith(f"{a} is in use by another training (pid ") and "another run.name" in said
     assert not held_elsewhere(str(a))  # (this process's own)
+    in_use = ("import sys; from train.run_lock import in_use_problem; print(in_use_problem(sys.argv[1]))")
+    said = subprocess.run([sys.executable, "-c", in_use, str(a)], capture_output=True, text=True, cwd=str(ROOT), check=True).stdout
+    assert said.startswith(f"{a} is in use by another training (pid ")  # (before Hydra writes into it)
+    lock = a / ".dialtune-lock"
+    mine = lock.read_text()
+    lock.write_text("othernode 4242 2026-11-29 10:00:00\n")  # a holder on another host (a crashed node's NFS lock):
+    said = subprocess.run([sys.executable, "-c", in_use, str(a)], capture_output=True, text=True, cwd=str(ROOT), check=True).stdout
+    assert said.strip() == "None"  # left to claim(), which waits for the lease before it refuses
+    out = subprocess.run([sys.executable, "-c", probe, str(a)], capture_output=True, text=True, cwd=str(ROOT), check=True).stdout
+    assert out.splitlines()[1].startswith(f"{a} is in use by another training (pid 4242 on othernode, started 2026-11-29 10:00:00)")
+    lock.write_text(mine)
     assert claim(str(b)) is None  # a sweep's next job: the first directory is released
     out = subprocess.run([sys.executable, "-c", probe, str(a)], capture_output=True, text=True, cwd=str(ROOT), check=True).stdout
     assert out.splitlines() == ["False", "None"]

@@ -38,10 +38,14 @@ def _in_use(run_dir: str, holder: str) -> str:
 
 
 def in_use_problem(run_dir: str) -> Optional[str]:
-    """claim()'s sentence when another process trains in run_dir now, without claiming it: checked
-    before Hydra writes its record (hydra/) into the directory; else None."""
+    """claim()'s sentence when another process on this host trains in run_dir now, without claiming
+    it: checked before Hydra writes its record (hydra/) into the directory; else None. A holder on
+    another host is left to claim(), which waits for a crashed node's NFS lock to lapse (a job
+    requeued after the crash must not be refused for it)."""
     if held_elsewhere(run_dir):
-        return _in_use(os.path.realpath(run_dir), read_holder(os.path.join(run_dir, LOCK_NAME)))
+        holder = read_holder(os.path.join(run_dir, LOCK_NAME))
+        if holder.split(" ")[0] in ("", socket.gethostname()):
+            return _in_use(os.path.realpath(run_dir), holder)
     return None
 
 
