@@ -137,14 +137,10 @@ def _drop_untrained(labels: List[int], messages: Sequence[Dict]) -> List[int]:
 
 
 def _only_last_turn(labels: List[int]) -> List[int]:
-    """Keep the labels of the final labelled span only."""
+    """Keep the labels of the final labelled span (_runs) only."""
     out = [IGNORE] * len(labels)
-    i = len(labels) - 1
-    while i >= 0 and labels[i] == IGNORE:
-        i -= 1
-    while i >= 0 and labels[i] != IGNORE:
-        out[i] = labels[i]
-        i -= 1
+    for a, b in _runs(labels)[-1:]:
+        out[a:b] = labels[a:b]
     return out
 
 

@@ -24,6 +24,7 @@ LOCK_NAME = ".dialtune-lock"
 OTHER_HOST_WAIT_S = 90.0  # NFSv4's default lease, after which a crashed holder's lock is released
 
 _held: Dict[str, int] = {}  # run dir -> fd of the lock this process holds
+_BUSY = (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN)  # flock's "another process holds it"
 
 
 class RunDirInUse(Exception):
@@ -65,7 +66,7 @@ def claim(run_dir: str, wait_other_host_s: float = OTHER_HOST_WAIT_S) -> Optiona
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):  # no flock here: run without it
+            if e.errno not in _BUSY:  # no flock here: run without it
                 os.close(fd)
                 return None
         holder = read_holder(path)  # "host pid started"
@@ -108,6 +109,6 @@ def held_elsewhere(run_dir: str) -> bool:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
     except OSError as e:
-        return e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN)
+        return e.errno in _BUSY
     finally:
         os.close(fd)
