@@ -1,7 +1,7 @@
 """Where a resume continues and what it refuses: another micro_batch_size continues at the same
 example of the epoch's order; another number of ranks is refused in one sentence (the optimizer
-state and the random state are per rank); checkpoint rotation after a fresh start beside an
-earlier run's checkpoints keeps this run's newest; a `latest` naming a missing checkpoint."""
+state and the random state are per rank); checkpoint rotation after resuming an earlier
+checkpoint keeps this run's newest; a fresh start sets an earlier run's results and checkpoints aside; a `latest` naming a missing checkpoint."""
 import json
 
 import pytest
@@ -46,12 +46,12 @@ def test_resume_position_translates_the_micro_batch_and_refuses_other_ranks(tmp_
     assert resume_position(root, tag, world=2, mb=1, gas=2, by_epochs=True) == (1, 12)  # 2 x 1 = 1 x 2: the same steps
 
 
-def test_rotation_after_a_fresh_start_keeps_this_runs_newest(tmp_path):
+def test_rotation_after_resuming_an_earlier_checkpoint_keeps_this_runs_newest(tmp_path):
     from train.checkpoint import rotate
 
-    for step in (2, 4, 6, 8):  # an earlier run's
+    for step in (2, 4, 6, 8):  # this run's, before it resumed step_2 (train.resume=<run_dir>/checkpoints/step_0000002)
         (tmp_path / f"step_{step:07d}").mkdir()
-    (tmp_path / "step_0000002").mkdir(exist_ok=True)  # this run's first save, over the earlier run's step 2
+    (tmp_path / "step_0000002").mkdir(exist_ok=True)  # the first save after that resume
     rotate(str(tmp_path), "step_0000002", keep=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002", "step_0000006", "step_0000008"]
     (tmp_path / "step_0000004").mkdir()
@@ -60,19 +60,6 @@ def test_rotation_after_a_fresh_start_keeps_this_runs_newest(tmp_path):
     (tmp_path / "step_0000006").mkdir()
     rotate(str(tmp_path), "step_0000006", keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004", "step_0000006"]
-
-
-def test_a_fresh_run_into_a_used_directory_is_flagged(tmp_path):
-    from train.checkpoint import earlier_run_note
-
-    root = tmp_path / "checkpoints"
-    assert earlier_run_note(str(root)) is None
-    root.mkdir()
-    assert earlier_run_note(str(root)) is None
-    (root / "step_0000040").mkdir()
-    (root / "step_0000020").mkdir()
-    note = earlier_run_note(str(root))
-    assert "earlier run (step_0000020, step_0000040)" in note and "train.resume=auto continues" in note
 
 
 def test_a_fresh_run_sets_an_earlier_runs_results_aside(tmp_path):
@@ -90,6 +77,17 @@ def test_a_fresh_run_sets_an_earlier_runs_results_aside(tmp_path):
     assert [r["step"] for r in read_metrics(earlier[0]) if "train/loss" in r] == [1, 2]
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1] and not (run / "merged").exists()
     assert not json.loads((run / "summary.json").read_text()).get("finished")
+    # its checkpoints too: this run's step 2 would have replaced the earlier run's, and a crash
+    # before this run's first save would have left resume=auto to continue the earlier run
+    assert sorted(p.name for p in (earlier[0] / "checkpoints").glob("[ls]*")) == ["latest", "step_0000002"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("[ls]*")) == ["latest", "step_0000001"]
+    assert f"train.resume={earlier[0] / 'checkpoints'} starts a run from its latest checkpoint (step_0000002)" in proc.stdout + proc.stderr
+    _killed_in_first_save(args + ["train.max_steps=3", "train.save_every=1"], tmp_path)
+    assert not (run / "checkpoints" / "latest").exists() and not (run / "summary.json").exists()
+    proc = train(args + ["train.max_steps=3", "train.resume=auto"], tmp_path)
+    said = proc.stdout + proc.stderr
+    assert "no finished checkpoint" in said and "resumed from" not in said and "moved to" in said
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2, 3]
     # starting from another run's checkpoint (train.resume=<run>) in a directory an earlier run used is
     # a new run there too: the earlier results are set aside, not continued with the other run's steps
     copy = tmp_path / "copy"
@@ -98,7 +96,28 @@ def test_a_fresh_run_sets_an_earlier_runs_results_aside(tmp_path):
     earlier = [p for p in copy.iterdir() if p.name.startswith("earlier-")]
     assert len(earlier) == 1 and f"moved to {earlier[0]}" in proc.stdout + proc.stderr
     assert [r["step"] for r in read_metrics(earlier[0]) if "train/loss" in r] == [1, 2, 3]
-    assert [r["step"] for r in read_metrics(copy) if "train/loss" in r] == [2, 3, 4]
+    assert [r["step"] for r in read_metrics(copy) if "train/loss" in r] == [4]  # (from the third run at step 3)
+
+
+def _killed_in_first_save(overrides, root):
+    """A fresh one-rank run killed (SIGKILL) while it writes its first checkpoint."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, TRAIN_PY, run_env
+
+    env = {**run_env(2), "DIALTUNE_CKPT_PAUSE": "1", "DIALTUNE_CKPT_PAUSE_MARKER": str(root)}
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), f"run.root={root}", "train.progress_bar=false", *overrides],
+                            env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (root / "ckpt_paused").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait(timeout=60)
+    os.remove(root / "ckpt_paused")
 
 
 def test_latest_naming_a_missing_checkpoint_is_one_sentence(tmp_path):

@@ -184,8 +184,8 @@ def save(engine, ckpt_root: str, step: int, state: Dict[str, Any], is_main: bool
 
 def rotate(ckpt_root: str, tag: str, keep: int, best: Optional[str] = None) -> None:
     """After checkpoint `tag`: remove all but the newest `keep` complete checkpoints (and `best`).
-    Those past `tag` are an earlier run's (this one started afresh beside them, as
-    earlier_run_note warns): older than any of this run's, so the first to go, never `tag`."""
+    Those past `tag` are from where this run left off before it resumed an earlier checkpoint
+    of its own (train.resume=<run_dir>/checkpoints/step_N): the first to go, never `tag`."""
     complete = sorted(p for p in os.listdir(ckpt_root) if p.startswith("step_") and not p.endswith(".tmp"))
     complete = [p for p in complete if p > tag] + [p for p in complete if p <= tag]
     for old in complete[:-keep]:
@@ -209,17 +209,6 @@ def clean_partial(ckpt_root: str) -> None:
             if p.endswith(".tmp"):
                 path = os.path.join(ckpt_root, p)
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-
-
-def earlier_run_note(ckpt_root: str) -> Optional[str]:
-    """A warning when a run that starts afresh finds another run's checkpoints in its directory
-    (the same run.name trained before): its checkpoints land beside them."""
-    steps = sorted(p for p in os.listdir(ckpt_root) if p.startswith("step_")) if os.path.isdir(ckpt_root) else []
-    if not steps:
-        return None
-    return (f"{ckpt_root} already holds checkpoints of an earlier run ({', '.join(steps[-3:])}); this run starts at step 1 "
-            f"and writes beside them (checkpoints/latest will name this run's): train.resume=auto continues the earlier run, "
-            f"another run.name keeps the two apart")
 
 
 def load(engine, root: str, tag: str, total_steps: Optional[int] = None) -> Dict[str, Any]:

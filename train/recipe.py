@@ -173,10 +173,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     if found:
         state = resume.resume(engine, *found, cfg, scheduler, total_steps, state["data_key"], is_main, world, mb, gas, n_items)
     if is_main and not own:  # a new run here: an earlier run's results set aside (its checkpoints stay, with a note)
-        resume.set_aside_earlier(run_dir, earlier_config)
-        if earlier := checkpoint.earlier_run_note(ckpt_root):
-            log.warning(earlier)
-        elif t.resume == "auto":
+        resume.set_aside_earlier(run_dir, earlier_config)  # (its checkpoints too)
+        if t.resume == "auto":
             log.info("train.resume=auto: no finished checkpoint in %s yet; starting at step 1", ckpt_root)
     if is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:

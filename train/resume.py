@@ -239,14 +239,17 @@ def read_text(path: str) -> Optional[str]:
 
 def set_aside_earlier(run_dir: str, earlier_config: Optional[str] = None) -> Optional[str]:
     """A run that starts afresh in a directory an earlier run of the same name wrote: that run's
-    results (metrics, summary, merged export, eval, report) move to run_dir/earlier-<their time>/,
-    with its config.yaml (earlier_config: read before this run wrote its own), so that what this
-    run writes is never read with them (`dialtune report`, `chat`, `eval` of a run still training
-    or stopped early). Its checkpoints stay (checkpoint.earlier_run_note). Returns the folder, or
-    None when there was nothing."""
+    results (metrics, summary, merged export, eval, report) and its checkpoints move to
+    run_dir/earlier-<their time>/, with its config.yaml (earlier_config: read before this run
+    wrote its own), so that what this run writes is never read with them (`dialtune report`,
+    `chat`, `eval` of a run still training or stopped early), its saves never replace the earlier
+    run's checkpoints of the same step, and train.resume=auto after a crash before this run's
+    first save does not continue the earlier run. Returns the folder, or None when there was nothing."""
     from .eval_results import earlier_dir
 
-    found = [name for name in EARLIER_RESULTS if os.path.exists(os.path.join(run_dir, name))]
+    ckpts = os.path.join(run_dir, "checkpoints")
+    steps = sorted(p for p in os.listdir(ckpts) if p.startswith("step_")) if os.path.isdir(ckpts) else []
+    found = [name for name in EARLIER_RESULTS if os.path.exists(os.path.join(run_dir, name))] + (["checkpoints"] if steps else [])
     if not found:
         return None
     kept = earlier_dir(run_dir, max(os.path.getmtime(os.path.join(run_dir, name)) for name in found))
@@ -255,5 +258,7 @@ def set_aside_earlier(run_dir: str, earlier_config: Optional[str] = None) -> Opt
     if earlier_config is not None:
         with open(os.path.join(kept, "config.yaml"), "w") as f:
             f.write(earlier_config)
-    log.warning("%s holds an earlier run's results (%s): moved to %s, apart from this run's (delete it when no longer needed)", run_dir, ", ".join(found), kept)
+    log.warning("%s holds an earlier run's results (%s): moved to %s, apart from this run's (delete it when no longer needed)%s",
+                run_dir, ", ".join(found), kept, f"; train.resume={os.path.join(kept, 'checkpoints')} starts a run from its "
+                f"latest checkpoint ({steps[-1]})" if steps else "")
     return kept
