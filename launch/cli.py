@@ -301,7 +301,8 @@ def main(argv=None) -> int:
 
     t = sub.add_parser("train", help="launch launch/train.py with the deepspeed launcher (N ranks) or python (1)")
     t.add_argument("--nproc", type=int, default=None, help="ranks on this node (default: GPUs, or 1 on CPU)")
-    t.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. recipe=qlora_nf4 model=<hub id>")
+    t.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. recipe=qlora_nf4 model=<hub id>; -m (--multirun) before "
+                   "them runs a sweep, e.g. -m optim.lr=1e-4,2e-4")
     t.set_defaults(fn=cmd_train)
 
     m = sub.add_parser("merge", help="merge a run's adapter into its full-precision base (a full fine-tune: export its weights)")

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     e.add_argument("path", help="run directory, checkpoint directory (checkpoints/step_N) or merged checkpoint")
     e.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.intent_files=[intents.jsonl] eval.decoding=[greedy,sampled]")
     e.add_argument("--parts", default=None, help="comma-separated parts: lm,intent,response (default: eval.at_end)")
-    e.add_argument("--out", default=None, help="output directory (default: <run_dir>/eval, or <checkpoint>/eval)")
+    e.add_argument("--out", default=None, help="output directory (default: the run directory's eval/, also for one of its checkpoints; <folder>-eval beside a merged checkpoint outside a run)")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     e.set_defaults(fn=cmd_eval)
 
