@@ -301,6 +301,12 @@ _FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpa
 
 
 def detect(rec: Dict) -> Optional[str]:
+    """The format of a record by its keys; a null value counts as no key (Arrow gives every row of a
+    Parquet file or saved dataset every column), unless that leaves none."""
+    return _detect({k for k, v in rec.items() if v is not None}) or _detect(rec)
+
+
+def _detect(rec) -> Optional[str]:
     if "messages" in rec:
         return "messages"
     if "conversations" in rec:
@@ -322,7 +328,7 @@ def to_messages(rec: Any, fmt: str, intent_cfg=None):
     if kind is None:
         keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
         return Problem("unknown_format", f"no known conversation format (keys: {keys}); expected messages, conversations, instruction/output, prompt/completion or text/label")
-    if fmt != "auto" and detect(rec) not in (None, fmt) and not any(k in rec for k in _FORMAT_KEYS[fmt]):
+    if fmt != "auto" and detect(rec) not in (None, fmt) and not any(rec.get(k) is not None for k in _FORMAT_KEYS[fmt]):
         other = detect(rec)
         return Problem("unknown_format", f"the format is pinned to {fmt} (data.format, or the source's format), whose records have "
                        f"{'/'.join(_FORMAT_KEYS[fmt])}, but this one has {'/'.join(_FORMAT_KEYS[other])} ({other}): set the "
@@ -347,7 +353,7 @@ def to_messages(rec: Any, fmt: str, intent_cfg=None):
                 role = "system"
             if role is None:
                 return Problem("unknown_role", f"conversations[{i}] is from {who!r}, which maps to no role; known: {', '.join(sorted(ROLE_ALIASES))}")
-            out.append({"role": role, "content": turn["value"], **({"weight": turn["weight"]} if "weight" in turn else {})})
+            out.append({"role": role, "content": turn["value"], **({"weight": turn["weight"]} if turn.get("weight") is not None else {})})
         return out, rid
     if kind == "alpaca":
         ins, inp, outp = rec.get("instruction"), rec.get("input"), rec.get("output")
