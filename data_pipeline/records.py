@@ -203,7 +203,7 @@ def _csv_rows(path: str, utf16: str) -> Iterator[Tuple[str, Any]]:
     """The rows of a .csv file (a header row, then records); a row with a line of invalid UTF-8 is that line's Problem."""
     from .chat import DataError
 
-    bad = {}
+    bad, text = {}, []  # text: the lines of the row being read
 
     def lines():
         for n, line in _text_lines(path, utf16):
@@ -211,17 +211,33 @@ def _csv_rows(path: str, utf16: str) -> Iterator[Tuple[str, Any]]:
                 if n == 1:
                     raise DataError(f"{path}:1: {line.message} (in the header row).")
                 bad[n], line = line, line.text
+            text.append(line)
             yield line
 
     reader = csv.DictReader(lines())
     reader.fieldnames  # reads the header row (or none, in an empty file)
     end = reader.line_num
+    text.clear()
     for row in reader:
         start, end = end + 1, reader.line_num
+        if end > start and _unclosed_quote(text):  # (the lenient reader takes the rest of the file as one field)
+            raise DataError(f"{path}:{start}: a quoted field that starts in this row is never closed (an unmatched \"), so "
+                            "every line after it would be read as part of it; close the quote, or write a \" inside a "
+                            "quoted field as \"\".")
+        text.clear()
         hit = [n for n in bad if start <= n <= end]
         yield (f"{path}:{min(hit)}", bad[min(hit)]) if hit else (f"{path}:{end}", dict(row))
         for n in hit:
             del bad[n]
+
+
+def _unclosed_quote(lines) -> bool:
+    """Whether a CSV row's lines end inside a quoted field (what the strict parser calls the end of data)."""
+    try:
+        list(csv.reader(lines, strict=True))
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
 
 
 def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:

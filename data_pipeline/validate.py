@@ -121,8 +121,9 @@ class Report:
         from .chat import DataError
 
         if self.errors:
-            more = "" if len(self.errors) < self.max_shown else f"\n(stopped after {self.max_shown} errors; fix them, or set data.on_error=lenient to skip bad records)"
-            raise DataError("\n".join(self.errors) + more)
+            stopped = f"stopped after {self.max_shown} errors; " if len(self.errors) >= self.max_shown else ""
+            them = "them" if len(self.errors) > 1 else "it"
+            raise DataError("\n".join(self.errors) + f"\n({stopped}fix {them}, or set data.on_error=lenient to skip bad records)")
 
     def table(self) -> str:
         if not self.counts:
