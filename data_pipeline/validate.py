@@ -105,7 +105,7 @@ class Report:
         self.errors: List[str] = []
         self.read = 0
         self.kept = 0
-        self.empty_files: List[str] = []  # sources that held no record at all
+        self.source_reads: Counter = Counter()  # records read per source (its index in sources_of)
         self.finished = False  # every source read to its end
 
     def problem(self, where: str, p: Problem) -> None:
