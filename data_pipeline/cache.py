@@ -19,8 +19,9 @@ from typing import Dict, List
 
 from .cache_lock import holder_is_dead, read_holder, take_lock
 from .chat import DataError
-from .dataset import DATA_VERSION, EVAL_MESSAGES, build, data_warnings, sources_of, validated_conversations
+from .dataset import DATA_VERSION, EVAL_MESSAGES, build, sources_of, validated_conversations
 from .records import folder_problem, is_bundled_sample
+from .stats_warnings import data_warnings
 from .validate import Report, counts_text
 
 

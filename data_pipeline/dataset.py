@@ -1,7 +1,7 @@
-"""Sources -> validated conversations -> tokenized, weighted, packed Arrow datasets (build), and
-what the data lost or leaks (data_warnings). Everything is streamed: records go from the readers
-through a generator into Arrow files on disk, which are memory-mapped. data_pipeline/cache.py
-keys, caches and shares the result.
+"""Sources -> validated conversations -> tokenized, weighted, packed Arrow datasets (build) with
+their stats (stats_warnings.data_warnings says what the data lost or leaks). Everything is
+streamed: records go from the readers through a generator into Arrow files on disk, which are
+memory-mapped. data_pipeline/cache.py keys, caches and shares the result.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import numpy as np
 from .chat import DataError, encode
 from .packing import fill_ratio, pack
 from .records import Problem, expand_pattern, gzip_damage, read_records, to_messages
-from .validate import Report, clean, counts_text
+from .stats_warnings import data_warnings  # noqa: F401 (its home was here: cache.py and the tests import it so)
+from .validate import Report, clean
 
 EVAL_MESSAGES = "eval_messages.jsonl"
-DATA_VERSION = 10  # 10: assistant messages' weight 0 (OpenAI's format) honoured; 9: lenient skips what the template cannot render; 8: a reply's leading whitespace stripped; 7: truncation counted over the sets as built, a source weighted to nothing listed; 6: an empty held-out set is refused, dropped conversations located; 5: assistant spans of tag-free templates end at the turn's end-of-turn token (trimming templates); 4: eval_fraction split by content
-TRUNCATED_WARN_SHARE = 0.10  # warn when more of the conversations than this were truncated (the bundled sample: 5.4% at 512)
+DATA_VERSION = 11  # 11: a null weight (Parquet, saved datasets) is no weight, ids unique per source (not across them), every source listed in the stats; 10: assistant messages' weight 0 (OpenAI's format) honoured; 9: lenient skips what the template cannot render; 8: a reply's leading whitespace stripped; 7: truncation counted over the sets as built, a source weighted to nothing listed; 6: an empty held-out set is refused, dropped conversations located; 5: assistant spans of tag-free templates end at the turn's end-of-turn token (trimming templates); 4: eval_fraction split by content
 
 
 def _held_out_asked(d, srcs) -> str:
@@ -68,13 +68,12 @@ def validated_conversations(d, report: Report):
     """Generator of validated conversations from every source (one streaming pass)."""
     from types import SimpleNamespace
 
-    seen_ids: Dict = {}  # (split, id) -> where its first copy is
     carve = d.eval_fraction > 0 and not any(s["split"] == "eval" for s in sources_of(d))
     # plain attributes: an OmegaConf lookup per message costs more than the checks themselves
     policy = SimpleNamespace(**{k: d[k] for k in ("max_message_chars", "long_message", "same_role", "trailing_user")})
     intent = SimpleNamespace(**d.intent)
     for k, s in enumerate(sources_of(d)):
-        read_before = report.read
+        read_before, seen_ids = report.read, {}  # id -> where its first copy is (ids are unique within a source)
         try:
             for where, rec in read_records(s["path"], d.utf16):
                 report.read += 1
@@ -86,8 +85,8 @@ def validated_conversations(d, report: Report):
                     report.problem(where, conv)
                     continue
                 messages, rid = conv
-                if rid is not None and d.duplicate_ids == "reject":
-                    key = (s["split"], str(rid))
+                if d.duplicate_ids == "reject" and not _no_id(rid):
+                    key = str(rid)
                     if key in seen_ids:
                         report.problem(where, Problem("duplicate_id", f"id {rid!r} already appeared at {seen_ids[key]}; "
                                                                       "remove one copy (or set data.duplicate_ids=keep)"))
@@ -113,10 +112,14 @@ def validated_conversations(d, report: Report):
             if damage := gzip_damage(s["path"]):
                 raise DataError(damage) from None
             raise
-        if report.read == read_before:
-            report.empty_files.append(s["path"])
+        report.source_reads[k] = report.read - read_before
     report.finished = True
     report.raise_errors()
+
+
+def _no_id(rid) -> bool:
+    """An id that is none: missing, null (Arrow's for a row without one), NaN (pandas') or blank (an empty CSV cell)."""
+    return rid is None or (isinstance(rid, float) and rid != rid) or (isinstance(rid, str) and not rid.strip())
 
 
 def _features():
@@ -237,8 +240,6 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                             f"({report.read} records read; skipped: {dict(report.counts) or 'none'}); nothing to train on.")
         if report.counts:
             log(f"data: skipped {sum(report.counts.values())} of {report.read} records (data.on_error={d.on_error}):\n{report.table()}")
-        for path in report.empty_files:
-            log(f"warning: {path} holds no records")
         fast = None
         if d.fast_tokenization:
             fast, how = fast_encoder(tokenizer, eot_id, raw.select(range(min(64, len(raw))))["messages"])
@@ -246,7 +247,7 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
         tok = raw.map(_tokenize_fn(tokenizer, eot_id, d, fast), batched=True, batch_size=256,
                       num_proc=d.num_proc if d.num_proc > 1 else None, remove_columns=["messages"],
                       desc="tokenizing", cache_file_name=os.path.join(work, "tok.arrow"))
-        outcome = _column(tok, "outcome")
+        outcome, valid_source = _column(tok, "outcome"), _column(tok, "source")
         is_train = _column(tok, "split") == "train"
         kept = np.flatnonzero((outcome != "dropped") & (outcome != "unrenderable"))
         dropped_where = [str(w) for w in tok.select(np.flatnonzero(outcome == "dropped")[:3])["where"]]  # for the warning
@@ -321,6 +322,15 @@ def build(d, tokenizer, eot_id: int, out_dir: str, log=print) -> Dict:
                     entry = stats[name]["sources"].setdefault(srcs[k]["path"], {"conversations": 0, "tokens": 0,
                                                                                "weight": srcs[k]["weight"]})
                     entry["unweighted"] = n
+            for k, s in enumerate(srcs):  # so is a source that gave this set nothing at all (data_warnings says why)
+                if s["split"] == name and s["path"] not in stats[name]["sources"]:
+                    mine = valid_source == k
+                    stats[name]["sources"][s["path"]] = {
+                        "conversations": 0, "tokens": 0, "weight": s["weight"],
+                        "empty": {"records": report.source_reads[k], "valid": int(mine.sum()),
+                                  "held_out": int((mine & ~is_train).sum()) if name == "train" else 0,
+                                  "dropped": int((mine & (outcome == "dropped")).sum()),
+                                  "unrenderable": int((mine & (outcome == "unrenderable")).sum())}}
             if name == "train" and d.packing:
                 bins = pack(lengths.tolist(), d.max_seq_len, d.seed)
                 Dataset.from_dict({"members": bins}).save_to_disk(os.path.join(out_dir + ".part", "train_packs"))
@@ -349,45 +359,3 @@ def _overlap(hashes: np.ndarray, sources: np.ndarray, split: np.ndarray, srcs: L
     return {"eval_in_train": int(dup.sum()), "eval_conversations": int(ev.sum()),
             "eval_files": [srcs[k]["path"] for k in np.unique(sources[ev][dup])],
             "train_files": [srcs[k]["path"] for k in np.unique(sources[tr][in_train])]}
-
-
-def data_warnings(stats: Dict) -> List[str]:
-    """One line per thing the data lost or leaks (skipped records, truncated or dropped
-    conversations, eval conversations that are also trained on), from the stats of a build or a
-    cache hit alike; `prepare_cached` logs them, so training, `dialtune prepare` and
-    `dialtune eval` all say them, every time."""
-    out = []
-    v, t, max_len = stats["validation"], stats["truncation"], stats["max_seq_len"]
-    skipped, read = sum(v["skipped"].values()), v["records_read"]
-    if skipped:
-        out.append(f"warning: {skipped} of {read} records ({skipped / max(1, read):.1%}) were skipped as invalid "
-                   f"({counts_text(v['skipped'])}; data.on_error=lenient); fix them, or run with data.on_error=strict to list each with file:line.")
-    n = v["records_kept"]  # every kept record is tokenized
-    if t["dropped"]:
-        out.append(f"warning: {t['dropped']} of {n} conversations ({t['dropped'] / max(1, n):.1%}) were dropped as longer than "
-                   f"data.max_seq_len={max_len} tokens (data.truncation={t['policy']}"
-                   + ("" if t["policy"] == "drop" else ", and no assistant turn with its context fits")
-                   + (f"; {'first ' if t['dropped'] > 3 else ''}at {', '.join(t['dropped_where'])}" if t.get("dropped_where") else "")
-                   + "); raise data.max_seq_len" + (" or use data.truncation=keep_recent." if t["policy"] == "drop" else "."))
-    if t["truncated_share"] > TRUNCATED_WARN_SHARE:
-        weighted = any(s["weight"] != 1.0 for s in stats.get("train", {}).get("sources", {}).values())
-        out.append(f"warning: {t['truncated']} of {t.get('built', n)} conversations ({t['truncated_share']:.1%}) "
-                   + ("in the training set (after the sources' weights) and the held-out set " if weighted else "")
-                   + f"were truncated to data.max_seq_len={max_len} tokens (data.truncation={t['policy']}"
-                   + (f"; {t['cut']} of them cut inside a turn, as not even their last user turn and reply fit" if t.get("cut") else "")
-                   + "), so the turns cut from them count in neither training nor the held-out loss; "
-                   "raise data.max_seq_len, or set data.truncation=drop to leave them out.")
-    for path, s in stats.get("train", {}).get("sources", {}).items():
-        if s.get("unweighted") and not s["conversations"]:
-            out.append(f"warning: data.sources weight {s['weight']} draws none of the {s['unweighted']} training conversations "
-                       f"of {path}; raise its weight to at least {1 / (2 * s['unweighted']):.2g}, or remove the source.")
-    u = stats.get("unrenderable") or {}
-    if u.get("count"):
-        out.append(f"warning: {u['count']} conversation(s) the chat template cannot render were skipped (data.on_error=lenient; "
-                   f"{'first ' if u['count'] > 3 else ''}at {', '.join(u['where'])}); data.on_error=strict names the template's error.")
-    o = stats.get("overlap") or {}
-    if o.get("eval_in_train"):
-        out.append(f"warning: {o['eval_in_train']} of {o['eval_conversations']} eval conversations also occur in training "
-                   f"(eval: {', '.join(o['eval_files'])}; train: {', '.join(o['train_files'])}), so the eval loss on them is "
-                   "in-sample; remove them from one side.")
-    return out

@@ -203,7 +203,7 @@ def _csv_rows(path: str, utf16: str) -> Iterator[Tuple[str, Any]]:
     """The rows of a .csv file (a header row, then records); a row with a line of invalid UTF-8 is that line's Problem."""
     from .chat import DataError
 
-    bad = {}
+    bad, text = {}, []  # text: the lines of the row being read
 
     def lines():
         for n, line in _text_lines(path, utf16):
@@ -211,17 +211,33 @@ def _csv_rows(path: str, utf16: str) -> Iterator[Tuple[str, Any]]:
                 if n == 1:
                     raise DataError(f"{path}:1: {line.message} (in the header row).")
                 bad[n], line = line, line.text
+            text.append(line)
             yield line
 
     reader = csv.DictReader(lines())
     reader.fieldnames  # reads the header row (or none, in an empty file)
     end = reader.line_num
+    text.clear()
     for row in reader:
         start, end = end + 1, reader.line_num
+        if end > start and _unclosed_quote(text):  # (the lenient reader takes the rest of the file as one field)
+            raise DataError(f"{path}:{start}: a quoted field that starts in this row is never closed (an unmatched \"), so "
+                            "every line after it would be read as part of it; close the quote, or write a \" inside a "
+                            "quoted field as \"\".")
+        text.clear()
         hit = [n for n in bad if start <= n <= end]
         yield (f"{path}:{min(hit)}", bad[min(hit)]) if hit else (f"{path}:{end}", dict(row))
         for n in hit:
             del bad[n]
+
+
+def _unclosed_quote(lines) -> bool:
+    """Whether a CSV row's lines end inside a quoted field (what the strict parser calls the end of data)."""
+    try:
+        list(csv.reader(lines, strict=True))
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
 
 
 def read_records(path: str, utf16: str = "reject") -> Iterator[Tuple[str, Any]]:
@@ -301,6 +317,12 @@ _FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpa
 
 
 def detect(rec: Dict) -> Optional[str]:
+    """The format of a record by its keys; a null value counts as no key (Arrow gives every row of a
+    Parquet file or saved dataset every column), unless that leaves none."""
+    return _detect({k for k, v in rec.items() if v is not None}) or _detect(rec)
+
+
+def _detect(rec) -> Optional[str]:
     if "messages" in rec:
         return "messages"
     if "conversations" in rec:
@@ -322,7 +344,7 @@ def to_messages(rec: Any, fmt: str, intent_cfg=None):
     if kind is None:
         keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
         return Problem("unknown_format", f"no known conversation format (keys: {keys}); expected messages, conversations, instruction/output, prompt/completion or text/label")
-    if fmt != "auto" and detect(rec) not in (None, fmt) and not any(k in rec for k in _FORMAT_KEYS[fmt]):
+    if fmt != "auto" and detect(rec) not in (None, fmt) and not any(rec.get(k) is not None for k in _FORMAT_KEYS[fmt]):
         other = detect(rec)
         return Problem("unknown_format", f"the format is pinned to {fmt} (data.format, or the source's format), whose records have "
                        f"{'/'.join(_FORMAT_KEYS[fmt])}, but this one has {'/'.join(_FORMAT_KEYS[other])} ({other}): set the "
@@ -347,7 +369,7 @@ def to_messages(rec: Any, fmt: str, intent_cfg=None):
                 role = "system"
             if role is None:
                 return Problem("unknown_role", f"conversations[{i}] is from {who!r}, which maps to no role; known: {', '.join(sorted(ROLE_ALIASES))}")
-            out.append({"role": role, "content": turn["value"], **({"weight": turn["weight"]} if "weight" in turn else {})})
+            out.append({"role": role, "content": turn["value"], **({"weight": turn["weight"]} if turn.get("weight") is not None else {})})
         return out, rid
     if kind == "alpaca":
         ins, inp, outp = rec.get("instruction"), rec.get("input"), rec.get("output")

@@ -54,10 +54,11 @@ def clean(messages: List, policy, fixes: Counter) -> Union[List[Dict[str, str]],
             return Problem("empty_content", f"messages[{i}] ({role}) is empty or whitespace/zero-width only")
         if role == "system" and i != 0:
             return Problem("system_not_first", f"messages[{i}] is a system message; a system message may only come first")
-        weight = m.get("weight", 1)
-        if "weight" in m and role != "assistant":
+        weight = m.get("weight")  # null is no weight: Arrow (Parquet, saved datasets) gives every message every key
+        if weight is not None and role != "assistant":
             return Problem("bad_weight", f"messages[{i}] ({role}) has a weight; only assistant messages take one (0: context "
                            "only, not trained on; 1: trained on)")
+        weight = 1 if weight is None else weight
         if weight not in (0, 1) or not isinstance(weight, (int, float)):  # (True/False are 1/0, as in OpenAI's format)
             return Problem("bad_weight", f"messages[{i}] has weight {weight!r}; use 0 (context only, not trained on) or 1")
         if len(content) > policy.max_message_chars:
@@ -104,7 +105,7 @@ class Report:
         self.errors: List[str] = []
         self.read = 0
         self.kept = 0
-        self.empty_files: List[str] = []  # sources that held no record at all
+        self.source_reads: Counter = Counter()  # records read per source (its index in sources_of)
         self.finished = False  # every source read to its end
 
     def problem(self, where: str, p: Problem) -> None:
@@ -120,8 +121,9 @@ class Report:
         from .chat import DataError
 
         if self.errors:
-            more = "" if len(self.errors) < self.max_shown else f"\n(stopped after {self.max_shown} errors; fix them, or set data.on_error=lenient to skip bad records)"
-            raise DataError("\n".join(self.errors) + more)
+            stopped = f"stopped after {self.max_shown} errors; " if len(self.errors) >= self.max_shown else ""
+            them = "them" if len(self.errors) > 1 else "it"
+            raise DataError("\n".join(self.errors) + f"\n({stopped}fix {them}, or set data.on_error=lenient to skip bad records)")
 
     def table(self) -> str:
         if not self.counts:

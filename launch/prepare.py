@@ -198,7 +198,8 @@ def report_text(stats) -> str:
                      f"length p50 {ln['p50']:.0f} p90 {ln['p90']:.0f} p99 {ln['p99']:.0f} max {ln['max']}")
         for path, src in s["sources"].items():
             drawn = f" of {src['unweighted']}" if src.get("unweighted", src["conversations"]) != src["conversations"] else ""
-            lines.append(f"  {path}: {src['conversations']} conversations, {src['tokens']} tokens (weight {src['weight']}{drawn})")
+            lines.append(f"  {path}: {src['conversations']} conversations, {src['tokens']} tokens"
+                         + (f" (weight {src['weight']}{drawn})" if split == "train" else ""))  # (weights mix training only)
     if "packing" in stats:
         p = stats["packing"]
         lines.append(f"packing: {p['rows']} rows, fill ratio {p['fill_ratio']:.1%}, {p['docs_per_row']:.2f} conversations/row")

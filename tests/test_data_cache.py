@@ -101,7 +101,8 @@ def test_an_eval_file_that_is_also_trained_on_is_flagged(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     prepare_cached(dcfg(tmp_path, train_files=[str(path), str(empty)]), tok, eot, log=said.append)
-    assert f"warning: {empty} holds no records" in said, said  # beside a good file: trained on the rest, said so
+    assert f"warning: {empty} gives the training set no conversation (it holds no records); fix the file, or remove it from " \
+        "the data config." in said, said  # beside a good file: trained on the rest, said so
     said.clear()
     other = tmp_path / "b.jsonl"
     jsonl(other, [conv(20 + i, f"other {i}", f"reply {i}") for i in range(2)])  # GOOD's content would be warned as overlap

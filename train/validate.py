@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 from omegaconf import OmegaConf
 
 from data_pipeline.records import expand_pattern, is_bundled_sample
+from data_pipeline.validate import is_blank
 from model.memory import budget_problem
 
 from . import config
@@ -276,11 +277,21 @@ def validate_data(d, training: bool = True, files: bool = True) -> None:
         if s.split == "eval" and s.weight != 1:
             raise ConfigError(f"data.sources[{i}].weight={s.weight}: weights mix the training data only; a split: eval source "
                               "is read once, whole (to evaluate on less, give a smaller file).")
+        if s.system_prompt and is_blank(s.system_prompt):  # (every conversation of the source would be refused for it)
+            raise ConfigError(f"data.sources[{i}].system_prompt={s.system_prompt!r} is blank (whitespace or invisible characters "
+                              "only), an empty system message that every conversation of that source without one would be refused for; "
+                              "give it text, or leave it out (null) for none.")
+    if d.intent.system_prompt and is_blank(d.intent.system_prompt):
+        raise ConfigError(f"data.intent.system_prompt={d.intent.system_prompt!r} is blank (whitespace or invisible characters "
+                          "only), an empty system message that every intent record ({text, label}) would be refused for; give "
+                          "it text, or set it to '' for none.")
     if training and not d.train_files and not any(s.split == "train" for s in d.sources):
         raise ConfigError("no training data: pass data.train_files=[path/to/train.jsonl] or data.sources=[{path: ..., weight: 1}].")
     for key, path, _ in _data_paths(d) if files else ():
         if problem := _missing_path_problem(key, path):
             raise ConfigError(problem)
+    if files and (problem := repeated_file_problem(d)):
+        raise ConfigError(problem)
     if "{text}" not in d.intent.user_template:
         raise ConfigError(f"data.intent.user_template={d.intent.user_template!r} lacks {{text}}, where each utterance goes "
                           "(e.g. 'Customer message: {text}').")
@@ -313,6 +324,22 @@ def _data_paths(d):
     """(key, path, split) of every data file, named as the config names it."""
     out = [(f"data.{split}_files[{i}]", p, split) for split in ("train", "eval") for i, p in enumerate(d[f"{split}_files"])]
     return out + [(f"data.sources[{i}].path", s.path, s.split) for i, s in enumerate(d.sources)]
+
+
+def repeated_file_problem(d) -> Optional[str]:
+    """One sentence when two data paths of one split (two entries, or a glob pattern and a path) name
+    the same file, which would be read twice (trained on twice) and reported once; else None. (A
+    file both trained on and held out is warned about when the data is prepared.)"""
+    seen = {}
+    for key, path, split in _data_paths(d):
+        for f in expand_pattern(path):
+            first = seen.setdefault((split, os.path.realpath(f)), (key, path))
+            if first[0] != key:
+                fix = ("list it once, in one source, and give that source a weight to repeat it (weight: 2 trains on it twice)"
+                       if split == "train" else "list it once")
+                return (f"{first[0]}={first[1]!r} and {key}={path!r} both name {f}, which would be "
+                        + ("trained on" if split == "train" else "evaluated") + f" twice and reported once; {fix}.")
+    return None
 
 
 def data_mix_problem(d) -> Optional[str]:
