@@ -6,13 +6,17 @@
 
 Interactive mode streams the answer token by token and keeps the conversation (`/reset` starts
 over, `/exit` or Ctrl-D leaves, Ctrl-C stops the answer being written). Generation stops at the
-checkpoint's generation_config eos tokens, which include the end-of-turn token (`<|im_end|>`
-for the tiny tokenizer). `--temperature 0` (the default) is greedy decoding. Without --system, the
+checkpoint's generation_config eos tokens and at the chat template's end-of-turn token
+(`<|im_end|>` for the tiny tokenizer). Prompt and answer fit the model's context
+(max_position_embeddings): the oldest turns are left out, then the answer shortened, each with a
+note on stderr; a message that alone leaves no room is refused (the chat goes on without it).
+`--temperature 0` (the default) is greedy decoding. Without --system, the
 system prompt the run's training sources set (data.sources[].system_prompt) is used when all of
 them set the same one, as the model saw it in training (stderr says so).
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from pathlib import Path
@@ -30,7 +34,10 @@ def add_parser(sub) -> None:
     c.add_argument("--system", default=None,
                    help="system message put first in the conversation (default: the system prompt the run's "
                         "training data.sources set, when all set the same one; --system '' for none)")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    c.add_argument("--max-new-tokens", type=int, default=256,
+                   help="longest answer in tokens (default 256); prompt and answer must fit the model's context, "
+                        "max_position_embeddings in its config.json: the oldest turns are left out, then the answer "
+                        "is shortened (stderr says so), and a message that alone leaves no room is refused")
     c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
@@ -52,6 +59,32 @@ def resolve_checkpoint(path: str) -> Path:
     if (p / "config.yaml").is_file():
         raise ChatError(f"run directory {path} has no merged checkpoint yet; write one with `dialtune merge {path}`.")
     raise ChatError(f"{path} is neither a merged checkpoint (no config.json) nor a dialtune run directory with merged/.")
+
+
+def merged_behind_note(ckpt: Path) -> str:
+    """A note for a run's merged/ that holds an older checkpoint than the run's latest (a resumed run
+    with export.merge_at_end=false, an end merge that failed), naming both and the merge that
+    catches up; "" when it holds the latest, or the checkpoint the run chose (export.checkpoint=best,
+    `dialtune merge --checkpoint`: summary.json's export_checkpoint, when summary.json is the latest's)."""
+    import json
+
+    from model.export_io import exported_from
+
+    run, latest_file = ckpt.parent, ckpt.parent / "checkpoints" / "latest"
+    src = exported_from(str(ckpt)) if ckpt.name == "merged" and latest_file.is_file() else None
+    if not src:
+        return ""
+    held, latest = Path(src).name, latest_file.read_text().strip()
+    if held == latest:
+        return ""
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        if Path(summary.get("checkpoint") or "").name == latest and Path(summary.get("export_checkpoint") or "").name == held:
+            return ""
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return (f"{ckpt} holds {held} (its export_summary.json), not the run's latest checkpoint {latest}; "
+            f"`dialtune merge {run}` merges the latest")
 
 
 def run_system_prompt(path: str) -> Tuple[Optional[str], str]:
@@ -155,13 +188,19 @@ def _first_line(e: BaseException, limit: int = 240) -> str:
 
 
 def generation_kwargs(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0) -> Dict:
-    """generate() arguments: the checkpoint's generation_config (eos = its eos + end-of-turn
-    tokens), greedy for temperature 0."""
+    """generate() arguments: the checkpoint's generation_config, its eos ids joined by the chat
+    template's end-of-turn token and the tokenizer's EOS (stop_ids_of, as the eval stops: a merge
+    not written by dialtune may list neither), greedy for temperature 0."""
     import copy
+
+    from data_pipeline.chat import end_of_turn_id
+    from train.generation import stop_ids_of
 
     gen = copy.deepcopy(model.generation_config)
     gen.max_new_tokens = max_new_tokens
     gen.max_length = None
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    gen.eos_token_id = sorted({*eos, *stop_ids_of(tokenizer, end_of_turn_id(tokenizer))} - {None})
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if temperature > 0:
@@ -175,37 +214,53 @@ def encode(tokenizer, messages: List[Dict[str, str]], device):
     """Render with the chat template plus the assistant header, as generate() inputs."""
     import torch
 
-    from train.generation import prompt_ids
+    from train.generation import render_prompt
 
-    ids = torch.tensor([prompt_ids(tokenizer, messages, 0)], device=device)
+    ids = torch.tensor([render_prompt(tokenizer, messages)], device=device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _fit_history(model, tokenizer, messages, max_new_tokens, device):
-    """Drop the oldest exchanges (never the system message or the last user turn) until the
-    prompt leaves room for the answer in the model's context."""
+    """(inputs, max_new_tokens) that fit the model's context (config.json's max_position_embeddings):
+    the oldest turns are dropped from messages, whole (never the system message or the last user
+    turn), until the prompt leaves room for max_new_tokens; then max_new_tokens is lowered to the room
+    left. Each says so on stderr; a prompt that leaves no room at all is a ChatError."""
+    from train.generation import drop_oldest_turns
+
     limit = getattr(model.config, "max_position_embeddings", None)
-    inputs = encode(tokenizer, messages, device)
-    while limit and inputs["input_ids"].shape[1] + max_new_tokens > limit:
-        first = 1 if messages and messages[0]["role"] == "system" else 0
-        if len(messages) - first <= 1:
-            break
-        del messages[first:first + 2]
-        inputs = encode(tokenizer, messages, device)
-    return inputs
+    msgs = list(messages)  # (the history changes only when the message is sent)
+    inputs = encode(tokenizer, msgs, device)
+    dropped = 0
+    while limit and inputs["input_ids"].shape[1] + max_new_tokens > limit and (gone := drop_oldest_turns(msgs)):
+        dropped += gone
+        inputs = encode(tokenizer, msgs, device)
+    n, where = inputs["input_ids"].shape[1], "max_position_embeddings in its config.json"
+    if limit and n >= limit:
+        raise ChatError(f"this message takes {n} tokens with the chat template{' and the system message' if msgs[0]['role'] == 'system' else ''}, "
+                        f"leaving no room for an answer in the model's context of {limit} tokens ({where}); send a shorter one.")
+    if dropped:
+        messages[:] = msgs
+        print(f"dialtune chat: left out the {dropped} oldest turn(s) of the conversation to fit the model's context of "
+              f"{limit} tokens ({where})", file=sys.stderr)
+    if limit and n + max_new_tokens > limit:
+        print(f"dialtune chat: this answer stops at {limit - n} new tokens, not --max-new-tokens {max_new_tokens}: the "
+              f"prompt takes {n} of the model's context of {limit} tokens ({where})", file=sys.stderr)
+        max_new_tokens = limit - n
+    return inputs, max_new_tokens
 
 
 def answer(model, tokenizer, messages, device, max_new_tokens=256, temperature=0.0, top_p=1.0) -> str:
-    """One assistant turn for messages (non-streaming)."""
+    """One assistant turn for messages (non-streaming); ChatError when the prompt leaves no room."""
     import torch
 
-    inputs = _fit_history(model, tokenizer, messages, max_new_tokens, device)
+    inputs, max_new_tokens = _fit_history(model, tokenizer, messages, max_new_tokens, device)
     with torch.no_grad():
         out = model.generate(**inputs, **generation_kwargs(model, tokenizer, max_new_tokens, temperature, top_p))
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def _stream_answer(model, tokenizer, messages, device, args) -> str:
+def _stream_answer(model, tokenizer, messages, device, args, prefix: str = "") -> str:
+    """Stream one assistant turn to stdout (after prefix, once the prompt fits); its text."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -215,7 +270,8 @@ def _stream_answer(model, tokenizer, messages, device, args) -> str:
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), self.stop, dtype=torch.bool, device=input_ids.device)
 
-    inputs = _fit_history(model, tokenizer, messages, args.max_new_tokens, device)
+    inputs, max_new_tokens = _fit_history(model, tokenizer, messages, args.max_new_tokens, device)
+    print(prefix, end="", flush=True)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     interrupt = Interrupt()
     result: Dict = {}
@@ -224,7 +280,7 @@ def _stream_answer(model, tokenizer, messages, device, args) -> str:
         try:
             with torch.no_grad():
                 result["ids"] = model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([interrupt]),
-                                               **generation_kwargs(model, tokenizer, args.max_new_tokens, args.temperature, args.top_p))
+                                               **generation_kwargs(model, tokenizer, max_new_tokens, args.temperature, args.top_p))
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             result["error"] = e
             streamer.end()
@@ -274,9 +330,12 @@ def interactive(model, tokenizer, device, args) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
-        if tty:
-            print("assistant> ", end="", flush=True)
-        reply = _stream_answer(model, tokenizer, messages, device, args)
+        try:
+            reply = _stream_answer(model, tokenizer, messages, device, args, "assistant> " if tty else "")
+        except ChatError as e:  # not sent: the conversation goes on without it
+            messages.pop()
+            print(f"dialtune chat: {e}", file=sys.stderr)
+            continue
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -284,8 +343,8 @@ def cmd_chat(args) -> int:
     try:
         if args.max_new_tokens < 1:
             raise ChatError(f"--max-new-tokens={args.max_new_tokens} must be at least 1.")
-        if args.temperature < 0:
-            raise ChatError(f"--temperature={args.temperature} must be 0 (greedy) or positive.")
+        if not math.isfinite(args.temperature) or args.temperature < 0:
+            raise ChatError(f"--temperature={args.temperature} must be 0 (greedy) or a positive finite number.")
         if args.temperature > 0 and not 0 < args.top_p <= 1:  # (greedy decoding reads no top-p)
             raise ChatError(f"--top-p={args.top_p} must be in (0, 1].")
         if args.prompt is not None and not args.prompt.strip():
@@ -294,6 +353,9 @@ def cmd_chat(args) -> int:
     except ChatError as e:
         print(f"dialtune: error: {e}", file=sys.stderr)
         return 2
+    behind = merged_behind_note(resolve_checkpoint(args.checkpoint))
+    if behind:
+        print(f"dialtune chat: note: {behind}", file=sys.stderr)
     if args.system is None:
         args.system, note = run_system_prompt(args.checkpoint)
         if note:
@@ -301,7 +363,11 @@ def cmd_chat(args) -> int:
     if args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.prompt}]
-        print(answer(model, tokenizer, messages, device, args.max_new_tokens, args.temperature, args.top_p))
+        try:
+            print(answer(model, tokenizer, messages, device, args.max_new_tokens, args.temperature, args.top_p))
+        except ChatError as e:
+            print(f"dialtune: error: {e}", file=sys.stderr)
+            return 2
         return 0
     return interactive(model, tokenizer, device, args)
 

@@ -216,7 +216,7 @@ def test_chat_uses_the_runs_system_prompt_unless_told_otherwise(peft_runs, tmp_p
 
 @pytest.mark.parametrize("option,value,message", [("--top-p", "0", "--top-p=0.0 must be in (0, 1]."),
                                                   ("--top-p", "5", "--top-p=5.0 must be in (0, 1]."),
-                                                  ("--temperature", "-1", "--temperature=-1.0 must be 0 (greedy) or positive."),
+                                                  ("--temperature", "-1", "--temperature=-1.0 must be 0 (greedy) or a positive finite number."),
                                                   ("--prompt", " ", "--prompt is empty: give the user's message (or leave "
                                                                     "--prompt out to chat interactively).")])
 def test_chat_sampling_options_out_of_range_are_one_sentence(tmp_path, capsys, option, value, message):

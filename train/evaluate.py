@@ -31,7 +31,7 @@ from data_pipeline.chat import IGNORE, DataError, tokenize_conversation
 
 from . import distributed
 from .eval_metrics import classification_report, normalise_label, repeats, text_metrics
-from .generation import _left_pad, generate, prompt_ids, stop_ids_of
+from .generation import PromptTooLong, _left_pad, generate, prompt_ids, stop_ids_of
 
 PARTS = ("lm", "intent", "response")
 
@@ -162,11 +162,18 @@ def load_intents(files: Sequence[str], intent_cfg, max_examples: int,
             raise DataError(f"eval.intent_files {list(files)} hold no utterance labelled with one of eval.intent_labels "
                             f"{list(only_labels)}; check the label names.")
     labels = sorted({label for _, label in examples})
-    if max_examples and len(examples) > max_examples:  # a fixed random sample, in file order: files are often sorted by label
-        import random
+    return fixed_sample(examples, max_examples), labels
 
-        examples = [examples[i] for i in sorted(random.Random(0).sample(range(len(examples)), max_examples))]
-    return examples, labels
+
+def fixed_sample(items: List, n: int) -> List:
+    """A fixed random sample of n items (seed 0: the same on every rank and run), in their order -
+    files are often sorted (by label, by source), so the first n would stand for few of them; all
+    items when n is 0 or covers them."""
+    if not n or len(items) <= n:
+        return list(items)
+    import random
+
+    return [items[i] for i in sorted(random.Random(0).sample(range(len(items)), n))]
 
 
 def intent_eval(model, forward: Callable, tokenizer, eot: int, examples, labels: List[str], modes: Sequence[str],
@@ -211,18 +218,32 @@ def intent_eval(model, forward: Callable, tokenizer, eot: int, examples, labels:
 
 def response_eval(model, tokenizer, eot: int, conversations: List[Dict], cfg, max_len: int, world: int, rank: int,
                   dev, synced: bool, progress: bool = False) -> Tuple[Dict, List[Dict]]:
-    """Generate each conversation's last assistant turn from its context; metrics and samples."""
+    """Generate the last assistant turn of a fixed random sample of eval.response_conversations
+    conversations (fixed_sample: the eval set is sorted by source) from its context; metrics and
+    samples. A context longer than data.max_seq_len - eval.max_new_tokens is shortened by
+    prompt_ids; a budget too small for the template itself is a ConfigError, on every rank alike."""
+    from .config import ConfigError
+
     items = []
     for c in conversations:
         msgs = c["messages"]
         j = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
         if j > 0 and any(m["role"] == "user" for m in msgs[:j]):
             items.append((msgs[:j], msgs[j]["content"]))
-        if len(items) == cfg.response_conversations:
-            break
+    items = fixed_sample(items, cfg.response_conversations)
+    budget = max_len - cfg.max_new_tokens
+    fix = "lower eval.max_new_tokens or raise data.max_seq_len (or leave response out of the eval parts)"
+    if budget <= 0:
+        raise ConfigError(f"eval.max_new_tokens={cfg.max_new_tokens} leaves no room for a response prompt in "
+                          f"data.max_seq_len={max_len}; {fix}.")
+    try:  # every prompt, on every rank: a refusal is the same everywhere, before any rank generates
+        prompts = [prompt_ids(tokenizer, ctx, budget) for ctx, _ in items]
+    except PromptTooLong as e:
+        raise ConfigError(f"eval.max_new_tokens={cfg.max_new_tokens} leaves {budget} of data.max_seq_len={max_len} tokens "
+                          f"for a response prompt, fewer than the {e.need} a held-out conversation's chat template, system "
+                          f"message and headers take; {fix}.") from None
     mine = shard(len(items), world, rank)
-    todo = [items[i if i >= 0 else 0] for i in mine]
-    budget = max(16, max_len - cfg.max_new_tokens)
+    todo = [prompts[i if i >= 0 else 0] for i in mine]
     metrics, samples = {}, []
     # a sampled answer draws from its own generator, seeded by eval.seed and the conversation's place in
     # the list, so it is the same whatever the ranks or eval.batch_size; the training RNG is not touched
@@ -230,8 +251,7 @@ def response_eval(model, tokenizer, eot: int, conversations: List[Dict], cfg, ma
         gens = []
         bar = _progress(-(-len(todo) // cfg.batch_size), f"eval response ({decoding})", progress)
         for s in range(0, len(todo), cfg.batch_size):
-            prompts = [prompt_ids(tokenizer, ctx, budget) for ctx, _ in todo[s:s + cfg.batch_size]]
-            gens.extend(generate(model, tokenizer, prompts, dev, cfg.max_new_tokens, stop_ids_of(tokenizer, eot),
+            gens.extend(generate(model, tokenizer, todo[s:s + cfg.batch_size], dev, cfg.max_new_tokens, stop_ids_of(tokenizer, eot),
                                  sample=decoding == "sampled", temperature=cfg.temperature, top_p=cfg.top_p, synced=synced,
                                  seeds=[cfg.seed * 1_000_003 + max(i, 0) for i in mine[s:s + cfg.batch_size]]))
             if bar is not None:

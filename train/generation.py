@@ -78,19 +78,57 @@ def generate(model, tokenizer, prompts: List[List[int]], dev, max_new_tokens: in
     return res
 
 
+class PromptTooLong(ValueError):
+    """A prompt that cannot be cut to max_len without cutting into the chat template: its BOS, system
+    message and role headers around an emptied last user message alone take `need` tokens."""
+
+    def __init__(self, need: int, limit: int):
+        super().__init__(f"the chat template, system message and headers take {need} tokens, more than {limit}")
+        self.need, self.limit = need, limit
+
+
+def render_prompt(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
+    """Token ids of messages rendered with the chat template plus the assistant header."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def drop_oldest_turns(messages: List[Dict[str, str]]) -> int:
+    """Delete, in place, the oldest turns whole, up to the next user turn (the system message stays;
+    the conversation still opens with a user turn); how many went (0 when one user turn is left)."""
+    turns = [i for i, m in enumerate(messages) if m["role"] != "system"]
+    users = [i for i in turns if messages[i]["role"] == "user"]
+    if len(users) <= 1:
+        return 0
+    del messages[turns[0]:users[1]]
+    return users[1] - turns[0]
+
+
 def prompt_ids(tokenizer, messages: List[Dict[str, str]], max_len: int) -> List[int]:
     """Chat-template prompt with the assistant header. Too long for max_len: the oldest turns go,
     whole and up to the next user turn (the system message stays), as training's keep_recent
-    truncation does; only a last user turn that alone is too long is cut, from the left."""
+    truncation does; a last user turn that alone is too long loses the start of its text, never
+    the template around it (BOS, system message, headers). PromptTooLong when even an empty last
+    user message does not fit; max_len <= 0: no limit."""
     msgs = list(messages)
-    while True:
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        turns = [i for i, m in enumerate(msgs) if m["role"] != "system"]
-        users = [i for i in turns if msgs[i]["role"] == "user"]
-        if max_len <= 0 or len(ids) <= max_len or len(users) <= 1:
-            return ids[-max_len:] if max_len > 0 else ids
-        del msgs[turns[0]:users[1]]  # up to the second user turn: the conversation still opens with the user
+    ids = render_prompt(tokenizer, msgs)
+    while 0 < max_len < len(ids) and drop_oldest_turns(msgs):
+        ids = render_prompt(tokenizer, msgs)
+    if max_len <= 0 or len(ids) <= max_len:
+        return ids
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+    if last is None:
+        raise PromptTooLong(len(ids), max_len)
+    text = tokenizer(msgs[last]["content"], add_special_tokens=False)["input_ids"]
+    keep = len(text) - (len(ids) - max_len)
+    while True:  # (a cut can tokenize differently at its edge: measured again, shortened again)
+        msgs[last] = {**msgs[last], "content": tokenizer.decode(text[len(text) - keep:]) if keep > 0 else ""}
+        ids = render_prompt(tokenizer, msgs)
+        if len(ids) <= max_len:
+            return ids
+        if keep <= 0:
+            raise PromptTooLong(len(ids), max_len)
+        keep -= len(ids) - max_len
 
 
 def stop_ids_of(tokenizer, eot: int) -> List[int]:
