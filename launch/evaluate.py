@@ -222,7 +222,7 @@ def cmd_eval(args) -> int:
         bad = [x for x in parts if x not in suite.PARTS]
         if bad:
             raise EvalError(f"--parts has {bad[0]!r}; parts are {', '.join(suite.PARTS)}.")
-        validate_eval(cfg.eval)
+        validate_eval(cfg.eval, max_seq_len=cfg.data.max_seq_len, parts=parts)
         world = _run_world_size(model_dir)
         if "lm" in parts and cfg.eval.lm_max_batches and world > 1 and not any(
                 o.lstrip("+").startswith("eval.lm_max_batches=") for o in args.overrides):

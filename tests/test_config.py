@@ -304,7 +304,7 @@ def test_counts_below_one_are_refused():
     ("peft.dropout=1.5", "peft.dropout=1.5 must be in [0, 1)."),
     ("eval.decoding=[greedy,sampled] eval.temperature=0", "eval.decoding has sampled, which needs eval.temperature > 0 (now 0.0)"),
     ("eval.decoding=[sampled] eval.top_p=0", "eval.decoding has sampled, which needs eval.temperature > 0 (now 0.7) and eval.top_p in (0, 1] (now 0.0)"),
-    ("eval.samples=-1", "eval.samples=-1 must be at least 0."),
+    ("eval.samples=-1", "eval.samples=-1 must be at least 0."), ("eval.max_new_tokens=512 data.max_seq_len=512", "eval.max_new_tokens=512 leaves no room for a response prompt in data.max_seq_len=512;"),
     ("data.eval_fraction=1.5", "data.eval_fraction=1.5 must be in [0, 1)."),  # (with data=sample's eval file: the range first)
     ("export.eval_conversations=-1", "export.eval_conversations=-1 must be at least 0 (0 skips)."),
     ("export.verify_tolerance=-1", "export.verify_tolerance=-1.0 must be at least 0."),

@@ -195,7 +195,7 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
     for key in ("run.root", "data.cache_dir"):
         if files and (path := OmegaConf.select(cfg, key)) and (problem := directory_problem(key, path)):
             raise ConfigError(problem)
-    validate_eval(cfg.eval, files=files)
+    validate_eval(cfg.eval, files=files, max_seq_len=cfg.data.max_seq_len)
     if problem := budget_problem(cfg.kernels.memory_budget_gib, cfg.kernels.checkpoint_every):
         raise ConfigError(problem)
     if files and t.resume not in ("none", "auto"):
@@ -236,7 +236,10 @@ def validate(cfg, cuda_available: Optional[bool] = None, files: bool = True) -> 
             raise ConfigError(f"export.hub_repo_id={cfg.export.hub_repo_id!r}: {problem}.")
 
 
-def validate_eval(e, files: bool = True) -> None:
+def validate_eval(e, files: bool = True, max_seq_len: int = 0, parts=None) -> None:
+    """The eval section; with max_seq_len, whether a response evaluation (in `parts`, default
+    those of eval.during_training and eval.at_end) leaves its prompts room (before training, not
+    when the end-of-training evaluation first builds them)."""
     for key in ("during_training", "at_end"):
         bad = [p for p in e[key] if p not in ("lm", "intent", "response")]
         if bad:
@@ -255,6 +258,10 @@ def validate_eval(e, files: bool = True) -> None:
     if "sampled" in e.decoding and not (e.temperature > 0 and 0 < e.top_p <= 1):  # (read by the sampled decoding only)
         raise ConfigError(f"eval.decoding has sampled, which needs eval.temperature > 0 (now {e.temperature}) and eval.top_p in "
                           f"(0, 1] (now {e.top_p}); for greedy decoding only, set eval.decoding=[greedy].")
+    parts = [*e.during_training, *e.at_end] if parts is None else parts
+    if max_seq_len and "response" in parts and e.response_conversations and e.max_new_tokens >= max_seq_len:
+        raise ConfigError(f"eval.max_new_tokens={e.max_new_tokens} leaves no room for a response prompt in data.max_seq_len="
+                          f"{max_seq_len}; lower eval.max_new_tokens or raise data.max_seq_len (or leave response out of the eval parts).")
 
 
 def validate_data(d, training: bool = True, files: bool = True) -> None:
