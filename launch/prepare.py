@@ -110,6 +110,55 @@ def plain_overrides(overrides) -> list:
     return [first for o in overrides if o not in ("-m", "--multirun") and (first := _first_job(o)) is not None]
 
 
+SWEEP_CHECKED_JOBS = 32  # (each is composed and validated, ~0.2 s: a bigger sweep's later jobs check themselves)
+
+
+def sweep_jobs(overrides) -> list:
+    """The overrides of each job of a -m sweep, in Hydra's basic sweeper's order (the cartesian
+    product of the swept values: job N is <run.name>-sweep/N), Hydra's own keys left out; [] when
+    it is no sweep or a value list Hydra expands itself (glob) is in it."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not any(o in ("-m", "--multirun") for o in overrides):
+        return []
+    keys = {}
+    for o in overrides:
+        if o in ("-m", "--multirun") or o.lstrip("+~").startswith("hydra"):
+            continue
+        try:
+            parsed = OverridesParser.create().parse_overrides([o])[0]
+            key = parsed.get_key_element()
+            keys[key] = [f"{key}={v}" for v in parsed.sweep_string_iterator()] if parsed.is_sweep_override() else [o]
+        except Exception:  # noqa: BLE001 - glob(...), or no parse (composing the first job reports it)
+            return []
+    return [list(job) for job in itertools.product(*keys.values())]
+
+
+def _later_job_problem(overrides, **validate_kw) -> Optional[str]:
+    """The first sentence a later job of a sweep (up to SWEEP_CHECKED_JOBS) gets from composing or
+    validating its config, naming the job; None when they all can run."""
+    from train.config import ConfigError
+    from train.validate import validate as validate_config
+
+    jobs = sweep_jobs(overrides)
+    for n, job in enumerate(jobs[1:SWEEP_CHECKED_JOBS], start=1):
+        swept = ", ".join(o for o, first in zip(job, jobs[0]) if o != first)
+        try:
+            cfg = compose(job)
+            problem = _bool_problem(job)
+            if problem is None:
+                validate_config(cfg, **validate_kw)
+        except ConfigError as e:
+            problem = str(e)
+        except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf composition errors: one sentence
+            problem = compose_problem(e, job)
+        if problem:
+            return f"sweep job {n} of {len(jobs)} ({swept}): {problem}"
+    return None
+
+
 def _bool_problem(overrides) -> Optional[str]:
     """OmegaConf takes any integer for a bool (data.packing=2 is true): only true/false (and
     yes/no, on/off, 1/0) are; anything else is one sentence."""
@@ -124,8 +173,8 @@ def _bool_problem(overrides) -> Optional[str]:
 
 
 def override_problem(overrides, validate: bool = False, root: bool = False, **validate_kw) -> Optional[str]:
-    """compose_problem's sentence when the overrides (sweeps aside) do not compose, and with
-    validate, train/validate.py's when the config cannot run (validate_kw: its options); with root,
+    """compose_problem's sentence when the overrides (a sweep's first job) do not compose, and with
+    validate, train/validate.py's when the config (every job of a sweep) cannot run (validate_kw: its options); with root,
     the run.root and run directory that Hydra could not create (run_dir_problem); else None. None too when Hydra flags
     other than -m are given (--cfg, --help, -cn ...: Hydra's own business)."""
     from train.config import ConfigError
@@ -150,6 +199,8 @@ def override_problem(overrides, validate: bool = False, root: bool = False, **va
             validate_config(cfg, **validate_kw)
         except ConfigError as e:
             return str(e)
+        if problem := _later_job_problem(overrides, **validate_kw):
+            return problem
     # (plain holds no hydra.* override: a given hydra.run.dir / hydra.sweep.dir leaves run.root unused)
     if root and not any(o.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
         from train.validate import directory_problem

@@ -80,9 +80,10 @@ def test_dialtune_train_takes_a_sweeps_m_anywhere(capsys):
         assert "unrecognized arguments" not in err and "quant=int4" in err and err.count("dialtune: error:") == 1, err
 
 
-def test_sweeps_are_checked_at_submission_by_their_first_job():
+def test_sweeps_are_checked_at_submission_job_by_job():
     """A comma list without -m would stop the job with Hydra's 'Ambiguous value'; with -m, a typo in
-    a swept key or a bad first value is found before anything is queued."""
+    a swept key, a bad value or a combination that cannot run in any job is found before anything
+    is queued (not after the jobs before it trained), naming the job."""
     from launch.prepare import override_problem, plain_overrides
 
     assert override_problem(["optim.lr=1e-3,2e-3"]).startswith("optim.lr=1e-3,2e-3 lists several values, which Hydra runs "
@@ -91,6 +92,11 @@ def test_sweeps_are_checked_at_submission_by_their_first_job():
     assert "Value 'abc'" in override_problem(["-m", "optim.lr=abc,1e-3"])
     assert override_problem(["-m", "train.micro_batch_size=0,1"], validate=True) == "train.micro_batch_size=0 must be at least 1."
     assert override_problem(["-m", "optim.lr=1e-3,2e-3", "peft=lora,dora", "data.train_files=[a.jsonl,b.jsonl]"]) is None
+    assert override_problem(["-m", "optim.lr=1e-4,2e-4", "train.micro_batch_size=1,0"], validate=True) == \
+        "sweep job 1 of 4 (train.micro_batch_size=0): train.micro_batch_size=0 must be at least 1."
+    assert override_problem(["-m", "quant=none,int8", "deepspeed=zero2,zero3"], validate=True).startswith(
+        "sweep job 3 of 4 (quant=int8, deepspeed=zero3): quant=int8 cannot be sharded by ZeRO-3")
+    assert override_problem(["-m", "data.packing=true,2"], validate=True) == "sweep job 1 of 2 (data.packing=2): data.packing=2 is not a boolean: use true or false."
     assert override_problem(["-m", "peft=glob(*)"], validate=True) is None  # (no first value: Hydra's own business)
     assert plain_overrides(["-m", "peft=lora,dora", "data.seed=range(3)", "hydra.job.chdir=true"]) == ["peft=lora", "data.seed=0"]
 
