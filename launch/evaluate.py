@@ -152,6 +152,10 @@ def resolve(path: str, overrides: List[str], run_cfg=None):
         base = run_base(cfg, str(run_dir))  # (a tiny run copied without its base/: rebuilt)
     except ExportError as e:
         raise EvalError(str(e)) from None
+    from model.base_identity import checkpoint_problem
+
+    if problem := checkpoint_problem(str(adapter.parent), base, cfg):
+        raise EvalError(problem)
     return cfg, "adapter", adapter, adapter, base, run_dir / "eval"
 
 

@@ -298,6 +298,10 @@ def export_checkpoint(cfg, ckpt_dir: str, out_dir: str, base_path: str, run_dir:
     """The run's export of one checkpoint (<run_dir>/checkpoints/step_N) with its `export`
     settings (overrides that are not None win): its adapter merged into the base, or for a full
     fine-tune (peft=none) its trained weights (model/full_export.py)."""
+    from .base_identity import checkpoint_problem
+
+    if problem := checkpoint_problem(ckpt_dir, base_path, cfg):
+        raise ExportError(problem)
     opts = merge_options(cfg.export)
     opts.update({k: v for k, v in overrides.items() if v is not None})
     if cfg.peft.method == "none":

@@ -1,15 +1,23 @@
 """`dialtune merge` as a command: flags outside their config key's range and an --out that cannot
 be written are one sentence before anything is merged; a merge of an earlier checkpoint into the
 run's merged/ says what reads it and summary.json names it; notes the export makes reach the
-screen; `dialtune eval` of an export written elsewhere takes the run's config."""
+screen; `dialtune eval` of an export written elsewhere takes the run's config. An adapter belongs
+to the base weights it was trained on: every checkpoint records the base's identity, and merging,
+evaluating or resuming it on other weights at the same place (a local directory overwritten with
+another checkpoint of the same shape) is one sentence, where the merge would have passed its own
+check (merged == base + adapter, both on the new base)."""
 import json
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
-from tests.conftest import ROOT, run_env
+from model.base_identity import changed, checkpoint_problem, identity
+from tests.conftest import EXPORT_FAST, ROOT, run_env, train
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +102,57 @@ def test_relative_model_and_data_paths_are_recorded_absolute(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = _cli("eval", run, "--parts", "lm")
     assert proc.returncode == 0 and (run / "eval" / "results.json").is_file(), proc.stderr[-2000:]
+
+
+def _perturb(path):
+    """The same file, the same size, one weight matrix changed (another fine-tune of the base)."""
+    tensors = load_file(str(path))
+    name = next(k for k in sorted(tensors) if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_identity_samples_the_weights_and_says_what_changed(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"w": torch.zeros(1 << 20), "v": torch.zeros(1 << 16)}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text("{}")
+    then = identity(str(base))
+    assert then["tensors"] == 2 and identity(str(base)) == then and changed(then, str(base), None, "checkpoint c") is None
+    # the same tensors re-saved in another order, in two shards: the same weights
+    (base / "model.safetensors").unlink()
+    save_file({"v": torch.zeros(1 << 16)}, str(base / "model-1.safetensors"), metadata={"format": "pt"})
+    save_file({"w": torch.zeros(1 << 20)}, str(base / "model-2.safetensors"))
+    assert identity(str(base)) == then
+    save_file({"w": torch.zeros(1 << 20).index_fill_(0, torch.tensor([(1 << 19) + 5]), 1.0)}, str(base / "model-2.safetensors"))
+    said = changed(then, str(base), None, "checkpoint c")
+    assert said == (f"the base model {base} is not the one checkpoint c was trained on (2 tensors then and now, with other names, "
+                    "shapes or values): an adapter on other base weights is another model; put the trained-on weights back there.")
+    save_file({"u": torch.ones(8)}, str(base / "model-3.safetensors"))
+    assert "(2 tensors then, 3 now)" in changed(then, str(base), None, "checkpoint c")
+    assert changed(None, str(base), None, "c") is None  # a checkpoint of before the record
+    assert identity(str(tmp_path / "gone")) is None and identity("no-such-org/no-such-model") is None
+
+
+def test_a_changed_base_is_refused_by_merge_eval_and_resume(peft_runs, tmp_path, capsys):
+    from launch.cli import main
+    from model.export_run import run_base
+
+    run = tmp_path / "run"
+    shutil.copytree(peft_runs["lora"], run)
+    ckpt = run / "checkpoints" / "step_0000002"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["base"]["tensors"] > 10
+    cfg = OmegaConf.load(run / "config.yaml")
+    shutil.rmtree(run / "base")  # a tiny run copied without its base/: rebuilt from its config, the same weights
+    assert checkpoint_problem(str(ckpt), run_base(cfg, str(run)), cfg) is None
+    _perturb(run / "base" / "model.safetensors")
+    said = f"the base model {run / 'base'} is not the one checkpoint {ckpt} was trained on (" 
+    for argv in (["merge", str(run), "--out", str(tmp_path / "m")], ["eval", str(run), "--parts", "lm"]):
+        assert main(argv) == 2, argv
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dialtune: error:")]
+        assert len(errors) == 1 and said in errors[0], (argv, errors)
+    assert not (tmp_path / "m").exists()
+    proc = train(["run.name=run", "train.resume=auto", "peft=lora", "model.dtype=fp32", *EXPORT_FAST, "train.max_steps=3"],
+                 tmp_path, check=False)
+    assert proc.returncode == 2 and said in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"

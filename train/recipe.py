@@ -26,7 +26,7 @@ from data_pipeline.chat import DataError, apply_named_template, end_of_turn_id
 from data_pipeline.cache import eval_conversations, prepare_cached
 from data_pipeline.dataset import sources_of
 from data_pipeline.packing import collate_packed
-from model import attention, fused_lora, kernels, levers, loader, memory
+from model import attention, base_identity, fused_lora, kernels, levers, loader, memory
 
 from . import checkpoint, distributed, eval_results, faults, flops, optim, resume, run_lock, signals
 from . import evaluate as suite
@@ -160,7 +160,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
 
     # ---- resume -------------------------------------------------------------------------------
     ckpt_root = os.path.join(run_dir, "checkpoints")
-    state = {"step": 0, "epoch": 0, "pos": 0, "target_tokens_seen": 0, "data_key": os.path.basename(data_path)}
+    state = {"step": 0, "epoch": 0, "pos": 0, "target_tokens_seen": 0, "data_key": os.path.basename(data_path),
+             "base": base_identity.of_run(cfg, base_path)}  # (what a resume, merge or eval of its adapter compares)
     if is_main:
         checkpoint.clean_partial(ckpt_root)
     distributed.barrier()
@@ -171,7 +172,8 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
     # this run's own checkpoint continues it (metrics, W&B run); another run's only gives the start
     own = bool(found) and os.path.realpath(found[0]) == os.path.realpath(ckpt_root)
     if found:
-        state = resume.resume(engine, *found, cfg, scheduler, total_steps, state["data_key"], is_main, world, mb, gas, n_items)
+        resumed = resume.resume(engine, *found, cfg, scheduler, total_steps, state["data_key"], is_main, world, mb, gas, n_items, base_path)
+        state = {**resumed, "base": resumed.get("base") or state["base"]}  # (a checkpoint of before the record: this base's)
     if is_main and not own:  # a new run here: an earlier run's results set aside (its checkpoints stay, with a note)
         resume.set_aside_earlier(run_dir, earlier_config)  # (its checkpoints too)
         if t.resume == "auto":

@@ -194,17 +194,22 @@ def resume_position(root: str, tag: str, world: int, mb: int, gas: int = 0, n_it
 
 
 def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_key: str, is_main: bool,
-           world: int = 1, mb: Optional[int] = None, gas: int = 0, n_items: int = 0) -> Dict[str, Any]:
+           world: int = 1, mb: Optional[int] = None, gas: int = 0, n_items: int = 0, base_path: Optional[str] = None) -> Dict[str, Any]:
     """Continue from checkpoint root/tag: refuse one of another model or adapter or of another
     number of ranks, warn about the settings and the data that changed since it, load it, and
     train with this run's optimizer settings (what the warning says) from the same place in the
     data (resume_position). data_key: the data cache key (file contents, tokenizer, data settings)
-    this run trains on; the state keeps it for the next resume."""
-    from . import optim
+    this run trains on; the state keeps it for the next resume. base_path: the base this run
+    loaded, refused when it is not the one the checkpoint's adapter was trained on."""
+    from model.base_identity import checkpoint_problem
+
+    from . import distributed, optim
     from .config import ConfigError
 
     if mismatch := resume_mismatch(root, tag, cfg):
         raise ConfigError(mismatch)
+    if base_path and (other := distributed.agree(checkpoint_problem(os.path.join(root, tag), base_path, cfg))):
+        raise ConfigError(other)  # (every rank: a node whose copy of the base differs stops them all)
     mb = mb or cfg.train.micro_batch_size
     position = resume_position(root, tag, world, mb, gas, n_items, by_epochs=cfg.train.max_steps <= 0)
     if is_main and (changes := resume_changes(root, tag, cfg)):
