@@ -165,6 +165,23 @@ def drop_if_only_hydra(run_dir: str) -> None:
         pass
 
 
+def sweep_job_label() -> str:
+    """'sweep job N (key=value, ...): ' for a job of a -m sweep (its swept values), so that an error
+    names the job that stopped the sweep; '' for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return ""
+    from launch.prepare import sweep_jobs
+
+    jobs = sweep_jobs(["-m", *normalize_argv(sys.argv[1:])])  # (what the sweep varies: keys whose values differ)
+    swept = {o.lstrip("+~").partition("=")[0] for o in (jobs[0] if jobs else []) if any(o not in job for job in jobs)}
+    values = [o for o in hc.overrides.task if o.lstrip("+~").partition("=")[0] in swept]
+    return f"sweep job {hc.job.num}" + (f" ({', '.join(values)})" if values else "") + ": "
+
+
 def task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -263,12 +280,12 @@ def task(cfg) -> None:
                 print(f"dialtune: stopped by SIGUSR1 after step {summary['steps']}; checkpoint saved, asking to be requeued (exit {REQUEUE_EXIT_CODE})", flush=True)
             sys.exit(REQUEUE_EXIT_CODE)
     except RunDirInUse as e:  # (the directory is the other training's: nothing of it is dropped)
-        fail(str(e))
+        fail(sweep_job_label() + str(e))
     except (ConfigError, DataError, ExportError) as e:
         every_rank = getattr(e, "every_rank", False)  # (ranks that did not meet: rank 0 may be the one missing)
         if every_rank or rank() == 0 or os.environ.get("LOCAL_RANK") == "0":  # (a node-local run.root has one per node)
             drop_if_only_hydra(run_dir)
-        fail(str(e), every_rank=every_rank)
+        fail(sweep_job_label() + str(e), every_rank=every_rank)
     except KeyboardInterrupt:  # Ctrl-C: no checkpoint is written for it (SIGTERM / SIGUSR1 write one)
         if rank() == 0:
             latest = os.path.join(run_dir, "checkpoints", "latest")
@@ -280,7 +297,7 @@ def task(cfg) -> None:
         if "does not appear to have" in str(e) or "not a valid model identifier" in str(e) or "offline mode" in str(e):
             if rank() == 0 or os.environ.get("LOCAL_RANK") == "0":
                 drop_if_only_hydra(run_dir)
-            fail(f"model {cfg.model.name_or_path!r} cannot be loaded ({str(e).splitlines()[0]}); check model.name_or_path or your hub access.")
+            fail(f"{sweep_job_label()}model {cfg.model.name_or_path!r} cannot be loaded ({str(e).splitlines()[0]}); check model.name_or_path or your hub access.")
         raise
 
 

@@ -270,3 +270,18 @@ def test_the_first_cpu_run_says_that_deepspeed_compiles(tmp_path, monkeypatch, c
     _first_build_note(2)
     _first_build_note(1)
     assert capsys.readouterr().err == ""
+
+
+def test_a_sweep_job_that_fails_on_its_data_is_named(tmp_path):
+    """A sweep's jobs are checked before the first starts, but a job's data are read when it runs:
+    the job that stops the sweep is named with its swept values in the one sentence."""
+    from tests.data_helpers import GOOD, conv, jsonl
+
+    good = jsonl(tmp_path / "good.jsonl", [conv(i, f"question {i}", f"answer {i}") for i in range(24)])
+    bad = jsonl(tmp_path / "bad.jsonl", None, raw="".join(json.dumps(r) + "\n" for r in GOOD[:2]) + '{"messages": [\n')
+    proc = train(["-m", "data=custom", f"data.train_files=[{good}],[{bad}]", "data.eval_fraction=0", "train.max_steps=1",
+                  "logger=none", "eval.at_end=[]", "export.merge_at_end=false", "run.name=sw"], tmp_path, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dialtune: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"dialtune: error: sweep job 1 (data.train_files=[{bad}]): {bad}:3"), errors
+    assert (tmp_path / "sw-sweep" / "0" / "summary.json").is_file()
