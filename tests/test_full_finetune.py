@@ -86,7 +86,7 @@ def test_resumed_full_finetune_reproduces_the_uninterrupted_run(full_runs):
 
 
 def test_the_export_holds_every_trained_weight_and_scores_the_training_runs_loss(full_runs):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for (stage, _), run_dir in sorted(full_runs.items()):
         merged = run_dir / "merged"
@@ -104,6 +104,12 @@ def test_the_export_holds_every_trained_weight_and_scores_the_training_runs_loss
         assert not any("lora" in n for n, _ in model.named_parameters())
         card = (merged / "README.md").read_text()
         assert "full fine-tuning (`peft=none`)" in card and "| the fine-tuned model as written |" in card
+        # it stops where the base stops and at the end of a turn (as an adapter's merge: test_export_fixes.py)
+        from data_pipeline.chat import end_of_turn_id
+        from model.export_io import base_eos_ids
+
+        tok, stops = AutoTokenizer.from_pretrained(str(merged)), json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+        assert stops == summary["eos_token_id"] and {*base_eos_ids(str(run_dir / "base")), end_of_turn_id(tok)} <= set(stops)
         saved = json.loads((merged / "tokenizer.json").read_text())  # no truncation left by the export's check
         assert saved["truncation"] is None and saved["padding"] is None
         assert (run_dir / "checkpoints" / f"step_{STEPS:07d}" / "tokenizer" / "tokenizer_config.json").is_file()
