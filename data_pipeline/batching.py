@@ -15,16 +15,15 @@ from .chat import IGNORE
 
 
 def epoch_micro_batches(n: int, micro_batch_size: int, world: int, rank: int, seed: int, epoch: int) -> List[List[int]]:
-    """This rank's micro-batches (lists of example indices) for one epoch; the tail that does not
-    fill a global micro-batch (micro_batch_size x world) is left for the next epoch's shuffle."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    """This rank's micro-batches (lists of example indices) for one epoch: every example once. The
+    last global micro-batch (micro_batch_size x world) is filled up with -1, a row without targets
+    (fetch): the loss is a sum over target tokens divided by their count, so it changes nothing but
+    the compute of one micro-batch, where leaving the tail out would skip up to micro_batch_size x
+    world - 1 examples every pass."""
+    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
     per_step = micro_batch_size * world
-    usable = (n // per_step) * per_step
-    out = []
-    for start in range(0, usable, per_step):
-        chunk = order[start + rank * micro_batch_size: start + (rank + 1) * micro_batch_size]
-        out.append(chunk.tolist())
-    return out
+    order += [-1] * (-n % per_step)
+    return [order[start + rank * micro_batch_size: start + (rank + 1) * micro_batch_size] for start in range(0, n, per_step)]
 
 
 def epoch_steps(n: int, micro_batch_size: int, world: int, grad_accum: int, epochs: int) -> int:
@@ -32,7 +31,7 @@ def epoch_steps(n: int, micro_batch_size: int, world: int, grad_accum: int, epoc
     micro-batches of the next pass rather than leave the last ones of the final pass out (each
     pass's micro-batches continue where the previous pass's step ended). 0 when one pass has fewer
     micro-batches than one step takes."""
-    per_epoch = n // (micro_batch_size * world)
+    per_epoch = -(-n // (micro_batch_size * world))  # (the last one filled up: epoch_micro_batches)
     return 0 if per_epoch < grad_accum else -(-epochs * per_epoch // grad_accum)
 
 
@@ -79,7 +78,7 @@ def collate(examples: Sequence[Dict], pad_id: int, pad_to_multiple_of: int = 8) 
 
 
 def fetch(ds, indices: Sequence[int]) -> List[Dict]:
-    """Rows for indices; -1 (eval padding) repeats row 0 with no targets."""
+    """Rows for indices; -1 (padding: eval's, a pass's last training micro-batch) repeats row 0 with no targets."""
     real = [i if i >= 0 else 0 for i in indices]
     rows = ds[real]
     out = []

@@ -13,6 +13,7 @@ QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functi
 # and per step
 QUIET_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated", r"`gradient_checkpointing_enable` is deprecated",
                       r"`torch.distributed.all_gather_into_tensor` is deprecated",
+                      r"`torch.distributed.reduce_scatter_tensor` is deprecated",  # (ZeRO-3: per micro-batch and rank)
                       # PEFT's own patterns for a mixture of experts' fused expert weights, which it then adapts otherwise
                       r"The following (rank|alpha)_pattern keys did not match any targeted module")
 

@@ -78,6 +78,7 @@ def train(overrides, root, nproc=1, timeout=600, check=True, via="deepspeed", ex
     said = proc.stdout + proc.stderr
     assert "unable to detect it" not in said, "DeepSpeed's accelerator warning on a CPU run"
     assert "FutureWarning: `is_gradient_checkpointing`" not in said and "all_gather_into_tensor` is deprecated" not in said
+    assert "reduce_scatter_tensor` is deprecated" not in said
     return proc
 
 

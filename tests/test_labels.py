@@ -66,16 +66,20 @@ def test_eval_batches_cover_every_example_once_and_ranks_align():
 def test_train_batches_are_disjoint_across_ranks_and_deterministic():
     a = batching.epoch_micro_batches(50, 4, 2, 0, seed=1, epoch=0)
     b = batching.epoch_micro_batches(50, 4, 2, 1, seed=1, epoch=0)
-    assert not set(sum(a, [])) & set(sum(b, []))
+    assert not set(sum(a, [])) & set(sum(b, [])) - {-1}
     assert a == batching.epoch_micro_batches(50, 4, 2, 0, seed=1, epoch=0)
     assert a != batching.epoch_micro_batches(50, 4, 2, 0, seed=1, epoch=1)
+    # every example once a pass: the last global micro-batch (6 of 8 slots) is filled up with -1
+    # (a row without targets), not left out (up to micro_batch_size x ranks - 1 examples a pass)
+    assert len(a) == len(b) == 7 and sorted(i for i in sum(a + b, []) if i >= 0) == list(range(50))
+    assert sum(a + b, []).count(-1) == 6 and all(i == -1 for i in (a[-1] + b[-1])[6:])
 
 
 def test_epochs_are_rounded_up_to_whole_steps():
     """train.epochs=N passes: 10 conversations in micro-batches of 2 = 5 a pass; accumulating 3, 2
     passes take 4 steps (the last reaches into a third pass), not 2 (1.2 passes)."""
     assert batching.epoch_steps(10, 2, 1, 3, 2) == 4 and batching.epoch_steps(10, 2, 1, 1, 2) == 10
-    assert batching.epoch_steps(307, 4, 8, 4, 3) == 7  # 9 micro-batches a pass per rank: 27 / 4 (floor: 6 = 2.67 passes)
+    assert batching.epoch_steps(307, 4, 8, 4, 3) == 8  # 10 micro-batches a pass per rank (the last filled up): 30 / 4
     assert batching.epoch_steps(10, 2, 1, 6, 1) == 0  # fewer micro-batches than a step takes: refused by the recipe
     stream = batching.MicroBatchStream(10, 2, 1, 0, 0)
     for _ in range(4 * 3):

@@ -37,13 +37,19 @@ def test_resume_position_translates_the_micro_batch_and_refuses_other_ranks(tmp_
         resume_position(root, tag, world=2, mb=5)
     with pytest.raises(ConfigError, match=r"was written by 2 rank\(s\), this run has 1: resume it with 2"):
         resume_position(root, tag, world=1, mb=2)
-    # at the end of its epoch (6 micro-batches of 2 x 2 of 26 items): the next epoch, whatever the new size
-    assert resume_position(root, tag, world=2, mb=5, n_items=26) == (2, 0)
+    # at the end of its epoch (6 micro-batches of 2 x 2 of 24 items): the next epoch, whatever the new size
+    assert resume_position(root, tag, world=2, mb=5, n_items=24) == (2, 0)
     # a run measured in epochs: another number of items a step would change what its steps count
     with pytest.raises(ConfigError, match=r"trained 2 items per rank a step \(micro_batch_size 2 x grad_accum 1\), this run 4: "
                                           r"a run measured in train.epochs .* keep 2 \(micro_batch_size 2\), or set train.max_steps"):
-        resume_position(root, tag, world=2, mb=4, gas=1, by_epochs=True)
-    assert resume_position(root, tag, world=2, mb=1, gas=2, by_epochs=True) == (1, 12)  # 2 x 1 = 1 x 2: the same steps
+        resume_position(root, tag, world=2, mb=4, gas=1, epochs=1)
+    assert resume_position(root, tag, world=2, mb=1, gas=2, epochs=1) == (1, 12)  # 2 x 1 = 1 x 2: the same steps
+    # the same items a step, but not the same steps: 2 epochs of 9 items are 4 steps of 2 x 3 (5 + 5 micro-batches, the
+    # last of each filled up), 3 of 3 x 2 (3 + 3): the schedule would be another run's
+    tag = _checkpoint(tmp_path / "nine", 1, world=1, mb=2, pos=3, gas=3)
+    with pytest.raises(ConfigError, match=r"belongs to a run of 4 steps \(2 epoch\(s\) of 9 items in micro-batches of 2 x grad_accum 3\), "
+                                          r"which micro_batch_size 3 x grad_accum 2 make 3: .* keep micro_batch_size 2 and grad_accum 3"):
+        resume_position(str(tmp_path / "nine"), tag, world=1, mb=3, gas=2, n_items=9, epochs=2)
 
 
 def test_rotation_after_resuming_an_earlier_checkpoint_keeps_this_runs_newest(tmp_path):

@@ -155,7 +155,7 @@ class TrainConfig:
     grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
     global_batch_size: int = doc(0, "Conversations (or packed rows) per optimizer step over all ranks; when set, it wins: grad_accum = global / (micro x ranks), which must divide.")
     max_steps: int = doc(-1, "Optimizer steps to run; -1 runs `epochs` full passes.")
-    epochs: int = doc(1, "Passes over the training data when max_steps is -1 (rounded up to whole optimizer steps: the last may take a few micro-batches of the next pass).")
+    epochs: int = doc(1, "Passes over the training data when max_steps is -1; every example is trained once a pass (the pass's last micro-batch across ranks is filled up with rows without targets), rounded up to whole optimizer steps (the last may take a few micro-batches of the next pass).")
     save_every: int = doc(0, "Save a checkpoint every N optimizer steps (and at the end); 0: only at the end.")
     log_every: int = doc(1, "Write metrics every N optimizer steps (and at each eval, each skipped step and a job's last step).")
     seed: int = doc(42, "Seed of model init (adapters) and dropout; the data order follows data.seed.")

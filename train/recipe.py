@@ -109,7 +109,7 @@ def run(cfg, run_dir: str) -> Dict[str, Any]:
         if packs is None:
             b = batching.collate(batching.fetch(train_ds, indices), pad_id)
             return b, b["attention_mask"].sum(1).tolist()
-        rows = [batching.fetch(train_ds, m) for m in packs[list(indices)]["members"]]
+        rows = [batching.fetch(train_ds, m if i >= 0 else [-1]) for i, m in zip(indices, packs[[max(i, 0) for i in indices]]["members"])]
         return (collate_packed(rows, pad_id, layout["attn"], dtype=loader.DTYPES[mixed_precision(cfg)],
                                sliding_window=layout["window"], pad_to=cfg.data.max_seq_len if cfg.kernels.compile else None),
                 [len(d["input_ids"]) for row in rows for d in row])

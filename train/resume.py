@@ -154,7 +154,7 @@ def saved_state(root: str, tag: str) -> Dict[str, Any]:
 
 
 def resume_position(root: str, tag: str, world: int, mb: int, gas: int = 0, n_items: int = 0,
-                    by_epochs: bool = False) -> Optional[Tuple[int, int]]:
+                    epochs: int = 0) -> Optional[Tuple[int, int]]:
     """(epoch, micro-batch position) where a resume with `world` ranks of `mb` items (of the
     n_items an epoch has: conversations or packed rows) and `gas` accumulation steps continues, as
     MicroBatchStream takes them; None when the checkpoint's own. The epoch's order does not depend
@@ -162,8 +162,10 @@ def resume_position(root: str, tag: str, world: int, mb: int, gas: int = 0, n_it
     divide into the new micro-batches (a checkpoint at an epoch's end continues with the next).
     ConfigError (one sentence) when they do not; when the number of ranks changed (DeepSpeed's
     partitioned optimizer state and each rank's random state are per rank); and, in a run whose
-    length is train.epochs (by_epochs), when the items of a step changed: its step count would be
-    another run's."""
+    length is train.epochs (epochs > 0), when the items of a step or the steps the epochs make
+    changed: its step count (and its learning-rate schedule) would be another run's."""
+    from data_pipeline.batching import epoch_steps
+
     from .config import ConfigError
 
     then = saved_state(root, tag)
@@ -173,7 +175,13 @@ def resume_position(root: str, tag: str, world: int, mb: int, gas: int = 0, n_it
                           f"{then['world_size']} (the optimizer state and the data split are per rank), or start afresh "
                           "(train.resume=none, or another run.name).")
     old_mb, old_gas = then.get("micro_batch_size"), then.get("grad_accum")
-    if by_epochs and old_mb and old_gas and gas and old_mb * old_gas != mb * gas:
+    if epochs and old_mb and old_gas and gas and old_mb * old_gas == mb * gas and n_items and (
+            steps := (epoch_steps(n_items, old_mb, world, old_gas, epochs), epoch_steps(n_items, mb, world, gas, epochs)))[0] != steps[1]:
+        raise ConfigError(f"checkpoint {where} belongs to a run of {steps[0]} steps ({epochs} epoch(s) of {n_items} items in micro-batches "
+                          f"of {old_mb} x grad_accum {old_gas}), which micro_batch_size {mb} x grad_accum {gas} make {steps[1]}: its "
+                          f"length and learning-rate schedule would change; keep micro_batch_size {old_mb} and grad_accum {old_gas}, "
+                          "or set train.max_steps.")
+    if epochs and old_mb and old_gas and gas and old_mb * old_gas != mb * gas:
         per_rank = old_mb * old_gas
         keep = f"grad_accum {per_rank // mb} with micro_batch_size {mb}" if per_rank % mb == 0 else f"micro_batch_size {old_mb}"
         raise ConfigError(f"checkpoint {where} trained {per_rank} items per rank a step (micro_batch_size {old_mb} x grad_accum "
@@ -181,7 +189,7 @@ def resume_position(root: str, tag: str, world: int, mb: int, gas: int = 0, n_it
                           f"{per_rank} ({keep}), or set train.max_steps.")
     if not old_mb or old_mb == mb:
         return None
-    if n_items and then["pos"] >= n_items // (old_mb * world):  # the epoch was finished: the next one starts afresh
+    if n_items and then["pos"] >= -(-n_items // (old_mb * world)):  # the epoch was finished: the next one starts afresh
         return then["epoch"] + 1, 0
     consumed = then["pos"] * old_mb * world  # items of this epoch's order already trained on
     if consumed % (mb * world):
@@ -211,7 +219,7 @@ def resume(engine, root: str, tag: str, cfg, scheduler, total_steps: int, data_k
     if base_path and (other := distributed.agree(checkpoint_problem(os.path.join(root, tag), base_path, cfg))):
         raise ConfigError(other)  # (every rank: a node whose copy of the base differs stops them all)
     mb = mb or cfg.train.micro_batch_size
-    position = resume_position(root, tag, world, mb, gas, n_items, by_epochs=cfg.train.max_steps <= 0)
+    position = resume_position(root, tag, world, mb, gas, n_items, epochs=cfg.train.epochs if cfg.train.max_steps <= 0 else 0)
     if is_main and (changes := resume_changes(root, tag, cfg)):
         log.warning(changes)
     state = load(engine, root, tag, total_steps=total_steps)
