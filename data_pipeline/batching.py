@@ -78,12 +78,14 @@ def collate(examples: Sequence[Dict], pad_id: int, pad_to_multiple_of: int = 8) 
 
 
 def fetch(ds, indices: Sequence[int]) -> List[Dict]:
-    """Rows for indices; -1 (padding: eval's, a pass's last training micro-batch) repeats row 0 with no targets."""
+    """Rows for indices; -1 (padding: eval's, a pass's last training micro-batch) is row 0's first
+    token, without a target (every rank runs the forward; it costs, and counts in perf/tokens, one token)."""
     real = [i if i >= 0 else 0 for i in indices]
     rows = ds[real]
     out = []
     for k, i in enumerate(indices):
-        out.append({"input_ids": rows["input_ids"][k], "labels": rows["labels"][k], "is_padding": i < 0})
+        ids, labels = (rows["input_ids"][k], rows["labels"][k]) if i >= 0 else (rows["input_ids"][k][:1], [IGNORE])
+        out.append({"input_ids": ids, "labels": labels, "is_padding": i < 0})
     return out
 
 

@@ -226,7 +226,13 @@ def _csv_rows(path: str, utf16: str) -> Iterator[Tuple[str, Any]]:
                             "quoted field as \"\".")
         text.clear()
         hit = [n for n in bad if start <= n <= end]
-        yield (f"{path}:{min(hit)}", bad[min(hit)]) if hit else (f"{path}:{end}", dict(row))
+        if hit:
+            yield f"{path}:{min(hit)}", bad[min(hit)]
+        elif None in row:  # (more fields than the header names: csv keeps the rest under None)
+            yield f"{path}:{end}", Problem("csv_fields", f"{len(row) - 1 + len(row[None])} fields where the header names "
+                                           f"{len(reader.fieldnames)}; a value that holds a comma must be quoted (\"a, b\")")
+        else:
+            yield f"{path}:{end}", dict(row)
         for n in hit:
             del bad[n]
 

@@ -20,7 +20,7 @@ TOKENIZER_DIR = ROOT / "model" / "tiny" / "tokenizer"
 # The files that take longest (real 2-rank runs, the SLURM cluster), started first: with two
 # workers (pytest-xdist, a file per worker at a time) none of them is left to run alone at the end.
 LONGEST_FIRST = ("test_slurm_cluster.py", "test_e2e.py", "test_preemption.py", "test_resume.py", "test_robustness.py",
-                 "test_full_finetune.py", "test_eval.py", "test_export.py")
+                 "test_full_finetune.py", "test_eval.py", "test_export.py", "test_resume_layout.py", "test_merge_cli.py")
 
 
 def pytest_collection_modifyitems(config, items):

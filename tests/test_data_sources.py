@@ -144,6 +144,10 @@ def test_a_csv_quote_never_closed_is_named_at_its_row_and_strict_says_lenient(tm
     fine.write_text('prompt,completion\n"two\nlines",c0\np1 5" screen,c1\n')
     assert [r for _, r in read_records(str(fine))] == [{"prompt": "two\nlines", "completion": "c0"},
                                                        {"prompt": 'p1 5" screen', "completion": "c1"}]
+    extra = tmp_path / "extra.csv"  # an unquoted comma: one field more than the header (csv.DictReader keeps it under None)
+    extra.write_text("prompt,completion\np0,c0\np1, with a comma,c1\n")
+    (where, problem), = [(w, r) for w, r in read_records(str(extra)) if not isinstance(r, dict)]
+    assert where == f"{extra}:3" and problem.reason == "csv_fields" and problem.message.startswith("3 fields where the header names 2;")
     one_bad = jsonl(tmp_path / "one_bad.jsonl", GOOD[:2], raw=json.dumps(GOOD[0]) + "\n{\n")
     with pytest.raises(DataError, match=r"each line must be one JSON object.\n\(fix it, or set data.on_error=lenient to skip "
                                         r"bad records\)$"):

@@ -73,6 +73,10 @@ def test_train_batches_are_disjoint_across_ranks_and_deterministic():
     # (a row without targets), not left out (up to micro_batch_size x ranks - 1 examples a pass)
     assert len(a) == len(b) == 7 and sorted(i for i in sum(a + b, []) if i >= 0) == list(range(50))
     assert sum(a + b, []).count(-1) == 6 and all(i == -1 for i in (a[-1] + b[-1])[6:])
+    from datasets import Dataset  # a filler is one token without a target: it costs (and counts in perf/tokens) one token
+
+    rows = batching.fetch(Dataset.from_list([{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}]), [0, -1])
+    assert rows[1] == {"input_ids": [1], "labels": [-100], "is_padding": True} and batching.target_tokens(batching.collate(rows, 0)) == 2
 
 
 def test_epochs_are_rounded_up_to_whole_steps():
