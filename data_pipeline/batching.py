@@ -20,10 +20,15 @@ def epoch_micro_batches(n: int, micro_batch_size: int, world: int, rank: int, se
     (fetch): the loss is a sum over target tokens divided by their count, so it changes nothing but
     the compute of one micro-batch, where leaving the tail out would skip up to micro_batch_size x
     world - 1 examples every pass."""
-    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
+    return rank_slices(np.random.default_rng([seed, epoch]).permutation(n).tolist(), micro_batch_size, world, rank)
+
+
+def rank_slices(order: List[int], micro_batch_size: int, world: int, rank: int) -> List[List[int]]:
+    """This rank's micro-batches of `order`, global micro-batch after global micro-batch
+    (micro_batch_size x world items, rank r's the r-th slice); the last filled up with -1."""
     per_step = micro_batch_size * world
-    order += [-1] * (-n % per_step)
-    return [order[start + rank * micro_batch_size: start + (rank + 1) * micro_batch_size] for start in range(0, n, per_step)]
+    order = list(order) + [-1] * (-len(order) % per_step)
+    return [order[start + rank * micro_batch_size: start + (rank + 1) * micro_batch_size] for start in range(0, len(order), per_step)]
 
 
 def epoch_steps(n: int, micro_batch_size: int, world: int, grad_accum: int, epochs: int) -> int:
@@ -55,10 +60,7 @@ class MicroBatchStream:
 def eval_micro_batches(n: int, micro_batch_size: int, world: int, rank: int) -> List[List[int]]:
     """Every example exactly once across ranks; -1 marks padding slots so all ranks run the
     same number of forwards."""
-    per_step = micro_batch_size * world
-    steps = -(-n // per_step)
-    idx = list(range(n)) + [-1] * (steps * per_step - n)
-    return [idx[s * per_step + rank * micro_batch_size: s * per_step + (rank + 1) * micro_batch_size] for s in range(steps)]
+    return rank_slices(list(range(n)), micro_batch_size, world, rank)
 
 
 def collate(examples: Sequence[Dict], pad_id: int, pad_to_multiple_of: int = 8) -> Dict[str, torch.Tensor]:
