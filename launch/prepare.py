@@ -136,25 +136,33 @@ def sweep_jobs(overrides) -> list:
     return [list(job) for job in itertools.product(*keys.values())]
 
 
-def _later_job_problem(overrides, **validate_kw) -> Optional[str]:
-    """The first sentence a later job of a sweep (up to SWEEP_CHECKED_JOBS) gets from composing or
-    validating its config, naming the job; None when they all can run."""
+def _job_problem(job, validate: bool, **validate_kw):
+    """(config, None) for one job's overrides that compose (and with validate, can run); else
+    (config or None, compose_problem's / _bool_problem's / train/validate.py's sentence)."""
     from train.config import ConfigError
     from train.validate import validate as validate_config
 
+    try:
+        cfg = compose(job)
+    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf composition errors: one sentence
+        return None, compose_problem(e, job)
+    if problem := _bool_problem(job):
+        return cfg, problem
+    if validate:
+        try:
+            validate_config(cfg, **validate_kw)
+        except ConfigError as e:
+            return cfg, str(e)
+    return cfg, None
+
+
+def _later_job_problem(overrides, **validate_kw) -> Optional[str]:
+    """The first sentence a later job of a sweep (up to SWEEP_CHECKED_JOBS) gets from composing or
+    validating its config (_job_problem), naming the job; None when they all can run."""
     jobs = sweep_jobs(overrides)
     for n, job in enumerate(jobs[1:SWEEP_CHECKED_JOBS], start=1):
-        swept = ", ".join(o for o, first in zip(job, jobs[0]) if o != first)
-        try:
-            cfg = compose(job)
-            problem = _bool_problem(job)
-            if problem is None:
-                validate_config(cfg, **validate_kw)
-        except ConfigError as e:
-            problem = str(e)
-        except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf composition errors: one sentence
-            problem = compose_problem(e, job)
-        if problem:
+        if problem := _job_problem(job, True, **validate_kw)[1]:
+            swept = ", ".join(o for o, first in zip(job, jobs[0]) if o != first)
             return f"sweep job {n} of {len(jobs)} ({swept}): {problem}"
     return None
 
@@ -177,9 +185,6 @@ def override_problem(overrides, validate: bool = False, root: bool = False, **va
     validate, train/validate.py's when the config (every job of a sweep) cannot run (validate_kw: its options); with root,
     the run.root and run directory that Hydra could not create (run_dir_problem); else None. None too when Hydra flags
     other than -m are given (--cfg, --help, -cn ...: Hydra's own business)."""
-    from train.config import ConfigError
-    from train.validate import validate as validate_config
-
     from launch.train import normalize_argv
 
     overrides = normalize_argv(list(overrides))  # drops the --local_rank=N the deepspeed launcher appends
@@ -187,20 +192,11 @@ def override_problem(overrides, validate: bool = False, root: bool = False, **va
         return None
     if problem := sweep_without_m(overrides):
         return problem
-    plain = plain_overrides(overrides)
-    try:
-        cfg = compose(plain)
-    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf composition errors: one sentence
-        return compose_problem(e, plain)
-    if problem := _bool_problem(plain):
+    cfg, problem = _job_problem(plain_overrides(overrides), validate, **validate_kw)
+    if problem:
         return problem
-    if validate:
-        try:
-            validate_config(cfg, **validate_kw)
-        except ConfigError as e:
-            return str(e)
-        if problem := _later_job_problem(overrides, **validate_kw):
-            return problem
+    if validate and (problem := _later_job_problem(overrides, **validate_kw)):
+        return problem
     # (plain holds no hydra.* override: a given hydra.run.dir / hydra.sweep.dir leaves run.root unused)
     if root and not any(o.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
         from train.validate import directory_problem

@@ -31,10 +31,11 @@ def _tensors(path: str):
         for name, meta in header.items():
             begin, end = (8 + n + o for o in meta["data_offsets"])
             size = end - begin
+            places, length = ((begin, begin + size // 2 - _SAMPLE // 2, end - _SAMPLE), _SAMPLE) if size > 3 * _SAMPLE else ((begin,), size)
             sample = b""
-            for at in ((begin, begin + size // 2 - _SAMPLE // 2, end - _SAMPLE) if size > 3 * _SAMPLE else (begin,)):
+            for at in places:
                 f.seek(at)
-                sample += f.read(min(size, _SAMPLE) if size > 3 * _SAMPLE else size)
+                sample += f.read(length)
             yield name, meta["dtype"], meta["shape"], sample
 
 
